@@ -1,0 +1,39 @@
+# relaycrypt: one-command setup. `make demo` and `make test` work from a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+CACHE  := .cache
+
+.PHONY: venv test demo lint bench clean distclean
+
+venv: $(STAMP)
+
+# Rebuilt only when something it depends on changed: fast when nothing did.
+$(STAMP): pyproject.toml setup.py tools/build_pyuv.py tools/setup_system.sh $(wildcard workers/_kernel/*.c)
+	bash tools/setup_system.sh
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade "setuptools>=65" wheel
+	$(PY) -m pip install --quiet "$$($(PY) tools/build_pyuv.py --cache $(CACHE)/pyuv)"
+	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,dev]"
+	$(PY) setup.py --quiet build_ext --inplace
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+demo: venv
+	$(PY) -m examples.wakeup_latency
+
+lint: venv
+	$(PY) -m ruff check .
+
+bench: venv
+	$(PY) -m examples.wakeup_latency --json
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .hypothesis
+	find . -name __pycache__ -prune -exec rm -rf {} +
+
+distclean: clean
+	rm -rf $(VENV) $(CACHE)
