@@ -1,0 +1,110 @@
+"""Batches: how submitted items are counted on the loop thread and joined on a worker.
+
+Per-cell Python work on either side of the pool is the cost to remove (PERF-FACTS.md), so the
+unit the pool moves is a *submitted item*, not a cell. ``WorkerPool.submit`` takes either
+
+* a joined buffer of many cells (``bytes``, ``bytearray`` or ``memoryview``); it holds
+  ``len(buffer) // cell_size`` cells unless the caller gives the count, or
+* a list (or tuple) of cells, one object per cell,
+
+and appends it to the circuit's pending deque as ONE entry ``(payload, cells)``:
+:func:`count_cells` is the only per-submit work, and it is O(1).
+
+On the worker, :func:`take_items` pops whole entries until the batch holds at least ``budget``
+cells (a soft cap: a batch never splits an entry, so it may exceed the cap by less than one
+entry), and :func:`assemble` turns them into what the process function asked for:
+
+* ``joined=True``: one ``bytes`` buffer. A single buffer entry is passed through untouched
+  (zero copy); several are joined with one ``bytes.join`` call;
+* ``joined=False``: one list of cells. List entries are concatenated; a buffer entry is cut into
+  equal cells (its length must be a multiple of its cell count).
+
+These functions touch only the deque of a circuit the calling worker owns, and locals.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+BUFFER_TYPES = (bytes, bytearray, memoryview)
+
+#: A Tor relay cell payload: what one tor1 crypto operation transforms.
+CELL_PAYLOAD_LEN = 509
+
+
+def count_cells(payload: Any, count: int | None, cell_size: int) -> int:
+    """Number of cells in a submitted item; raises ValueError when it cannot be told. Any thread.
+
+    O(1): a buffer's count is its length divided by ``cell_size`` (or ``count`` when given), a
+    sequence's count is its length.
+    """
+    if isinstance(payload, BUFFER_TYPES):
+        if count is None:
+            size = len(payload)
+            count, rest = divmod(size, cell_size)
+            if rest:
+                raise ValueError(
+                    f"a buffer of {size} bytes is not a whole number of {cell_size}-byte cells;"
+                    " pass count= for cells of another size"
+                )
+        elif count < 0:
+            raise ValueError(f"count must be >= 0, got {count}")
+        return count
+    if isinstance(payload, str):
+        raise TypeError("cells must be bytes-like or a list of bytes-like, not str")
+    if count is not None and count != len(payload):
+        raise ValueError(f"count={count} but the sequence holds {len(payload)} cells")
+    return len(payload)
+
+
+def take_items(pending: deque[tuple[Any, int]], budget: int) -> tuple[list[tuple[Any, int]], int]:
+    """Pop whole entries from the left of ``pending`` until ``budget`` cells. Worker thread.
+
+    Returns the entries in order and their total cell count. Only the owning worker pops here,
+    except a closer cancelling the circuit, who also pops from the left: each entry is popped by
+    exactly one of them (``deque.popleft`` is atomic), so none is lost or taken twice.
+    """
+    items: list[tuple[Any, int]] = []
+    cells = 0
+    while cells < budget:
+        try:
+            item = pending.popleft()
+        except IndexError:
+            break
+        items.append(item)
+        cells += item[1]
+    return items, cells
+
+
+def assemble(items: list[tuple[Any, int]], joined: bool) -> Any:
+    """Build the batch handed to the process function from taken entries. Worker thread."""
+    if joined:
+        if len(items) == 1:
+            payload = items[0][0]
+            if isinstance(payload, bytes):
+                return payload
+        return b"".join(
+            payload if isinstance(payload, BUFFER_TYPES) else b"".join(payload)
+            for payload, _ in items
+        )
+    if len(items) == 1 and type(items[0][0]) is list:
+        return items[0][0]
+    batch: list[Any] = []
+    for payload, cells in items:
+        if isinstance(payload, BUFFER_TYPES):
+            batch.extend(split_cells(payload, cells))
+        else:
+            batch.extend(payload)
+    return batch
+
+
+def split_cells(buffer: bytes | bytearray | memoryview, cells: int) -> list[bytes]:
+    """Cut a joined buffer into ``cells`` equal ``bytes`` cells. Any thread."""
+    if cells == 0:
+        return []
+    size, rest = divmod(len(buffer), cells)
+    if rest:
+        raise ValueError(f"a buffer of {len(buffer)} bytes does not split into {cells} cells")
+    data = bytes(buffer)
+    return [data[i : i + size] for i in range(0, len(data), size)]

@@ -1,0 +1,143 @@
+"""A circuit as the worker pool sees it: pending cells per direction, crypto state, flags.
+
+One :class:`Circuit` is the unit of work of :class:`workers.pool.WorkerPool` (the email's
+"circuits in need of getting some cells en/decrypted"). It holds:
+
+* ``pending``: one ``collections.deque`` per direction (the email's
+  ``unencrypted_cell_queue_in/out``). Each entry is one *submitted item*, a pair
+  ``(payload, cells)``: ``payload`` is either a joined buffer of ``cells`` cells (``bytes``,
+  ``bytearray`` or ``memoryview``) or a list of cells. The loop thread only appends on the
+  right; the one worker that owns the circuit pops on the left. ``deque.append`` and
+  ``deque.popleft`` are atomic in CPython, so the deques need no lock of their own: what makes
+  the hand-over safe is the order "append, then take the pool lock to schedule" on the loop side
+  against "take the pool lock to decide whether anything is left" on the worker side (see
+  ``WorkerPool._schedule_locked`` and ``WorkerPool._release``).
+* the crypto ``state`` and the ``process`` function applied to it, touched only by the worker
+  that owns the circuit (invariant 2 of DESIGN.md);
+* the flags ``queued`` (on a run queue), ``busy`` (owned by a worker), ``closed`` and
+  ``failed``, plus the run-queue bookkeeping ``priority``, ``ticket`` and ``queued_class``:
+  read and written only under the pool's lock. They are the only shared state that lock guards;
+* the back-pressure counters ``in_flight`` and ``over_high_water``, and the callbacks: loop
+  thread only.
+
+The class has no behaviour beyond holding these fields; every rule lives in the pool and in
+:class:`workers.runqueues.RunQueues`. ``__slots__`` keeps an idle circuit small (the scaling
+benchmark asks for at most 2 KB per idle circuit).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+#: ``process(state, direction, batch) -> result``: runs on a worker thread with the circuit owned.
+ProcessFn = Callable[[Any, int, Any], Any]
+#: ``on_result(circuit, direction, result)``: loop thread.
+ResultFn = Callable[["Circuit", int, Any], None]
+#: ``on_error(circuit, direction, exception)``: loop thread.
+ErrorFn = Callable[["Circuit", int, BaseException], None]
+#: ``on_pressure(circuit, over_high_water)``: loop thread.
+CircuitPressureFn = Callable[["Circuit", bool], None]
+
+
+class CircuitClosedError(RuntimeError):
+    """Work was submitted to (or a change asked of) a circuit that was already closed."""
+
+
+class Reply(NamedTuple):
+    """What a worker puts on the reply queue: the outcome of one batch of one circuit.
+
+    ``cells`` is the number of cells the batch held (the loop thread subtracts it from the
+    in-flight counts). Exactly one of ``result`` and ``error`` is meaningful: ``error`` is the
+    exception the process function raised, or None. A reply with ``circuit`` None is a pool
+    control message (an update acknowledged by every worker); ``result`` is then its callback.
+    """
+
+    circuit: Circuit | None
+    direction: int
+    result: Any
+    cells: int
+    error: BaseException | None
+
+
+class Circuit:
+    """One circuit's pending cells, crypto state and scheduling flags.
+
+    Created by ``WorkerPool.open_circuit`` (loop thread). Users read ``context``, ``priority``,
+    ``closed`` and ``in_flight``; everything else belongs to the pool.
+    """
+
+    __slots__ = (
+        "busy",
+        "closed",
+        "context",
+        "failed",
+        "high_water",
+        "in_flight",
+        "joined",
+        "low_water",
+        "on_error",
+        "on_pressure",
+        "on_result",
+        "over_high_water",
+        "pending",
+        "priority",
+        "process",
+        "queued",
+        "queued_class",
+        "state",
+        "ticket",
+    )
+
+    def __init__(
+        self,
+        state: Any,
+        process: ProcessFn,
+        on_result: ResultFn,
+        on_error: ErrorFn | None,
+        on_pressure: CircuitPressureFn | None,
+        *,
+        directions: int,
+        priority: int,
+        joined: bool,
+        high_water: int,
+        low_water: int,
+        context: Any = None,
+    ) -> None:
+        """Build an idle circuit. Loop thread only (normally through ``open_circuit``)."""
+        self.pending: tuple[deque[tuple[Any, int]], ...] = tuple(deque() for _ in range(directions))
+        self.state = state
+        self.process = process
+        self.joined = joined
+        self.on_result = on_result
+        self.on_error = on_error
+        self.on_pressure = on_pressure
+        self.context = context
+        # Guarded by the pool lock.
+        self.priority = priority
+        self.queued = False
+        self.busy = False
+        self.closed = False
+        self.failed = False
+        self.ticket = 0
+        self.queued_class = priority
+        # Loop thread only.
+        self.in_flight = 0
+        self.over_high_water = False
+        self.high_water = high_water
+        self.low_water = low_water
+
+    def has_pending(self) -> bool:
+        """True when some direction holds cells. Any thread (a snapshot)."""
+        for queue in self.pending:
+            if queue:
+                return True
+        return False
+
+    def __repr__(self) -> str:
+        flags = [name for name in ("queued", "busy", "closed", "failed") if getattr(self, name)]
+        return (
+            f"<Circuit {self.context!r} class={self.priority} in_flight={self.in_flight}"
+            f" {' '.join(flags) or 'idle'}>"
+        )

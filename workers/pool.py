@@ -1,0 +1,787 @@
+"""The worker pool: circuits on run queues, one Condition, a fixed set of worker threads.
+
+The email's design, built with real thread synchronization: "stick circuits in need of getting
+some cells en/decrypted on the work queue, and have the worker threads just encrypt cells from
+them in-order", workers that pull work, and a reply queue that wakes the main thread only when it
+goes from empty to non-empty.
+
+The shape
+---------
+The loop thread owns the circuits. ``submit(circuit, direction, cells)`` appends ONE entry (a
+joined buffer of many cells, or a list of cells) to the circuit's pending deque for that
+direction and *schedules* the circuit: under the pool lock, if the circuit is neither queued nor
+busy, it goes to the tail of its priority class in :class:`~workers.runqueues.RunQueues`, and
+one idle worker is notified if any is waiting. A worker pops a circuit (marking it busy), takes
+the pending entries of each direction up to ``batch_cells`` cells, joins them into one batch,
+calls ``process(state, direction, batch)`` and puts ONE :class:`~workers.circuit.Reply` per
+batch on ``replies`` (normally a ``reactor.ReplyQueue``, whose handler calls :meth:`deliver` on
+the loop thread). Cells that arrived meanwhile are taken in the same turn while the cap allows;
+then, under the lock, the worker lets the circuit go, re-queuing it at the tail if cells remain.
+
+What the lock guards
+--------------------
+One ``threading.Condition`` guards only the run queues, each circuit's ``queued``/``busy``/
+``closed``/``failed`` flags and class, the idle-worker count and the exit flags. The lock is
+never held while crypting, joining buffers or putting replies. Pending deques are appended by
+the loop thread and popped by the owning worker without it (``deque`` operations are atomic);
+crypto state is touched only by the owning worker, and the lock hand-over (busy set, busy
+cleared) orders those accesses between successive owners.
+
+The lost-cell race, and why it cannot happen
+--------------------------------------------
+The loop thread appends *before* it takes the lock to schedule; the worker decides whether
+anything is left *while holding* the lock, at the moment it clears ``busy``. If the append came
+first, the worker sees it and re-queues the circuit; otherwise the loop thread takes the lock
+after the worker let go, finds the circuit idle, and queues it. There is no third order.
+
+Wake-ups
+--------
+Workers ``wait()`` only after re-checking the exit flag, the update inbox and the run queues
+under the lock. ``_idle`` counts workers waiting and not yet notified: the notifier decrements
+it, so a notify is sent only when it reaches a waiting worker, and never once per cell.
+
+Priorities, fairness, starvation
+--------------------------------
+See :mod:`workers.runqueues`: round-robin inside a class (one turn of at most ``batch_cells``
+cells per direction, then back to the tail), and every 37th pop serves a less urgent class.
+
+Back-pressure, counted on the loop thread only
+----------------------------------------------
+In-flight cells are cells submitted and not yet delivered back (or cancelled): ``+n`` in
+``submit``, ``-n`` in ``deliver``/``close_circuit``. Per circuit and pool-wide, crossing the
+high-water mark calls ``on_pressure(circuit, True)`` / ``on_pool_pressure(True)`` and falling to
+the low-water mark calls them with False. Nothing is ever dropped: ``submit`` also returns False
+while a mark is exceeded, so a producer can stop reading without a callback.
+
+Cancellation and errors
+-----------------------
+``close_circuit`` marks the circuit closed, drops it from its run queue (lazily, O(1)) and
+cancels its pending cells; results of a batch that was in flight are discarded in ``deliver``
+and counted. No callback ever runs for a closed circuit. An exception from ``process`` becomes a
+reply with ``error`` set for that circuit; the pool then crypts nothing more for it (its stream
+state is suspect) and the owner's ``on_error`` closes it. The worker thread lives on.
+
+Per-worker state and updates (Tor's ``threadpool_queue_update``)
+-----------------------------------------------------------------
+``worker_state_factory(index)`` builds each worker's private state, available to the process
+function through :meth:`worker_state`. ``update_workers(fn)`` hands every worker ``fn``, which
+it applies as ``state = fn(state)`` before its next job; idle workers are woken to apply it.
+
+Shutdown
+--------
+``close(drain=True)`` stops intake and lets the workers crypt everything queued, each worker
+exiting when it finds the run queues empty; ``close(drain=False)`` sets the exit flag, takes
+every queued circuit off the run queues and cancels its cells. Either way ``notify_all`` wakes
+every waiting worker, and because each worker re-checks the flags before every ``wait()``, a
+notify that arrived while it was busy is not lost. Then every thread is joined.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Protocol
+
+from workers.batching import CELL_PAYLOAD_LEN, assemble, count_cells, take_items
+from workers.circuit import (
+    Circuit,
+    CircuitClosedError,
+    CircuitPressureFn,
+    ErrorFn,
+    ProcessFn,
+    Reply,
+    ResultFn,
+)
+from workers.runqueues import DEFAULT_STARVATION_PERIOD, RunQueues
+
+if TYPE_CHECKING:
+    from reactor import Reactor
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_CELLS = 256
+DEFAULT_CIRCUIT_HIGH_WATER = 4096
+DEFAULT_POOL_HIGH_WATER = 1 << 20
+
+
+class SupportsPut(Protocol):
+    """Where workers hand replies back: anything with a thread-safe ``put``."""
+
+    def put(self, item: Any) -> Any:
+        """Enqueue ``item`` for the loop thread. Any thread."""
+
+
+class PoolClosedError(RuntimeError):
+    """The pool was closed: it takes no more work."""
+
+
+class _Update:
+    """One ``update_workers`` call travelling through the workers' inboxes."""
+
+    __slots__ = ("errors", "fn", "on_applied", "remaining")
+
+    def __init__(
+        self,
+        fn: Callable[[Any], Any],
+        workers: int,
+        on_applied: Callable[[list[BaseException]], None] | None,
+    ) -> None:
+        self.fn = fn
+        self.remaining = workers  # pool lock
+        self.errors: list[BaseException] = []
+        self.on_applied = on_applied
+
+
+class _Worker:
+    """One worker thread's record. Counters are written only by that worker."""
+
+    __slots__ = (
+        "batches",
+        "busy_ns",
+        "cells",
+        "errors",
+        "inbox",
+        "index",
+        "lost_replies",
+        "state",
+        "thread",
+    )
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.thread: threading.Thread | None = None
+        self.state: Any = None
+        self.inbox: deque[_Update] = deque()  # appended under the pool lock
+        self.cells = 0
+        self.batches = 0
+        self.errors = 0
+        self.busy_ns = 0
+        self.lost_replies = 0
+
+
+def _no_result(circuit: Circuit, direction: int, result: Any) -> None:
+    raise RuntimeError(f"{circuit!r} has no on_result callback")
+
+
+class WorkerPool:
+    """A fixed pool of worker threads crypting circuits' cells in order. See the module doc."""
+
+    def __init__(
+        self,
+        replies: SupportsPut | None,
+        *,
+        threads: int | None = None,
+        priorities: int = 3,
+        directions: int = 2,
+        process: ProcessFn | None = None,
+        joined: bool = False,
+        batch_cells: int = DEFAULT_BATCH_CELLS,
+        cell_size: int = CELL_PAYLOAD_LEN,
+        worker_state_factory: Callable[[int], Any] | None = None,
+        circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
+        circuit_low_water: int | None = None,
+        pool_high_water: int = DEFAULT_POOL_HIGH_WATER,
+        pool_low_water: int | None = None,
+        on_pool_pressure: Callable[[bool], None] | None = None,
+        starvation_period: int = DEFAULT_STARVATION_PERIOD,
+        name: str = "relaycrypt-worker",
+    ) -> None:
+        """Configure the pool; no thread starts before :meth:`start`. Loop thread only.
+
+        ``replies`` may be None only until :meth:`set_replies` (used by :meth:`attach`).
+        ``process``/``joined`` are defaults for circuits that give none. Low-water marks default
+        to half the high-water marks.
+        """
+        if priorities < 3:
+            raise ValueError(f"priorities must be >= 3, got {priorities}")
+        if directions < 1 or batch_cells < 1 or cell_size < 1:
+            raise ValueError("directions, batch_cells and cell_size must be >= 1")
+        self._threads = threads if threads is not None else max(2, os.cpu_count() or 2)
+        if self._threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self._threads}")
+        self._replies = replies
+        self._owns_replies = False
+        self._directions = directions
+        self._process = process
+        self._joined = joined
+        self._batch_cells = batch_cells
+        self._cell_size = cell_size
+        self._worker_state_factory = worker_state_factory
+        self._default_priority = priorities // 2
+        self._circuit_high = circuit_high_water
+        self._circuit_low = (
+            circuit_high_water // 2 if circuit_low_water is None else circuit_low_water
+        )
+        self._pool_high = pool_high_water
+        self._pool_low = pool_high_water // 2 if pool_low_water is None else pool_low_water
+        if self._circuit_low >= self._circuit_high or self._pool_low >= self._pool_high:
+            raise ValueError("low-water marks must be below their high-water marks")
+        self._on_pool_pressure = on_pool_pressure
+        self._name = name
+        # Guarded by the Condition's lock.
+        self._cond = threading.Condition(threading.Lock())
+        self._queues = RunQueues(priorities, starvation_period)
+        self._idle = 0
+        self._closing = False
+        self._exit = False
+        self._abandoned: list[Circuit] = []
+        self._notifies = 0
+        # Loop thread only.
+        self._workers: list[_Worker] = []
+        self._started = False
+        self._closed = False
+        self._in_flight = 0
+        self._over_high_water = False
+        self._submitted = 0
+        self._delivered = 0
+        self._cancelled = 0
+        self._discarded = 0
+        self._discarded_cells = 0
+        self._errors_delivered = 0
+        self._local = threading.local()
+
+    # ----------------------------------------------------------------- set-up
+
+    @classmethod
+    def attach(
+        cls, reactor: Reactor, *, max_batch: int | None = None, start: bool = True, **kwargs: Any
+    ) -> WorkerPool:
+        """Build a pool whose replies go through a new ``reactor.ReplyQueue`` to :meth:`deliver`.
+
+        Loop thread only. The pool owns that queue: :meth:`close` closes it after the workers
+        are joined, which delivers every reply already put.
+        """
+        from reactor import ReplyQueue  # the one interface workers/ takes from reactor/
+
+        pool = cls(None, **kwargs)
+        pool.set_replies(ReplyQueue(reactor, pool.deliver, max_batch=max_batch), owned=True)
+        if start:
+            pool.start()
+        return pool
+
+    def set_replies(self, replies: SupportsPut, *, owned: bool = False) -> None:
+        """Set where replies go, before :meth:`start`. Loop thread only."""
+        if self._started:
+            raise RuntimeError("set_replies() must be called before start()")
+        self._replies = replies
+        self._owns_replies = owned
+
+    def start(self) -> None:
+        """Start the worker threads. Loop thread only; once."""
+        if self._started:
+            raise RuntimeError("WorkerPool.start() called twice")
+        if self._closing:
+            raise PoolClosedError("the pool is closed")
+        if self._replies is None:
+            raise RuntimeError("the pool has no reply queue: pass one or call set_replies()")
+        self._started = True
+        for index in range(self._threads):
+            worker = _Worker(index)
+            worker.thread = threading.Thread(
+                target=self._run_worker, args=(worker,), name=f"{self._name}-{index}", daemon=True
+            )
+            self._workers.append(worker)
+        for worker in self._workers:
+            assert worker.thread is not None
+            worker.thread.start()
+
+    def __enter__(self) -> WorkerPool:
+        """Start the pool if needed. Loop thread only."""
+        if not self._started:
+            self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close the pool, draining queued work. Loop thread only."""
+        self.close()
+
+    # ----------------------------------------------------------------- circuits
+
+    def open_circuit(
+        self,
+        state: Any,
+        *,
+        on_result: ResultFn | None = None,
+        on_error: ErrorFn | None = None,
+        on_pressure: CircuitPressureFn | None = None,
+        process: ProcessFn | None = None,
+        joined: bool | None = None,
+        priority: int | None = None,
+        high_water: int | None = None,
+        low_water: int | None = None,
+        context: Any = None,
+    ) -> Circuit:
+        """Create a circuit whose batches run ``process(state, direction, batch)``.
+
+        Loop thread only.
+        ``on_result(circuit, direction, result)`` receives each batch's result on the loop thread
+        in submission order per direction. ``on_error(circuit, direction, exc)`` receives a
+        worker's exception (default: log it and close the circuit).
+        """
+        process = process if process is not None else self._process
+        if process is None:
+            raise ValueError("no process function: pass process= here or to WorkerPool()")
+        if high_water is None:
+            high, low = self._circuit_high, self._circuit_low
+        else:
+            high, low = high_water, high_water // 2
+        if low_water is not None:
+            low = low_water
+        if low >= high:
+            raise ValueError("low_water must be below high_water")
+        cls = self._default_priority if priority is None else priority
+        self._check_class(cls)
+        return Circuit(
+            state,
+            process,
+            on_result if on_result is not None else _no_result,
+            on_error,
+            on_pressure,
+            directions=self._directions,
+            priority=cls,
+            joined=self._joined if joined is None else joined,
+            high_water=high,
+            low_water=low,
+            context=context,
+        )
+
+    def submit(
+        self, circuit: Circuit, direction: int, cells: Any, count: int | None = None
+    ) -> bool:
+        """Append cells (a joined buffer or a list) and schedule the circuit. Loop thread only.
+
+        O(1) in the number of cells and circuits. Returns False when the circuit or the pool is
+        above its high-water mark after this call (the cells are accepted all the same).
+        """
+        if self._closing:
+            raise PoolClosedError("the pool is closed: it takes no more work")
+        if circuit.closed:
+            raise CircuitClosedError(f"{circuit!r} is closed")
+        if not 0 <= direction < self._directions:
+            raise ValueError(f"direction must be in [0, {self._directions}), got {direction}")
+        n = count_cells(cells, count, self._cell_size)
+        if n == 0:
+            return not (circuit.over_high_water or self._over_high_water)
+        # Appended before the lock is taken to schedule: see "The lost-cell race" above.
+        circuit.pending[direction].append((cells, n))
+        with self._cond:
+            self._schedule_locked(circuit)
+        return self._count_submitted(circuit, n)
+
+    def submit_many(self, work: Iterable[tuple[Circuit, int, Any]]) -> bool:
+        """Submit ``(circuit, direction, cells)`` triples, taking the pool lock once.
+
+        Loop thread only.
+        Everything is validated before anything is appended. Returns False when some circuit or
+        the pool is above its high-water mark afterwards.
+        """
+        if self._closing:
+            raise PoolClosedError("the pool is closed: it takes no more work")
+        counted: list[tuple[Circuit, int, Any, int]] = []
+        for circuit, direction, cells in work:
+            if circuit.closed:
+                raise CircuitClosedError(f"{circuit!r} is closed")
+            if not 0 <= direction < self._directions:
+                raise ValueError(f"direction must be in [0, {self._directions}), got {direction}")
+            counted.append((circuit, direction, cells, count_cells(cells, None, self._cell_size)))
+        for circuit, direction, cells, n in counted:
+            if n:
+                circuit.pending[direction].append((cells, n))
+        with self._cond:
+            for circuit, _, _, n in counted:
+                if n:
+                    self._schedule_locked(circuit)
+        below = True
+        for circuit, _, _, n in counted:
+            if n and not self._count_submitted(circuit, n):
+                below = False
+        return below and not self._over_high_water
+
+    def set_priority(self, circuit: Circuit, cls: int) -> None:
+        """Move the circuit to priority class ``cls`` (0 = most urgent). Loop thread only. O(1)."""
+        self._check_class(cls)
+        with self._cond:
+            self._queues.move(circuit, cls)
+
+    def close_circuit(self, circuit: Circuit) -> int:
+        """Close the circuit: cancel its queued cells, discard results in flight. Loop thread only.
+
+        Returns the number of cells cancelled before any worker took them. Idempotent. O(number of
+        pending entries of this circuit), never of all circuits.
+        """
+        if circuit.closed:
+            return 0
+        with self._cond:
+            circuit.closed = True
+            self._queues.discard(circuit)
+        cancelled = 0
+        for pending in circuit.pending:
+            while True:
+                # The owning worker may pop here at the same time; each entry goes to exactly one
+                # of us (atomic popleft). What the worker took comes back as a discarded reply.
+                try:
+                    _, n = pending.popleft()
+                except IndexError:
+                    break
+                cancelled += n
+        self._cancelled += cancelled
+        # Everything of this circuit not yet delivered leaves the counts now; replies still on
+        # their way are discarded by deliver() without touching the counts again.
+        self._in_flight -= circuit.in_flight
+        circuit.in_flight = 0
+        self._check_pool_low_water()
+        return cancelled
+
+    # ----------------------------------------------------------------- loop side
+
+    def deliver(self, reply: Reply) -> None:
+        """Apply one worker reply: the circuit's callback, counts, resume signals. Loop thread only.
+
+        Pass this as the ``reactor.ReplyQueue`` handler (``attach`` does). Replies of closed
+        circuits are discarded and counted; no callback runs for them.
+        """
+        circuit, direction, result, cells, error = reply
+        if circuit is None:
+            self._deliver_update(result)
+            return
+        if circuit.closed:
+            self._discarded += 1
+            self._discarded_cells += cells
+            return
+        self._delivered += cells
+        circuit.in_flight -= cells
+        self._in_flight -= cells
+        if error is None:
+            circuit.on_result(circuit, direction, result)
+        else:
+            self._errors_delivered += 1
+            if circuit.on_error is not None:
+                circuit.on_error(circuit, direction, error)
+            else:
+                log.error("closing %r after a worker error", circuit, exc_info=error)
+                self.close_circuit(circuit)
+        if (
+            circuit.over_high_water
+            and not circuit.closed
+            and circuit.in_flight <= circuit.low_water
+        ):
+            circuit.over_high_water = False
+            if circuit.on_pressure is not None:
+                circuit.on_pressure(circuit, False)
+        self._check_pool_low_water()
+
+    @property
+    def in_flight(self) -> int:
+        """Cells submitted and not yet delivered or cancelled. Loop thread only."""
+        return self._in_flight
+
+    @property
+    def over_high_water(self) -> bool:
+        """True between the pool's high-water signal and its low-water signal. Loop thread only."""
+        return self._over_high_water
+
+    def _count_submitted(self, circuit: Circuit, n: int) -> bool:
+        """Add ``n`` in-flight cells and signal high water. Loop thread only."""
+        self._submitted += n
+        circuit.in_flight += n
+        self._in_flight += n
+        if not circuit.over_high_water and circuit.in_flight >= circuit.high_water:
+            circuit.over_high_water = True
+            if circuit.on_pressure is not None:
+                circuit.on_pressure(circuit, True)
+        if not self._over_high_water and self._in_flight >= self._pool_high:
+            self._over_high_water = True
+            if self._on_pool_pressure is not None:
+                self._on_pool_pressure(True)
+        return not (circuit.over_high_water or self._over_high_water)
+
+    def _check_pool_low_water(self) -> None:
+        """Signal the pool's resume when at or below low water. Loop thread only."""
+        if self._over_high_water and self._in_flight <= self._pool_low:
+            self._over_high_water = False
+            if self._on_pool_pressure is not None:
+                self._on_pool_pressure(False)
+
+    def _deliver_update(self, update: _Update) -> None:
+        """Run an update's acknowledgement callback. Loop thread only."""
+        if update.on_applied is not None:
+            update.on_applied(update.errors)
+
+    def _check_class(self, cls: int) -> None:
+        if not 0 <= cls < self._queues.classes:
+            raise ValueError(f"priority class must be in [0, {self._queues.classes}), got {cls}")
+
+    # ----------------------------------------------------------------- scheduling (locked)
+
+    def _schedule_locked(self, circuit: Circuit) -> None:
+        """Queue a circuit that has work, unless queued, busy, closed or failed. Pool lock held."""
+        if circuit.queued or circuit.busy or circuit.closed or circuit.failed:
+            # Busy: its owner re-checks pending under this lock before letting go (see _release).
+            return
+        self._queues.push(circuit)
+        if self._idle:
+            self._idle -= 1
+            self._notifies += 1
+            self._cond.notify()
+
+    # ----------------------------------------------------------------- workers
+
+    def update_workers(
+        self,
+        fn: Callable[[Any], Any],
+        on_applied: Callable[[list[BaseException]], None] | None = None,
+    ) -> None:
+        """Give every worker ``fn``; each sets ``state = fn(state)`` before its next job.
+
+        Any thread.
+        When every worker has applied it, ``on_applied(errors)`` runs on the loop thread through
+        the reply queue (``errors``: exceptions ``fn`` raised; those workers kept their state).
+        Updates given to a pool that is closed before a worker applied them are never applied.
+        """
+        if not self._started:
+            raise RuntimeError("update_workers() needs a started pool")
+        with self._cond:
+            if self._closing:
+                raise PoolClosedError("the pool is closed")
+            update = _Update(fn, len(self._workers), on_applied)
+            for worker in self._workers:
+                worker.inbox.append(update)
+            self._idle = 0
+            self._cond.notify_all()
+
+    def worker_state(self) -> Any:
+        """The calling worker's private state. Worker thread only (e.g. inside ``process``)."""
+        worker = getattr(self._local, "worker", None)
+        if worker is None:
+            raise RuntimeError("worker_state() may only be called on one of this pool's workers")
+        return worker.state
+
+    def _run_worker(self, worker: _Worker) -> None:
+        """A worker's whole life: apply updates, pop a circuit, serve it, repeat. Worker thread."""
+        self._local.worker = worker
+        if self._worker_state_factory is not None:
+            try:
+                worker.state = self._worker_state_factory(worker.index)
+            except Exception:
+                worker.errors += 1
+                log.exception("worker_state_factory failed on worker %d", worker.index)
+        while True:
+            if worker.inbox:
+                self._apply_updates(worker)
+            with self._cond:
+                circuit = self._next_circuit_locked(worker)
+                if circuit is None and not (worker.inbox and not self._exit):
+                    return
+                if circuit is not None:
+                    circuit.busy = True
+            if circuit is not None:
+                self._serve(worker, circuit)
+
+    def _next_circuit_locked(self, worker: _Worker) -> Circuit | None:
+        """Pop a circuit, waiting if there is none. None: exit or updates first. Pool lock held."""
+        while True:
+            # Re-checked before every wait: a notify_all sent while this worker was busy is gone,
+            # but the flags it announced are still set, so no wake-up is lost.
+            if self._exit or worker.inbox:
+                return None
+            circuit = self._queues.pop()
+            if circuit is not None:
+                return circuit
+            if self._closing:
+                return None  # draining, and nothing is left to drain
+            self._idle += 1  # the notifier decrements it (see _schedule_locked)
+            self._cond.wait()
+
+    def _serve(self, worker: _Worker, circuit: Circuit) -> None:
+        """One turn: crypt up to ``batch_cells`` per direction, then let go. Worker thread."""
+        budgets = [self._batch_cells] * self._directions
+        failed = False
+        progressed = True
+        while progressed and not failed:
+            progressed = False
+            for direction, pending in enumerate(circuit.pending):
+                budget = budgets[direction]
+                # `closed` and `_exit` are written by the loop thread; reading a stale False
+                # costs at most one more batch, which deliver() discards (closed) or which the
+                # pool crypts before exiting. Neither can read True too early.
+                if budget <= 0 or not pending or circuit.closed or self._exit:
+                    continue
+                items, cells = take_items(pending, budget)
+                if not items:
+                    continue  # a closer took them first
+                budgets[direction] = budget - cells
+                progressed = True
+                if not self._run_batch(worker, circuit, direction, items, cells):
+                    failed = True
+                    break
+        self._release(circuit, failed)
+
+    def _run_batch(
+        self, worker: _Worker, circuit: Circuit, direction: int, items: list[Any], cells: int
+    ) -> bool:
+        """Crypt one batch and put its reply. False if ``process`` raised. Worker thread."""
+        started = time.perf_counter_ns()
+        try:
+            result = circuit.process(circuit.state, direction, assemble(items, circuit.joined))
+        except Exception as exc:
+            worker.busy_ns += time.perf_counter_ns() - started
+            worker.errors += 1
+            self._put(worker, Reply(circuit, direction, None, cells, exc))
+            return False
+        worker.busy_ns += time.perf_counter_ns() - started
+        worker.cells += cells
+        worker.batches += 1
+        self._put(worker, Reply(circuit, direction, result, cells, None))
+        return True
+
+    def _release(self, circuit: Circuit, failed: bool) -> None:
+        """Let go of a circuit; re-queue it at the tail if cells remain. Worker thread."""
+        with self._cond:
+            circuit.busy = False
+            if failed:
+                circuit.failed = True
+            elif circuit.closed:
+                pass
+            # The loop thread appends without this lock, then takes it to schedule. Any append
+            # that happened before this check is seen here; any later one finds busy False
+            # when its thread gets the lock, and that thread queues the circuit.
+            elif circuit.has_pending():
+                if self._exit:
+                    self._abandoned.append(circuit)  # cancelled by close()
+                else:
+                    self._queues.push(circuit)  # this worker pops next: no notify needed
+
+    def _apply_updates(self, worker: _Worker) -> None:
+        """Apply every update in this worker's inbox, in order. Worker thread."""
+        while worker.inbox:
+            update = worker.inbox.popleft()
+            try:
+                worker.state = update.fn(worker.state)
+            except Exception as exc:
+                update.errors.append(exc)
+            with self._cond:
+                update.remaining -= 1
+                done = update.remaining == 0
+            if done:
+                self._put(worker, Reply(None, 0, update, 0, None))
+
+    def _put(self, worker: _Worker, reply: Reply) -> None:
+        """Hand a reply to the loop thread; a failing reply queue is counted. Worker thread."""
+        try:
+            self._replies.put(reply)  # type: ignore[union-attr]
+        except Exception:
+            worker.lost_replies += 1
+            log.exception("reply queue refused a reply; it is lost")
+
+    # ----------------------------------------------------------------- shutdown
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> None:
+        """Stop intake, drain or cancel queued work, wake and join every worker. Loop thread only.
+
+        ``drain=True`` crypts what is queued (a pool never started cancels it instead);
+        ``drain=False`` cancels it, counted in ``stats()["cancelled"]``; batches already running
+        finish either way. If draining exceeds ``timeout`` seconds, the rest is cancelled and
+        the workers get another ``timeout`` to finish their current batch; a thread still alive
+        then raises TimeoutError. A reply queue made by :meth:`attach` is closed last (which
+        delivers the replies already put). Calling ``close`` again does nothing.
+        """
+        if getattr(self._local, "worker", None) is not None:
+            raise RuntimeError("close() called from a worker thread would join itself")
+        if self._closed:
+            return
+        self._closed = True
+        self._stop_intake(cancel=not drain or not self._started)
+        alive = self._join(timeout)
+        if alive:
+            self._stop_intake(cancel=True)
+            alive = self._join(timeout)
+        with self._cond:
+            abandoned, self._abandoned = self._abandoned, []
+        self._cancel(abandoned)
+        if self._owns_replies and self._replies is not None:
+            self._replies.close()  # type: ignore[attr-defined]
+        if alive:
+            names = ", ".join(t.name for t in alive)
+            raise TimeoutError(f"worker threads still running after close(): {names}")
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called. Any thread."""
+        return self._closing
+
+    def _stop_intake(self, cancel: bool) -> None:
+        """Set the flags, wake everyone, and cancel queued work if asked. Loop thread only."""
+        with self._cond:
+            self._closing = True
+            queued: list[Circuit] = []
+            if cancel:
+                self._exit = True
+                queued = self._queues.pop_all()
+            self._idle = 0
+            self._cond.notify_all()
+        self._cancel(queued)
+
+    def _join(self, timeout: float | None) -> list[threading.Thread]:
+        """Join the workers within ``timeout``; return those still alive. Loop thread only."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for worker in self._workers:
+            assert worker.thread is not None
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            worker.thread.join(left)
+        return [w.thread for w in self._workers if w.thread is not None and w.thread.is_alive()]
+
+    def _cancel(self, circuits: list[Circuit]) -> None:
+        """Drop the pending cells of circuits no worker will serve again. Loop thread only."""
+        for circuit in circuits:
+            for pending in circuit.pending:
+                while pending:
+                    _, n = pending.popleft()
+                    self._cancelled += n
+                    if not circuit.closed:
+                        circuit.in_flight -= n
+                        self._in_flight -= n
+
+    # ----------------------------------------------------------------- stats
+
+    def stats(self) -> dict[str, Any]:
+        """A plain-dict snapshot of the pool's counters. Any thread (other threads' counters may
+        be a moment stale).
+
+        Keys: ``threads``, ``alive_threads``, ``cells``, ``batches``, ``batch_mean``,
+        ``submitted``, ``delivered``, ``in_flight``, ``queue_depth`` (live circuits per class,
+        most urgent first), ``cancelled`` (cells), ``discarded`` (replies of closed circuits),
+        ``discarded_cells``, ``errors`` (batches that raised), ``errors_delivered``,
+        ``lost_replies``, ``notifies``, ``pops``, ``worker_busy_s``, ``worker_cells``.
+        """
+        with self._cond:
+            depths = self._queues.depths()
+            notifies = self._notifies
+            pops = self._queues.pops
+        workers = list(self._workers)
+        cells = sum(w.cells for w in workers)
+        batches = sum(w.batches for w in workers)
+        return {
+            "threads": len(workers),
+            "alive_threads": sum(1 for w in workers if w.thread and w.thread.is_alive()),
+            "cells": cells,
+            "batches": batches,
+            "batch_mean": cells / batches if batches else 0.0,
+            "submitted": self._submitted,
+            "delivered": self._delivered,
+            "in_flight": self._in_flight,
+            "queue_depth": depths,
+            "cancelled": self._cancelled,
+            "discarded": self._discarded,
+            "discarded_cells": self._discarded_cells,
+            "errors": sum(w.errors for w in workers),
+            "errors_delivered": self._errors_delivered,
+            "lost_replies": sum(w.lost_replies for w in workers),
+            "notifies": notifies,
+            "pops": pops,
+            "worker_busy_s": [w.busy_ns / 1e9 for w in workers],
+            "worker_cells": [w.cells for w in workers],
+        }
