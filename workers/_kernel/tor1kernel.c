@@ -707,10 +707,6 @@ origin_begin(OriginStateObject *self, PyObject *buf, Py_buffer *view, Py_ssize_t
         raise_crypto_failure();
         goto fail;
     }
-    if (self->n_hops == 0) {
-        PyErr_SetString(PyExc_ValueError, "the circuit has no hops yet");
-        goto fail;
-    }
     if (pin_cells(buf, view, ncells) < 0)
         goto fail;
     return 0;

@@ -1,0 +1,159 @@
+"""Which tor1 implementation a circuit gets: the C batch kernel, or the pure-Python reference.
+
+``relay_crypto_for(keys)`` and ``origin_crypto_for(hops)`` are the one place the rest of the
+project builds a circuit's crypto state. They return :class:`workers.fastcrypto.FastRelayCrypto`
+/ :class:`~workers.fastcrypto.FastOriginCrypto` when the kernel extension is importable, and the
+reference :class:`workers.relay_crypto.RelayCrypto` / :class:`~workers.relay_crypto.OriginCrypto`
+otherwise, or whenever the environment variable ``RELAYCRYPT_PURE`` is set to anything but
+``""`` or ``"0"`` (read at each call, so a test or a benchmark can switch per circuit). Both
+backends give the same bytes and offer the same methods, including the joined-buffer forms
+(``forward_buf``, ``backward_buf``, ``originate_buf``, ``encrypt_buf``, ``decrypt_buf``): for the
+reference they are the thin adapters below, which split the buffer, call the list form and join.
+
+Threads: the factories may be called from any thread; the objects they return are one
+circuit's state, used by one thread at a time. No global mutable state: whether the kernel
+imported is decided once, at import.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol
+
+from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
+
+try:
+    from workers.fastcrypto import FastOriginCrypto, FastRelayCrypto
+except ImportError as exc:  # the extension is not built: only the reference is available
+    _KERNEL_MISSING: str | None = f"{type(exc).__name__}: {exc}"
+else:
+    _KERNEL_MISSING = None
+
+__all__ = [
+    "FORCE_PURE_ENV",
+    "OriginCryptoLike",
+    "ReferenceOriginCrypto",
+    "ReferenceRelayCrypto",
+    "RelayCryptoLike",
+    "UnrecognizedCell",
+    "backend_name",
+    "kernel_available",
+    "kernel_missing_reason",
+    "origin_crypto_for",
+    "relay_crypto_for",
+]
+
+FORCE_PURE_ENV = "RELAYCRYPT_PURE"
+"""Environment variable: set to ``1`` to force the pure-Python reference backend."""
+
+Buffer = bytes | bytearray | memoryview
+
+
+class RelayCryptoLike(Protocol):
+    """What both relay backends offer (one circuit, one thread at a time)."""
+
+    def forward(self, payload: bytes) -> tuple[bool, bytes]: ...
+    def forward_many(self, payloads: Sequence[bytes]) -> list[tuple[bool, bytes]]: ...
+    def backward(self, payload: bytes) -> bytes: ...
+    def backward_many(self, payloads: Sequence[bytes]) -> list[bytes]: ...
+    def originate(self, payload: bytes) -> bytes: ...
+    def originate_many(self, payloads: Sequence[bytes]) -> list[bytes]: ...
+    def forward_buf(self, buf: Buffer) -> tuple[bytes, bytes]: ...
+    def backward_buf(self, buf: Buffer) -> bytes: ...
+    def originate_buf(self, buf: Buffer) -> bytes: ...
+
+
+class OriginCryptoLike(Protocol):
+    """What both origin backends offer (one circuit, one thread at a time)."""
+
+    @property
+    def n_hops(self) -> int: ...
+    def add_hop(self, keys: HopKeys) -> None: ...
+    def encrypt(self, payload: bytes, hop: int) -> bytes: ...
+    def encrypt_many(self, payloads: Sequence[bytes], hop: int) -> list[bytes]: ...
+    def decrypt(self, payload: bytes) -> tuple[int, bytes]: ...
+    def decrypt_many(self, payloads: Sequence[bytes]) -> list[tuple[int, bytes]]: ...
+    def encrypt_buf(self, buf: Buffer, hop: int) -> bytes: ...
+    def decrypt_buf(self, buf: Buffer) -> tuple[bytes, bytes]: ...
+
+
+def _split_buf(buf: Buffer) -> list[bytes]:
+    """Split joined payloads into 509-byte ``bytes``; ``ValueError`` if the length is off."""
+    view = memoryview(buf).cast("B")
+    if len(view) % PAYLOAD_LEN:
+        raise ValueError(
+            f"buffer length must be a multiple of {PAYLOAD_LEN} (joined relay payloads), "
+            f"got {len(view)}"
+        )
+    return [bytes(view[i : i + PAYLOAD_LEN]) for i in range(0, len(view), PAYLOAD_LEN)]
+
+
+class ReferenceRelayCrypto(RelayCrypto):
+    """The reference ``RelayCrypto`` plus joined-buffer adapters (split, list form, join)."""
+
+    __slots__ = ()
+
+    def forward_buf(self, buf: Buffer) -> tuple[bytes, bytes]:
+        """``forward_many`` on a joined buffer; ``(out, recognized flags as 0/1 bytes)``."""
+        results = self.forward_many(_split_buf(buf))
+        return b"".join(cell for _, cell in results), bytes(ok for ok, _ in results)
+
+    def backward_buf(self, buf: Buffer) -> bytes:
+        """``backward_many`` on a joined buffer."""
+        return b"".join(self.backward_many(_split_buf(buf)))
+
+    def originate_buf(self, buf: Buffer) -> bytes:
+        """``originate_many`` on a joined buffer."""
+        return b"".join(self.originate_many(_split_buf(buf)))
+
+
+class ReferenceOriginCrypto(OriginCrypto):
+    """The reference ``OriginCrypto`` plus joined-buffer adapters (split, list form, join)."""
+
+    __slots__ = ()
+
+    def encrypt_buf(self, buf: Buffer, hop: int) -> bytes:
+        """``encrypt_many`` on a joined buffer."""
+        return b"".join(self.encrypt_many(_split_buf(buf), hop))
+
+    def decrypt_buf(self, buf: Buffer) -> tuple[bytes, bytes]:
+        """``decrypt_many`` on a joined buffer; ``(out, hop index per cell)``. Raises
+        :class:`UnrecognizedCell` like ``decrypt_many``."""
+        results = self.decrypt_many(_split_buf(buf))
+        return b"".join(cell for _, cell in results), bytes(hop for hop, _ in results)
+
+
+def kernel_available() -> bool:
+    """True when the C kernel extension imported (built with ``setup.py build_ext``)."""
+    return _KERNEL_MISSING is None
+
+
+def kernel_missing_reason() -> str | None:
+    """Why the kernel is unavailable (the import error), or None when it is available."""
+    return _KERNEL_MISSING
+
+
+def _pure_forced() -> bool:
+    return os.environ.get(FORCE_PURE_ENV, "") not in ("", "0")
+
+
+def backend_name() -> Literal["kernel", "reference"]:
+    """The backend the factories would use right now."""
+    return "kernel" if kernel_available() and not _pure_forced() else "reference"
+
+
+def relay_crypto_for(keys: HopKeys) -> RelayCryptoLike:
+    """One relay's crypto state for one circuit, on the current backend."""
+    if backend_name() == "kernel":
+        return FastRelayCrypto(keys)
+    return ReferenceRelayCrypto(keys)
+
+
+def origin_crypto_for(hops: Iterable[HopKeys]) -> OriginCryptoLike:
+    """The client's crypto state for one circuit (hop 0 is the guard), on the current
+    backend."""
+    if backend_name() == "kernel":
+        return FastOriginCrypto(hops)
+    return ReferenceOriginCrypto(list(hops))
+

@@ -1,0 +1,206 @@
+"""tor1 relay-cell crypto over the C batch kernel, with the reference's exact API and bytes.
+
+What this is
+------------
+:class:`FastRelayCrypto` and :class:`FastOriginCrypto` are drop-in replacements for
+:class:`workers.relay_crypto.RelayCrypto` and :class:`~workers.relay_crypto.OriginCrypto`: the
+same method names, arguments, results and exceptions (``ValueError`` for a bad payload size or
+hop index, :class:`~workers.relay_crypto.UnrecognizedCell` at the origin), byte for byte. The
+state lives in a ``workers._kernel`` object (``RelayState`` / ``OriginState``), which crypts a
+whole batch -- every AES layer and every SHA-1 digest -- in one C call that releases the GIL.
+
+The fast path: joined buffers
+-----------------------------
+The one-cell and list (``*_many``) forms exist for compatibility; they pay for joining and
+splitting Python objects. The ``*_buf`` forms take and return *joined* buffers (``n * 509``
+bytes, any bytes-like object) and are what the worker pool and the relay programs use:
+
+* ``FastRelayCrypto.forward_buf(buf) -> (out, recognized)``: ``recognized[i]`` is 1 when cell
+  ``i`` is for this relay (recognized field zero and digest matches), else 0;
+* ``backward_buf(buf) -> out``, ``originate_buf(buf) -> out``;
+* ``FastOriginCrypto.encrypt_buf(buf, hop) -> out``;
+* ``FastOriginCrypto.decrypt_buf(buf) -> (out, hops)``: ``hops[i]`` is the hop that
+  recognized cell ``i``. A cell no hop recognizes raises ``UnrecognizedCell`` (with ``index``
+  and the earlier ``results``, as the reference's ``decrypt_many``); the state is then exactly
+  as after the cells before it.
+
+Threads
+-------
+No global mutable state. One object is one circuit's crypto state: any thread may use it, one
+thread at a time (the worker pool gives a circuit to one worker at a time). Two threads calling
+one object concurrently get ``RuntimeError`` from the kernel instead of corrupt keystreams.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+from workers._kernel import OriginState, RelayState
+from workers.relay_crypto import PAYLOAD_LEN, UnrecognizedCell
+
+__all__ = ["FastOriginCrypto", "FastRelayCrypto", "HopKeysLike"]
+
+
+class HopKeysLike(Protocol):
+    """Anything with a hop's four key fields (``workers.relay_crypto.HopKeys`` is one)."""
+
+    @property
+    def df(self) -> bytes: ...
+    @property
+    def db(self) -> bytes: ...
+    @property
+    def kf(self) -> bytes: ...
+    @property
+    def kb(self) -> bytes: ...
+
+
+def _check_payload(payload: bytes) -> None:
+    if len(payload) != PAYLOAD_LEN:
+        raise ValueError(f"relay payload must be {PAYLOAD_LEN} bytes, got {len(payload)}")
+
+
+def _join_checked(payloads: Sequence[bytes]) -> bytes:
+    """Join payloads after checking each one's size (a 508 and a 510 must not pass as two)."""
+    for payload in payloads:
+        _check_payload(payload)
+    return b"".join(payloads)
+
+
+def _split(joined: bytes, count: int) -> list[bytes]:
+    return [joined[i * PAYLOAD_LEN : (i + 1) * PAYLOAD_LEN] for i in range(count)]
+
+
+def _key_tuple(keys: HopKeysLike) -> tuple[bytes, bytes, bytes, bytes]:
+    return (keys.df, keys.db, keys.kf, keys.kb)
+
+
+class FastRelayCrypto:
+    """One relay's crypto state for one circuit, on the kernel. API of ``RelayCrypto``.
+
+    Not thread-safe: one thread at a time (the worker that owns the circuit); a concurrent call
+    raises ``RuntimeError``.
+    """
+
+    __slots__ = ("_state", "keys")
+
+    def __init__(self, keys: HopKeysLike) -> None:
+        self.keys = keys
+        self._state = RelayState(*_key_tuple(keys))
+
+    # ---- joined buffers: the fast path
+
+    def forward_buf(self, buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+        """Decrypt ``n`` joined payloads with Kf; return ``(out, recognized)`` where
+        ``recognized[i]`` is 1 for a cell recognized here (forward digest advanced), else 0."""
+        return self._state.forward(buf)
+
+    def backward_buf(self, buf: bytes | bytearray | memoryview) -> bytes:
+        """Encrypt ``n`` joined payloads with Kb (relaying toward the client)."""
+        return self._state.backward(buf)
+
+    def originate_buf(self, buf: bytes | bytearray | memoryview) -> bytes:
+        """Set each payload's digest from Db's running hash, in order; encrypt with Kb."""
+        return self._state.originate(buf)
+
+    # ---- the reference's one-cell and list forms
+
+    def forward(self, payload: bytes) -> tuple[bool, bytes]:
+        """Decrypt one cell moving away from the client; ``(recognized here, plaintext)``."""
+        _check_payload(payload)
+        out, recognized = self._state.forward(payload)
+        return bool(recognized[0]), out
+
+    def forward_many(self, payloads: Sequence[bytes]) -> list[tuple[bool, bytes]]:
+        """``forward`` for each payload in order (one kernel call)."""
+        out, recognized = self._state.forward(_join_checked(payloads))
+        return [(bool(flag), cell) for flag, cell in zip(recognized, _split(out, len(payloads)),
+                                                         strict=True)]
+
+    def backward(self, payload: bytes) -> bytes:
+        """Encrypt one cell moving toward the client with Kb (no digest)."""
+        _check_payload(payload)
+        return self._state.backward(payload)
+
+    def backward_many(self, payloads: Sequence[bytes]) -> list[bytes]:
+        """``backward`` for each payload in order (one kernel call)."""
+        return _split(self._state.backward(_join_checked(payloads)), len(payloads))
+
+    def originate(self, payload: bytes) -> bytes:
+        """Set the digest with Db's running hash, then encrypt with Kb."""
+        _check_payload(payload)
+        return self._state.originate(payload)
+
+    def originate_many(self, payloads: Sequence[bytes]) -> list[bytes]:
+        """``originate`` for each payload in order (one kernel call)."""
+        return _split(self._state.originate(_join_checked(payloads)), len(payloads))
+
+
+class FastOriginCrypto:
+    """The client's crypto state for one circuit of N hops, on the kernel. API of
+    ``OriginCrypto``.
+
+    Not thread-safe: one thread at a time (the worker that owns the circuit); a concurrent call
+    raises ``RuntimeError``.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, hops: Iterable[HopKeysLike]) -> None:
+        self._state = OriginState([_key_tuple(keys) for keys in hops])
+
+    @property
+    def n_hops(self) -> int:
+        """Number of hops this circuit has keys for."""
+        return self._state.n_hops
+
+    def add_hop(self, keys: HopKeysLike) -> None:
+        """Append a hop (after an EXTENDED2): its state starts fresh at keystream position 0."""
+        self._state.add_hop(*_key_tuple(keys))
+
+    # ---- joined buffers: the fast path
+
+    def encrypt_buf(self, buf: bytes | bytearray | memoryview, hop: int) -> bytes:
+        """Per payload in order, set the digest with ``hop``'s forward hash; then apply Kf of
+        hop, hop-1, ..., 0 to the whole buffer."""
+        return self._state.encrypt(buf, hop)
+
+    def decrypt_buf(self, buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+        """Decrypt ``n`` joined payloads; return ``(out, hops)``, ``hops[i]`` being the hop that
+        recognized cell ``i``. A cell no hop recognizes raises :class:`UnrecognizedCell`
+        (``index``, ``results`` of the cells before it); the state is as after those cells."""
+        out, hops = self._state.decrypt(buf)
+        nbytes = buf.nbytes if isinstance(buf, memoryview) else len(buf)
+        if len(out) != nbytes:
+            raise UnrecognizedCell(len(hops), list(zip(hops, _split(out, len(hops)),
+                                                       strict=True)))
+        return out, hops
+
+    # ---- the reference's one-cell and list forms
+
+    def encrypt(self, payload: bytes, hop: int) -> bytes:
+        """Set the digest with ``hop``'s forward hash, then apply Kf of hop, hop-1, ..., 0."""
+        _check_payload(payload)
+        return self._state.encrypt(payload, hop)
+
+    def encrypt_many(self, payloads: Sequence[bytes], hop: int) -> list[bytes]:
+        """``encrypt`` for each payload in order (one kernel call, one AES call per layer)."""
+        return _split(self._state.encrypt(_join_checked(payloads), hop), len(payloads))
+
+    def decrypt(self, payload: bytes) -> tuple[int, bytes]:
+        """Peel Kb layers from hop 0 outward; ``(hop, plaintext)`` of the first hop that
+        recognizes the cell. None does: :class:`UnrecognizedCell`, state unchanged."""
+        _check_payload(payload)
+        out, hops = self._state.decrypt(payload)
+        if not hops:
+            raise UnrecognizedCell(0, [])
+        return hops[0], out
+
+    def decrypt_many(self, payloads: Sequence[bytes]) -> list[tuple[int, bytes]]:
+        """``decrypt`` for each payload in order; on the first unrecognized cell raise
+        :class:`UnrecognizedCell` with its ``index`` and the earlier ``results``."""
+        out, hops = self._state.decrypt(_join_checked(payloads))
+        results = list(zip(hops, _split(out, len(hops)), strict=True))
+        if len(hops) != len(payloads):
+            raise UnrecognizedCell(len(hops), results)
+        return results
