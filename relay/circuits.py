@@ -1,0 +1,190 @@
+"""Circuit-level protocol pieces shared by relays and clients: relay payloads, SENDME windows,
+wire-cell building, and read gates.
+
+Relay payloads without per-cell objects
+---------------------------------------
+``workers.cells.RelayPayload`` is the readable, validating form of the 509-byte plaintext. On the
+data path (thousands of cells per second per circuit) the relay and client use the functions
+here instead: :func:`pack_relay` builds one payload with a single ``struct`` call (a full DATA
+cell has no padding to draw), :func:`pack_data_cells` cuts a byte string into DATA payloads,
+and :data:`RELAY_HEADER` unpacks the header fields straight from a joined plaintext buffer at
+an offset, so no ``RelayPayload`` or slice is made for a cell that is only inspected.
+
+Wire cells
+----------
+After crypto, a circuit's batch is ``n`` joined 509-byte payloads; on the link each needs the
+5-byte ``CircID | Command`` header (link protocol v4). :func:`wire_cells` builds the whole batch
+as one ``bytes`` with one list comprehension and one ``bytes.join`` (the header is the join
+separator), which is what a relay hands to ``Stream.write`` per reply: no per-cell Python call.
+
+SENDME windows (tor-spec 7.3, 7.4)
+----------------------------------
+Only RELAY_DATA cells count. A sender starts a circuit with a *package window* of 1000 cells and
+each stream with 500; each DATA cell sent takes one, and a sender whose window is zero stops. A
+receiver starts with *deliver windows* of the same sizes; each DATA cell received takes one, and
+when a circuit's deliver window has dropped by 100 (a stream's by 50) it sends a SENDME (stream
+id 0 for the circuit) and adds the increment back; the sender adds it to its package window. A
+stream-level SENDME is withheld while the receiving application is not keeping up (its TCP
+write buffer is above the high watermark), which is what stops a fast sender from flooding a
+slow reader. A DATA cell beyond a deliver window is a protocol violation. Here SENDMEs are
+version 0 (empty body).
+
+Read gates
+----------
+Several independent reasons may each want a stream's reading paused (the worker pool over its
+high-water mark, one circuit over its own mark, the next hop's write buffer full, a SENDME
+window exhausted). A :class:`ReadGate` holds a set of those reasons: reading is paused while the
+set is non-empty, and each reason is added and removed idempotently, so the reasons cannot
+cancel each other out.
+
+Threads: pure functions and loop-thread objects; nothing here is shared between threads.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Hashable
+from typing import Protocol
+
+from workers.cells import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN, RelayCommand
+
+__all__ = [
+    "CIRCWINDOW_INCREMENT",
+    "CIRCWINDOW_START",
+    "END_REASON_CONNECTREFUSED",
+    "END_REASON_CONNRESET",
+    "END_REASON_DESTROY",
+    "END_REASON_DONE",
+    "END_REASON_EXITPOLICY",
+    "END_REASON_MISC",
+    "END_REASON_TORPROTOCOL",
+    "RELAY_HEADER",
+    "STREAMWINDOW_INCREMENT",
+    "STREAMWINDOW_START",
+    "Pausable",
+    "ReadGate",
+    "pack_data_cells",
+    "pack_relay",
+    "relay_body",
+    "wire_cells",
+]
+
+CIRCWINDOW_START = 1000
+CIRCWINDOW_INCREMENT = 100
+STREAMWINDOW_START = 500
+STREAMWINDOW_INCREMENT = 50
+
+END_REASON_MISC = 1
+END_REASON_CONNECTREFUSED = 3
+END_REASON_EXITPOLICY = 4
+END_REASON_DESTROY = 5
+END_REASON_DONE = 6
+END_REASON_CONNRESET = 12
+END_REASON_TORPROTOCOL = 13
+
+#: ``command, recognized, stream_id, digest, length`` at the start of a relay payload.
+RELAY_HEADER = struct.Struct(">BHH4sH")
+_FULL_DATA = struct.Struct(f">BHH4sH{RELAY_DATA_MAX}s")
+_ZERO_DIGEST = bytes(4)
+_PAD_GAP = bytes(4)
+_DATA = int(RelayCommand.DATA)
+_CELL_HEADER = struct.Struct(">IB")
+
+
+def pack_relay(command: int, stream_id: int, data: bytes = b"") -> bytes:
+    """One 509-byte relay payload (recognized and digest zero; crypto sets the digest).
+
+    Padding follows tor-spec: four zero bytes, then random bytes. ``data`` is at most 498 bytes.
+    Any thread.
+    """
+    size = len(data)
+    if size == RELAY_DATA_MAX:
+        return _FULL_DATA.pack(command, 0, stream_id, _ZERO_DIGEST, size, data)
+    if size > RELAY_DATA_MAX:
+        raise ValueError(f"relay data is at most {RELAY_DATA_MAX} bytes, got {size}")
+    header = RELAY_HEADER.pack(command, 0, stream_id, _ZERO_DIGEST, size)
+    rest = CELL_PAYLOAD_LEN - RELAY_HEADER_LEN - size
+    gap = _PAD_GAP[: min(4, rest)]
+    return header + bytes(data) + gap + os.urandom(rest - len(gap))
+
+
+def pack_data_cells(stream_id: int, data: bytes | bytearray | memoryview) -> list[bytes]:
+    """Cut ``data`` into RELAY_DATA payloads of at most 498 bytes each, in order. Any thread."""
+    if type(data) is not bytes:
+        data = bytes(data)
+    size = len(data)
+    full_end = size - size % RELAY_DATA_MAX
+    pack = _FULL_DATA.pack
+    cells = [
+        pack(_DATA, 0, stream_id, _ZERO_DIGEST, RELAY_DATA_MAX, data[i : i + RELAY_DATA_MAX])
+        for i in range(0, full_end, RELAY_DATA_MAX)
+    ]
+    if full_end < size:
+        cells.append(pack_relay(_DATA, stream_id, data[full_end:]))
+    return cells
+
+
+def relay_body(plain: bytes | memoryview, offset: int = 0) -> tuple[int, int, bytes]:
+    """``(command, stream_id, data)`` of the plaintext payload at ``offset``. Raises
+    ``ValueError`` if the length field exceeds 498. Any thread."""
+    command, _, stream_id, _, length = RELAY_HEADER.unpack_from(plain, offset)
+    if length > RELAY_DATA_MAX:
+        raise ValueError(f"relay length field {length} exceeds {RELAY_DATA_MAX}")
+    start = offset + RELAY_HEADER_LEN
+    return command, stream_id, bytes(plain[start : start + length])
+
+
+def wire_cells(circ_id: int, command: int, payloads: bytes) -> bytes:
+    """Link-protocol-v4 wire bytes of ``n`` joined 509-byte payloads, all with one header.
+
+    One comprehension and one ``join``: the header is the separator. Any thread.
+    """
+    header = _CELL_HEADER.pack(circ_id, command)
+    size = CELL_PAYLOAD_LEN
+    return header + header.join(
+        [payloads[i : i + size] for i in range(0, len(payloads), size)]
+    )
+
+
+class Pausable(Protocol):
+    """Anything whose reading can be paused: ``reactor.net.Stream``, a link."""
+
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+
+
+class ReadGate:
+    """Pause a stream's reading while at least one reason holds it. Loop thread only."""
+
+    __slots__ = ("_reasons", "target")
+
+    def __init__(self, target: Pausable) -> None:
+        """Gate ``target``; initially open. Loop thread only."""
+        self.target = target
+        self._reasons: set[Hashable] = set()
+
+    @property
+    def paused(self) -> bool:
+        """True while some reason holds the gate. Loop thread only."""
+        return bool(self._reasons)
+
+    def hold(self, reason: Hashable) -> None:
+        """Add ``reason`` (idempotent); pauses reading on the first one. Loop thread only."""
+        if reason in self._reasons:
+            return
+        self._reasons.add(reason)
+        if len(self._reasons) == 1:
+            self.target.pause_reading()
+
+    def release(self, reason: Hashable) -> None:
+        """Remove ``reason`` (idempotent); resumes reading with the last one. Loop thread only."""
+        if reason not in self._reasons:
+            return
+        self._reasons.discard(reason)
+        if not self._reasons:
+            self.target.resume_reading()
+
+    def clear(self) -> None:
+        """Forget every reason without touching the target (it is closing). Loop thread only."""
+        self._reasons.clear()

@@ -1,0 +1,414 @@
+"""The exit side of one circuit: BEGIN / DATA / END / SENDME to TCP targets on loopback.
+
+What it does
+------------
+An :class:`ExitEdge` belongs to one relay circuit whose cells are recognized at this relay. The
+circuit hands it the plaintext of those cells (one joined buffer and the offsets of the cells,
+in order) through :meth:`ExitEdge.handle`; the edge answers by *originating* relay payloads
+toward the client through the ``originate`` callback it was given, once per call (the circuit
+joins them, has the worker pool set the digest and encrypt them, and writes them to the
+previous hop).
+
+* ``BEGIN addr:port``: if the exit policy allows the target (default: loopback addresses only;
+  this project sends traffic to loopback and nowhere else) the edge connects with
+  ``reactor.net.connect`` and answers ``CONNECTED`` (IPv4 address and TTL), else ``END`` with
+  the reason (EXITPOLICY, CONNECTREFUSED, ...). DATA that arrives before the connection is up is
+  kept and written once it is.
+* ``DATA``: written to the target; many DATA cells of one stream in one call are written with
+  one ``writelines``.
+* ``END``: the target is closed after its buffered bytes are sent.
+* The target's bytes are cut into DATA payloads while both the circuit's and the stream's
+  package windows allow; the rest waits in the stream's buffer and the target's reading is
+  paused until a SENDME opens the window. When the target closes, what is buffered is sent
+  first, then ``END``.
+
+Flow control (see :mod:`relay.circuits`): deliver windows of 1000 (circuit) and 500 (stream)
+cells; a circuit SENDME every 100 DATA cells received and a stream SENDME every 50, the latter
+withheld while the target's write buffer is above its high watermark and sent when it drains.
+A client that sends DATA beyond a deliver window breaks the protocol: the circuit is closed.
+
+Back-pressure toward the client's link: :meth:`pause_targets` / :meth:`resume_targets` stop and
+restart reading from every target of this circuit while the previous hop's write buffer is full.
+
+Threads: loop thread only, like the circuit that owns it.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import struct
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from reactor import CloseReason, Reactor, Stream, connect
+from relay.circuits import (
+    CIRCWINDOW_INCREMENT,
+    CIRCWINDOW_START,
+    END_REASON_CONNECTREFUSED,
+    END_REASON_CONNRESET,
+    END_REASON_DONE,
+    END_REASON_EXITPOLICY,
+    END_REASON_MISC,
+    RELAY_HEADER,
+    STREAMWINDOW_INCREMENT,
+    STREAMWINDOW_START,
+    ReadGate,
+    pack_data_cells,
+    pack_relay,
+)
+from workers.cells import RELAY_DATA_MAX, RELAY_HEADER_LEN, RelayCommand
+
+__all__ = ["ExitEdge", "loopback_only", "parse_begin"]
+
+log = logging.getLogger("relay.exit")
+
+_BEGIN = RelayCommand.BEGIN
+_DATA = RelayCommand.DATA
+_END = RelayCommand.END
+_SENDME = RelayCommand.SENDME
+_CONNECTED = RelayCommand.CONNECTED
+_DROP = RelayCommand.DROP
+_WINDOW = "window"
+_LINK = "link"
+
+
+def loopback_only(host: str, port: int) -> bool:
+    """Exit policy: allow loopback addresses only. Any thread."""
+    try:
+        return ipaddress.ip_address(host).is_loopback and 0 < port < 65536
+    except ValueError:
+        return False
+
+
+def parse_begin(body: bytes) -> tuple[str, int]:
+    """``(host, port)`` of a BEGIN body ``ADDRESS:PORT NUL [FLAGS]``; ``ValueError`` if
+    malformed. IPv6 addresses come in brackets. Any thread."""
+    target, nul, _ = body.partition(b"\x00")
+    if not nul:
+        raise ValueError("BEGIN body lacks its NUL terminator")
+    text = target.decode("ascii")
+    host, colon, port_text = text.rpartition(":")
+    if not colon or not port_text.isdigit():
+        raise ValueError(f"BEGIN target {text!r} is not ADDRESS:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port_text)
+
+
+class _ExitStream:
+    """One stream's target connection, buffers and windows. Loop thread only."""
+
+    __slots__ = (
+        "deliver_window",
+        "early",
+        "eof",
+        "gate",
+        "package_window",
+        "pending",
+        "stream_id",
+        "target",
+        "withheld",
+    )
+
+    def __init__(self, stream_id: int, target: Stream) -> None:
+        self.stream_id = stream_id
+        self.target = target
+        self.gate = ReadGate(target)
+        self.package_window = STREAMWINDOW_START
+        self.deliver_window = STREAMWINDOW_START
+        self.pending = bytearray()  # read from the target, not yet packaged (window closed)
+        self.early: list[bytes] | None = []  # DATA before CONNECTED; None once connected
+        self.eof: int | None = None  # END reason to send once `pending` is empty
+        self.withheld = False  # stream SENDMEs held back while the target's writes back up
+
+
+class ExitEdge:
+    """The streams of one circuit at its exit, and the circuit's SENDME windows."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        originate: Callable[[list[bytes]], None],
+        close_circuit: Callable[[str], None],
+        *,
+        allow: Callable[[str, int], bool] = loopback_only,
+        name: str = "exit",
+    ) -> None:
+        """``originate(payloads)`` sends relay payloads toward the client (in order);
+        ``close_circuit(reason)`` tears the circuit down (protocol violation). Loop thread only."""
+        self._reactor = reactor
+        self._originate = originate
+        self._close_circuit = close_circuit
+        self._allow = allow
+        self._name = name
+        self._streams: dict[int, _ExitStream] = {}
+        self._blocked: dict[_ExitStream, None] = {}  # waiting for the circuit window
+        self._out: list[bytes] = []
+        self._closed = False
+        self._targets_paused = False
+        self.package_window = CIRCWINDOW_START
+        self.deliver_window = CIRCWINDOW_START
+        self.data_cells_in = 0
+        self.data_cells_out = 0
+        self.bytes_to_targets = 0
+        self.bytes_from_targets = 0
+        self.streams_opened = 0
+
+    # ------------------------------------------------------------------ cells from the client
+
+    def handle(self, plain: bytes, offsets: Sequence[int]) -> None:
+        """Handle the relay cells at ``offsets`` of the joined plaintext ``plain`` (recognized
+        here, in circuit order), then originate the answers in one call. Loop thread only."""
+        writes: dict[_ExitStream, list[bytes]] = {}
+        try:
+            for offset in offsets:
+                if self._closed:
+                    return
+                command, _, stream_id, _, length = RELAY_HEADER.unpack_from(plain, offset)
+                if length > RELAY_DATA_MAX:
+                    self._violation(f"relay length field {length} exceeds {RELAY_DATA_MAX}")
+                    return
+                start = offset + RELAY_HEADER_LEN
+                if command == _DATA:
+                    self._on_data(stream_id, plain[start : start + length], writes)
+                elif command == _SENDME:
+                    self._on_sendme(stream_id)
+                elif command == _BEGIN:
+                    self._on_begin(stream_id, plain[start : start + length])
+                elif command == _END:
+                    self._flush_writes(writes)
+                    self._on_end(stream_id)
+                elif command != _DROP:
+                    log.info("%s: ignoring relay command %d", self._name, command)
+        finally:
+            self._flush_writes(writes)
+            self._flush()
+
+    def _on_data(self, stream_id: int, data: bytes, writes: dict[_ExitStream, list[bytes]]) -> None:
+        self.data_cells_in += 1
+        self.deliver_window -= 1
+        if self.deliver_window < 0:
+            self._violation("DATA beyond the circuit deliver window")
+            return
+        if self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
+            self.deliver_window += CIRCWINDOW_INCREMENT
+            self._out.append(pack_relay(_SENDME, 0))
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return  # a stream we ended: its late DATA counts for the circuit only
+        stream.deliver_window -= 1
+        if stream.deliver_window < 0:
+            self._violation(f"DATA beyond stream {stream_id}'s deliver window")
+            return
+        if stream.early is not None:
+            stream.early.append(data)
+        else:
+            batch = writes.get(stream)
+            if batch is None:
+                writes[stream] = [data]
+            else:
+                batch.append(data)
+        self.bytes_to_targets += len(data)
+
+    def _flush_writes(self, writes: dict[_ExitStream, list[bytes]]) -> None:
+        """Write the DATA gathered per stream, one ``writelines`` each, then consider SENDMEs."""
+        for stream, chunks in writes.items():
+            if not stream.target.closed:
+                stream.target.writelines(chunks)
+            self._consider_stream_sendme(stream)
+        writes.clear()
+
+    def _consider_stream_sendme(self, stream: _ExitStream) -> None:
+        target = stream.target
+        while stream.deliver_window <= STREAMWINDOW_START - STREAMWINDOW_INCREMENT:
+            if not target.closed and target.write_buffer_size > target.write_watermarks[0]:
+                stream.withheld = True  # sent from on_write_low
+                return
+            stream.deliver_window += STREAMWINDOW_INCREMENT
+            self._out.append(pack_relay(_SENDME, stream.stream_id))
+        stream.withheld = False
+
+    def _on_sendme(self, stream_id: int) -> None:
+        if stream_id == 0:
+            self.package_window += CIRCWINDOW_INCREMENT
+            if self.package_window > CIRCWINDOW_START:
+                self._violation("circuit SENDME beyond the package window")
+                return
+            blocked, self._blocked = self._blocked, {}
+            for stream in blocked:
+                self._package(stream)
+            return
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        stream.package_window += STREAMWINDOW_INCREMENT
+        if stream.package_window > STREAMWINDOW_START:
+            self._violation(f"stream {stream_id} SENDME beyond the package window")
+            return
+        self._package(stream)
+
+    def _on_begin(self, stream_id: int, body: bytes) -> None:
+        if stream_id == 0 or stream_id in self._streams:
+            self._violation(f"BEGIN with stream id {stream_id} (zero or in use)")
+            return
+        try:
+            host, port = parse_begin(body)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.info("%s: bad BEGIN on stream %d: %s", self._name, stream_id, exc)
+            self._out.append(pack_relay(_END, stream_id, bytes((END_REASON_MISC,))))
+            return
+        if not self._allow(host, port):
+            log.info("%s: exit policy refuses %s:%d", self._name, host, port)
+            self._out.append(pack_relay(_END, stream_id, bytes((END_REASON_EXITPOLICY,))))
+            return
+        target = connect(
+            self._reactor,
+            host,
+            port,
+            lambda target: self._on_connected(stream_id, target, host),
+            lambda reason, detail: self._on_connect_failed(stream_id, reason, detail),
+        )
+        stream = _ExitStream(stream_id, target)
+        self._streams[stream_id] = stream
+        self.streams_opened += 1
+
+    def _on_end(self, stream_id: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            return
+        self._blocked.pop(stream, None)
+        stream.gate.clear()
+        if stream.early:
+            log.info("%s: stream %d ended before it connected", self._name, stream_id)
+        stream.target.close("END from the client")
+
+    # ------------------------------------------------------------------ targets
+
+    def _on_connected(self, stream_id: int, target: Stream, host: str) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.target is not target:
+            target.close("stream ended while connecting")
+            return
+        early, stream.early = stream.early or [], None
+        target.on_close = lambda reason, detail: self._on_target_closed(stream, reason, detail)
+        target.on_write_low = lambda: self._on_target_drained(stream)
+        target.on_data = lambda data: self._on_target_data(stream, data)
+        if self._targets_paused:
+            stream.gate.hold(_LINK)
+        try:
+            address = ipaddress.IPv4Address(host).packed
+        except ValueError:
+            address = bytes(4)
+        self._out.append(pack_relay(_CONNECTED, stream_id, address + struct.pack(">I", 300)))
+        if early:
+            target.writelines(early)
+        self._flush()
+
+    def _on_connect_failed(self, stream_id: int, reason: CloseReason, detail: str) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is None or self._closed:
+            return
+        log.info("%s: stream %d: connect failed: %s", self._name, stream_id, detail)
+        code = END_REASON_CONNECTREFUSED if reason is CloseReason.REFUSED else END_REASON_MISC
+        self._out.append(pack_relay(_END, stream_id, bytes((code,))))
+        self._flush()
+
+    def _on_target_data(self, stream: _ExitStream, data: bytes) -> None:
+        self.bytes_from_targets += len(data)
+        stream.pending += data
+        self._package(stream)
+        self._flush()
+
+    def _on_target_drained(self, stream: _ExitStream) -> None:
+        if stream.withheld and self._streams.get(stream.stream_id) is stream:
+            self._consider_stream_sendme(stream)
+            self._flush()
+
+    def _on_target_closed(self, stream: _ExitStream, reason: CloseReason, detail: str) -> None:
+        if self._streams.get(stream.stream_id) is not stream:
+            return  # ended by the client: nothing to tell it
+        stream.eof = END_REASON_DONE if reason is CloseReason.EOF else END_REASON_CONNRESET
+        self._package(stream)
+        self._flush()
+
+    def _package(self, stream: _ExitStream) -> None:
+        """Turn buffered target bytes into DATA payloads while both windows allow."""
+        pending = stream.pending
+        size = len(pending)
+        offset = 0
+        stream_id = stream.stream_id
+        cells = min(
+            -(-size // RELAY_DATA_MAX), self.package_window, stream.package_window
+        )
+        if cells > 0:
+            end = min(size, cells * RELAY_DATA_MAX)
+            self._out.extend(pack_data_cells(stream_id, pending[:end]))
+            offset = end
+            self.package_window -= cells
+            stream.package_window -= cells
+            self.data_cells_out += cells
+        if offset:
+            del pending[:offset]
+        if pending:
+            stream.gate.hold(_WINDOW)
+            if self.package_window <= 0:
+                self._blocked[stream] = None
+            return
+        stream.gate.release(_WINDOW)
+        if stream.eof is not None:
+            self._streams.pop(stream_id, None)
+            self._out.append(pack_relay(_END, stream_id, bytes((stream.eof,))))
+
+    def _flush(self) -> None:
+        if self._out and not self._closed:
+            out, self._out = self._out, []
+            self._originate(out)
+
+    # ------------------------------------------------------------------ circuit level
+
+    def pause_targets(self) -> None:
+        """Stop reading every target of this circuit (the client's link is backed up).
+        Loop thread only."""
+        self._targets_paused = True
+        for stream in self._streams.values():
+            if stream.early is None:
+                stream.gate.hold(_LINK)
+
+    def resume_targets(self) -> None:
+        """Undo :meth:`pause_targets`. Loop thread only."""
+        self._targets_paused = False
+        for stream in self._streams.values():
+            stream.gate.release(_LINK)
+
+    def close(self) -> None:
+        """The circuit is gone: abort every target connection. Loop thread only. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        streams, self._streams = self._streams, {}
+        self._blocked.clear()
+        self._out.clear()
+        for stream in streams.values():
+            stream.gate.clear()
+            stream.target.close("circuit closed", flush=False)
+
+    @property
+    def open_streams(self) -> int:
+        """Streams not yet ended. Loop thread only."""
+        return len(self._streams)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters of this edge. Loop thread only."""
+        return {
+            "streams_opened": self.streams_opened,
+            "data_cells_in": self.data_cells_in,
+            "data_cells_out": self.data_cells_out,
+            "bytes_to_targets": self.bytes_to_targets,
+            "bytes_from_targets": self.bytes_from_targets,
+        }
+
+    def _violation(self, what: str) -> None:
+        log.warning("%s: protocol violation: %s; closing the circuit", self._name, what)
+        self.close()
+        self._close_circuit(what)
