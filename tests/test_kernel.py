@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import pickle
 import random
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -402,6 +403,14 @@ def test_buffer_lengths_and_hops_are_checked_without_state_change() -> None:
     assert fast.backward_many(cells) == ref.backward_many(cells)
     assert fast.forward_many(cells) == ref.forward_many(cells)
     assert origin.encrypt_many(cells, 1) == OriginCrypto([keys, second]).encrypt_many(cells, 1)
+
+
+def test_states_are_small() -> None:
+    """A circuit's state is a few hundred bytes (no cipher context is kept between calls)."""
+    hop = (bytes(20), bytes(20), bytes(16), bytes(16))
+    assert sys.getsizeof(RelayState(*hop)) <= 512
+    one, three = sys.getsizeof(OriginState([hop])), sys.getsizeof(OriginState([hop] * 3))
+    assert one < three <= 1024
 
 
 def test_state_objects_cannot_be_pickled() -> None:

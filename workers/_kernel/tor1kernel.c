@@ -538,7 +538,15 @@ RelayState_get_in_use(RelayStateObject *self, void *closure)
     return PyBool_FromLong(atomic_load(&self->in_use));
 }
 
+static PyObject *
+RelayState_sizeof(RelayStateObject *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(Py_TYPE(self)->tp_basicsize);
+}
+
 static PyMethodDef RelayState_methods[] = {
+    {"__sizeof__", (PyCFunction)RelayState_sizeof, METH_NOARGS,
+     "Bytes used by this state (no other allocation)."},
     {"forward", (PyCFunction)RelayState_forward, METH_O, RelayState_forward_doc},
     {"backward", (PyCFunction)RelayState_backward, METH_O, RelayState_backward_doc},
     {"originate", (PyCFunction)RelayState_originate, METH_O, RelayState_originate_doc},
@@ -876,7 +884,16 @@ OriginState_get_in_use(OriginStateObject *self, void *closure)
     return PyBool_FromLong(atomic_load(&self->in_use));
 }
 
+static PyObject *
+OriginState_sizeof(OriginStateObject *self, PyObject *unused)
+{
+    return PyLong_FromSsize_t(Py_TYPE(self)->tp_basicsize +
+                              self->n_hops * (Py_ssize_t)sizeof(HopState));
+}
+
 static PyMethodDef OriginState_methods[] = {
+    {"__sizeof__", (PyCFunction)OriginState_sizeof, METH_NOARGS,
+     "Bytes used by this state, its per-hop array included."},
     {"encrypt", (PyCFunction)OriginState_encrypt, METH_VARARGS, OriginState_encrypt_doc},
     {"decrypt", (PyCFunction)OriginState_decrypt, METH_O, OriginState_decrypt_doc},
     {"add_hop", (PyCFunction)OriginState_add_hop, METH_VARARGS, OriginState_add_hop_doc},
