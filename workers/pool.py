@@ -686,27 +686,29 @@ class WorkerPool:
         ``drain=False`` cancels it, counted in ``stats()["cancelled"]``; batches already running
         finish either way. If draining exceeds ``timeout`` seconds, the rest is cancelled and
         the workers get another ``timeout`` to finish their current batch; a thread still alive
-        then raises TimeoutError. A reply queue made by :meth:`attach` is closed last (which
-        delivers the replies already put). Calling ``close`` again does nothing.
+        then raises TimeoutError, and calling ``close()`` again later waits for it and finishes
+        the job. Once every worker is joined, a reply queue made by :meth:`attach` is closed
+        (which delivers the replies already put), and further calls do nothing.
         """
         if getattr(self._local, "worker", None) is not None:
             raise RuntimeError("close() called from a worker thread would join itself")
         if self._closed:
             return
-        self._closed = True
-        self._stop_intake(cancel=not drain or not self._started)
+        if not self._closing:
+            self._stop_intake(cancel=not drain or not self._started)
         alive = self._join(timeout)
-        if alive:
+        if alive and not self._exit:
             self._stop_intake(cancel=True)
             alive = self._join(timeout)
         with self._cond:
             abandoned, self._abandoned = self._abandoned, []
         self._cancel(abandoned)
-        if self._owns_replies and self._replies is not None:
-            self._replies.close()  # type: ignore[attr-defined]
         if alive:
             names = ", ".join(t.name for t in alive)
             raise TimeoutError(f"worker threads still running after close(): {names}")
+        self._closed = True
+        if self._owns_replies and self._replies is not None:
+            self._replies.close()  # type: ignore[attr-defined]
 
     @property
     def closed(self) -> bool:
@@ -755,12 +757,14 @@ class WorkerPool:
         ``submitted``, ``delivered``, ``in_flight``, ``queue_depth`` (live circuits per class,
         most urgent first), ``cancelled`` (cells), ``discarded`` (replies of closed circuits),
         ``discarded_cells``, ``errors`` (batches that raised), ``errors_delivered``,
-        ``lost_replies``, ``notifies``, ``pops``, ``worker_busy_s``, ``worker_cells``.
+        ``lost_replies``, ``notifies``, ``pops``, ``queue_touches`` (run-queue work, see
+        :mod:`workers.runqueues`), ``worker_busy_s``, ``worker_cells``.
         """
         with self._cond:
             depths = self._queues.depths()
             notifies = self._notifies
             pops = self._queues.pops
+            touches = self._queues.touches
         workers = list(self._workers)
         cells = sum(w.cells for w in workers)
         batches = sum(w.batches for w in workers)
@@ -782,6 +786,7 @@ class WorkerPool:
             "lost_replies": sum(w.lost_replies for w in workers),
             "notifies": notifies,
             "pops": pops,
+            "queue_touches": touches,
             "worker_busy_s": [w.busy_ns / 1e9 for w in workers],
             "worker_cells": [w.cells for w in workers],
         }
