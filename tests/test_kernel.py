@@ -153,11 +153,20 @@ def fast_call_list(
             results.extend(many(chunk))
         else:
             joined = b"".join(chunk)
-            arg: bytes | bytearray | memoryview = rng.choice(
-                [joined, bytearray(joined), memoryview(joined)]
+            arg = rng.choice(
+                [joined, bytearray(joined), memoryview(joined), byte_pieces(rng, joined)]
             )
             results.extend(from_buf(buf(arg), len(chunk)))  # type: ignore[arg-type]
     return results
+
+
+def byte_pieces(rng: random.Random, joined: bytes) -> list | tuple:
+    """The same bytes as a list or tuple of pieces cut anywhere (not on cell boundaries)."""
+    cuts = sorted(rng.randint(0, len(joined)) for _ in range(rng.randint(0, 4)))
+    bounds = [0, *cuts, len(joined)]
+    pieces = [rng.choice([bytes, bytearray, memoryview])(joined[a:b])
+              for a, b in itertools.pairwise(bounds)]
+    return pieces if rng.random() < 0.5 else tuple(pieces)
 
 
 def flip_some(rng: random.Random, cells: list[bytes], damage: bool) -> list[bytes]:
@@ -391,6 +400,10 @@ def test_buffer_lengths_and_hops_are_checked_without_state_change() -> None:
         fast.backward_many([bytes(508), bytes(510)])  # joins to 1018, still rejected
     with pytest.raises(TypeError):
         fast.forward_buf("not bytes")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"multiple of 509 .*got 1017"):
+        fast.forward_buf([bytes(509), bytearray(500), memoryview(bytes(8))])
+    with pytest.raises(TypeError):
+        fast.backward_buf([bytes(509), "text"])  # type: ignore[list-item]
     second = keys_from(rng)
     origin = FastOriginCrypto([keys, second])
     for bad_hop in (-1, 2, 10**6):

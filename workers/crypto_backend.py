@@ -47,7 +47,9 @@ __all__ = [
 FORCE_PURE_ENV = "RELAYCRYPT_PURE"
 """Environment variable: set to ``1`` to force the pure-Python reference backend."""
 
-Buffer = bytes | bytearray | memoryview
+Buffer = bytes | bytearray | memoryview | list | tuple
+"""Joined payloads: one bytes-like object, or a list/tuple of pieces read as their
+concatenation (see :mod:`workers.fastcrypto`)."""
 
 
 class RelayCryptoLike(Protocol):
@@ -80,6 +82,8 @@ class OriginCryptoLike(Protocol):
 
 def _split_buf(buf: Buffer) -> list[bytes]:
     """Split joined payloads into 509-byte ``bytes``; ``ValueError`` if the length is off."""
+    if isinstance(buf, list | tuple):
+        buf = b"".join(buf)
     view = memoryview(buf).cast("B")
     if len(view) % PAYLOAD_LEN:
         raise ValueError(

@@ -13,7 +13,10 @@ The fast path: joined buffers
 -----------------------------
 The one-cell and list (``*_many``) forms exist for compatibility; they pay for joining and
 splitting Python objects. The ``*_buf`` forms take and return *joined* buffers (``n * 509``
-bytes, any bytes-like object) and are what the worker pool and the relay programs use:
+bytes) and are what the worker pool and the relay programs use. Their input is one bytes-like
+object, or a list/tuple of bytes-like pieces read as their concatenation (only the total must
+be whole cells): the kernel gathers the pieces itself with the GIL released, so a caller
+holding several chunks of one circuit need not ``b"".join`` them first.
 
 * ``FastRelayCrypto.forward_buf(buf) -> (out, recognized)``: ``recognized[i]`` is 1 when cell
   ``i`` is for this relay (recognized field zero and digest matches), else 0;
@@ -34,12 +37,16 @@ one object concurrently get ``RuntimeError`` from the kernel instead of corrupt 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 from workers._kernel import OriginState, RelayState
 from workers.relay_crypto import PAYLOAD_LEN, UnrecognizedCell
 
-__all__ = ["FastOriginCrypto", "FastRelayCrypto", "HopKeysLike"]
+__all__ = ["CellBuffer", "FastOriginCrypto", "FastRelayCrypto", "HopKeysLike"]
+
+Bytes: TypeAlias = bytes | bytearray | memoryview
+CellBuffer: TypeAlias = Bytes | list[Bytes] | tuple[Bytes, ...]
+"""Joined payloads: one bytes-like object, or pieces read as their concatenation."""
 
 
 class HopKeysLike(Protocol):
@@ -71,6 +78,12 @@ def _split(joined: bytes, count: int) -> list[bytes]:
     return [joined[i * PAYLOAD_LEN : (i + 1) * PAYLOAD_LEN] for i in range(count)]
 
 
+def _nbytes(buf: CellBuffer) -> int:
+    if isinstance(buf, list | tuple):
+        return sum(_nbytes(piece) for piece in buf)
+    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
+
+
 def _key_tuple(keys: HopKeysLike) -> tuple[bytes, bytes, bytes, bytes]:
     return (keys.df, keys.db, keys.kf, keys.kb)
 
@@ -90,16 +103,16 @@ class FastRelayCrypto:
 
     # ---- joined buffers: the fast path
 
-    def forward_buf(self, buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    def forward_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
         """Decrypt ``n`` joined payloads with Kf; return ``(out, recognized)`` where
         ``recognized[i]`` is 1 for a cell recognized here (forward digest advanced), else 0."""
         return self._state.forward(buf)
 
-    def backward_buf(self, buf: bytes | bytearray | memoryview) -> bytes:
+    def backward_buf(self, buf: CellBuffer) -> bytes:
         """Encrypt ``n`` joined payloads with Kb (relaying toward the client)."""
         return self._state.backward(buf)
 
-    def originate_buf(self, buf: bytes | bytearray | memoryview) -> bytes:
+    def originate_buf(self, buf: CellBuffer) -> bytes:
         """Set each payload's digest from Db's running hash, in order; encrypt with Kb."""
         return self._state.originate(buf)
 
@@ -160,18 +173,17 @@ class FastOriginCrypto:
 
     # ---- joined buffers: the fast path
 
-    def encrypt_buf(self, buf: bytes | bytearray | memoryview, hop: int) -> bytes:
+    def encrypt_buf(self, buf: CellBuffer, hop: int) -> bytes:
         """Per payload in order, set the digest with ``hop``'s forward hash; then apply Kf of
         hop, hop-1, ..., 0 to the whole buffer."""
         return self._state.encrypt(buf, hop)
 
-    def decrypt_buf(self, buf: bytes | bytearray | memoryview) -> tuple[bytes, bytes]:
+    def decrypt_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
         """Decrypt ``n`` joined payloads; return ``(out, hops)``, ``hops[i]`` being the hop that
         recognized cell ``i``. A cell no hop recognizes raises :class:`UnrecognizedCell`
         (``index``, ``results`` of the cells before it); the state is as after those cells."""
         out, hops = self._state.decrypt(buf)
-        nbytes = buf.nbytes if isinstance(buf, memoryview) else len(buf)
-        if len(out) != nbytes:
+        if len(out) != _nbytes(buf):
             raise UnrecognizedCell(len(hops), list(zip(hops, _split(out, len(hops)),
                                                        strict=True)))
         return out, hops

@@ -11,6 +11,10 @@
  *
  * Objects
  * -------
+ * Every `buf` below is n joined 509-byte payloads: one bytes-like object, or a list/tuple of
+ * bytes-like pieces read as their concatenation (only the total must be whole cells), so a
+ * caller holding several chunks of a circuit need not join them while holding the GIL.
+ *
  * RelayState(df, db, kf, kb): one relay's side of one circuit.
  *     forward(buf) -> (out, recognized)   Kf decrypt of n joined 509-byte payloads; recognized[i]
  *                                         is 1 when cell i had recognized == 0 and its digest
@@ -328,21 +332,105 @@ unclaim(atomic_int *flag)
     atomic_store(flag, 0);
 }
 
-/* Pin `obj` as a buffer of whole cells. 0 on success (fills view and *ncells), -1 on error. */
-static int
-pin_cells(PyObject *obj, Py_buffer *view, Py_ssize_t *ncells)
+/* The input of a call: one bytes-like object, or a list/tuple of them read as one joined
+ * buffer, so that a caller holding several chunks of a circuit need not join them under the
+ * GIL. Only the total must be whole cells. Every piece stays pinned (buffer protocol, no
+ * copy) until input_release; the struct points into itself, so it is never copied. */
+typedef struct {
+    Py_buffer one;     /* the storage when the input is a single object */
+    Py_buffer *pieces; /* &one, or a PyMem array of `count` views */
+    Py_ssize_t count;
+    Py_ssize_t len; /* total bytes */
+} CellInput;
+
+static void
+input_release(CellInput *in)
 {
-    if (PyObject_GetBuffer(obj, view, PyBUF_SIMPLE) < 0)
-        return -1;
-    if (view->len % CELL_LEN != 0) {
+    for (Py_ssize_t i = 0; i < in->count; i++)
+        PyBuffer_Release(&in->pieces[i]);
+    if (in->pieces != &in->one)
+        PyMem_Free(in->pieces);
+    in->pieces = &in->one;
+    in->count = 0;
+}
+
+/* Pin `obj` as whole cells. 0 on success (fills *in and *ncells), -1 with an exception. */
+static int
+input_pin(PyObject *obj, CellInput *in, Py_ssize_t *ncells)
+{
+    in->pieces = &in->one;
+    in->count = 0;
+    in->len = 0;
+    if (PyList_Check(obj) || PyTuple_Check(obj)) {
+        PyObject *items = PySequence_Tuple(obj); /* a snapshot the caller cannot change */
+        if (items == NULL)
+            return -1;
+        Py_ssize_t n = PyTuple_GET_SIZE(items);
+        if (n > 0 && (in->pieces = PyMem_Calloc((size_t)n, sizeof(Py_buffer))) == NULL) {
+            in->pieces = &in->one;
+            Py_DECREF(items);
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < n; i++) {
+            if (PyObject_GetBuffer(PyTuple_GET_ITEM(items, i), &in->pieces[i],
+                                   PyBUF_SIMPLE) < 0) {
+                Py_DECREF(items);
+                input_release(in);
+                return -1;
+            }
+            in->count++;
+            in->len += in->pieces[i].len;
+        }
+        Py_DECREF(items);
+    }
+    else {
+        if (PyObject_GetBuffer(obj, &in->one, PyBUF_SIMPLE) < 0)
+            return -1;
+        in->count = 1;
+        in->len = in->one.len;
+    }
+    if (in->len % CELL_LEN != 0) {
         PyErr_Format(PyExc_ValueError,
                      "buffer length must be a multiple of %d (joined relay payloads), got %zd",
-                     CELL_LEN, view->len);
-        PyBuffer_Release(view);
+                     CELL_LEN, in->len);
+        input_release(in);
         return -1;
     }
-    *ncells = view->len / CELL_LEN;
+    *ncells = in->len / CELL_LEN;
     return 0;
+}
+
+/* Copy the joined input to `out` (in->len bytes). No GIL needed. */
+static void
+input_copy(const CellInput *in, unsigned char *out)
+{
+    for (Py_ssize_t i = 0; i < in->count; i++) {
+        if (in->pieces[i].len > 0)
+            memcpy(out, in->pieces[i].buf, (size_t)in->pieces[i].len);
+        out += in->pieces[i].len;
+    }
+}
+
+/* Open the keystream, XOR the joined input into `out`, close, commit. 1 on success. No GIL. */
+static int
+keystream_apply_input(const EVP_CIPHER *aes, KeyStream *ks, unsigned char *out,
+                      const CellInput *in)
+{
+    if (in->len == 0)
+        return 1;
+    EVP_CIPHER_CTX *ctx = keystream_open(aes, ks);
+    if (ctx == NULL)
+        return 0;
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < in->count && ok; i++) {
+        ok = keystream_xor(ctx, out, in->pieces[i].buf, (size_t)in->pieces[i].len);
+        out += in->pieces[i].len;
+    }
+    EVP_CIPHER_CTX_free(ctx);
+    if (ok)
+        keystream_advance(ks, (size_t)in->len);
+    return ok;
 }
 
 static PyObject *
@@ -397,7 +485,7 @@ RelayState_dealloc(RelayStateObject *self)
 
 /* Common prologue: claim, refuse broken state, pin input, allocate output. */
 static int
-relay_begin(RelayStateObject *self, PyObject *buf, Py_buffer *view, Py_ssize_t *ncells,
+relay_begin(RelayStateObject *self, PyObject *buf, CellInput *in, Py_ssize_t *ncells,
             PyObject **out)
 {
     if (claim(&self->in_use, "RelayState") < 0)
@@ -406,11 +494,11 @@ relay_begin(RelayStateObject *self, PyObject *buf, Py_buffer *view, Py_ssize_t *
         raise_crypto_failure();
         goto fail;
     }
-    if (pin_cells(buf, view, ncells) < 0)
+    if (input_pin(buf, in, ncells) < 0)
         goto fail;
-    *out = PyBytes_FromStringAndSize(NULL, view->len);
+    *out = PyBytes_FromStringAndSize(NULL, in->len);
     if (*out == NULL) {
-        PyBuffer_Release(view);
+        input_release(in);
         goto fail;
     }
     return 0;
@@ -422,6 +510,7 @@ fail:
 PyDoc_STRVAR(RelayState_forward_doc,
 "forward(buf) -> (out: bytes, recognized: bytes)\n\n"
 "Decrypt n joined 509-byte payloads moving away from the client with Kf (one AES call).\n"
+"buf is one bytes-like object or a list/tuple of them (read as their concatenation).\n"
 "recognized[i] is 1 when cell i has recognized == 0 and its digest matches the running\n"
 "forward digest (which then advances), else 0 (digest state untouched). Releases the GIL.\n"
 "One thread at a time per object.");
@@ -429,32 +518,31 @@ PyDoc_STRVAR(RelayState_forward_doc,
 static PyObject *
 RelayState_forward(RelayStateObject *self, PyObject *buf)
 {
-    Py_buffer view;
+    CellInput in;
     Py_ssize_t ncells;
     PyObject *out, *flags;
-    if (relay_begin(self, buf, &view, &ncells, &out) < 0)
+    if (relay_begin(self, buf, &in, &ncells, &out) < 0)
         return NULL;
     flags = PyBytes_FromStringAndSize(NULL, ncells);
     if (flags == NULL) {
         Py_DECREF(out);
-        PyBuffer_Release(&view);
+        input_release(&in);
         unclaim(&self->in_use);
         return NULL;
     }
     const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
     unsigned char *r = (unsigned char *)PyBytes_AS_STRING(flags);
-    const unsigned char *in = view.buf;
     int ok;
     PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    ok = keystream_apply(aes, &self->hop.fwd_stream, o, in, (size_t)view.len);
+    ok = keystream_apply_input(aes, &self->hop.fwd_stream, o, &in);
     if (ok) {
         for (Py_ssize_t i = 0; i < ncells; i++)
             r[i] = (unsigned char)digest_check(&self->hop.fwd_digest, o + i * CELL_LEN);
     }
     if (ts != NULL)
         PyEval_RestoreThread(ts);
-    PyBuffer_Release(&view);
+    input_release(&in);
     if (!ok)
         self->broken = 1;
     unclaim(&self->in_use);
@@ -473,32 +561,30 @@ RelayState_forward(RelayStateObject *self, PyObject *buf)
 static PyObject *
 relay_backward_impl(RelayStateObject *self, PyObject *buf, int set_digests)
 {
-    Py_buffer view;
+    CellInput in;
     Py_ssize_t ncells;
     PyObject *out;
-    if (relay_begin(self, buf, &view, &ncells, &out) < 0)
+    if (relay_begin(self, buf, &in, &ncells, &out) < 0)
         return NULL;
     const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    const unsigned char *in = view.buf;
     int ok;
     PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
     if (set_digests) {
         /* The digest of cell i depends only on plaintexts 0..i, so set all digests first and
          * then encrypt the whole buffer in one AES call. If that call fails, the digest has
          * advanced without the cipher: the object is marked broken below. */
-        if (view.len > 0)
-            memcpy(o, in, (size_t)view.len);
+        input_copy(&in, o);
         for (Py_ssize_t i = 0; i < ncells; i++)
             digest_set(&self->hop.bwd_digest, o + i * CELL_LEN);
-        ok = keystream_apply(aes, &self->hop.bwd_stream, o, o, (size_t)view.len);
+        ok = keystream_apply(aes, &self->hop.bwd_stream, o, o, (size_t)in.len);
     }
     else {
-        ok = keystream_apply(aes, &self->hop.bwd_stream, o, in, (size_t)view.len);
+        ok = keystream_apply_input(aes, &self->hop.bwd_stream, o, &in);
     }
     if (ts != NULL)
         PyEval_RestoreThread(ts);
-    PyBuffer_Release(&view);
+    input_release(&in);
     if (!ok)
         self->broken = 1;
     unclaim(&self->in_use);
@@ -707,7 +793,7 @@ OriginState_add_hop(OriginStateObject *self, PyObject *args)
 
 /* Common prologue: claim, refuse broken state, pin input. */
 static int
-origin_begin(OriginStateObject *self, PyObject *buf, Py_buffer *view, Py_ssize_t *ncells)
+origin_begin(OriginStateObject *self, PyObject *buf, CellInput *in, Py_ssize_t *ncells)
 {
     if (claim(&self->in_use, "OriginState") < 0)
         return -1;
@@ -715,7 +801,7 @@ origin_begin(OriginStateObject *self, PyObject *buf, Py_buffer *view, Py_ssize_t
         raise_crypto_failure();
         goto fail;
     }
-    if (pin_cells(buf, view, ncells) < 0)
+    if (input_pin(buf, in, ncells) < 0)
         goto fail;
     return 0;
 fail:
@@ -737,25 +823,24 @@ OriginState_encrypt(OriginStateObject *self, PyObject *args)
     Py_ssize_t hop;
     if (!PyArg_ParseTuple(args, "On:encrypt", &buf, &hop))
         return NULL;
-    Py_buffer view;
+    CellInput in;
     Py_ssize_t ncells;
-    if (origin_begin(self, buf, &view, &ncells) < 0)
+    if (origin_begin(self, buf, &in, &ncells) < 0)
         return NULL;
     if (hop < 0 || hop >= self->n_hops) {
         PyErr_Format(PyExc_ValueError, "hop index %zd out of range for a %zd-hop circuit", hop,
                      self->n_hops);
         goto fail;
     }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, view.len);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, in.len);
     if (out == NULL)
         goto fail;
     const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    size_t len = (size_t)view.len;
+    size_t len = (size_t)in.len;
     int ok = 1;
     PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    if (len > 0)
-        memcpy(o, view.buf, len);
+    input_copy(&in, o);
     for (Py_ssize_t i = 0; i < ncells; i++)
         digest_set(&self->hops[hop].fwd_digest, o + i * CELL_LEN);
     /* CTR layers are XORs, so each layer can cover the whole batch; each hop's keystream
@@ -764,7 +849,7 @@ OriginState_encrypt(OriginStateObject *self, PyObject *args)
         ok = keystream_apply(aes, &self->hops[h].fwd_stream, o, o, len);
     if (ts != NULL)
         PyEval_RestoreThread(ts);
-    PyBuffer_Release(&view);
+    input_release(&in);
     if (!ok)
         self->broken = 1;
     unclaim(&self->in_use);
@@ -774,7 +859,7 @@ OriginState_encrypt(OriginStateObject *self, PyObject *args)
     }
     return out;
 fail:
-    PyBuffer_Release(&view);
+    input_release(&in);
     unclaim(&self->in_use);
     return NULL;
 }
@@ -819,18 +904,20 @@ PyDoc_STRVAR(OriginState_decrypt_doc,
 static PyObject *
 OriginState_decrypt(OriginStateObject *self, PyObject *buf)
 {
-    Py_buffer view;
+    CellInput in;
     Py_ssize_t ncells;
-    if (origin_begin(self, buf, &view, &ncells) < 0)
+    if (origin_begin(self, buf, &in, &ncells) < 0)
         return NULL;
     PyObject *out = NULL, *which = NULL, *result = NULL;
-    EVP_CIPHER_CTX **ctxs = PyMem_Calloc((size_t)self->n_hops, sizeof(EVP_CIPHER_CTX *));
-    size_t *consumed = PyMem_Calloc((size_t)self->n_hops, sizeof(size_t));
+    /* at least one element: a 0-hop circuit is valid (every cell is then unrecognized) */
+    size_t slots = self->n_hops > 0 ? (size_t)self->n_hops : 1;
+    EVP_CIPHER_CTX **ctxs = PyMem_Calloc(slots, sizeof(EVP_CIPHER_CTX *));
+    size_t *consumed = PyMem_Calloc(slots, sizeof(size_t));
     if (ctxs == NULL || consumed == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    out = PyBytes_FromStringAndSize(NULL, view.len);
+    out = PyBytes_FromStringAndSize(NULL, in.len);
     which = PyBytes_FromStringAndSize(NULL, ncells);
     if (out == NULL || which == NULL)
         goto done;
@@ -838,8 +925,7 @@ OriginState_decrypt(OriginStateObject *self, PyObject *buf)
     unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
     Py_ssize_t done_cells;
     PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    if (view.len > 0)
-        memcpy(o, view.buf, (size_t)view.len);
+    input_copy(&in, o);
     done_cells = origin_decrypt_cells(aes, self->hops, self->n_hops, ctxs, consumed, o,
                                       (unsigned char *)PyBytes_AS_STRING(which), ncells);
     if (done_cells >= 0) {
@@ -867,7 +953,7 @@ done:
     Py_XDECREF(which);
     PyMem_Free(ctxs);
     PyMem_Free(consumed);
-    PyBuffer_Release(&view);
+    input_release(&in);
     unclaim(&self->in_use);
     return result;
 }
