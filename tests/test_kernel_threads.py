@@ -120,3 +120,24 @@ def test_origin_state_guard() -> None:
     assert refused
     with pytest.raises(ValueError):  # and the state is free again once the worker is done
         state.encrypt(b"", 3)
+
+
+def test_input_is_pinned_while_the_kernel_reads_it() -> None:
+    """A bytearray being crypted cannot be resized by another thread meanwhile (BufferError),
+    so the kernel never reads freed memory; a list of pieces is pinned the same way."""
+    state = relay_state(4)
+    data = bytearray(BIG)
+    pieces = [bytes(PAYLOAD_LEN), data]
+    runner = Runner(lambda: state.backward(pieces))
+    runner.start()
+    blocked = False
+    while not blocked and runner.is_alive():
+        if state.in_use:
+            try:  # a whole cell, so a resize landing between two calls keeps the input valid
+                data.extend(bytes(PAYLOAD_LEN))
+            except BufferError:
+                blocked = True
+    runner.stop.set()
+    runner.join()
+    assert runner.error is None
+    assert blocked
