@@ -144,7 +144,12 @@ class ReplyQueue(Generic[T]):
             self._wakeups_sent += 1
         finally:
             lock.release()
-        self._send_outside_lock()
+        # Inlined _send_outside_lock() (see there for why the send cannot be lost or fail
+        # harmfully): stamp-to-send is on the isolated wake-up latency path.
+        try:
+            self._async.send()
+        except pyuv.error.HandleClosedError:
+            pass
         return True
 
     def put_many(self, items: Iterable[T]) -> bool:
@@ -181,23 +186,45 @@ class ReplyQueue(Generic[T]):
     # ------------------------------------------------------------------ loop side
 
     def _on_wakeup(self, async_handle: pyuv.Async) -> None:
-        """The Async callback. Loop thread only (pyuv calls it there)."""
+        """The Async callback. Loop thread only (pyuv calls it there).
+
+        The unbounded path is written out in one function: it is both the burst hot path and
+        part of every isolated wake-up's latency.
+        """
         self._callbacks += 1
-        max_batch = self._max_batch
-        if max_batch is None:
-            with self._lock:
-                batch = self._items
-                if not batch:
-                    # A coalesced or early wake-up whose items an earlier callback already took.
-                    self._empty_callbacks += 1
-                    return
+        if self._max_batch is not None:
+            self._on_wakeup_bounded(self._max_batch)
+            return
+        lock = self._lock
+        lock.acquire()
+        try:
+            batch = self._items
+            if batch:
                 # Swap under the lock: from here on a put finds the new list empty and sends
                 # again, so items put while we run the handler below get their own callback.
                 self._items = []
                 self._taken += len(batch)
-            self._handle_batch(batch)
+        finally:
+            lock.release()
+        if not batch:
+            # A coalesced or early wake-up whose items an earlier callback already took.
+            self._empty_callbacks += 1
             return
-        self._on_wakeup_bounded(max_batch)
+        count = len(batch)
+        self._items_handled += count
+        if count > self._largest_batch:
+            self._largest_batch = count
+        handler = self._handler
+        iterator = iter(batch)
+        # Published so that close(), if the handler calls it, can finish this batch first.
+        self._dispatching = iterator
+        try:
+            for item in iterator:
+                handler(item)
+        except Exception:
+            self._handler_failed()
+            self._drain(iterator)  # the rest of the batch, surviving further errors
+        self._dispatching = None
 
     def _on_wakeup_bounded(self, max_batch: int) -> None:
         """Handle at most ``max_batch`` items, backlog first. Loop thread only."""
@@ -251,8 +278,12 @@ class ReplyQueue(Generic[T]):
             except Exception:
                 # The iterator has already moved past the failing item: looping back into the
                 # same `for` continues with the next one.
-                self._handler_errors += 1
-                logger.exception("ReplyQueue handler %r raised; continuing", self._handler)
+                self._handler_failed()
+
+    def _handler_failed(self) -> None:
+        """Count and log the exception being handled. Loop thread only."""
+        self._handler_errors += 1
+        logger.exception("ReplyQueue handler %r raised; continuing", self._handler)
 
     # ------------------------------------------------------------------ control
 
