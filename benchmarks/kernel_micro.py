@@ -11,9 +11,9 @@ What it measures (cells per second; each figure is the median of ``--reps`` time
   - ``origin_encrypt_3hops``: a client's digest set plus three AES layers,
   each for ``reference`` (``workers.relay_crypto``, list form ``*_many``), ``kernel_list`` (the
   kernel behind the same list API) and ``kernel_buf`` (the kernel's joined-buffer fast path);
-* two threads on two different circuits against one thread (kernel_buf, 512-cell batches for
-  the relay, 128 for the origin): aggregate cells/s and the ratio (2.0 would be perfect on two
-  idle cores; the GIL is released for each whole batch);
+* two threads on two different circuits against one thread (kernel_buf, 128- and 512-cell
+  batches for the relay, 128 for the origin): aggregate cells/s and the ratio (2.0 would be
+  perfect on two idle cores; the GIL is released for each whole batch);
 * the ceiling: ``openssl speed -evp aes-128-ctr -bytes 512`` on one core, as cells/s of 509
   bytes, and the fraction of it the kernel's ``relay_forward`` reaches. Skipped when the
   ``openssl`` command is missing.
@@ -241,6 +241,7 @@ def threaded_rate(make_step: Callable[[], Callable[[], int]], threads: int,
 def two_thread_section(settings: Settings) -> dict[str, dict[str, float]]:
     section = {}
     for name, workload, batch in (
+        ("relay_forward_128", relay_forward_steps, 128),
         ("relay_forward_512", relay_forward_steps, 512),
         ("origin_encrypt_3hops_128", origin_encrypt_steps, 128),
     ):
