@@ -7,10 +7,10 @@ unit the pool moves is a *submitted item*, not a cell. ``WorkerPool.submit`` tak
   ``len(buffer) // cell_size`` cells unless the caller gives the count, or
 * a list (or tuple) of cells, one object per cell,
 
-and appends it to the circuit's pending deque as ONE entry ``(payload, cells)``:
+and appends it to the circuit's pending list as ONE entry ``(payload, cells)``:
 :func:`count_cells` is the only per-submit work, and it is O(1).
 
-On the worker, :func:`take_items` pops whole entries until the batch holds at least ``budget``
+On the worker, :func:`take_items` takes whole entries until the batch holds at least ``budget``
 cells (a soft cap: a batch never splits an entry, so it may exceed the cap by less than one
 entry), and :func:`assemble` turns them into what the process function asked for:
 
@@ -19,12 +19,11 @@ entry), and :func:`assemble` turns them into what the process function asked for
 * ``joined=False``: one list of cells. List entries are concatenated; a buffer entry is cut into
   equal cells (its length must be a multiple of its cell count).
 
-These functions touch only the deque of a circuit the calling worker owns, and locals.
+These functions touch only the pending list of a circuit the calling worker owns, and locals.
 """
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 BUFFER_TYPES = (bytes, bytearray, memoryview)
@@ -58,22 +57,22 @@ def count_cells(payload: Any, count: int | None, cell_size: int) -> int:
     return len(payload)
 
 
-def take_items(pending: deque[tuple[Any, int]], budget: int) -> tuple[list[tuple[Any, int]], int]:
-    """Pop whole entries from the left of ``pending`` until ``budget`` cells. Worker thread.
+def take_items(pending: list[tuple[Any, int]], budget: int) -> tuple[list[tuple[Any, int]], int]:
+    """Remove whole entries from the front of ``pending`` until ``budget`` cells. Worker thread.
 
-    Returns the entries in order and their total cell count. Only the owning worker pops here,
-    except a closer cancelling the circuit, who also pops from the left: each entry is popped by
-    exactly one of them (``deque.popleft`` is atomic), so none is lost or taken twice.
+    Returns the entries in order and their total cell count. The caller owns the circuit: the
+    only other thread that touches ``pending`` is the loop thread, appending at the end. The
+    prefix is copied with one slice and removed with one ``del`` (each atomic under the GIL);
+    entries appended in between lie past the prefix and stay for the next batch.
     """
-    items: list[tuple[Any, int]] = []
+    count = len(pending)
     cells = 0
-    while cells < budget:
-        try:
-            item = pending.popleft()
-        except IndexError:
-            break
-        items.append(item)
-        cells += item[1]
+    taken = 0
+    while taken < count and cells < budget:
+        cells += pending[taken][1]
+        taken += 1
+    items = pending[:taken]
+    del pending[:taken]
     return items, cells
 
 

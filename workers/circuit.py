@@ -3,15 +3,22 @@
 One :class:`Circuit` is the unit of work of :class:`workers.pool.WorkerPool` (the email's
 "circuits in need of getting some cells en/decrypted"). It holds:
 
-* ``pending``: one ``collections.deque`` per direction (the email's
-  ``unencrypted_cell_queue_in/out``). Each entry is one *submitted item*, a pair
-  ``(payload, cells)``: ``payload`` is either a joined buffer of ``cells`` cells (``bytes``,
-  ``bytearray`` or ``memoryview``) or a list of cells. The loop thread only appends on the
-  right; the one worker that owns the circuit pops on the left. ``deque.append`` and
-  ``deque.popleft`` are atomic in CPython, so the deques need no lock of their own: what makes
-  the hand-over safe is the order "append, then take the pool lock to schedule" on the loop side
-  against "take the pool lock to decide whether anything is left" on the worker side (see
-  ``WorkerPool._schedule_locked`` and ``WorkerPool._release``).
+* ``pending``: one list per direction (the email's ``unencrypted_cell_queue_in/out``), used
+  as a FIFO. Each entry is one *submitted item*, a pair ``(payload, cells)``: ``payload`` is
+  either a joined buffer of ``cells`` cells (``bytes``, ``bytearray`` or ``memoryview``) or a
+  list of cells. Who may touch it:
+
+  - the loop thread appends at the end, and only while the circuit is open;
+  - the worker that owns the circuit (``busy``) removes entries from the front, with one slice
+    and one ``del`` of that prefix (each atomic under the GIL; an append in between lands past
+    the prefix, so it is neither taken nor lost);
+  - after ``closed`` is set, the owner if the circuit is busy, otherwise the closer, empties it.
+
+  So the lists need no lock of their own: what makes the hand-over safe is the order "append,
+  then take the pool lock to schedule" on the loop side against "take the pool lock to decide
+  whether anything is left" on the worker side (``WorkerPool._schedule_locked`` and
+  ``WorkerPool._release_locked``). Lists rather than deques: an empty list costs 56 bytes, an
+  empty deque 760, and an idle circuit should stay small.
 * the crypto ``state`` and the ``process`` function applied to it, touched only by the worker
   that owns the circuit (invariant 2 of DESIGN.md);
 * the flags ``queued`` (on a run queue), ``busy`` (owned by a worker), ``closed`` and
@@ -27,7 +34,6 @@ benchmark asks for at most 2 KB per idle circuit).
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -106,7 +112,7 @@ class Circuit:
         context: Any = None,
     ) -> None:
         """Build an idle circuit. Loop thread only (normally through ``open_circuit``)."""
-        self.pending: tuple[deque[tuple[Any, int]], ...] = tuple(deque() for _ in range(directions))
+        self.pending: tuple[list[tuple[Any, int]], ...] = tuple([] for _ in range(directions))
         self.state = state
         self.process = process
         self.joined = joined
@@ -134,6 +140,20 @@ class Circuit:
             if queue:
                 return True
         return False
+
+    def drop_pending(self) -> int:
+        """Empty every pending list; return how many cells they held.
+
+        Only the thread the rules above allow: the owner of a closed busy circuit, or the loop
+        thread once the circuit is neither busy nor schedulable (closed, failed, or taken off the
+        run queues at shutdown).
+        """
+        cells = 0
+        for pending in self.pending:
+            for _, n in pending:
+                cells += n
+            pending.clear()
+        return cells
 
     def __repr__(self) -> str:
         flags = [name for name in ("queued", "busy", "closed", "failed") if getattr(self, name)]

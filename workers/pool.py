@@ -84,6 +84,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Protocol
 
 from workers.batching import CELL_PAYLOAD_LEN, assemble, count_cells, take_items
@@ -102,6 +103,9 @@ if TYPE_CHECKING:
     from reactor import Reactor
 
 log = logging.getLogger(__name__)
+
+# Builds a Reply without the Python-level NamedTuple.__new__ frame (one reply per batch).
+_new_reply = tuple.__new__
 
 DEFAULT_BATCH_CELLS = 256
 DEFAULT_CIRCUIT_HIGH_WATER = 4096
@@ -142,6 +146,7 @@ class _Worker:
     __slots__ = (
         "batches",
         "busy_ns",
+        "cancelled",
         "cells",
         "errors",
         "inbox",
@@ -157,6 +162,7 @@ class _Worker:
         self.state: Any = None
         self.inbox: deque[_Update] = deque()  # appended under the pool lock
         self.cells = 0
+        self.cancelled = 0
         self.batches = 0
         self.errors = 0
         self.busy_ns = 0
@@ -223,7 +229,10 @@ class WorkerPool:
         self._on_pool_pressure = on_pool_pressure
         self._name = name
         # Guarded by the Condition's lock.
-        self._cond = threading.Condition(threading.Lock())
+        # Critical sections take the raw lock (a C-level context manager, cheaper than the
+        # Condition's Python one); wait/notify go through the Condition built on the same lock.
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._queues = RunQueues(priorities, starvation_period)
         self._idle = 0
         self._closing = False
@@ -359,82 +368,130 @@ class WorkerPool:
         """
         if self._closing:
             raise PoolClosedError("the pool is closed: it takes no more work")
-        if circuit.closed:
-            raise CircuitClosedError(f"{circuit!r} is closed")
-        if not 0 <= direction < self._directions:
-            raise ValueError(f"direction must be in [0, {self._directions}), got {direction}")
-        n = count_cells(cells, count, self._cell_size)
+        n = self._append(circuit, direction, cells, count)
         if n == 0:
             return not (circuit.over_high_water or self._over_high_water)
         # Appended before the lock is taken to schedule: see "The lost-cell race" above.
-        circuit.pending[direction].append((cells, n))
-        with self._cond:
+        with self._lock:
             self._schedule_locked(circuit)
         return self._count_submitted(circuit, n)
 
     def submit_many(self, work: Iterable[tuple[Circuit, int, Any]]) -> bool:
         """Submit ``(circuit, direction, cells)`` triples, taking the pool lock once.
 
-        Loop thread only.
-        Everything is validated before anything is appended. Returns False when some circuit or
-        the pool is above its high-water mark afterwards.
+        Loop thread only. If an entry is rejected (closed circuit, bad direction or size), the
+        entries before it are accepted and scheduled, and the exception propagates. Returns False
+        when some circuit or the pool is above its high-water mark afterwards.
         """
         if self._closing:
             raise PoolClosedError("the pool is closed: it takes no more work")
-        counted: list[tuple[Circuit, int, Any, int]] = []
-        for circuit, direction, cells in work:
-            if circuit.closed:
-                raise CircuitClosedError(f"{circuit!r} is closed")
-            if not 0 <= direction < self._directions:
-                raise ValueError(f"direction must be in [0, {self._directions}), got {direction}")
-            counted.append((circuit, direction, cells, count_cells(cells, None, self._cell_size)))
-        for circuit, direction, cells, n in counted:
-            if n:
-                circuit.pending[direction].append((cells, n))
-        with self._cond:
-            for circuit, _, _, n in counted:
-                if n:
-                    self._schedule_locked(circuit)
+        # The hot path of a loop that groups a read's cells by circuit: _append,
+        # _schedule_locked and _count_submitted, inlined (one Python frame per call, not four
+        # per entry). Keep the three in step with those methods.
+        directions = self._directions
+        size = self._cell_size
+        appended: list[Circuit] = []
+        counts: list[int] = []
         below = True
-        for circuit, _, _, n in counted:
-            if n and not self._count_submitted(circuit, n):
+        try:
+            for circuit, direction, cells in work:
+                if circuit.closed:
+                    raise CircuitClosedError(f"{circuit!r} is closed")
+                if not 0 <= direction < directions:
+                    raise ValueError(f"direction must be in [0, {directions}), got {direction!r}")
+                if cells.__class__ is bytes:
+                    n, rest = divmod(len(cells), size)
+                    if rest:
+                        n = count_cells(cells, None, size)  # raises with the full message
+                else:
+                    n = count_cells(cells, None, size)
+                if n:
+                    circuit.pending[direction].append((cells, n))
+                    appended.append(circuit)
+                    counts.append(n)
+        finally:
+            # Whatever was appended is scheduled, even if a later entry was rejected.
+            if appended:
+                with self._lock:
+                    for circuit in appended:
+                        if not (circuit.queued or circuit.busy or circuit.closed or circuit.failed):
+                            self._queues.push(circuit)
+                            if self._idle:
+                                self._idle -= 1
+                                self._notifies += 1
+                                self._cond.notify()
+                below = self._count_many(appended, counts)
+        return below
+
+    def _count_many(self, circuits: list[Circuit], counts: list[int]) -> bool:
+        """``_count_submitted`` for many circuits, the pool's mark checked once. Loop thread."""
+        total = 0
+        below = True
+        for circuit, n in zip(circuits, counts, strict=True):
+            total += n
+            circuit.in_flight += n
+            if circuit.over_high_water:
                 below = False
+            elif circuit.in_flight >= circuit.high_water:
+                circuit.over_high_water = True
+                below = False
+                if circuit.on_pressure is not None:
+                    circuit.on_pressure(circuit, True)
+        self._submitted += total
+        self._in_flight += total
+        if not self._over_high_water and self._in_flight >= self._pool_high:
+            self._over_high_water = True
+            if self._on_pool_pressure is not None:
+                self._on_pool_pressure(True)
         return below and not self._over_high_water
+
+    def _append(self, circuit: Circuit, direction: int, cells: Any, count: int | None) -> int:
+        """Validate, count and append one item to a pending deque. Loop thread only.
+
+        Returns its cell count (an empty item is not appended). The caller schedules.
+        """
+        if circuit.closed:
+            raise CircuitClosedError(f"{circuit!r} is closed")
+        if not 0 <= direction < self._directions:
+            raise ValueError(f"direction must be in [0, {self._directions}), got {direction!r}")
+        if count is None and cells.__class__ is bytes:
+            n, rest = divmod(len(cells), self._cell_size)  # the hot case, inlined
+            if rest:
+                n = count_cells(cells, None, self._cell_size)  # raises with the full message
+        else:
+            n = count_cells(cells, count, self._cell_size)
+        if n:
+            circuit.pending[direction].append((cells, n))
+        return n
 
     def set_priority(self, circuit: Circuit, cls: int) -> None:
         """Move the circuit to priority class ``cls`` (0 = most urgent). Loop thread only. O(1)."""
         self._check_class(cls)
-        with self._cond:
+        with self._lock:
             self._queues.move(circuit, cls)
 
-    def close_circuit(self, circuit: Circuit) -> int:
+    def close_circuit(self, circuit: Circuit) -> None:
         """Close the circuit: cancel its queued cells, discard results in flight. Loop thread only.
 
-        Returns the number of cells cancelled before any worker took them. Idempotent. O(number of
-        pending entries of this circuit), never of all circuits.
+        Idempotent. O(pending entries of this circuit), never of all circuits. The cells it
+        cancels are counted in ``stats()["cancelled"]``; results of batches already taken by a
+        worker are discarded when they arrive (``stats()["discarded"]``).
         """
         if circuit.closed:
-            return 0
-        with self._cond:
+            return
+        with self._lock:
             circuit.closed = True
             self._queues.discard(circuit)
-        cancelled = 0
-        for pending in circuit.pending:
-            while True:
-                # The owning worker may pop here at the same time; each entry goes to exactly one
-                # of us (atomic popleft). What the worker took comes back as a discarded reply.
-                try:
-                    _, n = pending.popleft()
-                except IndexError:
-                    break
-                cancelled += n
-        self._cancelled += cancelled
+            busy = circuit.busy
+        if not busy:
+            # Closed and not busy: no worker can take it any more, so its lists are ours.
+            self._cancelled += circuit.drop_pending()
+        # else: the owner empties them when it lets go (_release_locked), counting them.
         # Everything of this circuit not yet delivered leaves the counts now; replies still on
         # their way are discarded by deliver() without touching the counts again.
         self._in_flight -= circuit.in_flight
         circuit.in_flight = 0
         self._check_pool_low_water()
-        return cancelled
 
     # ----------------------------------------------------------------- loop side
 
@@ -455,24 +512,27 @@ class WorkerPool:
         self._delivered += cells
         circuit.in_flight -= cells
         self._in_flight -= cells
-        if error is None:
-            circuit.on_result(circuit, direction, result)
-        else:
-            self._errors_delivered += 1
-            if circuit.on_error is not None:
-                circuit.on_error(circuit, direction, error)
+        try:
+            if error is None:
+                circuit.on_result(circuit, direction, result)
             else:
-                log.error("closing %r after a worker error", circuit, exc_info=error)
-                self.close_circuit(circuit)
-        if (
-            circuit.over_high_water
-            and not circuit.closed
-            and circuit.in_flight <= circuit.low_water
-        ):
-            circuit.over_high_water = False
-            if circuit.on_pressure is not None:
-                circuit.on_pressure(circuit, False)
-        self._check_pool_low_water()
+                self._errors_delivered += 1
+                if circuit.on_error is not None:
+                    circuit.on_error(circuit, direction, error)
+                else:
+                    log.error("closing %r after a worker error", circuit, exc_info=error)
+                    self.close_circuit(circuit)
+        finally:
+            # Even if the callback raised (the ReplyQueue logs it), a resume is never missed.
+            if (
+                circuit.over_high_water
+                and not circuit.closed
+                and circuit.in_flight <= circuit.low_water
+            ):
+                circuit.over_high_water = False
+                if circuit.on_pressure is not None:
+                    circuit.on_pressure(circuit, False)
+            self._check_pool_low_water()
 
     @property
     def in_flight(self) -> int:
@@ -544,7 +604,7 @@ class WorkerPool:
         """
         if not self._started:
             raise RuntimeError("update_workers() needs a started pool")
-        with self._cond:
+        with self._lock:
             if self._closing:
                 raise PoolClosedError("the pool is closed")
             update = _Update(fn, len(self._workers), on_applied)
@@ -561,7 +621,11 @@ class WorkerPool:
         return worker.state
 
     def _run_worker(self, worker: _Worker) -> None:
-        """A worker's whole life: apply updates, pop a circuit, serve it, repeat. Worker thread."""
+        """A worker's whole life: pop a circuit, serve it, let go and pop the next. Worker thread.
+
+        Letting go of one circuit and popping the next happen in one critical section, so a
+        worker takes the pool lock once per turn.
+        """
         self._local.worker = worker
         if self._worker_state_factory is not None:
             try:
@@ -569,20 +633,27 @@ class WorkerPool:
             except Exception:
                 worker.errors += 1
                 log.exception("worker_state_factory failed on worker %d", worker.index)
+        lock = self._lock
+        circuit: Circuit | None = None
+        failed = False
         while True:
-            if worker.inbox:
-                self._apply_updates(worker)
-            with self._cond:
+            with lock:
+                if circuit is not None:
+                    self._release_locked(worker, circuit, failed)
                 circuit = self._next_circuit_locked(worker)
-                if circuit is None and not (worker.inbox and not self._exit):
-                    return
                 if circuit is not None:
                     circuit.busy = True
-            if circuit is not None:
-                self._serve(worker, circuit)
+                else:
+                    leave = self._exit or not worker.inbox
+            if circuit is None:
+                if leave:
+                    return
+                self._apply_updates(worker)
+                continue
+            failed = self._serve(worker, circuit)
 
     def _next_circuit_locked(self, worker: _Worker) -> Circuit | None:
-        """Pop a circuit, waiting if there is none. None: exit or updates first. Pool lock held."""
+        """Pop a circuit, waiting if there is none. None: exit, or updates first. Lock held."""
         while True:
             # Re-checked before every wait: a notify_all sent while this worker was busy is gone,
             # but the flags it announced are still set, so no wake-up is lost.
@@ -596,64 +667,69 @@ class WorkerPool:
             self._idle += 1  # the notifier decrements it (see _schedule_locked)
             self._cond.wait()
 
-    def _serve(self, worker: _Worker, circuit: Circuit) -> None:
-        """One turn: crypt up to ``batch_cells`` per direction, then let go. Worker thread."""
-        budgets = [self._batch_cells] * self._directions
-        failed = False
-        progressed = True
-        while progressed and not failed:
-            progressed = False
-            for direction, pending in enumerate(circuit.pending):
+    def _serve(self, worker: _Worker, circuit: Circuit) -> bool:
+        """One turn: crypt up to ``batch_cells`` cells per direction. Worker thread.
+
+        Cells that arrive during the turn are taken while the direction's budget lasts. Returns
+        True when ``process`` raised (the circuit is then served no more).
+        """
+        queues = circuit.pending
+        budgets = [self._batch_cells] * len(queues)
+        again = True
+        while again:
+            again = False
+            for direction, pending in enumerate(queues):
                 budget = budgets[direction]
-                # `closed` and `_exit` are written by the loop thread; reading a stale False
-                # costs at most one more batch, which deliver() discards (closed) or which the
-                # pool crypts before exiting. Neither can read True too early.
-                if budget <= 0 or not pending or circuit.closed or self._exit:
+                if budget <= 0 or not pending:
                     continue
+                # `closed` and `_exit` are written by the loop thread without this worker holding
+                # the lock. A stale False costs at most one more batch, which deliver() discards
+                # (closed) or which is crypted before the worker exits. True is never early.
+                if circuit.closed or self._exit:
+                    return False
                 items, cells = take_items(pending, budget)
-                if not items:
+                if not cells:
                     continue  # a closer took them first
                 budgets[direction] = budget - cells
-                progressed = True
                 if not self._run_batch(worker, circuit, direction, items, cells):
-                    failed = True
-                    break
-        self._release(circuit, failed)
+                    return True
+                again = True
+        return False
 
     def _run_batch(
         self, worker: _Worker, circuit: Circuit, direction: int, items: list[Any], cells: int
     ) -> bool:
-        """Crypt one batch and put its reply. False if ``process`` raised. Worker thread."""
-        started = time.perf_counter_ns()
+        """Crypt one batch and put its ONE reply. False if ``process`` raised. Worker thread."""
+        started = perf_counter_ns()
         try:
             result = circuit.process(circuit.state, direction, assemble(items, circuit.joined))
         except Exception as exc:
-            worker.busy_ns += time.perf_counter_ns() - started
+            worker.busy_ns += perf_counter_ns() - started
             worker.errors += 1
-            self._put(worker, Reply(circuit, direction, None, cells, exc))
+            self._put(worker, _new_reply(Reply, (circuit, direction, None, cells, exc)))
             return False
-        worker.busy_ns += time.perf_counter_ns() - started
+        worker.busy_ns += perf_counter_ns() - started
         worker.cells += cells
         worker.batches += 1
-        self._put(worker, Reply(circuit, direction, result, cells, None))
+        self._put(worker, _new_reply(Reply, (circuit, direction, result, cells, None)))
         return True
 
-    def _release(self, circuit: Circuit, failed: bool) -> None:
-        """Let go of a circuit; re-queue it at the tail if cells remain. Worker thread."""
-        with self._cond:
-            circuit.busy = False
-            if failed:
-                circuit.failed = True
-            elif circuit.closed:
-                pass
-            # The loop thread appends without this lock, then takes it to schedule. Any append
-            # that happened before this check is seen here; any later one finds busy False
-            # when its thread gets the lock, and that thread queues the circuit.
-            elif circuit.has_pending():
-                if self._exit:
-                    self._abandoned.append(circuit)  # cancelled by close()
-                else:
-                    self._queues.push(circuit)  # this worker pops next: no notify needed
+    def _release_locked(self, worker: _Worker, circuit: Circuit, failed: bool) -> None:
+        """Let go of a circuit; re-queue it at the tail if cells remain. Worker, lock held."""
+        circuit.busy = False
+        if circuit.closed:
+            # close_circuit() saw it busy and left its pending lists to us (its owner).
+            worker.cancelled += circuit.drop_pending()
+        elif failed:
+            circuit.failed = True
+        # The loop thread appends without this lock, then takes it to schedule. Any append that
+        # happened before this check is seen here; any later one finds busy False when its
+        # thread gets the lock, and that thread queues the circuit. No third order exists.
+        elif circuit.has_pending():
+            if self._exit:
+                self._abandoned.append(circuit)  # cancelled by close()
+            else:
+                self._queues.push(circuit)  # this worker pops next: no notify needed
 
     def _apply_updates(self, worker: _Worker) -> None:
         """Apply every update in this worker's inbox, in order. Worker thread."""
@@ -663,11 +739,11 @@ class WorkerPool:
                 worker.state = update.fn(worker.state)
             except Exception as exc:
                 update.errors.append(exc)
-            with self._cond:
+            with self._lock:
                 update.remaining -= 1
                 done = update.remaining == 0
             if done:
-                self._put(worker, Reply(None, 0, update, 0, None))
+                self._put(worker, _new_reply(Reply, (None, 0, update, 0, None)))
 
     def _put(self, worker: _Worker, reply: Reply) -> None:
         """Hand a reply to the loop thread; a failing reply queue is counted. Worker thread."""
@@ -700,7 +776,7 @@ class WorkerPool:
         if alive and not self._exit:
             self._stop_intake(cancel=True)
             alive = self._join(timeout)
-        with self._cond:
+        with self._lock:
             abandoned, self._abandoned = self._abandoned, []
         self._cancel(abandoned)
         if alive:
@@ -717,7 +793,7 @@ class WorkerPool:
 
     def _stop_intake(self, cancel: bool) -> None:
         """Set the flags, wake everyone, and cancel queued work if asked. Loop thread only."""
-        with self._cond:
+        with self._lock:
             self._closing = True
             queued: list[Circuit] = []
             if cancel:
@@ -739,13 +815,10 @@ class WorkerPool:
     def _cancel(self, circuits: list[Circuit]) -> None:
         """Drop the pending cells of circuits no worker will serve again. Loop thread only."""
         for circuit in circuits:
-            for pending in circuit.pending:
-                while pending:
-                    _, n = pending.popleft()
-                    self._cancelled += n
-                    if not circuit.closed:
-                        circuit.in_flight -= n
-                        self._in_flight -= n
+            n = circuit.drop_pending()
+            self._cancelled += n
+            circuit.in_flight -= n
+            self._in_flight -= n
 
     # ----------------------------------------------------------------- stats
 
@@ -757,12 +830,14 @@ class WorkerPool:
         ``submitted``, ``delivered``, ``in_flight``, ``queue_depth`` (live circuits per class,
         most urgent first), ``cancelled`` (cells), ``discarded`` (replies of closed circuits),
         ``discarded_cells``, ``errors`` (batches that raised), ``errors_delivered``,
-        ``lost_replies``, ``notifies``, ``pops``, ``queue_touches`` (run-queue work, see
-        :mod:`workers.runqueues`), ``worker_busy_s``, ``worker_cells``.
+        ``lost_replies``, ``notifies``, ``idle_workers`` (waiting, not yet notified), ``pops``,
+        ``queue_touches`` (run-queue work, see :mod:`workers.runqueues`), ``worker_busy_s``,
+        ``worker_cells``.
         """
-        with self._cond:
+        with self._lock:
             depths = self._queues.depths()
             notifies = self._notifies
+            idle = self._idle
             pops = self._queues.pops
             touches = self._queues.touches
         workers = list(self._workers)
@@ -778,13 +853,14 @@ class WorkerPool:
             "delivered": self._delivered,
             "in_flight": self._in_flight,
             "queue_depth": depths,
-            "cancelled": self._cancelled,
+            "cancelled": self._cancelled + sum(w.cancelled for w in workers),
             "discarded": self._discarded,
             "discarded_cells": self._discarded_cells,
             "errors": sum(w.errors for w in workers),
             "errors_delivered": self._errors_delivered,
             "lost_replies": sum(w.lost_replies for w in workers),
             "notifies": notifies,
+            "idle_workers": idle,
             "pops": pops,
             "queue_touches": touches,
             "worker_busy_s": [w.busy_ns / 1e9 for w in workers],
