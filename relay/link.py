@@ -239,6 +239,7 @@ class Link:
         self.link_version = 0
         self.peer_versions: tuple[int, ...] = ()
         self.peer_certs: RelayCerts | None = None
+        self.peer_cert_bindings: tuple[str, ...] = ()  # which CERTS bindings held (over TLS)
         self.peer_netinfo: NetInfo | None = None
         self.auth_challenge_seen = False
         self.close_reason: str | None = None
@@ -605,7 +606,8 @@ class Link:
             certs = parse_certs_cell(payload)
             if self._tls is not None:
                 try:
-                    certs.verify(self._tls.peer_certificate_der())
+                    self.peer_cert_bindings = tuple(
+                        certs.verify(self._tls.peer_certificate_der()))
                 except CertsError as exc:
                     self._fail(CloseKind.AUTH_FAILED, f"CERTS do not authenticate the peer: {exc}")
                     return

@@ -52,10 +52,20 @@ ClientUseIPv6 0
 UseBridges 0
 ServerDNSResolvConfFile @DIR@/resolv.conf
 ServerDNSDetectHijacking 0
+# Added to the shared template: log protocol violations by peers (our client) as warnings.
+ProtocolWarnings 1
 """
 """The torrc of a loopback-only test relay: ``@DIR@`` and ``@ORPORT@`` are filled in."""
 
 _READY_MARK = "Opened OR listener"
+_STARTUP_WARNINGS = (
+    "ContactInfo config option is not set",
+    "DirAuthority or AlternateDirAuthority",
+    "TestingTorNetwork is set",
+    "running Tor as root",
+    "GeoIP",
+)
+"""Warnings every run of the test relay logs at start-up (our torrc asks for them)."""
 _LOG_NAME = "notice.log"
 _STDERR_NAME = "stderr.log"
 
@@ -124,6 +134,12 @@ class TorPeer:
         return [
             line for line in self.log_text().splitlines() if "[warn]" in line or "[err]" in line
         ]
+
+    def unexpected_warnings(self) -> list[str]:
+        """``log_errors`` minus the warnings every start-up of this test relay logs: what a
+        client did wrong shows up here (with ``ProtocolWarnings 1``). Any thread."""
+        return [line for line in self.log_errors()
+                if not any(known in line for known in _STARTUP_WARNINGS)]
 
     def running(self) -> bool:
         """True while the tor process has not exited. Any thread."""
