@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,6 +59,19 @@ _REQUEST_LEN = _CIRCUIT_ID_LEN + PAYLOAD_LEN
 _REPLY_LEN = _CIRCUIT_ID_LEN + 1 + PAYLOAD_LEN
 _RECV_SIZE = 1 << 16
 _NO_FLAG = b"\x00"
+_POOL_THREAD_NAME = "bench-pool"
+
+
+def _threads_cpu_seconds(prefix: str) -> float:
+    """CPU time of the live threads whose names start with ``prefix`` (their own clocks)."""
+    total = 0.0
+    for thread in threading.enumerate():
+        if thread.name.startswith(prefix) and thread.ident is not None:
+            try:
+                total += time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+            except OSError:
+                pass  # exited between enumerate() and the clock read
+    return total
 
 
 class InlineDesign:
@@ -138,6 +152,7 @@ class PoolDesign:
             joined=True,
             circuit_high_water=1 << 40,
             pool_high_water=1 << 41,
+            name=_POOL_THREAD_NAME,
             **options,
         )
         replies: ReplyQueue[Any] = ReplyQueue(
@@ -168,9 +183,13 @@ class PoolDesign:
     def close(self) -> None:
         """Close the pool (joins the workers), then the reply queue. Loop thread."""
         if self._pool is not None:
+            # Every result is in, so the workers are idle and their CPU clocks final.
+            worker_cpu = _threads_cpu_seconds(_POOL_THREAD_NAME)
             self._pool.close()
             stats = self._pool.stats()
             self._final = {
+                "worker_cpu_s": worker_cpu,
+                "worker_busy_s": float(sum(stats["worker_busy_s"])),
                 "batch_mean": float(stats["batch_mean"]),
                 "batches": float(stats["batches"]),
                 "worker_notifies": float(stats["notifies"]),
@@ -193,6 +212,8 @@ class PoolDesign:
             "batch_mean": final.get("batch_mean", 0.0),
             "batches": final.get("batches", 0.0),
             "reply_callbacks": final.get("reply_callbacks", 0.0),
+            "worker_cpu_ns_per_cell": final.get("worker_cpu_s", 0.0) * 1e9 / cells,
+            "worker_in_process_ns_per_cell": final.get("worker_busy_s", 0.0) * 1e9 / cells,
         }
 
     def diagnose(self) -> str:

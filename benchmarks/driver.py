@@ -28,6 +28,10 @@ relay:
   serve timers: that excess (never below 0) is one lateness sample; p50/p99 are reported in ms.
   libuv's loop clock has 1 ms granularity, so an idle loop already shows some lateness:
   :func:`idle_lateness` measures that baseline.
+* **CPU.** The loop thread's CPU time and the whole process's CPU time over the same interval
+  (``time.thread_time_ns`` / ``time.process_time_ns``) give ``loop_busy`` (1.0: the loop
+  thread never waited) and ``cpus_busy`` (2.0: both cores busy), and both per cell: where a
+  design spends its time, and whether the loop thread is what limits it.
 * **Watchdog.** A 1 s timer fails the run if no result arrived for ``stall_seconds`` (a design
   that lost a cell would otherwise hang the benchmark).
 """
@@ -145,6 +149,8 @@ class PipelineRun:
         self._paused = False
         self._start_ns = 0
         self._end_ns = 0
+        self._start_cpu = (0, 0)
+        self._end_cpu = (0, 0)
         self._ticks: list[int] = []
         self._progress_seen = -1
         self._stalled_for = 0.0
@@ -173,6 +179,7 @@ class PipelineRun:
     def _on_idle(self, idle: pyuv.Idle) -> None:
         if self._start_ns == 0:
             self._start_ns = time.perf_counter_ns()
+            self._start_cpu = (time.thread_time_ns(), time.process_time_ns())
         chunk = self.workload.chunk_cells
         position = self._next_arrival
         count = min(
@@ -219,6 +226,7 @@ class PipelineRun:
 
     def _finish(self) -> None:
         self._end_ns = time.perf_counter_ns()
+        self._end_cpu = (time.thread_time_ns(), time.process_time_ns())
         self._stop_handles()
         assert self._reactor is not None
         self._reactor.stop()
@@ -267,6 +275,15 @@ class PipelineRun:
         seconds = (self._end_ns - self._start_ns) / 1e9
         ticks = [t for t in self._ticks if self._start_ns <= t <= self._end_ns]
         late = lateness_ms(ticks)
+        loop_cpu_ns = self._end_cpu[0] - self._start_cpu[0]
+        process_cpu_ns = self._end_cpu[1] - self._start_cpu[1]
+        extra = {
+            "loop_cpu_ns_per_cell": loop_cpu_ns / self._total,
+            "process_cpu_ns_per_cell": process_cpu_ns / self._total,
+            "loop_busy": loop_cpu_ns / (seconds * 1e9),
+            "cpus_busy": process_cpu_ns / (seconds * 1e9),
+        }
+        extra.update(self.design.stats(self._total))
         return RunFigures(
             cells=self._total,
             seconds=seconds,
@@ -275,7 +292,7 @@ class PipelineRun:
             lateness_p99_ms=percentile(late, 0.99),
             lateness_max_ms=late[-1] if late else 0.0,
             lateness_samples=len(late),
-            extra=self.design.stats(self._total),
+            extra=extra,
         )
 
 
