@@ -206,6 +206,42 @@ def test_close_from_worker_refused() -> None:
     assert "join itself" in str(errors[0])
 
 
+def test_submit_many_rejects_an_entry_but_keeps_the_ones_before() -> None:
+    replies = Collector()
+    got: list[Any] = []
+    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b)
+    good = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
+    closed = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
+    pool.close_circuit(closed)
+    with pytest.raises(CircuitClosedError):
+        pool.submit_many([(good, 0, [b"a"]), (closed, 0, [b"b"]), (good, 0, [b"c"])])
+    assert pool.in_flight == 1 and pool.stats()["queue_depth"] == [0, 1, 0]
+    pool.start()
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    assert got == [[b"a"]]
+
+
+def test_resume_signal_survives_a_raising_result_callback() -> None:
+    replies = Collector()
+    events: list[bool] = []
+
+    def on_result(c: Circuit, d: int, r: Any) -> None:
+        raise RuntimeError("application bug")
+
+    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b, circuit_high_water=2)
+    c = pool.open_circuit(
+        None, on_result=on_result, on_pressure=lambda c, over: events.append(over)
+    )
+    assert pool.submit(c, 0, [b"a", b"b", b"c"]) is False
+    pool.start()
+    [reply] = replies.take(30.0)
+    with pytest.raises(RuntimeError, match="application bug"):
+        pool.deliver(reply)  # a ReplyQueue would log and count this
+    assert events == [True, False] and pool.in_flight == 0
+    pool.close()
+
+
 def test_attach_needs_replies_before_start() -> None:
     pool = WorkerPool(None, threads=1, process=lambda s, d, b: b)
     with pytest.raises(RuntimeError, match="reply queue"):

@@ -397,3 +397,41 @@ def test_close_timeout_cancels_and_reports_a_stuck_worker() -> None:
     # The stuck batch finished; the cells queued behind it were cancelled (the worker, told to
     # exit, left them, and nobody else will serve them).
     assert stats["delivered"] == 1 and stats["cancelled"] == 2 and pool.in_flight == 0
+
+
+# --------------------------------------------------------------------------- wake-ups
+
+
+def test_notify_only_reaches_waiting_workers() -> None:
+    """A notify is sent only for a newly queued circuit while some worker waits, never per cell."""
+    replies = Collector()
+    gate = Gate()
+    pool = WorkerPool(replies, threads=2, process=gate.process)
+    circuits = [pool.open_circuit(None, on_result=lambda *_: None) for _ in range(4)]
+    a, b, c, d = circuits
+    for _ in range(100):  # not started: nobody waits, nothing to notify
+        pool.submit(a, 0, [b"x"])
+    assert pool.stats()["notifies"] == 0
+    pool.close_circuit(a)
+    a = pool.open_circuit(None, on_result=lambda *_: None)
+    pool.start()
+    spins = 0
+    while pool.stats()["idle_workers"] != 2:  # both workers reach their wait()
+        threading.Event().wait(0.001)
+        spins += 1
+        assert spins < WAIT * 1000
+    pool.submit(a, 0, [b"block"])
+    assert pool.stats()["notifies"] == 1 and pool.stats()["idle_workers"] == 1
+    assert gate.entered.wait(WAIT)
+    for _ in range(50):  # a is busy: its owner will take these, nobody is woken
+        pool.submit(a, 0, [b"x", b"y"])
+    assert pool.stats()["notifies"] == 1
+    pool.submit(b, 1, [b"x"])  # newly queued while one worker waits: one notify
+    assert pool.stats()["notifies"] == 2 and pool.stats()["idle_workers"] == 0
+    pool.submit(c, 0, [b"x"])
+    pool.submit(d, 0, [b"x"])
+    assert pool.stats()["notifies"] == 2  # no worker waits any more (nor was one told to)
+    gate.release.set()
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    assert pool.stats()["delivered"] == 1 + 100 + 3
