@@ -81,6 +81,7 @@ class Pending:
     __slots__ = ("_callback", "_done", "_error", "_value")
 
     def __init__(self) -> None:
+        """Not done yet. Loop thread only."""
         self._done = False
         self._value: Any = None
         self._error: BaseException | None = None
@@ -119,6 +120,7 @@ class Script:
 
     def __init__(self, reactor: Reactor, steps: Generator[Pending, Any, Any],
                  on_finish: Callable[[BaseException | None], None]) -> None:
+        """``on_finish(error)`` runs once the generator returns or raises. Loop thread only."""
         self._reactor = reactor
         self._steps = steps
         self._on_finish = on_finish
@@ -161,6 +163,7 @@ class OriginCircuit:
     Loop thread only."""
 
     def __init__(self, link: Link, pool: WorkerPool, name: str) -> None:
+        """Register a circuit id on ``link``; nothing is sent yet. Loop thread only."""
         self.link = link
         self.pool = pool
         self.name = name
@@ -389,6 +392,7 @@ class Interop:
 
     def __init__(self, reactor: Reactor, pool: WorkerPool, host: str, port: int,
                  *, fetch_retry_for: float, say: Callable[[str], None]) -> None:
+        """Prepare the report; :meth:`steps` does the work. Loop thread only."""
         self.reactor = reactor
         self.pool = pool
         self.host, self.port = host, port

@@ -141,7 +141,7 @@ class CreateFastClient:
     __slots__ = ("_x",)
 
     def __init__(self, x: bytes | None = None) -> None:
-        """``x`` is for tests; by default 20 fresh random bytes."""
+        """``x`` is for tests; by default 20 fresh random bytes. Any thread."""
         if x is None:
             x = os.urandom(CREATE_FAST_LEN)
         if len(x) != CREATE_FAST_LEN:
@@ -247,7 +247,8 @@ class NtorClient:
         ephemeral: X25519PrivateKey | None = None,
     ) -> None:
         """``identity_digest``: the relay's RSA identity digest (20 bytes); ``onion_key``: its
-        ntor onion key B (32 bytes). ``ephemeral`` is for tests; by default a fresh key."""
+        ntor onion key B (32 bytes). ``ephemeral`` is for tests; by default a fresh key.
+        Any thread."""
         if len(identity_digest) != _ID_LEN:
             raise ValueError(f"ntor identity digest must be {_ID_LEN} bytes")
         if len(onion_key) != _KEY_LEN:

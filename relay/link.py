@@ -156,7 +156,7 @@ def _encode_address(address: str | None) -> bytes:
 
 
 def encode_netinfo(info: NetInfo) -> bytes:
-    """The NETINFO payload (unpadded). Loop thread only (pure; any thread in fact)."""
+    """The NETINFO payload (unpadded). Any thread (pure)."""
     parts = [struct.pack(">I", info.timestamp & 0xFFFFFFFF), _encode_address(info.other_address),
              bytes((len(info.my_addresses),))]
     parts.extend(_encode_address(a) for a in info.my_addresses)

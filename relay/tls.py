@@ -56,7 +56,8 @@ class TlsClientSession:
     __slots__ = ("_closed", "_handshake_done", "_incoming", "_obj", "_outgoing", "_peer_eof")
 
     def __init__(self, server_hostname: str | None = None) -> None:
-        """``server_hostname`` only sets SNI (no verification); tor clients send none."""
+        """``server_hostname`` only sets SNI (no verification); tor clients send none.
+        Loop thread only."""
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._obj = _client_context().wrap_bio(

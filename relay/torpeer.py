@@ -74,6 +74,7 @@ class TorStartError(RuntimeError):
     """tor is missing, exited, or did not open its OR listener in time. ``log`` holds its log."""
 
     def __init__(self, message: str, log: str = "") -> None:
+        """``log`` is appended to the message. Any thread."""
         super().__init__(message + (f"\n--- tor's log ---\n{log}" if log else ""))
         self.log = log
 
