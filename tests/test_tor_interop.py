@@ -107,3 +107,17 @@ def test_example_fails_loudly_without_a_relay() -> None:
     assert report["ok"] is False
     assert "connect-failed" in report["error"] and "REFUSED" in report["error"]
     assert report["create_fast"] is False and report["ntor"] is False
+
+
+def test_torpeer_reports_a_tor_that_exits(tmp_path: Path) -> None:
+    """A 'tor' that exits at once: TorStartError says so and the private directory is gone."""
+    from relay.torpeer import TorStartError, start_tor
+
+    fake = tmp_path / "fake-tor"
+    fake.write_text("#!/bin/sh\necho 'fake tor: refusing to start' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    directory = tmp_path / "tor-dir"
+    with pytest.raises(TorStartError, match="exited with status 3") as info:
+        start_tor(tor_binary=str(fake), directory=directory, timeout=10)
+    assert "fake tor: refusing to start" in info.value.log
+    assert not directory.exists()
