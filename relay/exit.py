@@ -27,7 +27,7 @@ cells; a circuit SENDME every 100 DATA cells received and a stream SENDME every 
 withheld while the target's write buffer is above its high watermark and sent when it drains.
 A client that sends DATA beyond a deliver window breaks the protocol: the circuit is closed.
 
-Back-pressure toward the client's link: :meth:`pause_targets` / :meth:`resume_targets` stop and
+Back-pressure toward the client's link: :meth:`pause_reading` / :meth:`resume_reading` stop and
 restart reading from every target of this circuit while the previous hop's write buffer is full.
 
 Threads: loop thread only, like the circuit that owns it.
@@ -367,7 +367,7 @@ class ExitEdge:
 
     # ------------------------------------------------------------------ circuit level
 
-    def pause_targets(self) -> None:
+    def pause_reading(self) -> None:
         """Stop reading every target of this circuit (the client's link is backed up).
         Loop thread only."""
         self._targets_paused = True
@@ -375,8 +375,8 @@ class ExitEdge:
             if stream.early is None:
                 stream.gate.hold(_LINK)
 
-    def resume_targets(self) -> None:
-        """Undo :meth:`pause_targets`. Loop thread only."""
+    def resume_reading(self) -> None:
+        """Undo :meth:`pause_reading`. Loop thread only."""
         self._targets_paused = False
         for stream in self._streams.values():
             stream.gate.release(_LINK)

@@ -1,0 +1,457 @@
+"""Child processes of the local network: the echo service and the relays, started and stopped.
+
+Protocol with a child
+---------------------
+Every child program of this project (``examples.echo``, ``examples.relay``) speaks the same
+line protocol on its stdout: one ``READY {json}`` line when it is serving (the JSON says where),
+and one ``STATS {json}`` line when it exits after SIGTERM or SIGINT. Everything else goes to
+stderr, which is kept in a log file per child in the work directory (shown when something
+fails).
+
+:class:`ChildProcess` starts one program with ``subprocess.Popen`` and a reader thread that
+reads its stdout line by line: it records the READY and STATS payloads, and when the pipe ends
+(the process exited, or was killed) it calls ``on_exit(child)`` from that thread, unless the
+exit was asked for with :meth:`ChildProcess.stop`. The callback is how the network notices that
+a relay died: it hands the news to its loop with ``Reactor.call_soon_threadsafe``.
+
+:class:`LocalNetwork` starts one echo service and N relays (each with its own data directory),
+waits for their READY lines, writes the directory file the client reads, and stops every
+process it started -- by its own pid, SIGTERM first, SIGKILL after a grace period -- whatever
+happened before (``with LocalNetwork(...) as net:``, or ``stop()`` in a ``finally``).
+
+Threads: the public methods are called from the thread that owns the network (normally the
+main thread); ``on_exit`` runs on a reader thread and must only hand the news on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+from relay.directory import RelayDescriptor, write_directory
+
+__all__ = ["ChildProcess", "LocalNetwork", "NetworkStartError"]
+
+
+class NetworkStartError(RuntimeError):
+    """A child did not come up (its log tail is in the message)."""
+
+
+class ChildProcess:
+    """One child program speaking the READY/STATS line protocol on stdout."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: Sequence[str],
+        log_path: Path,
+        *,
+        env: dict[str, str] | None = None,
+        on_exit: Callable[[ChildProcess], None] | None = None,
+    ) -> None:
+        """Start the process and its stdout reader thread. Owner thread."""
+        self.name = name
+        self.log_path = log_path
+        self.on_exit = on_exit
+        self.ready_info: dict[str, Any] | None = None
+        self.stats: dict[str, Any] | None = None
+        self.other_lines: list[str] = []
+        self._ready = threading.Event()
+        self._exited = threading.Event()
+        self._stopping = False
+        self._log: IO[bytes] = open(log_path, "wb")
+        self.popen = subprocess.Popen(
+            list(argv),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            env=env,
+            text=True,
+            bufsize=1,
+        )
+        self._reader = threading.Thread(
+            target=self._read_lines, name=f"reader-{name}", daemon=True
+        )
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        """The child's process id. Any thread."""
+        return self.popen.pid
+
+    @property
+    def alive(self) -> bool:
+        """True until its stdout ended. Any thread."""
+        return not self._exited.is_set()
+
+    def wait_ready(self, timeout: float) -> dict[str, Any]:
+        """Block until the READY line; raise :class:`NetworkStartError` if it exits or times
+        out first. Owner thread."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self._exited.is_set() or time.monotonic() > deadline:
+                why = "exited" if self._exited.is_set() else f"not ready after {timeout:.0f} s"
+                raise NetworkStartError(f"{self.name} {why}:\n{self.log_tail()}")
+        assert self.ready_info is not None
+        return self.ready_info
+
+    def kill(self, signum: int = signal.SIGKILL) -> None:
+        """Send ``signum`` to this child only (no stop expected: ``on_exit`` fires). Any
+        thread."""
+        if self.popen.poll() is None:
+            os.kill(self.popen.pid, signum)
+
+    def stop(self, timeout: float) -> dict[str, Any] | None:
+        """SIGTERM, wait for exit (SIGKILL after ``timeout``); return its STATS. Owner thread."""
+        self._stopping = True
+        if self.popen.poll() is None:
+            try:
+                os.kill(self.popen.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+        self._reader.join(timeout)
+        return self.stats
+
+    def log_tail(self, lines: int = 30) -> str:
+        """The last lines of the child's stderr log. Any thread."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(f"  [{self.name}] {line}" for line in text.splitlines()[-lines:])
+
+    def _read_lines(self) -> None:
+        """Reader thread: record READY/STATS lines until EOF, then report the exit."""
+        assert self.popen.stdout is not None
+        try:
+            for line in self.popen.stdout:
+                tag, _, payload = line.strip().partition(" ")
+                if tag in ("READY", "STATS"):
+                    try:
+                        data = json.loads(payload)
+                    except json.JSONDecodeError:
+                        self.other_lines.append(line)
+                        continue
+                    if tag == "READY":
+                        self.ready_info = data
+                        self._ready.set()
+                    else:
+                        self.stats = data
+                else:
+                    self.other_lines.append(line)
+        finally:
+            self.popen.stdout.close()
+            self.popen.wait()
+            self._log.close()
+            self._exited.set()
+            if not self._stopping and self.on_exit is not None:
+                self.on_exit(self)
+
+
+class LocalNetwork:
+    """An echo service and N relay processes on loopback, and the directory file describing
+    them. See the module docstring."""
+
+    def __init__(
+        self,
+        relays: int = 3,
+        *,
+        threads: int = 2,
+        workdir: str | os.PathLike[str] | None = None,
+        pure: bool = False,
+        relay_args: Sequence[str] = (),
+        on_exit: Callable[[ChildProcess], None] | None = None,
+    ) -> None:
+        """Configure; nothing starts before :meth:`start`. Owner thread."""
+        if relays < 1:
+            raise ValueError(f"need at least one relay, got {relays}")
+        self.n_relays = relays
+        self.threads = threads
+        self.pure = pure
+        self.relay_args = list(relay_args)
+        self.on_exit = on_exit
+        self._tempdir: tempfile.TemporaryDirectory[str] | None = None
+        if workdir is None:
+            self._tempdir = tempfile.TemporaryDirectory(prefix="relaycrypt-net-")
+            workdir = self._tempdir.name
+        self.workdir = Path(workdir)
+        self.directory_path = self.workdir / "directory.json"
+        self.echo: ChildProcess | None = None
+        self.relays: list[ChildProcess] = []
+        self.descriptors: list[RelayDescriptor] = []
+        self.echo_address: tuple[str, int] = ("127.0.0.1", 0)
+        self.stopping = False
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        if self.pure:
+            env["RELAYCRYPT_PURE"] = "1"
+        root = str(Path(__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def _child_exited(self, child: ChildProcess) -> None:
+        if not self.stopping and self.on_exit is not None:
+            self.on_exit(child)
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the echo service and the relays, wait for all of them, write the directory.
+
+        Owner thread (blocks). Raises :class:`NetworkStartError` (after stopping what started)
+        if a child fails to come up."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = self._env()
+        try:
+            self.echo = ChildProcess(
+                "echo",
+                [sys.executable, "-m", "examples.echo", "--port", "0"],
+                self.workdir / "echo.log",
+                env=env,
+                on_exit=self._child_exited,
+            )
+            for index in range(self.n_relays):
+                name = f"relay{index}"
+                argv = [
+                    sys.executable, "-m", "examples.relay",
+                    "--listen", "127.0.0.1:0",
+                    "--nickname", name,
+                    "--data-dir", str(self.workdir / name),
+                    "--threads", str(self.threads),
+                    *self.relay_args,
+                ]
+                self.relays.append(
+                    ChildProcess(name, argv, self.workdir / f"{name}.log", env=env,
+                                 on_exit=self._child_exited)
+                )
+            info = self.echo.wait_ready(timeout)
+            self.echo_address = (str(info["address"]), int(info["port"]))
+            self.descriptors = [
+                RelayDescriptor.from_json(child.wait_ready(timeout)["descriptor"])
+                for child in self.relays
+            ]
+        except BaseException:
+            self.stop()
+            raise
+        write_directory(self.directory_path, self.descriptors)
+
+    def children(self) -> list[ChildProcess]:
+        """Every child started (echo first). Owner thread."""
+        return ([self.echo] if self.echo is not None else []) + list(self.relays)
+
+    def relay_by_nickname(self, nickname: str) -> ChildProcess:
+        """The relay process named ``nickname``. Owner thread."""
+        for child in self.relays:
+            if child.name == nickname:
+                return child
+        raise KeyError(nickname)
+
+    def stop(self, timeout: float = 10.0) -> dict[str, dict[str, Any] | None]:
+        """Stop every child (SIGTERM, then SIGKILL after ``timeout``); return their STATS by
+        name. Idempotent; removes a temporary work directory. Owner thread."""
+        self.stopping = True
+        stats: dict[str, dict[str, Any] | None] = {}
+        children = self.children()
+        for child in children:  # signal all first, so they shut down in parallel
+            child._stopping = True
+            if child.popen.poll() is None:
+                try:
+                    os.kill(child.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        for child in children:
+            stats[child.name] = child.stop(timeout)
+        return stats
+
+    def cleanup(self) -> None:
+        """Remove the temporary work directory, if this network made one. Owner thread."""
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+    def __enter__(self) -> LocalNetwork:
+        """Start the network. Owner thread."""
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop every child and remove the temporary work directory. Owner thread."""
+        self.stop()
+        self.cleanup()
+
+
+# --------------------------------------------------------------------------- the demo
+
+
+def _format_progress(progress: dict[str, Any]) -> str:
+    total = max(progress["bytes_total"], 1)
+    seconds = max(progress["seconds"], 1e-9)
+    return (f"\r{progress['bytes_echoed'] / total:6.1%} echoed  "
+            f"{progress['bytes_echoed'] / 1e6:7.2f}/{total / 1e6:.2f} MB  "
+            f"{progress['bytes_echoed'] / seconds / 1e6:6.2f} MB/s  "
+            f"circuits: {progress['circuits_open']} open, {progress['circuits_done']} done, "
+            f"{progress['circuits_failed']} failed  ")
+
+
+def summarize(
+    transfer: dict[str, Any], relay_stats: dict[str, dict[str, Any] | None], relays: int
+) -> dict[str, Any]:
+    """The demo's JSON: the transfer's figures plus each relay's counters. Any thread."""
+    seconds = transfer["transfer_seconds"]
+    per_relay: dict[str, Any] = {}
+    cells = wakeups = batches = 0
+    for name, stats in relay_stats.items():
+        if not name.startswith("relay"):
+            continue
+        if stats is None:
+            per_relay[name] = {"died": True}
+            continue
+        cells += stats["cells_crypted"]
+        wakeups += stats["wakeups"]
+        batches += stats["batches"]
+        per_relay[name] = {
+            "cells_crypted": stats["cells_crypted"],
+            "cells_per_s": stats["cells_crypted"] / seconds if seconds else 0.0,
+            "batch_mean": stats["batch_mean"],
+            "wakeups_per_cell": stats["wakeups_per_cell"],
+            "circuits_created": stats["circuits_created"],
+            "backend": stats["backend"],
+            "threads": stats["threads"],
+            "link_closes": stats["link_closes"],
+        }
+    return {
+        "relays": relays,
+        **transfer,
+        "cells_crypted": cells,
+        "cells_per_s": cells / seconds if seconds else 0.0,
+        "wakeups_per_cell": wakeups / cells if cells else 0.0,
+        "batch_mean": cells / batches if batches else 0.0,
+        "per_relay": per_relay,
+    }
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    ok = "OK: every byte intact" if summary["ok"] else "FAILED"
+    print(f"\n{ok}")
+    print(f"  {summary['relays']} relays, {summary['circuits']} circuits of {summary['hops']} "
+          f"hops, {summary['bytes_per_circuit']} bytes each")
+    print(f"  echoed intact: {summary['bytes_echoed_intact']} of "
+          f"{summary['circuits'] * summary['bytes_per_circuit']} bytes in "
+          f"{summary['transfer_seconds']:.2f} s: {summary['mbytes_per_s']:.2f} MB/s "
+          f"(circuits built in {summary['build_seconds']:.2f} s)")
+    print(f"  round trip under load: p50 {summary['rtt_p50_ms']:.1f} ms, "
+          f"p99 {summary['rtt_p99_ms']:.1f} ms ({summary['rtt_samples']} samples)")
+    print(f"  relays: {summary['cells_per_s']:.0f} cells/s crypted in total, "
+          f"{summary['wakeups_per_cell']:.4f} wake-ups per cell, "
+          f"mean worker batch {summary['batch_mean']:.1f} cells")
+    for name, stats in summary["per_relay"].items():
+        if stats.get("died"):
+            print(f"    {name}: died")
+            continue
+        print(f"    {name}: {stats['cells_crypted']} cells, {stats['cells_per_s']:.0f} cells/s, "
+              f"batch {stats['batch_mean']:.1f}, {stats['wakeups_per_cell']:.4f} wake-ups/cell, "
+              f"{stats['circuits_created']} circuits, {stats['backend']} x{stats['threads']}")
+    for failure in summary["failures"]:
+        print(f"  FAILED circuit {failure['circuit']} {failure['path']}: {failure['reason']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start the network, run the echo transfer, stop everything, report. Main thread."""
+    from examples.client import EchoTransfer, parse_size
+    from reactor import Reactor
+
+    parser = argparse.ArgumentParser(
+        description="A relay network on loopback: echo service, N relay processes, C circuits.")
+    parser.add_argument("--relays", type=int, default=3, help="relay processes (default 3)")
+    parser.add_argument("--circuits", type=int, default=16, help="circuits (default 16)")
+    parser.add_argument("--total-bytes", type=parse_size, default=16 << 20,
+                        help="bytes echoed in total, split over the circuits (default 16MiB)")
+    parser.add_argument("--hops", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2, help="worker threads per relay")
+    parser.add_argument("--pure", action="store_true",
+                        help="force the pure-Python crypto reference in the relays")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--stall-timeout", type=float, default=30.0)
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--log-level", default="WARNING", help="relays' and client's log level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
+    per_circuit = max(1, args.total_bytes // max(args.circuits, 1))
+    interactive = sys.stderr.isatty() and not args.json
+
+    with Reactor() as reactor:
+        died: list[str] = []
+        transfer_holder: list[EchoTransfer] = []
+
+        def relay_died(child: ChildProcess) -> None:  # reader thread
+            reactor.call_soon_threadsafe(on_death, child)
+
+        def on_death(child: ChildProcess) -> None:
+            died.append(child.name)
+            print(f"\n{child.name} (pid {child.pid}) exited unexpectedly:\n{child.log_tail(10)}",
+                  file=sys.stderr)
+            if child.name == "echo" and transfer_holder:
+                transfer_holder[0].abort("the echo service died")
+
+        network = LocalNetwork(args.relays, threads=args.threads, pure=args.pure,
+                               relay_args=["--log-level", args.log_level], on_exit=relay_died)
+        try:
+            network.start()
+            transfer = EchoTransfer(
+                reactor, network.descriptors, network.echo_address, circuits=args.circuits,
+                bytes_per_circuit=per_circuit, hops=args.hops, seed=args.seed,
+                stall_timeout=args.stall_timeout, on_finished=lambda t: reactor.stop(),
+            )
+            transfer_holder.append(transfer)
+            reactor.add_signal_handler(signal.SIGINT, transfer.abort, "interrupted (Ctrl-C)")
+            reactor.add_signal_handler(signal.SIGTERM, transfer.abort, "terminated")
+
+            def show_progress() -> None:
+                if transfer.finished:
+                    return
+                if interactive:
+                    print(_format_progress(transfer.progress()), end="", file=sys.stderr,
+                          flush=True)
+                reactor.call_later(0.5, show_progress)
+
+            transfer.start()
+            show_progress()
+            reactor.run()
+            if interactive:
+                print(_format_progress(transfer.progress()), file=sys.stderr)
+            results = transfer.results()
+        finally:
+            relay_stats = network.stop()
+            network.cleanup()
+    summary = summarize(results, relay_stats, args.relays)
+    summary["relays_died"] = died
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        _print_summary(summary)
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

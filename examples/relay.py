@@ -1,0 +1,80 @@
+"""Run one relay: ``python -m examples.relay --listen 127.0.0.1:0 --data-dir DIR``.
+
+The relay (``relay.node.RelayNode``: a Reactor, a WorkerPool on the fast crypto backend, links
+and circuits) keeps its identity and ntor onion key in ``--data-dir`` (created on first run),
+listens on ``--listen`` (port 0: any free port) and serves until SIGTERM or SIGINT. It is an
+exit to loopback addresses only.
+
+Line protocol on stdout (what ``examples.network`` reads):
+
+* ``READY {"descriptor": {...}, "pid": N}`` once it listens: the descriptor is the directory
+  entry (nickname, address, port, identity, ntor_onion_key);
+* ``STATS {...}`` on SIGUSR1 (live counters), and once more when it exits: cells crypted,
+  batches and mean batch size, wake-ups per cell, circuits, link closes by kind, exit bytes;
+  see ``RelayNode.stats``.
+
+Logs go to stderr (``--log-level``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+
+from reactor import Reactor
+from relay.directory import RelayKeys
+from relay.node import RelayNode
+from workers.pool import DEFAULT_BATCH_CELLS
+
+__all__ = ["main", "parse_hostport"]
+
+
+def parse_hostport(text: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` -> ``(host, port)``; IPv6 hosts in brackets. Any thread."""
+    host, colon, port = text.rpartition(":")
+    if not colon or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the relay until SIGTERM/SIGINT. Main thread (it becomes the loop thread)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", type=parse_hostport, default=("127.0.0.1", 0),
+                        help="OR port address (default 127.0.0.1:0, any free port)")
+    parser.add_argument("--data-dir", required=True, help="keeps the relay's keys")
+    parser.add_argument("--nickname", default="relay")
+    parser.add_argument("--threads", type=int, default=2, help="worker threads (default 2)")
+    parser.add_argument("--batch-cells", type=int, default=DEFAULT_BATCH_CELLS,
+                        help=f"worker batch cap in cells (default {DEFAULT_BATCH_CELLS})")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s {args.nickname} %(name)s %(levelname)s %(message)s")
+    keys = RelayKeys.load_or_create(args.data_dir)
+    host, port = args.listen
+    with Reactor() as reactor:
+        node = RelayNode(reactor, keys, nickname=args.nickname, host=host, port=port,
+                         threads=args.threads, batch_cells=args.batch_cells)
+        node.start()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            reactor.add_signal_handler(signum, reactor.stop)
+        reactor.add_signal_handler(
+            signal.SIGUSR1, lambda: print("STATS " + json.dumps(node.stats()), flush=True)
+        )
+        ready = {"descriptor": node.descriptor().to_json(), "pid": os.getpid()}
+        print("READY " + json.dumps(ready), flush=True)
+        try:
+            reactor.run()
+        finally:
+            node.close()
+            print("STATS " + json.dumps(node.stats()), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

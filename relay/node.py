@@ -1,0 +1,413 @@
+"""A relay: one Reactor, one WorkerPool, a listener, links, and the circuits joining them.
+
+Shape
+-----
+:class:`RelayNode` accepts links on its OR port (``relay.link.Link.accept``: plain TCP between
+this project's relays) and opens links to other relays when a circuit asks to be extended
+(``Link.connect``; an open or opening link to the same address is reused). Circuits are
+:class:`relay.orcircuit.OrCircuit`; this module is the host they call back into.
+
+* **Creating circuits.** A cell for a circuit id the link does not know arrives in
+  :meth:`_on_unrouted`: CREATE_FAST is answered with CREATED_FAST (first hop), CREATE2 with
+  the ntor handshake and CREATED2 (hops reached through EXTEND2). Handshakes run on the loop
+  thread: there is one per circuit, against thousands of cells. Any other cell for an unknown
+  id is answered with DESTROY (PROTOCOL); DESTROY and padding are dropped. A command that is
+  not a Tor cell command at all means the peer sends garbage: the link is closed with that
+  reason (logged by the link and counted here).
+* **Per iteration, not per cell.** A circuit's link handler only appends a payload and marks
+  the circuit dirty; the first mark of an iteration schedules :meth:`_flush` with
+  ``Reactor.call_soon``, which runs after every read callback of this loop iteration and does
+  one pool submit per dirty circuit and direction.
+* **Pool.** ``WorkerPool`` with three directions (forward, backward, originate) and
+  ``relay.orcircuit.crypt_batch`` as the process function, over the fast crypto backend
+  (``workers.crypto_backend.relay_crypto_for``: the C kernel unless ``RELAYCRYPT_PURE=1``). Its
+  replies come back through a ``reactor.ReplyQueue`` owned by the node, whose counters give the
+  wake-ups per cell.
+
+Back-pressure (three sources, combined per link by :class:`relay.circuits.ReadGate`)
+------------------------------------------------------------------------------------
+* pool over its high-water mark after a flush: the links that fed the flushed circuits stop
+  reading until the pool's low-water signal;
+* one circuit over its mark: its circuit holds the gates of its own links (``OrCircuit``);
+* a link's write buffer above its high watermark: each source that writes into it (the link a
+  forwarded batch came from, or an exit's targets) is paused and remembered in that link's
+  ``waiters``, and released when the buffer drains to the low watermark (or the link closes).
+Each of these does work proportional to what it pauses, never to all circuits.
+
+Threads: everything is loop thread only; the pool's workers only run ``crypt_batch``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+from reactor import Reactor, ReplyQueue, Stream, listen
+from reactor.net import Listener
+from relay.circuits import ReadGate
+from relay.directory import RelayDescriptor, RelayKeys
+from relay.exit import ExitEdge, loopback_only
+from relay.handshakes import (
+    HTYPE_NTOR,
+    BodyError,
+    HandshakeError,
+    create_fast_server,
+    decode_create2,
+    encode_created2,
+    ntor_server,
+)
+from relay.link import Link, LinkError
+from relay.orcircuit import OrCircuit, Peer, crypt_batch
+from workers.cells import CellCommand, DestroyReason
+from workers.crypto_backend import backend_name, relay_crypto_for
+from workers.pool import DEFAULT_BATCH_CELLS, WorkerPool
+from workers.relay_crypto import HopKeys
+
+__all__ = ["RelayNode"]
+
+log = logging.getLogger("relay.node")
+
+_POOL = "pool"
+_KNOWN_COMMANDS = frozenset(int(c) for c in CellCommand)
+_SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
+                     int(CellCommand.VPADDING)})
+
+
+class RelayNode:
+    """One relay on the loop thread. See the module docstring."""
+
+    def __init__(
+        self,
+        reactor: Reactor,
+        keys: RelayKeys,
+        *,
+        nickname: str = "relay",
+        host: str = "127.0.0.1",
+        port: int = 0,
+        threads: int = 2,
+        batch_cells: int = DEFAULT_BATCH_CELLS,
+        exit_policy: Callable[[str, int], bool] = loopback_only,
+        handshake_timeout: float = 30.0,
+    ) -> None:
+        """Configure; :meth:`start` listens and starts the pool. Loop thread only."""
+        self.reactor = reactor
+        self.keys = keys
+        self.nickname = nickname
+        self.exit_policy = exit_policy
+        self._host = host
+        self._port = port
+        self._handshake_timeout = handshake_timeout
+        self.pool = WorkerPool(
+            None,
+            threads=threads,
+            directions=3,
+            process=crypt_batch,
+            joined=False,
+            batch_cells=batch_cells,
+            on_pool_pressure=self._on_pool_pressure,
+            name=f"{nickname}-worker",
+        )
+        self._replies: ReplyQueue[Any] | None = None
+        self._listener: Listener | None = None
+        self._peers: dict[Link, Peer] = {}
+        self._outgoing: dict[tuple[str, int], Peer] = {}
+        self._dirty: list[OrCircuit] = []
+        self._flush_scheduled = False
+        self._pool_paused: dict[ReadGate, None] = {}
+        self._closed = False
+        # statistics
+        self.circuits_created = 0
+        self.circuits_open = 0
+        self.circuits_closed = 0
+        self.unknown_circuit_destroys = 0
+        self.garbage_links = 0
+        self.links_accepted = 0
+        self.links_opened = 0
+        self.link_closes: Counter[str] = Counter()
+        self.flushes = 0
+        self.submits = 0
+        self.cells_written = 0
+        self._exit_totals: Counter[str] = Counter()
+        self._first_cell: float | None = None
+        self._last_cell: float | None = None
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        """Start the worker pool and listen on the OR port. Loop thread only."""
+        self._replies = ReplyQueue(self.reactor, self.pool.deliver)
+        self.pool.set_replies(self._replies, owned=True)
+        self.pool.start()
+        self._listener = listen(self.reactor, self._host, self._port, self._on_accept)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """``(host, port)`` the OR port listens on. Loop thread only."""
+        if self._listener is None:
+            raise RuntimeError("RelayNode.start() first")
+        return self._listener.address
+
+    def descriptor(self) -> RelayDescriptor:
+        """The public descriptor a directory lists for this relay. Loop thread only."""
+        host, port = self.address
+        return self.keys.descriptor(self.nickname, host, port)
+
+    def close(self) -> None:
+        """Stop listening, close every link (which destroys every circuit), stop the pool.
+        Idempotent. Loop thread only."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            self._listener.close()
+        for peer in list(self._peers.values()):
+            peer.link.close("relay shutting down")
+        self.pool.close(drain=False, timeout=10.0)
+
+    # ------------------------------------------------------------------ links
+
+    def _watch_writes(self, peer: Peer, stream: Stream) -> None:
+        stream.on_write_high = lambda: self._on_write_high(peer)
+        stream.on_write_low = lambda: self._on_write_low(peer)
+
+    def _on_accept(self, stream: Stream) -> None:
+        address = stream.peer_address
+        name = f"{self.nickname}<-{address[0]}:{address[1]}" if address else self.nickname
+        link = Link.accept(
+            self.reactor, stream, handshake_timeout=self._handshake_timeout, name=name,
+            on_close=self._on_link_closed, on_cell=self._on_unrouted,
+        )
+        peer = Peer(link)
+        self._peers[link] = peer
+        self._watch_writes(peer, stream)
+        self.links_accepted += 1
+
+    def _connect(self, address: tuple[str, int]) -> Peer:
+        host, port = address
+        link = Link.connect(
+            self.reactor, host, port, handshake_timeout=self._handshake_timeout,
+            name=f"{self.nickname}->{host}:{port}", on_open=self._on_link_open,
+            on_close=self._on_link_closed, on_cell=self._on_unrouted,
+        )
+        peer = Peer(link, address)
+        self._peers[link] = peer
+        self._outgoing[address] = peer
+        self._watch_writes(peer, link.stream)
+        self.links_opened += 1
+        return peer
+
+    def _on_link_open(self, link: Link) -> None:
+        peer = self._peers.get(link)
+        if peer is None:
+            return
+        waiting, peer.waiting = peer.waiting, []
+        for circuit in waiting:
+            circuit.attach_next(peer)
+
+    def _on_link_closed(self, link: Link, reason: str) -> None:
+        peer = self._peers.pop(link, None)
+        self.link_closes[link.close_kind.value if link.close_kind else "unknown"] += 1
+        if peer is None:
+            return
+        if peer.address is not None and self._outgoing.get(peer.address) is peer:
+            del self._outgoing[peer.address]
+        waiting, peer.waiting = peer.waiting, []
+        for circuit in waiting:
+            circuit.extend_failed(reason)
+        waiters, peer.waiters = peer.waiters, {}
+        for gate in waiters:
+            gate.release(peer)
+        self._pool_paused.pop(peer.gate, None)
+        peer.gate.clear()
+
+    def _on_write_high(self, peer: Peer) -> None:
+        peer.congested = True
+
+    def _on_write_low(self, peer: Peer) -> None:
+        peer.congested = False
+        waiters, peer.waiters = peer.waiters, {}
+        for gate in waiters:
+            gate.release(peer)
+
+    # ------------------------------------------------------------------ creating circuits
+
+    def _on_unrouted(self, link: Link, circ_id: int, command: int, payload: bytes) -> None:
+        peer = self._peers.get(link)
+        if peer is None:
+            return
+        if command in _SILENT:
+            return
+        if command not in _KNOWN_COMMANDS:
+            self._garbage(peer, command)
+            return
+        if circ_id == 0:
+            link.close(f"protocol: {CellCommand(command).name} cell on circuit id 0")
+            return
+        try:
+            if command == CellCommand.CREATE_FAST:
+                reply, material = create_fast_server(payload)
+                self._new_circuit(peer, circ_id, material)
+                link.send_cell(circ_id, CellCommand.CREATED_FAST, reply)
+                return
+            if command == CellCommand.CREATE2:
+                body = decode_create2(payload)
+                if body.htype != HTYPE_NTOR:
+                    raise HandshakeError(f"CREATE2 handshake type {body.htype} unsupported")
+                reply, material = ntor_server(self.keys.ntor, body.hdata)
+                self._new_circuit(peer, circ_id, material)
+                link.send_cell(circ_id, CellCommand.CREATED2, encode_created2(reply))
+                return
+        except (HandshakeError, BodyError, LinkError) as exc:
+            log.warning("%s: refusing circuit %#x: %s", link.name, circ_id, exc)
+            link.destroy_circuit(circ_id, DestroyReason.PROTOCOL)
+            return
+        self.unknown_circuit_destroys += 1
+        log.info("%s: %s cell for unknown circuit %#x: answering DESTROY", link.name,
+                 CellCommand(command).name, circ_id)
+        link.destroy_circuit(circ_id, DestroyReason.PROTOCOL)
+
+    def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
+        crypto = relay_crypto_for(HopKeys.from_material(material))
+        OrCircuit(self, peer, circ_id, crypto)
+        self.circuits_created += 1
+        self.circuits_open += 1
+
+    def _garbage(self, peer: Peer, command: int) -> None:
+        self.garbage_links += 1
+        peer.link.close(f"protocol: garbage on the link (cell command {command} is not a Tor "
+                        "cell command)")
+
+    # ------------------------------------------------------------------ CircuitHost
+
+    def mark_dirty(self, circuit: OrCircuit) -> None:
+        """Flush ``circuit`` at the end of this loop iteration. Loop thread only."""
+        self._dirty.append(circuit)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.reactor.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        dirty, self._dirty = self._dirty, []
+        self._flush_scheduled = False
+        self.flushes += 1
+        self.submits += len(dirty)
+        now = time.perf_counter()
+        if self._first_cell is None:
+            self._first_cell = now
+        self._last_cell = now
+        for circuit in dirty:
+            circuit.flush()
+        if self.pool.over_high_water and not self._closed:
+            for circuit in dirty:
+                for peer in (circuit.prev, circuit.next):
+                    if peer is not None and peer.gate not in self._pool_paused:
+                        self._pool_paused[peer.gate] = None
+                        peer.gate.hold(_POOL)
+
+    def _on_pool_pressure(self, over: bool) -> None:
+        if over:
+            return  # the links are paused in _flush, once the submits are done
+        paused, self._pool_paused = self._pool_paused, {}
+        for gate in paused:
+            gate.release(_POOL)
+
+    def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None:
+        """Write whole cells to ``peer``; pause ``source`` while ``peer`` is congested.
+        Loop thread only."""
+        link = peer.link
+        if not link.is_open:
+            return
+        link.write_cells(data, count)
+        self.cells_written += count
+        if peer.congested and source is not None and source not in peer.waiters:
+            peer.waiters[source] = None
+            source.hold(peer)
+
+    def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None:
+        """Get an open link to ``address`` for ``circuit`` (reuse or connect). Loop thread
+        only."""
+        if self._closed:
+            circuit.extend_failed("relay shutting down")
+            return
+        peer = self._outgoing.get(address)
+        if peer is None or peer.link.closed:
+            peer = self._connect(address)
+        if peer.link.is_open:
+            circuit.attach_next(peer)
+        else:
+            peer.waiting.append(circuit)
+
+    def make_edge(self, circuit: OrCircuit) -> ExitEdge:
+        """The exit edge of ``circuit``. Loop thread only."""
+        return ExitEdge(
+            self.reactor,
+            circuit.originate,
+            lambda why: circuit.close(why, DestroyReason.PROTOCOL),
+            allow=self.exit_policy,
+            name=f"{self.nickname} exit {circuit.prev_id:#x}",
+        )
+
+    def circuit_closed(self, circuit: OrCircuit, why: str) -> None:
+        """Bookkeeping when a circuit closes. Loop thread only."""
+        self.circuits_open -= 1
+        self.circuits_closed += 1
+        if circuit.edge is not None:
+            self._exit_totals.update(circuit.edge.stats())
+        log.debug("%r closed: %s", circuit, why)
+
+    def unexpected_cell(self, peer: Peer, circ_id: int, command: int) -> bool:
+        """A circuit got a cell it has no use for. Garbage closes the link (False); a known
+        command closes just the circuit (True). Loop thread only."""
+        if command not in _KNOWN_COMMANDS:
+            self._garbage(peer, command)
+            return False
+        log.info("%s: unexpected %s on circuit %#x", peer.link.name,
+                 CellCommand(command).name, circ_id)
+        return True
+
+    # ------------------------------------------------------------------ statistics
+
+    def stats(self) -> dict[str, Any]:
+        """Counters as a plain dict (JSON-ready). Loop thread only."""
+        pool = self.pool.stats()
+        replies = self._replies.stats() if self._replies is not None else {}
+        cells = pool["cells"]
+        wakeups = replies.get("wakeups_sent", 0)
+        span = (
+            self._last_cell - self._first_cell
+            if self._first_cell is not None and self._last_cell is not None
+            else 0.0
+        )
+        return {
+            "nickname": self.nickname,
+            "pid": os.getpid(),
+            "backend": backend_name(),
+            "threads": pool["threads"],
+            "cells_crypted": cells,
+            "batches": pool["batches"],
+            "batch_mean": pool["batch_mean"],
+            "cells_written": self.cells_written,
+            "submits": self.submits,
+            "flushes": self.flushes,
+            "wakeups": wakeups,
+            "reply_callbacks": replies.get("callbacks", 0),
+            "wakeups_per_cell": wakeups / cells if cells else 0.0,
+            "active_seconds": span,
+            "circuits_created": self.circuits_created,
+            "circuits_open": self.circuits_open,
+            "circuits_closed": self.circuits_closed,
+            "unknown_circuit_destroys": self.unknown_circuit_destroys,
+            "garbage_links": self.garbage_links,
+            "links_accepted": self.links_accepted,
+            "links_opened": self.links_opened,
+            "link_closes": dict(self.link_closes),
+            "pool_discarded": pool["discarded"],
+            "pool_cancelled": pool["cancelled"],
+            "pool_errors": pool["errors"],
+            "worker_cells": pool["worker_cells"],
+            "exit": dict(self._exit_totals),
+        }

@@ -1,0 +1,462 @@
+"""The relay side of one circuit: two links joined through the worker pool.
+
+Data path
+---------
+An :class:`OrCircuit` is registered on its previous hop's link (``handler(command, payload)``
+per cell, one dict lookup in :class:`relay.link.Link`) and, once extended, on its next hop's.
+The handlers do almost nothing per cell: a RELAY payload is appended to the circuit's list for
+that direction and the circuit is marked *dirty* with its relay node once. At the end of the
+loop iteration the node flushes every dirty circuit: **one** ``WorkerPool.submit`` per circuit
+and direction with the list of payloads as it is (the C kernel reads a list of pieces as one
+joined buffer, with the GIL released; nothing is joined on the loop thread). So all cells of a
+read callback -- of all the reads of an iteration, in fact -- are grouped per circuit in one
+pass and submitted together.
+
+The pool runs :func:`crypt_batch` on a worker:
+
+* ``FORWARD`` (cells from the client side): ``forward_buf`` decrypts with Kf and flags the cells
+  recognized here. The reply comes back as ``(plaintext, flags)``. If no flag is set (a middle
+  relay's every cell) the whole batch goes to the next hop as one ``bytes`` built by
+  :func:`relay.circuits.wire_cells` and one ``write``, without looking at any payload. Cells that
+  are recognized are handled here: EXTEND2 by this circuit, BEGIN/DATA/END/SENDME by its
+  :class:`relay.exit.ExitEdge`. A cell that is not recognized and has no next hop fails the
+  digest check at the last hop: the circuit is destroyed (``PROTOCOL``).
+* ``BACKWARD`` (cells from the next hop): ``backward_buf`` adds our Kb layer; written to the
+  previous hop in one ``write``.
+* ``ORIGINATE`` (cells this relay sends toward the client: EXTENDED2, the exit's CONNECTED,
+  DATA, END, SENDME): ``originate_buf`` sets the digest with Db and encrypts with Kb.
+
+BACKWARD and ORIGINATE both advance the one Kb keystream, and the pool serves directions
+independently, so their relative order is kept here: a batch of one waits in ``_kb_held`` while
+cells of the other are in flight (a fence that honest traffic never trips: a middle relay
+originates only EXTENDED2 before any backward cell exists, and an exit has no next hop).
+
+RELAY_EARLY is passed on as RELAY_EARLY: the circuit remembers the forward index of each one
+(there are at most a few per circuit), so the common batch needs no per-cell command.
+
+Teardown
+--------
+DESTROY from either side closes the circuit and is passed to the other side; a link that
+closes delivers a DESTROY to each of its circuits (``relay.link``), so the rest of the circuit
+is torn down the same way. :meth:`OrCircuit.close` cancels the circuit's queued crypto (results
+in flight are discarded by the pool), closes its exit streams and releases every read gate it
+held.
+
+Back-pressure
+-------------
+The pool's per-circuit high-water signal holds the read gates of both links of the circuit
+until the low-water signal. Writes go through the node, which pauses the source of a write
+(the other link, or the exit's targets) while the destination link's write buffer is above its
+high watermark.
+
+Threads: loop thread only, except :func:`crypt_batch`, which runs on a worker that owns the
+circuit.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
+
+from relay.circuits import ReadGate, pack_relay, relay_body, wire_cells
+from relay.exit import ExitEdge
+from relay.handshakes import (
+    BodyError,
+    Extend2Body,
+    decode_created2,
+    encode_create2,
+    encode_extended2,
+)
+from workers.cells import CELL_PAYLOAD_LEN, CellCommand, DestroyReason, RelayCommand
+from workers.circuit import Circuit
+from workers.pool import PoolClosedError, WorkerPool
+
+if TYPE_CHECKING:
+    from reactor import Reactor
+    from relay.link import Link
+
+__all__ = ["BACKWARD", "FORWARD", "ORIGINATE", "CircuitHost", "OrCircuit", "Peer", "crypt_batch"]
+
+log = logging.getLogger("relay.circuit")
+
+FORWARD = 0
+BACKWARD = 1
+ORIGINATE = 2
+
+_RELAY = int(CellCommand.RELAY)
+_RELAY_EARLY = int(CellCommand.RELAY_EARLY)
+_DESTROY = int(CellCommand.DESTROY)
+_PADDINGS = (int(CellCommand.PADDING), int(CellCommand.VPADDING))
+_EXTEND2 = int(RelayCommand.EXTEND2)
+_EXTEND = int(RelayCommand.EXTEND)
+_DROP = int(RelayCommand.DROP)
+_SIZE = CELL_PAYLOAD_LEN
+
+_OPEN = "open"
+_EXTENDING = "extending"
+_CLOSED = "closed"
+
+
+def crypt_batch(state: Any, direction: int, batch: Any) -> Any:
+    """The pool's process function: one kernel call for the whole batch. Worker thread."""
+    if direction == FORWARD:
+        return state.forward_buf(batch)
+    if direction == BACKWARD:
+        return state.backward_buf(batch)
+    return state.originate_buf(batch)
+
+
+class Peer:
+    """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
+
+    __slots__ = ("address", "congested", "gate", "link", "waiters", "waiting")
+
+    def __init__(self, link: Link, address: tuple[str, int] | None = None) -> None:
+        """Wrap ``link``. Loop thread only."""
+        self.link = link
+        self.gate = ReadGate(link)
+        self.address = address  # set for links this relay opened (reused by EXTEND2)
+        self.congested = False
+        self.waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
+        self.waiting: list[OrCircuit] = []  # circuits waiting for this link to open
+
+    def __repr__(self) -> str:
+        return f"<Peer {self.link.name}>"
+
+
+class CircuitHost(Protocol):
+    """What a circuit needs from its relay node."""
+
+    reactor: Reactor
+    pool: WorkerPool
+
+    def mark_dirty(self, circuit: OrCircuit) -> None: ...
+    def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None: ...
+    def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None: ...
+    def make_edge(self, circuit: OrCircuit) -> ExitEdge: ...
+    def circuit_closed(self, circuit: OrCircuit, why: str) -> None: ...
+    def unexpected_cell(self, peer: Peer, circ_id: int, command: int) -> bool: ...
+
+
+class OrCircuit:
+    """One circuit at a relay: previous hop, optional next hop, crypto on the pool."""
+
+    __slots__ = (
+        "_bwd",
+        "_dirty",
+        "_early",
+        "_edge_gate",
+        "_extend",
+        "_fwd",
+        "_fwd_delivered",
+        "_fwd_submitted",
+        "_kb_direction",
+        "_kb_held",
+        "_kb_in_flight",
+        "_pressure",
+        "edge",
+        "host",
+        "next",
+        "next_id",
+        "prev",
+        "prev_id",
+        "state",
+        "work",
+    )
+
+    def __init__(self, host: CircuitHost, prev: Peer, prev_id: int, crypto: Any) -> None:
+        """Register on ``prev`` under the peer's ``prev_id`` (``LinkError`` if not allowed)
+        and open the circuit on the pool. Loop thread only."""
+        self.host = host
+        self.prev = prev
+        self.prev_id = prev.link.add_circuit(self._from_prev, prev_id)
+        self.next: Peer | None = None
+        self.next_id = 0
+        self.state = _OPEN
+        self.work: Circuit = host.pool.open_circuit(
+            crypto,
+            on_result=self._on_result,
+            on_error=self._on_error,
+            on_pressure=self._on_pressure,
+            context=self,
+        )
+        self._fwd: list[bytes] = []
+        self._bwd: list[bytes] = []
+        self._dirty = False
+        self._early: deque[int] = deque()
+        self._fwd_submitted = 0
+        self._fwd_delivered = 0
+        self._kb_direction = BACKWARD
+        self._kb_in_flight = 0
+        self._kb_held: deque[tuple[int, list[bytes]]] = deque()
+        self._extend: Extend2Body | None = None
+        self._pressure = False
+        self.edge: ExitEdge | None = None
+        self._edge_gate: ReadGate | None = None
+
+    def __repr__(self) -> str:
+        return f"<OrCircuit {self.prev_id:#x} on {self.prev.link.name} {self.state}>"
+
+    @property
+    def closed(self) -> bool:
+        """True once closed. Loop thread only."""
+        return self.state is _CLOSED
+
+    # ------------------------------------------------------------------ cells from the links
+
+    def _from_prev(self, command: int, payload: bytes) -> None:
+        if command == _RELAY or command == _RELAY_EARLY:
+            if command == _RELAY_EARLY:
+                self._early.append(self._fwd_submitted + len(self._fwd))
+            self._fwd.append(payload)
+            if not self._dirty:
+                self._dirty = True
+                self.host.mark_dirty(self)
+        elif command == _DESTROY:
+            self.close("DESTROY from the previous hop", _reason(payload), tell_prev=False)
+        elif command not in _PADDINGS and self.host.unexpected_cell(
+            self.prev, self.prev_id, command
+        ):
+            self.close(f"unexpected cell command {command} from the previous hop")
+
+    def _from_next(self, command: int, payload: bytes) -> None:
+        if command == _RELAY:
+            self._bwd.append(payload)
+            if not self._dirty:
+                self._dirty = True
+                self.host.mark_dirty(self)
+        elif command == _DESTROY:
+            self.close("DESTROY from the next hop", _reason(payload), tell_next=False)
+        elif command == CellCommand.CREATED2 and self.state is _EXTENDING:
+            try:
+                hdata = decode_created2(payload)
+            except BodyError as exc:
+                self.close(f"bad CREATED2 from the next hop: {exc}")
+                return
+            self.state = _OPEN
+            self.originate([pack_relay(RelayCommand.EXTENDED2, 0, encode_extended2(hdata))])
+        elif command not in _PADDINGS:
+            assert self.next is not None
+            if self.host.unexpected_cell(self.next, self.next_id, command):
+                self.close(f"unexpected cell command {command} from the next hop")
+
+    def flush(self) -> None:
+        """Submit the cells gathered since the last flush: one submit per direction.
+        Loop thread only (the node calls it at the end of the loop iteration)."""
+        self._dirty = False
+        if self.state is _CLOSED:
+            self._fwd.clear()
+            self._bwd.clear()
+            return
+        try:
+            if self._fwd:
+                cells, self._fwd = self._fwd, []
+                self._fwd_submitted += len(cells)
+                self.host.pool.submit(self.work, FORWARD, cells)
+            if self._bwd:
+                cells, self._bwd = self._bwd, []
+                self._submit_kb(BACKWARD, cells)
+        except PoolClosedError:
+            pass  # the relay is shutting down
+
+    def originate(self, payloads: list[bytes]) -> None:
+        """Send relay payloads from this relay toward the client (digest, Kb). Loop thread
+        only."""
+        if self.state is _CLOSED or not payloads:
+            return
+        try:
+            self._submit_kb(ORIGINATE, payloads)
+        except PoolClosedError:
+            pass
+
+    def _submit_kb(self, direction: int, cells: list[bytes]) -> None:
+        if self._kb_held or (self._kb_in_flight and self._kb_direction != direction):
+            self._kb_held.append((direction, cells))
+            return
+        self._kb_direction = direction
+        self._kb_in_flight += len(cells)
+        self.host.pool.submit(self.work, direction, cells)
+
+    def _kb_delivered(self, count: int) -> None:
+        self._kb_in_flight -= count
+        held = self._kb_held
+        if self._kb_in_flight or not held:
+            return
+        direction = held[0][0]
+        while held and held[0][0] == direction:
+            _, cells = held.popleft()
+            self._kb_direction = direction
+            self._kb_in_flight += len(cells)
+            self.host.pool.submit(self.work, direction, cells)
+
+    # ------------------------------------------------------------------ results
+
+    def _on_result(self, work: Circuit, direction: int, result: Any) -> None:
+        if direction == FORWARD:
+            out, flags = result
+            self._forward_done(out, flags)
+            return
+        count = len(result) // _SIZE
+        self._kb_delivered(count)
+        if self.state is _CLOSED:
+            return
+        if direction == BACKWARD:
+            source = self.next.gate if self.next is not None else None
+        else:
+            source = self._edge_gate
+        self.host.send(self.prev, wire_cells(self.prev_id, _RELAY, result), count, source)
+
+    def _forward_done(self, out: bytes, flags: bytes) -> None:
+        count = len(flags)
+        base = self._fwd_delivered
+        self._fwd_delivered = base + count
+        early: set[int] = set()
+        while self._early and self._early[0] < base + count:
+            early.add(self._early.popleft() - base)
+        if 1 not in flags:
+            self._pass_on(out, count, early)
+            return
+        local: list[int] = []
+        passing: list[int] = []
+        for index, flag in enumerate(flags):
+            (local if flag else passing).append(index)
+        if passing:
+            joined = b"".join(out[i * _SIZE : (i + 1) * _SIZE] for i in passing)
+            self._pass_on(joined, len(passing), {passing.index(i) for i in early if i in passing})
+            if self.state is _CLOSED:
+                return
+        self._handle_local(out, local, early)
+
+    def _pass_on(self, out: bytes, count: int, early: set[int]) -> None:
+        """Send unrecognized forward cells to the next hop (RELAY_EARLY kept as such)."""
+        nxt = self.next
+        if nxt is None or self.state is not _OPEN:
+            why = ("a relay cell not recognized at the last hop (digest mismatch)"
+                   if nxt is None else "relay cells before the extension finished")
+            log.warning("%r: %s; destroying the circuit", self, why)
+            self.close(why, DestroyReason.PROTOCOL)
+            return
+        if early:
+            parts = [
+                wire_cells(self.next_id, _RELAY_EARLY if i in early else _RELAY,
+                           out[i * _SIZE : (i + 1) * _SIZE])
+                for i in range(count)
+            ]
+            data = b"".join(parts)
+        else:
+            data = wire_cells(self.next_id, _RELAY, out)
+        self.host.send(nxt, data, count, self.prev.gate)
+
+    def _handle_local(self, out: bytes, indices: Sequence[int], early: set[int]) -> None:
+        """Handle the forward cells recognized here, in order."""
+        edge_offsets: list[int] = []
+        for index in indices:
+            offset = index * _SIZE
+            command = out[offset]
+            if command == _EXTEND2:
+                if edge_offsets:
+                    self._to_edge(out, edge_offsets)
+                    edge_offsets = []
+                self._on_extend2(out, offset, index in early)
+            elif command == _EXTEND:
+                self.close("EXTEND (TAP) is not supported", DestroyReason.PROTOCOL)
+            elif command != _DROP:
+                edge_offsets.append(offset)
+            if self.state is _CLOSED:
+                return
+        if edge_offsets:
+            self._to_edge(out, edge_offsets)
+
+    def _to_edge(self, out: bytes, offsets: list[int]) -> None:
+        if self.edge is None:
+            self.edge = self.host.make_edge(self)
+            self._edge_gate = ReadGate(self.edge)
+        self.edge.handle(out, offsets)
+
+    def _on_extend2(self, out: bytes, offset: int, early: bool) -> None:
+        if not early:
+            self.close("EXTEND2 outside a RELAY_EARLY cell", DestroyReason.PROTOCOL)
+            return
+        if self.next is not None or self.state is not _OPEN or self.edge is not None:
+            self.close("EXTEND2 on a circuit that is already extended", DestroyReason.PROTOCOL)
+            return
+        try:
+            _, _, body = relay_body(out, offset)
+            extend = Extend2Body.decode(body)
+            address = extend.address()
+            if address is None:
+                raise BodyError("EXTEND2 has no IPv4/IPv6 link specifier")
+        except (BodyError, ValueError) as exc:
+            self.close(f"bad EXTEND2: {exc}", DestroyReason.PROTOCOL)
+            return
+        self.state = _EXTENDING
+        self._extend = extend
+        self.host.extend(self, address)
+
+    def attach_next(self, peer: Peer) -> None:
+        """The link to the next hop is open: register there and send CREATE2. Loop thread
+        only (the node calls it)."""
+        if self.state is not _EXTENDING or self._extend is None:
+            return
+        extend, self._extend = self._extend, None
+        self.next = peer
+        self.next_id = peer.link.add_circuit(self._from_next)
+        if self._pressure:
+            peer.gate.hold(self)
+        peer.link.send_cell(self.next_id, CellCommand.CREATE2,
+                            encode_create2(extend.htype, extend.hdata))
+
+    def extend_failed(self, why: str) -> None:
+        """The next hop could not be reached. Loop thread only."""
+        self.close(f"extend failed: {why}", DestroyReason.CONNECTFAILED)
+
+    def _on_error(self, work: Circuit, direction: int, exc: BaseException) -> None:
+        log.error("%r: crypto failed on a worker: %r", self, exc)
+        self.close(f"crypto error: {exc!r}", DestroyReason.INTERNAL)
+
+    def _on_pressure(self, work: Circuit, over: bool) -> None:
+        self._pressure = over
+        for peer in (self.prev, self.next):
+            if peer is not None:
+                if over:
+                    peer.gate.hold(self)
+                else:
+                    peer.gate.release(self)
+
+    # ------------------------------------------------------------------ teardown
+
+    def close(
+        self,
+        why: str,
+        reason: int = DestroyReason.FINISHED,
+        *,
+        tell_prev: bool = True,
+        tell_next: bool = True,
+    ) -> None:
+        """Tear the circuit down: DESTROY to the hops that did not ask for it, cancel crypto,
+        close exit streams, release gates. Idempotent. Loop thread only."""
+        if self.state is _CLOSED:
+            return
+        self.state = _CLOSED
+        self.host.pool.close_circuit(self.work)
+        self._fwd.clear()
+        self._bwd.clear()
+        self._kb_held.clear()
+        for peer, circ_id, tell in ((self.prev, self.prev_id, tell_prev),
+                                    (self.next, self.next_id, tell_next)):
+            if peer is None:
+                continue
+            peer.gate.release(self)
+            if tell:
+                peer.link.destroy_circuit(circ_id, reason)
+            else:
+                peer.link.remove_circuit(circ_id)
+        if self.edge is not None:
+            self.edge.close()
+        self.host.circuit_closed(self, why)
+
+
+def _reason(payload: bytes) -> int:
+    return payload[0] if payload else int(DestroyReason.NONE)
