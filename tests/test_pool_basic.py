@@ -242,6 +242,18 @@ def test_resume_signal_survives_a_raising_result_callback() -> None:
     pool.close()
 
 
+def test_context_manager_starts_and_drains() -> None:
+    replies = Collector()
+    got: list[Any] = []
+    with WorkerPool(replies, threads=2, process=lambda s, d, b: b) as pool:
+        c = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
+        pool.submit(c, 0, [b"a"])
+        assert pool.stats()["alive_threads"] == 2
+    assert pool.closed and pool.stats()["alive_threads"] == 0
+    replies.deliver_all(pool)
+    assert got == [[b"a"]]
+
+
 def test_attach_needs_replies_before_start() -> None:
     pool = WorkerPool(None, threads=1, process=lambda s, d, b: b)
     with pytest.raises(RuntimeError, match="reply queue"):

@@ -8,7 +8,7 @@ goes from empty to non-empty.
 The shape
 ---------
 The loop thread owns the circuits. ``submit(circuit, direction, cells)`` appends ONE entry (a
-joined buffer of many cells, or a list of cells) to the circuit's pending deque for that
+joined buffer of many cells, or a list of cells) to the circuit's pending list for that
 direction and *schedules* the circuit: under the pool lock, if the circuit is neither queued nor
 busy, it goes to the tail of its priority class in :class:`~workers.runqueues.RunQueues`, and
 one idle worker is notified if any is waiting. A worker pops a circuit (marking it busy), takes
@@ -16,16 +16,17 @@ the pending entries of each direction up to ``batch_cells`` cells, joins them in
 calls ``process(state, direction, batch)`` and puts ONE :class:`~workers.circuit.Reply` per
 batch on ``replies`` (normally a ``reactor.ReplyQueue``, whose handler calls :meth:`deliver` on
 the loop thread). Cells that arrived meanwhile are taken in the same turn while the cap allows;
-then, under the lock, the worker lets the circuit go, re-queuing it at the tail if cells remain.
+then, under the lock, the worker lets the circuit go, re-queuing it at the tail if cells remain,
+and pops its next circuit in the same critical section (one lock round per turn).
 
 What the lock guards
 --------------------
 One ``threading.Condition`` guards only the run queues, each circuit's ``queued``/``busy``/
-``closed``/``failed`` flags and class, the idle-worker count and the exit flags. The lock is
-never held while crypting, joining buffers or putting replies. Pending deques are appended by
-the loop thread and popped by the owning worker without it (``deque`` operations are atomic);
-crypto state is touched only by the owning worker, and the lock hand-over (busy set, busy
-cleared) orders those accesses between successive owners.
+``closed``/``failed`` flags and class, the idle-worker count, the update inboxes and the exit
+flags. The lock is never held while crypting, joining buffers or putting replies. Pending lists
+are appended by the loop thread and emptied from the front by the owning worker without it (the
+rules are in :mod:`workers.circuit`); crypto state is touched only by the owning worker, and the
+lock hand-over (busy set, busy cleared) orders those accesses between successive owners.
 
 The lost-cell race, and why it cannot happen
 --------------------------------------------
@@ -39,6 +40,14 @@ Wake-ups
 Workers ``wait()`` only after re-checking the exit flag, the update inbox and the run queues
 under the lock. ``_idle`` counts workers waiting and not yet notified: the notifier decrements
 it, so a notify is sent only when it reaches a waiting worker, and never once per cell.
+
+The hot path
+------------
+Per-cell Python is what makes a pool slower than crypting inline (PERF-FACTS.md), so nothing
+here runs per cell: ``submit`` costs one append and one lock round per call whatever the number
+of cells, ``submit_many`` one lock round per call, a worker one lock round and one reply per
+batch, ``deliver`` a few counter updates per reply. A lone ``bytes`` item reaches a
+``joined=True`` process function without a copy.
 
 Priorities, fairness, starvation
 --------------------------------
@@ -56,10 +65,12 @@ while a mark is exceeded, so a producer can stop reading without a callback.
 Cancellation and errors
 -----------------------
 ``close_circuit`` marks the circuit closed, drops it from its run queue (lazily, O(1)) and
-cancels its pending cells; results of a batch that was in flight are discarded in ``deliver``
-and counted. No callback ever runs for a closed circuit. An exception from ``process`` becomes a
-reply with ``error`` set for that circuit; the pool then crypts nothing more for it (its stream
-state is suspect) and the owner's ``on_error`` closes it. The worker thread lives on.
+cancels its pending cells (if a worker owns the circuit at that moment, the worker empties them
+when it lets go, so the lists never have two consumers); results of a batch that was in flight
+are discarded in ``deliver`` and counted. No callback ever runs for a closed circuit. An
+exception from ``process`` becomes a reply with ``error`` set for that circuit; the pool then
+crypts nothing more for it (its stream state is suspect) and the owner's ``on_error`` closes it.
+The worker thread lives on.
 
 Per-worker state and updates (Tor's ``threadpool_queue_update``)
 -----------------------------------------------------------------
@@ -232,11 +243,11 @@ class WorkerPool:
             raise ValueError("low-water marks must be below their high-water marks")
         self._on_pool_pressure = on_pool_pressure
         self._name = name
-        # Guarded by the Condition's lock.
         # Critical sections take the raw lock (a C-level context manager, cheaper than the
         # Condition's Python one); wait/notify go through the Condition built on the same lock.
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
+        # Guarded by that lock.
         self._queues = RunQueues(priorities, starvation_period)
         self._idle = 0
         self._closing = False
@@ -584,7 +595,7 @@ class WorkerPool:
     def _schedule_locked(self, circuit: Circuit) -> None:
         """Queue a circuit that has work, unless queued, busy, closed or failed. Pool lock held."""
         if circuit.queued or circuit.busy or circuit.closed or circuit.failed:
-            # Busy: its owner re-checks pending under this lock before letting go (see _release).
+            # Busy: its owner re-checks pending under this lock when it lets go (_release_locked).
             return
         self._queues.push(circuit)
         if self._idle:
