@@ -1,13 +1,21 @@
-"""Build hook for the optional C batch kernel (workers/_kernel). Metadata lives in pyproject.toml."""
+"""Build hook for the C batch kernel (workers/_kernel). Metadata lives in pyproject.toml.
+
+The kernel's build description is loaded by file path, not imported as ``workers._kernel.build``:
+importing the package would run ``workers/_kernel/__init__.py``, which needs the very extension
+this script is about to build.
+"""
+
+import importlib.util
+from pathlib import Path
 
 from setuptools import setup
 
-ext_modules: list = []
-try:
-    from workers._kernel.build import extension  # the kernel's own build description
-except ImportError:  # the kernel is not in this tree yet
-    pass
-else:
-    ext_modules.append(extension())
+BUILD_FILE = Path(__file__).resolve().parent / "workers" / "_kernel" / "build.py"
 
-setup(ext_modules=ext_modules)
+spec = importlib.util.spec_from_file_location("relaycrypt_kernel_build", BUILD_FILE)
+if spec is None or spec.loader is None:
+    raise SystemExit(f"setup.py: cannot load the kernel build description {BUILD_FILE}")
+kernel_build = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(kernel_build)
+
+setup(ext_modules=[kernel_build.extension()])
