@@ -264,7 +264,7 @@ class PipelineRun:
                     handle.close()
             reactor.close()
             loop.run(pyuv.UV_RUN_NOWAIT)
-        if isinstance(self._error, OutputMismatch):
+        if isinstance(self._error, (OutputMismatch, RunFailed)):
             raise self._error
         if self._error is not None:
             raise RunFailed(f"{self.design.name}/{self.workload.name} failed") from self._error
