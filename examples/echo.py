@@ -2,8 +2,8 @@
 
 ``python -m examples.echo --host 127.0.0.1 --port 0`` listens (port 0: any free port), prints one
 line ``READY {"address": ..., "port": ..., "pid": ...}`` on stdout once it accepts connections,
-and runs until SIGTERM or SIGINT; it then prints ``STATS {...}`` (connections, bytes echoed) and
-exits 0.
+and runs until SIGTERM or SIGINT (or, with ``--exit-on-stdin-eof``, until stdin ends); it then
+prints ``STATS {...}`` (connections, bytes echoed) and exits 0.
 
 Every byte read is written straight back on the same connection. Back-pressure: when a
 connection's write buffer rises above its high watermark the service stops reading from that
@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 
+from examples.relay import stop_on_stdin_eof
 from reactor import Reactor
 from reactor.net import CloseReason, Listener, Stream, listen
 
@@ -77,11 +78,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--exit-on-stdin-eof", action="store_true",
+                        help="also exit when stdin ends (used by examples.network)")
     args = parser.parse_args(argv)
     with Reactor() as reactor:
         server = EchoServer(reactor, args.host, args.port)
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, reactor.stop)
+        if args.exit_on_stdin_eof:
+            stop_on_stdin_eof(reactor)
         host, port = server.address
         print("READY " + json.dumps({"address": host, "port": port, "pid": os.getpid()}),
               flush=True)

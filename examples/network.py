@@ -4,7 +4,9 @@ Protocol with a child
 ---------------------
 Every child program of this project (``examples.echo``, ``examples.relay``) speaks the same
 line protocol on its stdout: one ``READY {json}`` line when it is serving (the JSON says where),
-and one ``STATS {json}`` line when it exits after SIGTERM or SIGINT. Everything else goes to
+and one ``STATS {json}`` line when it exits after SIGTERM or SIGINT. Started with
+``--exit-on-stdin-eof``, it also exits when its stdin (a pipe from this process) ends, so no
+child outlives the network even if the network is killed. Everything else goes to
 stderr, which is kept in a log file per child in the work directory (shown when something
 fails).
 
@@ -72,9 +74,13 @@ class ChildProcess:
         self._exited = threading.Event()
         self._stopping = False
         self._log: IO[bytes] = open(log_path, "wb")
+        # Own session: a Ctrl-C in the terminal reaches the network only, which stops its
+        # children in order. stdin is a pipe the child watches: if this process dies without
+        # stopping it (even by SIGKILL), the child reads EOF and exits on its own.
         self.popen = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
+            [*argv, "--exit-on-stdin-eof"],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
             stdout=subprocess.PIPE,
             stderr=self._log,
             env=env,
@@ -127,6 +133,8 @@ class ChildProcess:
             self.popen.kill()
             self.popen.wait()
         self._reader.join(timeout)
+        if self.popen.stdin is not None:
+            self.popen.stdin.close()
         return self.stats
 
     def log_tail(self, lines: int = 30) -> str:
@@ -402,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with Reactor() as reactor:
         died: list[str] = []
+        pids: dict[str, int] = {}
         transfer_holder: list[EchoTransfer] = []
 
         def relay_died(child: ChildProcess) -> None:  # reader thread
@@ -417,7 +426,12 @@ def main(argv: list[str] | None = None) -> int:
         network = LocalNetwork(args.relays, threads=args.threads, pure=args.pure,
                                relay_args=["--log-level", args.log_level], on_exit=relay_died)
         try:
-            network.start()
+            try:
+                network.start()
+            except NetworkStartError as exc:
+                print(f"the network did not start: {exc}", file=sys.stderr)
+                return 2
+            pids.update({child.name: child.pid for child in network.children()})
             transfer = EchoTransfer(
                 reactor, network.descriptors, network.echo_address, circuits=args.circuits,
                 bytes_per_circuit=per_circuit, hops=args.hops, seed=args.seed,
@@ -435,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
                           flush=True)
                 reactor.call_later(0.5, show_progress)
 
+            print(f"network up in {network.workdir}: {args.relays} relays, echo service at "
+                  f"{network.echo_address[0]}:{network.echo_address[1]}; starting "
+                  f"{args.circuits} circuits", file=sys.stderr, flush=True)
             transfer.start()
             show_progress()
             reactor.run()
@@ -446,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             network.cleanup()
     summary = summarize(results, relay_stats, args.relays)
     summary["relays_died"] = died
+    summary["pids"] = pids
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -2,8 +2,8 @@
 
 The relay (``relay.node.RelayNode``: a Reactor, a WorkerPool on the fast crypto backend, links
 and circuits) keeps its identity and ntor onion key in ``--data-dir`` (created on first run),
-listens on ``--listen`` (port 0: any free port) and serves until SIGTERM or SIGINT. It is an
-exit to loopback addresses only.
+listens on ``--listen`` (port 0: any free port) and serves until SIGTERM or SIGINT (or, with
+``--exit-on-stdin-eof``, until its stdin ends). It is an exit to loopback addresses only.
 
 Line protocol on stdout (what ``examples.network`` reads):
 
@@ -24,13 +24,14 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from reactor import Reactor
 from relay.directory import RelayKeys
 from relay.node import RelayNode
 from workers.pool import DEFAULT_BATCH_CELLS
 
-__all__ = ["main", "parse_hostport"]
+__all__ = ["main", "parse_hostport", "stop_on_stdin_eof"]
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -39,6 +40,25 @@ def parse_hostport(text: str) -> tuple[str, int]:
     if not colon or not port.isdigit():
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host.strip("[]"), int(port)
+
+
+def stop_on_stdin_eof(reactor: Reactor) -> None:
+    """Stop ``reactor`` when stdin reaches EOF (the parent that holds the pipe died or closed
+    it). A daemon thread blocks on stdin and hands the news to the loop thread. Loop thread
+    only (to set up)."""
+
+    def watch() -> None:
+        try:
+            while sys.stdin.buffer.read(4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        try:
+            reactor.call_soon_threadsafe(reactor.stop)
+        except RuntimeError:
+            pass  # the reactor already closed
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-cells", type=int, default=DEFAULT_BATCH_CELLS,
                         help=f"worker batch cap in cells (default {DEFAULT_BATCH_CELLS})")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--exit-on-stdin-eof", action="store_true",
+                        help="also exit when stdin ends (used by examples.network)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {args.nickname} %(name)s %(levelname)s %(message)s")
@@ -66,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         reactor.add_signal_handler(
             signal.SIGUSR1, lambda: print("STATS " + json.dumps(node.stats()), flush=True)
         )
+        if args.exit_on_stdin_eof:
+            stop_on_stdin_eof(reactor)
         ready = {"descriptor": node.descriptor().to_json(), "pid": os.getpid()}
         print("READY " + json.dumps(ready), flush=True)
         try:

@@ -278,8 +278,9 @@ class RelayNode:
 
     def _garbage(self, peer: Peer, command: int) -> None:
         self.garbage_links += 1
-        peer.link.close(f"protocol: garbage on the link (cell command {command} is not a Tor "
-                        "cell command)")
+        reason = f"protocol: garbage on the link (cell command {command} is not a Tor command)"
+        log.warning("%s: closing: %s", peer.link.name, reason)
+        peer.link.close(reason)
 
     # ------------------------------------------------------------------ CircuitHost
 

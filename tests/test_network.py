@@ -1,0 +1,103 @@
+"""End to end: ``python -m examples.network`` as a user runs it, on a small network.
+
+Real processes (the demo, its echo service and relays), real sockets on loopback. The checks are
+on bytes and counts from the demo's ``--json`` output and on the processes it leaves behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_demo(*args: str, timeout: float = 120.0) -> tuple[int, dict, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "examples.network", "--json", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+    )
+    try:
+        summary = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        raise AssertionError(f"no JSON on stdout:\n{proc.stdout}\n{proc.stderr}") from None
+    return proc.returncode, summary, proc.stderr
+
+
+def assert_gone(pids: dict[str, int]) -> None:
+    deadline = time.monotonic() + 10
+    for name, pid in pids.items():
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, f"{name} (pid {pid}) still running"
+            time.sleep(0.05)
+
+
+def test_network_echoes_every_byte_through_three_hop_circuits() -> None:
+    code, summary, stderr = run_demo("--relays", "4", "--circuits", "6",
+                                     "--total-bytes", "3MiB")
+    assert code == 0, stderr
+    per_circuit = (3 << 20) // 6
+    assert summary["ok"] is True
+    assert summary["relays"] == 4 and summary["circuits"] == 6 and summary["hops"] == 3
+    assert summary["bytes_sent"] == 6 * per_circuit
+    assert summary["bytes_echoed_intact"] == 6 * per_circuit
+    assert summary["circuits_ok"] == 6 and summary["failures"] == []
+    assert summary["mbytes_per_s"] > 0
+    assert summary["rtt_samples"] > 0 and summary["rtt_p99_ms"] >= summary["rtt_p50_ms"] > 0
+    # Every relay crypted cells on the pool (each is a guard, a middle and an exit of some
+    # circuit: 6 circuits over 4 relays), with batches and few wake-ups.
+    cells_each_way = -(-per_circuit // 498) * 6
+    assert set(summary["per_relay"]) == {"relay0", "relay1", "relay2", "relay3"}
+    for stats in summary["per_relay"].values():
+        assert stats["cells_crypted"] > 0
+        assert stats["backend"] == "kernel"
+        assert stats["batch_mean"] > 1.0
+        assert stats["wakeups_per_cell"] < 1.0
+    # Each data cell is crypted once per hop in each direction (3 hops, there and back).
+    assert summary["cells_crypted"] >= 2 * 3 * cells_each_way
+    assert_gone(summary["pids"])
+
+
+def test_network_pure_backend_also_verifies() -> None:
+    code, summary, stderr = run_demo("--circuits", "3", "--total-bytes", "300k", "--pure")
+    assert code == 0, stderr
+    assert summary["bytes_echoed_intact"] == 3 * (300 * 1024 // 3)
+    assert {s["backend"] for s in summary["per_relay"].values()} == {"reference"}
+    assert_gone(summary["pids"])
+
+
+def test_ctrl_c_stops_every_process_and_reports_failure() -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "examples.network", "--json", "--pure", "--circuits", "4",
+         "--total-bytes", "64MiB"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:  # wait until the network is up and the transfer started
+            if line.startswith("network up"):
+                break
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    summary = json.loads(out)
+    assert summary["ok"] is False
+    assert summary["circuits_failed"] == 4
+    assert all("interrupted" in f["reason"] for f in summary["failures"])
+    assert summary["bytes_echoed_intact"] < 64 << 20
+    assert len(summary["pids"]) == 4  # the echo service and three relays
+    assert_gone(summary["pids"])

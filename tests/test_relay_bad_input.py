@@ -1,0 +1,218 @@
+"""Bad input against real relay processes, from an independent blocking-socket peer.
+
+The peer here is written with plain sockets and the cell codec, not with the project's Link, so
+the relay is checked against a second implementation of the link handshake. One network (echo
+service + 3 relays, separate processes) serves every test of the module; after the bad input,
+each test checks that the relay still serves: a fresh link and a full echo circuit work.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from examples.network import LocalNetwork
+from relay.circuits import pack_relay, relay_body
+from relay.handshakes import CreateFastClient
+from relay.link import NetInfo, encode_netinfo
+from workers.cells import (
+    CELL_PAYLOAD_LEN,
+    CellCommand,
+    DestroyReason,
+    RelayCommand,
+    encode_versions,
+)
+from workers.relay_crypto import HopKeys, OriginCrypto
+
+FIXED = 5 + CELL_PAYLOAD_LEN
+OUR_HALF = 0x80000000  # the initiator's half of the circuit id space
+
+
+class RawPeer:
+    """A minimal Tor link initiator on a blocking socket."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.buf = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"connection closed with {len(self.buf)} of {n} bytes")
+            self.buf += chunk
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def handshake(self) -> None:
+        self.sock.sendall(encode_versions([4, 5]))
+        circ, command, length = struct.unpack(">HBH", self._read(5))
+        assert (circ, command) == (0, CellCommand.VERSIONS)
+        self._read(length)
+        _, command, _ = self.recv_cell()
+        assert command == CellCommand.NETINFO
+        self.send_cell(0, CellCommand.NETINFO, encode_netinfo(NetInfo(0, "127.0.0.1")))
+
+    def send_cell(self, circ_id: int, command: int, payload: bytes = b"") -> None:
+        self.sock.sendall(struct.pack(">IB", circ_id, command) + payload
+                          + bytes(CELL_PAYLOAD_LEN - len(payload)))
+
+    def recv_cell(self) -> tuple[int, int, bytes]:
+        circ_id, command = struct.unpack(">IB", self._read(5))
+        return circ_id, command, self._read(CELL_PAYLOAD_LEN)
+
+    def closed_by_peer(self, timeout: float = 10.0) -> bool:
+        """True once the relay closes the connection (cells before that are skipped)."""
+        deadline = time.monotonic() + timeout
+        self.sock.settimeout(0.5)
+        while time.monotonic() < deadline:
+            try:
+                if not self.sock.recv(65536):
+                    return True
+            except TimeoutError:
+                continue
+            except ConnectionResetError:
+                return True
+        return False
+
+    def create_fast(self, circ_id: int) -> OriginCrypto:
+        client = CreateFastClient()
+        self.send_cell(circ_id, CellCommand.CREATE_FAST, client.onionskin)
+        got_id, command, payload = self.recv_cell()
+        assert (got_id, command) == (circ_id, CellCommand.CREATED_FAST)
+        return OriginCrypto([HopKeys.from_material(client.complete(payload))])
+
+
+@pytest.fixture(scope="module")
+def network() -> Iterator[LocalNetwork]:
+    net = LocalNetwork(3, threads=2, relay_args=["--log-level", "INFO"])
+    net.start()
+    try:
+        yield net
+    finally:
+        net.stop()
+        net.cleanup()
+
+
+def relay_port(network: LocalNetwork, index: int = 0) -> int:
+    return network.descriptors[index].port
+
+
+def relay_log(network: LocalNetwork, index: int = 0) -> str:
+    return network.relays[index].log_path.read_text(errors="replace")
+
+
+def wait_for_log(network: LocalNetwork, index: int, text: str, timeout: float = 10.0) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = relay_log(network, index)
+        if text in log:
+            return log
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not in relay{index}'s log:\n{relay_log(network, index)}")
+
+
+def assert_relay_still_serves(network: LocalNetwork, index: int = 0) -> None:
+    """A new link, a CREATE_FAST circuit and a BEGIN/CONNECTED to the echo service."""
+    peer = RawPeer(relay_port(network, index))
+    try:
+        peer.handshake()
+        crypto = peer.create_fast(OUR_HALF | 0x77)
+        host, port = network.echo_address
+        begin = pack_relay(RelayCommand.BEGIN, 5, f"{host}:{port}".encode() + b"\0")
+        peer.send_cell(OUR_HALF | 0x77, CellCommand.RELAY, crypto.encrypt(begin, 0))
+        circ_id, command, payload = peer.recv_cell()
+        assert (circ_id, command) == (OUR_HALF | 0x77, CellCommand.RELAY)
+        hop, plain = crypto.decrypt(payload)
+        assert hop == 0
+        assert relay_body(plain)[:2] == (RelayCommand.CONNECTED, 5)
+    finally:
+        peer.close()
+
+
+def test_unknown_circuit_id_gets_destroy(network: LocalNetwork) -> None:
+    peer = RawPeer(relay_port(network))
+    try:
+        peer.handshake()
+        unknown = OUR_HALF | 0x1234
+        peer.send_cell(unknown, CellCommand.RELAY, os.urandom(CELL_PAYLOAD_LEN))
+        circ_id, command, payload = peer.recv_cell()
+        assert (circ_id, command, payload[0]) == (unknown, CellCommand.DESTROY,
+                                                   DestroyReason.PROTOCOL)
+        # The link itself stays usable: a circuit can be created on it afterwards.
+        peer.create_fast(OUR_HALF | 0x99)
+    finally:
+        peer.close()
+    assert_relay_still_serves(network)
+
+
+def test_garbage_cell_command_closes_the_link_with_a_logged_reason(
+    network: LocalNetwork,
+) -> None:
+    peer = RawPeer(relay_port(network, 1))
+    try:
+        peer.handshake()
+        peer.send_cell(OUR_HALF | 1, 0x42, b"garbage" * 10)
+        assert peer.closed_by_peer()
+    finally:
+        peer.close()
+    wait_for_log(network, 1, "cell command 66 is not a Tor command")
+    assert_relay_still_serves(network, 1)
+
+
+def test_garbage_before_the_handshake_closes_the_link(network: LocalNetwork) -> None:
+    peer = RawPeer(relay_port(network, 2))
+    try:
+        peer.sock.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        assert peer.closed_by_peer()
+    finally:
+        peer.close()
+    wait_for_log(network, 2, "474554202f204854")  # the first bytes, in hex, in the reason
+    assert_relay_still_serves(network, 2)
+
+
+def test_truncated_cell_closes_the_link(network: LocalNetwork) -> None:
+    peer = RawPeer(relay_port(network, 1))
+    try:
+        peer.handshake()
+        crypto = peer.create_fast(OUR_HALF | 5)
+        cell = struct.pack(">IB", OUR_HALF | 5, CellCommand.RELAY) + crypto.encrypt(
+            pack_relay(RelayCommand.DROP, 0), 0)
+        peer.sock.sendall(cell[: FIXED // 2])
+        peer.sock.shutdown(socket.SHUT_WR)
+        assert peer.closed_by_peer()
+    finally:
+        peer.close()
+    wait_for_log(network, 1, "peer closed the link")
+    assert_relay_still_serves(network, 1)
+
+
+def test_digest_mismatch_at_the_exit_destroys_the_circuit(network: LocalNetwork) -> None:
+    peer = RawPeer(relay_port(network))
+    try:
+        peer.handshake()
+        circ = OUR_HALF | 0x51
+        crypto = peer.create_fast(circ)
+        host, port = network.echo_address
+        begin = bytearray(crypto.encrypt(
+            pack_relay(RelayCommand.BEGIN, 1, f"{host}:{port}".encode() + b"\0"), 0))
+        begin[6] ^= 0x01  # inside the digest field: decrypts to a wrong digest
+        peer.send_cell(circ, CellCommand.RELAY, bytes(begin))
+        circ_id, command, payload = peer.recv_cell()
+        assert (circ_id, command, payload[0]) == (circ, CellCommand.DESTROY,
+                                                   DestroyReason.PROTOCOL)
+        # Only that circuit died: the link takes a new one.
+        other = OUR_HALF | 0x52
+        peer.create_fast(other)
+    finally:
+        peer.close()
+    wait_for_log(network, 0, "digest mismatch")
+    assert_relay_still_serves(network)
