@@ -13,7 +13,9 @@ What it measures (cells per second; each figure is the median of ``--reps`` time
   kernel behind the same list API) and ``kernel_buf`` (the kernel's joined-buffer fast path);
 * two threads on two different circuits against one thread (kernel_buf, 128- and 512-cell
   batches for the relay, 128 for the origin): aggregate cells/s and the ratio (2.0 would be
-  perfect on two idle cores; the GIL is released for each whole batch);
+  perfect on two idle cores; the GIL is released for each whole batch), and the same per second
+  of thread CPU time (``cpu_efficiency`` 1.0: a thread crypts as fast beside another one as
+  alone; this one holds even when other processes share the cores);
 * the ceiling: ``openssl speed -evp aes-128-ctr -bytes 512`` on one core, as cells/s of 509
   bytes, and the fraction of it the kernel's ``relay_forward`` reaches. Skipped when the
   ``openssl`` command is missing.
@@ -204,23 +206,36 @@ WORKLOADS: dict[str, Callable[[int], dict[str, Callable[[], Callable[[], int]]]]
 # --------------------------------------------------------------------------- two threads
 
 
+@dataclass(frozen=True)
+class ThreadedRate:
+    """Aggregate wall-clock cells/s, and cells per second of thread CPU time (summed over the
+    threads): the second does not depend on how many cores other processes leave free."""
+
+    cells_per_s: float
+    cells_per_cpu_s: float
+
+
 def threaded_rate(make_step: Callable[[], Callable[[], int]], threads: int,
-                  settings: Settings) -> float:
-    """Median aggregate cells/s of ``threads`` threads, each on its own circuit, started
+                  settings: Settings) -> ThreadedRate:
+    """Median over ``reps`` runs of ``threads`` threads, each on its own circuit, started
     together and stopped together."""
-    results = []
+    walls, cpus = [], []
     for rep in range(settings.reps + 1):
         steps = [make_step() for _ in range(threads)]
         counts = [0] * threads
+        cpu_seconds = [0.0] * threads
         barrier = threading.Barrier(threads + 1)
         stop = threading.Event()
 
         def run(index: int, step: Callable[[], int], counts: list[int] = counts,
-                barrier: threading.Barrier = barrier, stop: threading.Event = stop) -> None:
+                cpu_seconds: list[float] = cpu_seconds, barrier: threading.Barrier = barrier,
+                stop: threading.Event = stop) -> None:
             barrier.wait()
+            cpu_start = time.thread_time()
             done = 0
             while not stop.is_set():
                 done += step()
+            cpu_seconds[index] = time.thread_time() - cpu_start
             counts[index] = done
 
         workers = [threading.Thread(target=run, args=(i, s)) for i, s in enumerate(steps)]
@@ -234,8 +249,9 @@ def threaded_rate(make_step: Callable[[], Callable[[], int]], threads: int,
             w.join()
         elapsed = time.perf_counter() - start
         if rep:
-            results.append(sum(counts) / elapsed)
-    return statistics.median(results)
+            walls.append(sum(counts) / elapsed)
+            cpus.append(sum(counts) / sum(cpu_seconds))
+    return ThreadedRate(statistics.median(walls), statistics.median(cpus))
 
 
 def two_thread_section(settings: Settings) -> dict[str, dict[str, float]]:
@@ -248,7 +264,15 @@ def two_thread_section(settings: Settings) -> dict[str, dict[str, float]]:
         make = workload(batch)["kernel_buf"]
         one = threaded_rate(make, 1, settings)
         two = threaded_rate(make, 2, settings)
-        section[name] = {"one_thread": one, "two_threads": two, "ratio": two / one}
+        section[name] = {
+            "one_thread": one.cells_per_s,
+            "two_threads": two.cells_per_s,
+            "ratio": two.cells_per_s / one.cells_per_s,
+            "one_thread_per_cpu_s": one.cells_per_cpu_s,
+            "two_threads_per_cpu_s": two.cells_per_cpu_s,
+            # 1.0: a thread crypts as fast beside another as alone (no contention in the kernel)
+            "cpu_efficiency": two.cells_per_cpu_s / one.cells_per_cpu_s,
+        }
     return section
 
 
@@ -319,7 +343,8 @@ def print_table(result: dict) -> None:
     print("\ntwo threads, two circuits (kernel_buf), cells/s:")
     for name, f in result["two_threads"].items():
         print(f"  {name:26} 1 thread {f['one_thread']:>12,.0f}   2 threads "
-              f"{f['two_threads']:>12,.0f}   ratio {f['ratio']:.2f}")
+              f"{f['two_threads']:>12,.0f}   ratio {f['ratio']:.2f}   per-CPU-second "
+              f"efficiency {f['cpu_efficiency']:.2f}")
     ceiling = result["openssl_ceiling"]
     if ceiling is None:
         print("\nopenssl speed: not available, ceiling skipped")
