@@ -2,20 +2,20 @@
 
 ``_tor1`` (built from ``tor1kernel.c`` by ``setup.py build_ext --inplace``, which ``make venv``
 runs) provides ``RelayState`` and ``OriginState``; see the C source's top comment for the
-design, and :mod:`workers.fastcrypto` for the reference-compatible wrappers. Importing this
-package raises ``ImportError`` when the extension is not built; :mod:`workers.crypto_backend`
-then falls back to the pure-Python reference. The types follow the usual rule of circuit
-crypto state: any thread, one thread at a time per object (a violation raises RuntimeError).
+design, and :mod:`workers.fastcrypto` for the reference-compatible wrappers. The types follow
+the usual rule of circuit crypto state: any thread, one thread at a time per object (a
+violation raises RuntimeError).
+
+Importing this package never fails: ``setup.py`` imports ``workers._kernel.build`` before the
+extension exists. The names below are loaded from ``_tor1`` on first access, which raises
+``ImportError`` when the extension is not built; :mod:`workers.crypto_backend` then falls back
+to the pure-Python reference.
 """
 
-from workers._kernel._tor1 import (
-    CELL_LEN,
-    GIL_RELEASE_MIN_CELLS,
-    MAX_HOPS,
-    OPENSSL_VERSION,
-    OriginState,
-    RelayState,
-)
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __all__ = [
     "CELL_LEN",
@@ -25,3 +25,10 @@ __all__ = [
     "OriginState",
     "RelayState",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load the extension's public names lazily (PEP 562)."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module("workers._kernel._tor1"), name)
