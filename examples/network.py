@@ -344,6 +344,7 @@ def summarize(
             "batch_mean": stats["batch_mean"],
             "wakeups_per_cell": stats["wakeups_per_cell"],
             "circuits_created": stats["circuits_created"],
+            "process_cpu_s": stats["process_cpu_s"],
             "backend": stats["backend"],
             "threads": stats["threads"],
             "link_closes": stats["link_closes"],

@@ -19,6 +19,7 @@ Logs go to stderr (``--log-level``).
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import logging
 import os
@@ -72,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-cells", type=int, default=DEFAULT_BATCH_CELLS,
                         help=f"worker batch cap in cells (default {DEFAULT_BATCH_CELLS})")
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the loop thread (cProfile) into DATA_DIR/loop.prof")
     parser.add_argument("--exit-on-stdin-eof", action="store_true",
                         help="also exit when stdin ends (used by examples.network)")
     args = parser.parse_args(argv)
@@ -92,8 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             stop_on_stdin_eof(reactor)
         ready = {"descriptor": node.descriptor().to_json(), "pid": os.getpid()}
         print("READY " + json.dumps(ready), flush=True)
+        profiler = cProfile.Profile() if args.profile else None
         try:
-            reactor.run()
+            if profiler is not None:
+                profiler.runcall(reactor.run)
+                profiler.dump_stats(os.path.join(args.data_dir, "loop.prof"))
+            else:
+                reactor.run()
         finally:
             node.close()
             print("STATS " + json.dumps(node.stats()), flush=True)

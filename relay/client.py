@@ -79,6 +79,7 @@ log = logging.getLogger("relay.client")
 
 _SIZE = CELL_PAYLOAD_LEN
 _RELAY = int(CellCommand.RELAY)
+_DATA = int(RC.DATA)
 
 
 class ClientStream:
@@ -271,7 +272,12 @@ class OriginCircuit:
             self.close(f"unexpected cell command {command} from the guard")
 
     def _flush_in(self) -> None:
-        """Decrypt and handle the RELAY cells received this iteration (one kernel call)."""
+        """Decrypt and handle the RELAY cells received this iteration (one kernel call).
+
+        DATA cells take a short path: their bytes are gathered per stream and handed over
+        with one ``on_data`` call per stream, and the deliver windows are charged per batch
+        (the SENDMEs due are sent with this batch's answers). Any other cell first hands over
+        the DATA gathered before it, so the order within a stream is kept."""
         self._dirty = False
         cells, self._incoming = self._incoming, []
         if self.state == "closed" or not cells:
@@ -280,49 +286,73 @@ class OriginCircuit:
             self.close("RELAY cell before the circuit was created")
             return
         try:
-            plain, hops = self.crypto.decrypt_buf(cells)
+            plain, hops = self.crypto.decrypt_buf(b"".join(cells))
         except UnrecognizedCell:
             self.close("a relay cell no hop recognized (digest mismatch)")
             return
         self.cells_received += len(cells)
-        deliveries: dict[ClientStream, list[bytes]] = {}
-        try:
-            for index, hop in enumerate(hops):
-                self._handle(plain, index * _SIZE, hop, deliveries)
+        unpack = RELAY_HEADER.unpack_from
+        gathered: dict[int, list[bytes]] = {}
+        data_cells = 0
+        offset = 0
+        for hop in hops:
+            command, _, stream_id, _, length = unpack(plain, offset)
+            if command == _DATA and length <= RELAY_DATA_MAX:
+                data_cells += 1
+                start = offset + RELAY_HEADER_LEN
+                chunks = gathered.get(stream_id)
+                if chunks is None:
+                    gathered[stream_id] = [plain[start : start + length]]
+                else:
+                    chunks.append(plain[start : start + length])
+            else:
+                if gathered:
+                    self._deliver(gathered)
+                    gathered = {}
+                self._handle(plain, offset, hop)
                 if self.state == "closed":
                     return
-        finally:
-            for stream, chunks in deliveries.items():
-                if stream.on_data is not None and not stream.ended:
-                    stream.on_data(stream, b"".join(chunks))
-            self._send_out()
+            offset += _SIZE
+        if gathered:
+            self._deliver(gathered)
+        if data_cells and self.state != "closed":
+            self.deliver_window -= data_cells
+            if self.deliver_window < 0:
+                self.close("DATA beyond the circuit deliver window")
+                return
+            while self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
+                self.deliver_window += CIRCWINDOW_INCREMENT
+                self._out.append(pack_relay(RC.SENDME, 0))
+        self._send_out()
 
-    def _handle(
-        self, plain: bytes, offset: int, hop: int, deliveries: dict[ClientStream, list[bytes]]
-    ) -> None:
+    def _deliver(self, gathered: dict[int, list[bytes]]) -> None:
+        """Hand each stream its DATA bytes; charge and refill its deliver window."""
+        for stream_id, chunks in gathered.items():
+            stream = self.streams.get(stream_id)
+            if stream is None or stream.ended:
+                continue  # a stream we ended: its late DATA only counts for the circuit
+            stream.deliver_window -= len(chunks)
+            if stream.deliver_window < 0:
+                self.close(f"DATA beyond stream {stream_id}'s deliver window")
+                return
+            while stream.deliver_window <= STREAMWINDOW_START - STREAMWINDOW_INCREMENT:
+                stream.deliver_window += STREAMWINDOW_INCREMENT
+                self._out.append(pack_relay(RC.SENDME, stream_id))
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            stream.bytes_received += len(data)
+            if stream.on_data is not None:
+                stream.on_data(stream, data)
+            if self.state == "closed":
+                return
+
+    def _handle(self, plain: bytes, offset: int, hop: int) -> None:
+        """Handle one relay cell other than DATA."""
         command, _, stream_id, _, length = RELAY_HEADER.unpack_from(plain, offset)
         if length > RELAY_DATA_MAX:
             self.close(f"relay length field {length} exceeds {RELAY_DATA_MAX}")
             return
         start = offset + RELAY_HEADER_LEN
-        if command == RC.DATA:
-            self.deliver_window -= 1
-            if self.deliver_window < 0:
-                self.close("DATA beyond the circuit deliver window")
-                return
-            if self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
-                self.deliver_window += CIRCWINDOW_INCREMENT
-                self._out.append(pack_relay(RC.SENDME, 0))
-            stream = self.streams.get(stream_id)
-            if stream is None:
-                return
-            stream.deliver_window -= 1
-            if stream.deliver_window <= STREAMWINDOW_START - STREAMWINDOW_INCREMENT:
-                stream.deliver_window += STREAMWINDOW_INCREMENT
-                self._out.append(pack_relay(RC.SENDME, stream_id))
-            stream.bytes_received += length
-            deliveries.setdefault(stream, []).append(plain[start : start + length])
-        elif command == RC.SENDME:
+        if command == RC.SENDME:
             self._on_sendme(stream_id)
         elif command == RC.CONNECTED:
             stream = self.streams.get(stream_id)
@@ -335,9 +365,6 @@ class OriginCircuit:
             reason = plain[start] if length else 0
             stream = self.streams.pop(stream_id, None)
             if stream is not None:
-                data = deliveries.pop(stream, None)
-                if data and stream.on_data is not None:
-                    stream.on_data(stream, b"".join(data))
                 self._stream_ended(stream, f"END from the exit (reason {reason})")
         elif command == RC.EXTENDED2 and isinstance(self._handshake, NtorClient):
             try:

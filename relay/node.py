@@ -398,6 +398,7 @@ class RelayNode:
             "reply_callbacks": replies.get("callbacks", 0),
             "wakeups_per_cell": wakeups / cells if cells else 0.0,
             "active_seconds": span,
+            "process_cpu_s": sum(os.times()[:2]),
             "circuits_created": self.circuits_created,
             "circuits_open": self.circuits_open,
             "circuits_closed": self.circuits_closed,
