@@ -520,6 +520,12 @@ class Link:
         if self._state is _State.CLOSED:
             return
         if self._state is _State.OPEN:
+            if self._pending and not self._paused:
+                # Not a clean end: the peer stopped inside a cell. Say so, at WARNING.
+                self._fail(CloseKind.PEER_CLOSED,
+                           f"peer closed the link inside a cell: {len(self._pending)} bytes "
+                           f"of a truncated cell dropped ({reason.name}: {detail})")
+                return
             self._finish(CloseKind.PEER_CLOSED, f"peer closed the link ({reason.name}: {detail})")
         elif self._state is _State.TLS:
             self._fail(CloseKind.TLS_FAILED,
