@@ -191,7 +191,7 @@ def test_truncated_cell_closes_the_link(network: LocalNetwork) -> None:
         assert peer.closed_by_peer()
     finally:
         peer.close()
-    wait_for_log(network, 1, "peer closed the link")
+    wait_for_log(network, 1, "truncated cell dropped")
     assert_relay_still_serves(network, 1)
 
 
