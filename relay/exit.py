@@ -303,6 +303,7 @@ class ExitEdge:
         self._out.append(pack_relay(_CONNECTED, stream_id, address + struct.pack(">I", 300)))
         if early:
             target.writelines(early)
+            self._consider_stream_sendme(stream)
         self._flush()
 
     def _on_connect_failed(self, stream_id: int, reason: CloseReason, detail: str) -> None:
