@@ -9,6 +9,8 @@ What it measures (cells per second; each figure is the median of ``--reps`` time
   - ``relay_forward``: a middle relay's Kf decrypt and recognized check (cells not for it),
   - ``relay_forward_exit``: the same at the last hop, every cell recognized (SHA-1 per cell),
   - ``origin_encrypt_3hops``: a client's digest set plus three AES layers,
+  - ``origin_decrypt_3hops``: a client peeling three Kb layers per cell (per cell and hop),
+    digest check where recognized,
   each for ``reference`` (``workers.relay_crypto``, list form ``*_many``), ``kernel_list`` (the
   kernel behind the same list API) and ``kernel_buf`` (the kernel's joined-buffer fast path);
 * two threads on two different circuits against one thread (kernel_buf, 128- and 512-cell
@@ -196,10 +198,44 @@ def origin_encrypt_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]
     return {"reference": reference, "kernel_list": kernel_list, "kernel_buf": kernel_buf}
 
 
+def origin_decrypt_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]]]:
+    """A client receiving from the third hop: peel three Kb layers, digest check at each hop
+    whose layer leaves recognized == 0 (the exit's)."""
+    keys = circuit_keys(7, 3)
+    plain = b"".join(plain_cells(random.Random(8), EXIT_STREAM_CELLS))
+    stream = FastRelayCrypto(keys[2]).originate_buf(plain)
+    stream = FastRelayCrypto(keys[0]).backward_buf(FastRelayCrypto(keys[1]).backward_buf(stream))
+    buf_batches = [stream[i : i + batch * PAYLOAD_LEN]
+                   for i in range(0, len(stream), batch * PAYLOAD_LEN)]
+    list_batches = [split(b) for b in buf_batches]
+
+    def reference_circuit() -> Callable[[object], int]:
+        decrypt_many = OriginCrypto(keys).decrypt_many
+        return lambda cells: len(decrypt_many(cells))  # type: ignore[arg-type]
+
+    def kernel_list_circuit() -> Callable[[object], int]:
+        decrypt_many = FastOriginCrypto(keys).decrypt_many
+        return lambda cells: len(decrypt_many(cells))  # type: ignore[arg-type]
+
+    def kernel_buf_circuit() -> Callable[[object], int]:
+        decrypt_buf = FastOriginCrypto(keys).decrypt_buf
+        return lambda buf: len(decrypt_buf(buf)[1])  # type: ignore[arg-type]
+
+    assert FastOriginCrypto(keys).decrypt_many(list_batches[0]) == OriginCrypto(
+        keys
+    ).decrypt_many(list_batches[0]), "kernel origin_decrypt differs from the reference"
+    return {
+        "reference": lambda: Replay(reference_circuit, list_batches),
+        "kernel_list": lambda: Replay(kernel_list_circuit, list_batches),
+        "kernel_buf": lambda: Replay(kernel_buf_circuit, buf_batches),
+    }
+
+
 WORKLOADS: dict[str, Callable[[int], dict[str, Callable[[], Callable[[], int]]]]] = {
     "relay_forward": relay_forward_steps,
     "relay_forward_exit": relay_forward_exit_steps,
     "origin_encrypt_3hops": origin_encrypt_steps,
+    "origin_decrypt_3hops": origin_decrypt_steps,
 }
 
 

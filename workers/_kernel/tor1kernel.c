@@ -50,8 +50,9 @@
  * A direction's keystream is continuous across cells, so relay forward/backward/originate and
  * each origin-encrypt layer run ONE EVP_EncryptUpdate over the joined buffer (CTR keeps the
  * position inside a partial block across calls; 509 is not a multiple of 16). Digests are per
- * cell and in order. Origin decrypt peels per cell: a cell recognized at hop 1 must not see hop
- * 2's Kb.
+ * cell and in order. Origin decrypt is defined per cell (a cell recognized at hop 1 must not
+ * see hop 2's Kb) but runs layer by layer: hop h's Kb covers, in one EVP call per run, the
+ * cells still unrecognized after hops 0..h-1 (see decrypt_layer for why this is exact).
  *
  * Threads
  * -------
@@ -864,32 +865,80 @@ fail:
     return NULL;
 }
 
-/* The body of decrypt, without the GIL. Returns the number of cells processed (all of them,
- * or the index of the first unrecognized one), or -1 on an OpenSSL failure. `ctxs` has n_hops
- * NULL entries on entry; contexts are opened lazily and left for the caller to free. */
+#define HOP_PENDING 0xFF /* decrypt(): not recognized by any hop peeled so far */
+
+/* One layer of decrypt: XOR hop h's Kb keystream into every cell still pending, in order,
+ * one EVP call per run of consecutive pending cells (usually the whole batch), and check
+ * each such cell against hop h's backward digest. 1 on success, 0 on an OpenSSL failure.
+ *
+ * Layer by layer gives the bytes of the cell-by-cell definition: hop h's keystream and
+ * digest see exactly the cells that reach hop h, in order, whichever order the passes run
+ * in, and no hop's state depends on another's. No GIL. */
+static int
+decrypt_layer(const EVP_CIPHER *aes, HopState *hop, unsigned char h, unsigned char *out,
+              unsigned char *which, Py_ssize_t ncells)
+{
+    EVP_CIPHER_CTX *ctx = NULL;
+    size_t used = 0;
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < ncells && ok;) {
+        if (which[i] != HOP_PENDING) {
+            i++;
+            continue;
+        }
+        Py_ssize_t end = i;
+        while (end < ncells && which[end] == HOP_PENDING)
+            end++;
+        if (ctx == NULL && (ctx = keystream_open(aes, &hop->bwd_stream)) == NULL) {
+            ok = 0;
+            break;
+        }
+        size_t run = (size_t)(end - i) * CELL_LEN;
+        ok = keystream_xor(ctx, out + i * CELL_LEN, out + i * CELL_LEN, run);
+        used += run;
+        for (; ok && i < end; i++) {
+            if (digest_check(&hop->bwd_digest, out + i * CELL_LEN))
+                which[i] = h;
+        }
+    }
+    EVP_CIPHER_CTX_free(ctx); /* NULL is fine */
+    if (ok)
+        keystream_advance(&hop->bwd_stream, used);
+    return ok;
+}
+
+/* The body of decrypt, without the GIL: copy the input to `out`, peel layer by layer, and
+ * return how many cells were processed -- all of them, or the index of the first cell no hop
+ * recognized -- or -1 on an OpenSSL failure. In the unrecognized case the layers also
+ * consumed the cells after it, so the state is restored from `snapshot` (taken on entry) and
+ * only the cells before it are processed again: a rare path (the circuit is then closed),
+ * and a simple way to leave the state exactly as after the good cells. */
 static Py_ssize_t
-origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, Py_ssize_t n_hops,
-                     EVP_CIPHER_CTX **ctxs, size_t *consumed, unsigned char *out,
+origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, HopState *snapshot,
+                     Py_ssize_t n_hops, const CellInput *in, unsigned char *out,
                      unsigned char *which, Py_ssize_t ncells)
 {
-    for (Py_ssize_t i = 0; i < ncells; i++) {
-        unsigned char *cell = out + i * CELL_LEN;
-        Py_ssize_t h;
-        for (h = 0; h < n_hops; h++) {
-            if (ctxs[h] == NULL && (ctxs[h] = keystream_open(aes, &hops[h].bwd_stream)) == NULL)
+    Py_ssize_t todo = ncells;
+    if (n_hops > 0)
+        memcpy(snapshot, hops, (size_t)n_hops * sizeof(HopState));
+    for (int attempt = 0; attempt < 2; attempt++) {
+        input_copy(in, out);
+        if (todo > 0)
+            memset(which, HOP_PENDING, (size_t)todo);
+        for (Py_ssize_t h = 0; h < n_hops; h++) {
+            if (!decrypt_layer(aes, &hops[h], (unsigned char)h, out, which, todo))
                 return -1;
-            if (!keystream_xor(ctxs[h], cell, cell, CELL_LEN))
-                return -1;
-            if (digest_check(&hops[h].bwd_digest, cell))
-                break;
         }
-        if (h == n_hops)
-            return i; /* unrecognized: not committed; the contexts are discarded */
-        which[i] = (unsigned char)h;
-        for (Py_ssize_t k = 0; k <= h; k++)
-            consumed[k] += CELL_LEN;
+        Py_ssize_t first_bad = 0;
+        while (first_bad < todo && which[first_bad] != HOP_PENDING)
+            first_bad++;
+        if (first_bad == todo)
+            return todo; /* every cell recognized */
+        if (n_hops > 0)
+            memcpy(hops, snapshot, (size_t)n_hops * sizeof(HopState));
+        todo = first_bad; /* second pass over the good prefix only: all of it is recognized */
     }
-    return ncells;
+    return todo;
 }
 
 PyDoc_STRVAR(OriginState_decrypt_doc,
@@ -911,9 +960,8 @@ OriginState_decrypt(OriginStateObject *self, PyObject *buf)
     PyObject *out = NULL, *which = NULL, *result = NULL;
     /* at least one element: a 0-hop circuit is valid (every cell is then unrecognized) */
     size_t slots = self->n_hops > 0 ? (size_t)self->n_hops : 1;
-    EVP_CIPHER_CTX **ctxs = PyMem_Calloc(slots, sizeof(EVP_CIPHER_CTX *));
-    size_t *consumed = PyMem_Calloc(slots, sizeof(size_t));
-    if (ctxs == NULL || consumed == NULL) {
+    HopState *snapshot = PyMem_Malloc(slots * sizeof(HopState));
+    if (snapshot == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -922,22 +970,15 @@ OriginState_decrypt(OriginStateObject *self, PyObject *buf)
     if (out == NULL || which == NULL)
         goto done;
     const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
     Py_ssize_t done_cells;
     PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    input_copy(&in, o);
-    done_cells = origin_decrypt_cells(aes, self->hops, self->n_hops, ctxs, consumed, o,
+    done_cells = origin_decrypt_cells(aes, self->hops, snapshot, self->n_hops, &in,
+                                      (unsigned char *)PyBytes_AS_STRING(out),
                                       (unsigned char *)PyBytes_AS_STRING(which), ncells);
-    if (done_cells >= 0) {
-        for (Py_ssize_t h = 0; h < self->n_hops; h++)
-            keystream_advance(&self->hops[h].bwd_stream, consumed[h]);
-    }
-    for (Py_ssize_t h = 0; h < self->n_hops; h++)
-        EVP_CIPHER_CTX_free(ctxs[h]); /* NULL is fine */
     if (ts != NULL)
         PyEval_RestoreThread(ts);
     if (done_cells < 0) {
-        /* Digests of earlier cells advanced but no keystream did: unusable. */
+        /* Some layers advanced and others did not: unusable. */
         self->broken = 1;
         raise_crypto_failure();
         goto done;
@@ -951,8 +992,10 @@ OriginState_decrypt(OriginStateObject *self, PyObject *buf)
 done:
     Py_XDECREF(out);
     Py_XDECREF(which);
-    PyMem_Free(ctxs);
-    PyMem_Free(consumed);
+    if (snapshot != NULL) {
+        OPENSSL_cleanse(snapshot, slots * sizeof(HopState));
+        PyMem_Free(snapshot);
+    }
     input_release(&in);
     unclaim(&self->in_use);
     return result;
