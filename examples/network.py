@@ -448,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
                 if interactive:
                     print(_format_progress(transfer.progress()), end="", file=sys.stderr,
                           flush=True)
-                reactor.call_later(0.5, show_progress)
+                reactor.call_later(0.25, show_progress)
 
             print(f"network up in {network.workdir}: {args.relays} relays, echo service at "
                   f"{network.echo_address[0]}:{network.echo_address[1]}; starting "

@@ -1,0 +1,530 @@
+"""The origin side of one circuit: building it hop by hop, its streams, its SENDME windows.
+
+Building (tor-spec 5)
+---------------------
+An :class:`OriginCircuit` starts on an open link to its guard with CREATE_FAST and checks
+CREATED_FAST's KH; then, for every further hop, it sends EXTEND2 in a RELAY_EARLY cell to the
+current last hop, with the next relay's address and identity as link specifiers and an ntor
+onionskin for its identity and onion key; EXTENDED2 completes the ntor handshake (AUTH checked)
+and adds the hop. ``on_open(circuit)`` follows, or ``on_close(circuit, reason)`` with why it
+failed (a build timeout included).
+
+Streams and flow control
+------------------------
+:meth:`OriginCircuit.open_stream` sends BEGIN to the last hop; ``on_connected`` follows
+CONNECTED. :meth:`ClientStream.write` queues bytes; they leave as RELAY_DATA cells while the
+circuit's package window (1000 cells) and the stream's (500) allow and the guard link's write
+buffer is below its high watermark; SENDMEs from the exit reopen the windows. Received DATA is
+handed to ``on_data`` at once, so the circuit sends a circuit SENDME every 100 DATA cells and a
+stream SENDME every 50 (see :mod:`relay.circuits`). :meth:`ClientStream.end` sends END after
+the queued bytes.
+
+Crypto and batching
+-------------------
+The origin crypto (``workers.crypto_backend.origin_crypto_for``, the C kernel by default) runs
+inline on the loop thread, in batches: the link handler only appends RELAY payloads, and at the
+end of the loop iteration (the owner calls :meth:`OriginCircuit.flush_in`) the circuit
+decrypts them with one ``decrypt_buf`` call and handles them in order. DATA takes a short path:
+bytes gathered per stream, one ``on_data`` per stream, windows charged per batch. The cells the
+circuit sends in one step are encrypted with one ``encrypt_buf`` call and written with one
+``write``.
+
+Failure
+-------
+A DESTROY from the guard (relays pass one back when a later hop or its link dies), the guard
+link closing (``relay.link`` then delivers DESTROY to every circuit on it), a cell no hop
+recognizes, or a protocol error closes the circuit: every open stream gets ``on_end`` with the
+reason and ``on_close`` runs once.
+
+Threads: loop thread only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Protocol
+
+from reactor import TimerHandle
+from relay.circuits import (
+    CIRCWINDOW_INCREMENT,
+    CIRCWINDOW_START,
+    END_REASON_DONE,
+    RELAY_HEADER,
+    STREAMWINDOW_INCREMENT,
+    STREAMWINDOW_START,
+    pack_data_cells,
+    pack_relay,
+    wire_cells,
+)
+from relay.directory import RelayDescriptor
+from relay.handshakes import (
+    HTYPE_NTOR,
+    BodyError,
+    CreateFastClient,
+    Extend2Body,
+    HandshakeError,
+    LinkSpecifier,
+    NtorClient,
+    decode_extended2,
+)
+from workers.cells import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN, CellCommand
+from workers.cells import RelayCommand as RC
+from workers.crypto_backend import OriginCryptoLike, UnrecognizedCell, origin_crypto_for
+from workers.relay_crypto import HopKeys
+
+if TYPE_CHECKING:
+    from reactor import Reactor
+    from relay.link import Link
+
+__all__ = ["CircuitOwner", "ClientStream", "OriginCircuit"]
+
+log = logging.getLogger("relay.client")
+
+_SIZE = CELL_PAYLOAD_LEN
+_RELAY = int(CellCommand.RELAY)
+_DATA = int(RC.DATA)
+
+
+class CircuitOwner(Protocol):
+    """What an origin circuit needs from the client that owns it (``relay.client.Client``)."""
+
+    reactor: Reactor
+    circuits_built: int
+
+    def mark_dirty(self, circuit: OriginCircuit) -> None:
+        """Flush ``circuit`` at the end of this loop iteration. Loop thread only."""
+        ...
+
+    def link_congested(self, circuit: OriginCircuit) -> bool:
+        """True while ``circuit``'s guard link is above its high watermark. Loop thread only."""
+        ...
+
+    def block_on_link(self, circuit: OriginCircuit) -> None:
+        """Call ``circuit.unblock()`` when its guard link drains. Loop thread only."""
+        ...
+
+    def circuit_closed(self, circuit: OriginCircuit) -> None:
+        """Forget a closed circuit. Loop thread only."""
+        ...
+
+
+
+class ClientStream:
+    """One stream of an :class:`OriginCircuit`. Loop thread only."""
+
+    __slots__ = (
+        "bytes_received",
+        "bytes_sent",
+        "circuit",
+        "connected",
+        "deliver_window",
+        "end_requested",
+        "ended",
+        "on_connected",
+        "on_data",
+        "on_end",
+        "on_sent",
+        "package_window",
+        "pending",
+        "stream_id",
+    )
+
+    def __init__(
+        self,
+        circuit: OriginCircuit,
+        stream_id: int,
+        on_connected: Callable[[ClientStream], None] | None,
+        on_data: Callable[[ClientStream, bytes], None] | None,
+        on_end: Callable[[ClientStream, str], None] | None,
+    ) -> None:
+        """Made by :meth:`OriginCircuit.open_stream`. Loop thread only."""
+        self.circuit = circuit
+        self.stream_id = stream_id
+        self.on_connected = on_connected
+        self.on_data = on_data
+        self.on_end = on_end
+        self.on_sent: Callable[[ClientStream, int], None] | None = None
+        self.connected = False
+        self.ended = False
+        self.end_requested = False
+        self.package_window = STREAMWINDOW_START
+        self.deliver_window = STREAMWINDOW_START
+        self.pending = bytearray()
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    def write(self, data: bytes) -> None:
+        """Queue ``data``; it is sent as the windows allow. Loop thread only."""
+        if self.ended or self.end_requested:
+            raise RuntimeError(f"stream {self.stream_id} is ended")
+        self.pending += data
+        if self.connected:
+            self.circuit._package(self)
+            self.circuit._send_out()
+
+    def end(self) -> None:
+        """Send END once the queued bytes are sent. Loop thread only. Idempotent."""
+        if self.ended or self.end_requested:
+            return
+        self.end_requested = True
+        if self.connected:
+            self.circuit._package(self)
+            self.circuit._send_out()
+
+    @property
+    def queued(self) -> int:
+        """Bytes written but not yet sent. Loop thread only."""
+        return len(self.pending)
+
+
+class OriginCircuit:
+    """One circuit built by this client. Loop thread only."""
+
+    def __init__(
+        self,
+        client: CircuitOwner,
+        path: Sequence[RelayDescriptor],
+        on_open: Callable[[OriginCircuit], None] | None,
+        on_close: Callable[[OriginCircuit, str], None] | None,
+    ) -> None:
+        """Made by :meth:`Client.build_circuit`. Loop thread only."""
+        if not path:
+            raise ValueError("a circuit needs at least one hop")
+        self.client = client
+        self.path = list(path)
+        self.on_open = on_open
+        self.on_close = on_close
+        self.state = "connecting"
+        self.close_reason: str | None = None
+        self.link: Link | None = None
+        self.circ_id = 0
+        self.crypto: OriginCryptoLike | None = None
+        self.package_window = CIRCWINDOW_START
+        self.deliver_window = CIRCWINDOW_START
+        self.streams: dict[int, ClientStream] = {}
+        self.cells_sent = 0
+        self.cells_received = 0
+        self._next_stream_id = 1
+        self._handshake: CreateFastClient | NtorClient | None = None
+        self._incoming: list[bytes] = []
+        self._dirty = False
+        self._out: list[bytes] = []
+        self._blocked: dict[ClientStream, None] = {}
+        self._timer: TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        names = ",".join(d.nickname for d in self.path)
+        return f"<OriginCircuit {self.circ_id:#x} [{names}] {self.state}>"
+
+    @property
+    def is_open(self) -> bool:
+        """True once every hop is added and until it closes. Loop thread only."""
+        return self.state == "open"
+
+    @property
+    def exit_hop(self) -> int:
+        """Index of the last hop. Loop thread only."""
+        return len(self.path) - 1
+
+    # ------------------------------------------------------------------ building
+
+    def start(self, link: Link, build_timeout: float) -> None:
+        """Register on the open guard ``link`` and send CREATE_FAST. Loop thread only (the
+        owning client calls it)."""
+        self.link = link
+        self.circ_id = link.add_circuit(self._on_cell)
+        self.state = "building"
+        self._timer = self.client.reactor.call_later(
+            build_timeout, self._build_timed_out, build_timeout
+        )
+        handshake = CreateFastClient()
+        self._handshake = handshake
+        link.send_cell(self.circ_id, CellCommand.CREATE_FAST, handshake.onionskin)
+
+    def _build_timed_out(self, seconds: float) -> None:
+        self._timer = None
+        if self.state in ("connecting", "building"):
+            self.close(f"circuit not built after {seconds} s")
+
+    def _add_hop(self, material: bytes) -> None:
+        keys = HopKeys.from_material(material)
+        if self.crypto is None:
+            self.crypto = origin_crypto_for([keys])
+        else:
+            self.crypto.add_hop(keys)
+        hops = self.crypto.n_hops
+        if hops < len(self.path):
+            self._extend_to(self.path[hops])
+            return
+        self.state = "open"
+        self._handshake = None
+        self.client.circuits_built += 1
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.on_open is not None:
+            self.on_open(self)
+
+    def _extend_to(self, relay: RelayDescriptor) -> None:
+        assert self.crypto is not None
+        handshake = NtorClient(relay.identity_digest, relay.ntor_onion_key)
+        self._handshake = handshake
+        body = Extend2Body(
+            (LinkSpecifier.ipv4(relay.address, relay.port),
+             LinkSpecifier.legacy_id(relay.identity_digest)),
+            HTYPE_NTOR,
+            handshake.onionskin,
+        ).encode()
+        payload = pack_relay(RC.EXTEND2, 0, body)
+        self._write([payload], self.crypto.n_hops - 1, CellCommand.RELAY_EARLY)
+
+    # ------------------------------------------------------------------ cells in
+
+    def _on_cell(self, command: int, payload: bytes) -> None:
+        if command == _RELAY:
+            self._incoming.append(payload)
+            if not self._dirty:
+                self._dirty = True
+                self.client.mark_dirty(self)
+            return
+        if command == CellCommand.DESTROY:
+            reason = payload[0] if payload else 0
+            self.close(f"DESTROY from the guard (reason {reason})", send_destroy=False)
+        elif command == CellCommand.CREATED_FAST and isinstance(self._handshake, CreateFastClient):
+            try:
+                material = self._handshake.complete(payload)
+            except HandshakeError as exc:
+                self.close(f"CREATE_FAST failed: {exc}")
+                return
+            self._add_hop(material)
+        elif command not in (CellCommand.PADDING, CellCommand.VPADDING):
+            self.close(f"unexpected cell command {command} from the guard")
+
+    def flush_in(self) -> None:
+        """Decrypt and handle the RELAY cells received this iteration (one kernel call).
+        Loop thread only (the owning client calls it at the end of the iteration).
+
+        DATA cells take a short path: their bytes are gathered per stream and handed over
+        with one ``on_data`` call per stream, and the deliver windows are charged per batch
+        (the SENDMEs due are sent with this batch's answers). Any other cell first hands over
+        the DATA gathered before it, so the order within a stream is kept."""
+        self._dirty = False
+        cells, self._incoming = self._incoming, []
+        if self.state == "closed" or not cells:
+            return
+        if self.crypto is None:
+            self.close("RELAY cell before the circuit was created")
+            return
+        try:
+            plain, hops = self.crypto.decrypt_buf(b"".join(cells))
+        except UnrecognizedCell:
+            self.close("a relay cell no hop recognized (digest mismatch)")
+            return
+        self.cells_received += len(cells)
+        unpack = RELAY_HEADER.unpack_from
+        gathered: dict[int, list[bytes]] = {}
+        data_cells = 0
+        offset = 0
+        for hop in hops:
+            command, _, stream_id, _, length = unpack(plain, offset)
+            if command == _DATA and length <= RELAY_DATA_MAX:
+                data_cells += 1
+                start = offset + RELAY_HEADER_LEN
+                chunks = gathered.get(stream_id)
+                if chunks is None:
+                    gathered[stream_id] = [plain[start : start + length]]
+                else:
+                    chunks.append(plain[start : start + length])
+            else:
+                if gathered:
+                    self._deliver(gathered)
+                    gathered = {}
+                self._handle(plain, offset, hop)
+                if self.state == "closed":
+                    return
+            offset += _SIZE
+        if gathered:
+            self._deliver(gathered)
+        if data_cells and self.state != "closed":
+            self.deliver_window -= data_cells
+            if self.deliver_window < 0:
+                self.close("DATA beyond the circuit deliver window")
+                return
+            while self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
+                self.deliver_window += CIRCWINDOW_INCREMENT
+                self._out.append(pack_relay(RC.SENDME, 0))
+        self._send_out()
+
+    def _deliver(self, gathered: dict[int, list[bytes]]) -> None:
+        """Hand each stream its DATA bytes; charge and refill its deliver window."""
+        for stream_id, chunks in gathered.items():
+            stream = self.streams.get(stream_id)
+            if stream is None or stream.ended:
+                continue  # a stream we ended: its late DATA only counts for the circuit
+            stream.deliver_window -= len(chunks)
+            if stream.deliver_window < 0:
+                self.close(f"DATA beyond stream {stream_id}'s deliver window")
+                return
+            while stream.deliver_window <= STREAMWINDOW_START - STREAMWINDOW_INCREMENT:
+                stream.deliver_window += STREAMWINDOW_INCREMENT
+                self._out.append(pack_relay(RC.SENDME, stream_id))
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            stream.bytes_received += len(data)
+            if stream.on_data is not None:
+                stream.on_data(stream, data)
+            if self.state == "closed":
+                return
+
+    def _handle(self, plain: bytes, offset: int, hop: int) -> None:
+        """Handle one relay cell other than DATA."""
+        command, _, stream_id, _, length = RELAY_HEADER.unpack_from(plain, offset)
+        if length > RELAY_DATA_MAX:
+            self.close(f"relay length field {length} exceeds {RELAY_DATA_MAX}")
+            return
+        start = offset + RELAY_HEADER_LEN
+        if command == RC.SENDME:
+            self._on_sendme(stream_id)
+        elif command == RC.CONNECTED:
+            stream = self.streams.get(stream_id)
+            if stream is not None and not stream.connected:
+                stream.connected = True
+                if stream.on_connected is not None:
+                    stream.on_connected(stream)
+                self._package(stream)
+        elif command == RC.END:
+            reason = plain[start] if length else 0
+            stream = self.streams.pop(stream_id, None)
+            if stream is not None:
+                self._stream_ended(stream, f"END from the exit (reason {reason})")
+        elif command == RC.EXTENDED2 and isinstance(self._handshake, NtorClient):
+            try:
+                material = self._handshake.complete(decode_extended2(plain[start : start + length]))
+            except (HandshakeError, BodyError) as exc:
+                self.close(f"EXTEND2 failed: {exc}")
+                return
+            self._add_hop(material)
+        elif command == RC.TRUNCATED:
+            self.close("TRUNCATED from a relay")
+        elif command != RC.DROP:
+            log.info("%r: ignoring relay command %d from hop %d", self, command, hop)
+
+    def _on_sendme(self, stream_id: int) -> None:
+        if stream_id == 0:
+            self.package_window += CIRCWINDOW_INCREMENT
+            blocked, self._blocked = self._blocked, {}
+            for stream in blocked:
+                self._package(stream)
+            return
+        stream = self.streams.get(stream_id)
+        if stream is not None:
+            stream.package_window += STREAMWINDOW_INCREMENT
+            self._package(stream)
+
+    # ------------------------------------------------------------------ cells out
+
+    def open_stream(
+        self,
+        host: str,
+        port: int,
+        *,
+        on_connected: Callable[[ClientStream], None] | None = None,
+        on_data: Callable[[ClientStream, bytes], None] | None = None,
+        on_end: Callable[[ClientStream, str], None] | None = None,
+    ) -> ClientStream:
+        """Send BEGIN ``host:port`` to the last hop. Loop thread only."""
+        if not self.is_open:
+            raise RuntimeError(f"{self!r} is not open")
+        stream_id = self._next_stream_id
+        self._next_stream_id = stream_id % 0xFFFF + 1
+        stream = ClientStream(self, stream_id, on_connected, on_data, on_end)
+        self.streams[stream_id] = stream
+        target = f"[{host}]" if ":" in host else host
+        self._out.append(pack_relay(RC.BEGIN, stream_id, f"{target}:{port}".encode() + b"\0"))
+        self._send_out()
+        return stream
+
+    def _package(self, stream: ClientStream) -> None:
+        """Turn queued stream bytes into DATA payloads while every window allows."""
+        if stream.ended or not stream.connected or self.state != "open":
+            return
+        pending = stream.pending
+        if pending:
+            if self.client.link_congested(self):
+                self.client.block_on_link(self)
+                self._blocked[stream] = None
+                return
+            cells = min(-(-len(pending) // RELAY_DATA_MAX), self.package_window,
+                        stream.package_window)
+            if cells > 0:
+                end = min(len(pending), cells * RELAY_DATA_MAX)
+                self._out.extend(pack_data_cells(stream.stream_id, pending[:end]))
+                del pending[:end]
+                self.package_window -= cells
+                stream.package_window -= cells
+                stream.bytes_sent += end
+                if stream.on_sent is not None:
+                    stream.on_sent(stream, stream.bytes_sent)
+            if pending:
+                if self.package_window <= 0:
+                    self._blocked[stream] = None
+                return
+        if stream.end_requested:
+            self._out.append(pack_relay(RC.END, stream.stream_id, bytes((END_REASON_DONE,))))
+            self.streams.pop(stream.stream_id, None)
+            self._stream_ended(stream, "ended locally")
+
+    def unblock(self) -> None:
+        """The guard link drained: package the streams that waited for it. Loop thread
+        only."""
+        blocked, self._blocked = self._blocked, {}
+        for stream in blocked:
+            self._package(stream)
+        self._send_out()
+
+    def _send_out(self) -> None:
+        if self._out and self.state == "open":
+            out, self._out = self._out, []
+            self._write(out, self.exit_hop, _RELAY)
+
+    def _write(self, payloads: list[bytes], hop: int, command: int) -> None:
+        assert self.crypto is not None and self.link is not None
+        if not self.link.is_open:
+            return
+        encrypted = self.crypto.encrypt_buf(payloads, hop)
+        self.link.write_cells(wire_cells(self.circ_id, command, encrypted), len(payloads))
+        self.cells_sent += len(payloads)
+
+    # ------------------------------------------------------------------ closing
+
+    def _stream_ended(self, stream: ClientStream, why: str) -> None:
+        if stream.ended:
+            return
+        stream.ended = True
+        self._blocked.pop(stream, None)
+        if stream.on_end is not None:
+            stream.on_end(stream, why)
+
+    def close(self, reason: str = "closed by the client", *, send_destroy: bool = True) -> None:
+        """Close the circuit (DESTROY to the guard unless it sent one); every open stream
+        ends with ``reason``; ``on_close`` runs once. Idempotent. Loop thread only."""
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        self.close_reason = reason
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._incoming.clear()
+        self._out.clear()
+        if self.link is not None and self.circ_id:
+            if send_destroy:
+                self.link.destroy_circuit(self.circ_id)
+            else:
+                self.link.remove_circuit(self.circ_id)
+        streams, self.streams = self.streams, {}
+        for stream in streams.values():
+            self._stream_ended(stream, reason)
+        self.client.circuit_closed(self)
+        if self.on_close is not None:
+            self.on_close(self, reason)
