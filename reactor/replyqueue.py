@@ -248,9 +248,20 @@ class ReplyQueue(Generic[T]):
             self._backlog = backlog
             self._backlog_pos = end
         self._handle_batch(batch)
-        if self._backlog and not self._async_closed:
-            # Items remain in the loop-private backlog. They left the shared list, so no
-            # producer will ever send for them: we must, or they would stall until the next put.
+        if self._async_closed:
+            return  # close() was called by the handler and has handled everything
+        more = bool(self._backlog)
+        if not more:
+            # The backlog is done, but the shared list may have filled meanwhile: its producer
+            # found it empty and sent, and that wake-up may have been spent on a callback that
+            # served the backlog instead. Nobody else will send for those items, so look.
+            with self._lock:
+                more = bool(self._items)
+        if more:
+            # Items remain (in the backlog, which left the shared list, or in the shared list
+            # whose wake-up we consumed): we must send, or they would stall until a put that
+            # may never come. A put that finds the shared list empty after our look sends
+            # itself.
             self._self_wakeups += 1
             self._async.send()
 
