@@ -31,10 +31,14 @@
  *                                         it, and the state is exactly as after them (the
  *                                         reference's UnrecognizedCell contract).
  *     add_hop(df, db, kf, kb)             append a hop (after EXTENDED2).
+ * "Set a digest": feed the 509 bytes to the running SHA-1 with the digest field payload[5:9]
+ * taken as zero, then write the first 4 bytes of a finalized copy there. "Check": only when
+ * recognized (payload[1:3]) is zero; the same feeding on a copy of the running state, compared
+ * in constant time; a match keeps the advanced copy. Exactly workers.relay_crypto's rules.
  *
  * State layout, and why the cipher context is not kept
  * ----------------------------------------------------
- * A keystream is stored as (key, counter block, offset into that block): 33 bytes. Each call
+ * A keystream is stored as (key, counter block, offset into that block): 36 bytes. Each call
  * creates an EVP_CIPHER_CTX positioned there (~0.15 us: key schedule plus allocation), runs the
  * batch, frees it, and advances the stored position by the bytes actually consumed. A
  * persistent OpenSSL 3 context would cost ~650 bytes of heap per cipher (measured), i.e. 1.3 KB
@@ -61,7 +65,7 @@
  * call claims the object with an atomic flag and raises RuntimeError if it is already claimed.
  * The input is pinned with the buffer protocol (no copy; a bytearray cannot be resized while
  * pinned) and the output objects are allocated before the GIL is released; between
- * Py_BEGIN/END_ALLOW_THREADS only C memory is touched. Calls of fewer than
+ * PyEval_SaveThread and PyEval_RestoreThread only C memory is touched. Calls of fewer than
  * GIL_RELEASE_MIN_CELLS cells keep the GIL: releasing it for ~0.1-1 us of work costs more than
  * it gives and invites the convoy effect (the caller waiting a whole switch interval to get the
  * GIL back). The module has no mutable global state; the fetched AES-128-CTR cipher lives in
