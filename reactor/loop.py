@@ -76,7 +76,10 @@ class TimerHandle:
         self._done = False
         self._cancelled = False
         self._timer = pyuv.Timer(reactor.loop)
-        self._timer.start(self._fire, max(0.0, seconds), 0.0)
+        # libuv timers count whole milliseconds; round a positive delay below 1 ms up to 1 ms
+        # (never fire early) instead of letting pyuv warn about it.
+        delay = 0.0 if seconds <= 0 else max(seconds, 0.001)
+        self._timer.start(self._fire, delay, 0.0)
         reactor._register_resource(self)
 
     @property
@@ -281,7 +284,8 @@ class Reactor:
     def call_later(self, seconds: float, fn: Callable[..., object], *args: Any) -> TimerHandle:
         """Run ``fn(*args)`` after ``seconds``; returns a handle with ``cancel()``.
 
-        Loop thread only. The pending timer keeps ``loop.run()`` alive, as in asyncio.
+        Loop thread only. libuv timers have millisecond resolution: a positive delay below
+        1 ms becomes 1 ms. The pending timer keeps ``loop.run()`` alive, as in asyncio.
         """
         self.check_loop_thread("Reactor.call_later()")
         self._check_open("Reactor.call_later()")
