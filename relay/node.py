@@ -31,7 +31,9 @@ Back-pressure (three sources, combined per link by :class:`relay.circuits.ReadGa
 * one circuit over its mark: its circuit holds the gates of its own links (``OrCircuit``);
 * a link's write buffer above its high watermark: each source that writes into it (the link a
   forwarded batch came from, or an exit's targets) is paused and remembered in that link's
-  ``waiters``, and released when the buffer drains to the low watermark (or the link closes).
+  ``waiters``, and released when the buffer drains to the low watermark (or the link closes);
+  a relay-to-relay link is not paused for another relay-to-relay link (see
+  :mod:`relay.orcircuit`: that could deadlock a ring of relays).
 Each of these does work proportional to what it pauses, never to all circuits.
 
 Threads: everything is loop thread only; the pool's workers only run ``crypt_batch``.
@@ -64,7 +66,7 @@ from relay.link import Link, LinkError
 from relay.orcircuit import OrCircuit, Peer, crypt_batch
 from workers.cells import CellCommand, DestroyReason
 from workers.crypto_backend import backend_name, relay_crypto_for
-from workers.pool import DEFAULT_BATCH_CELLS, WorkerPool
+from workers.pool import DEFAULT_BATCH_CELLS, DEFAULT_CIRCUIT_HIGH_WATER, WorkerPool
 from workers.relay_crypto import HopKeys
 
 __all__ = ["RelayNode"]
@@ -72,6 +74,8 @@ __all__ = ["RelayNode"]
 log = logging.getLogger("relay.node")
 
 _POOL = "pool"
+DEFAULT_POOL_HIGH_WATER = 32768
+"""Cells in flight on a relay's pool before its links stop reading (about 16 MB)."""
 _KNOWN_COMMANDS = frozenset(int(c) for c in CellCommand)
 _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
@@ -92,8 +96,16 @@ class RelayNode:
         batch_cells: int = DEFAULT_BATCH_CELLS,
         exit_policy: Callable[[str, int], bool] = loopback_only,
         handshake_timeout: float = 30.0,
+        pool_high_water: int = DEFAULT_POOL_HIGH_WATER,
+        circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
+        link_write_water: tuple[int, int] | None = None,
     ) -> None:
-        """Configure; :meth:`start` listens and starts the pool. Loop thread only."""
+        """Configure; :meth:`start` listens and starts the pool. Loop thread only.
+
+        ``pool_high_water`` / ``circuit_high_water``: cells in flight on the pool (all
+        circuits / one circuit) at which reading pauses (it resumes at half).
+        ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
+        (default: the reactor's)."""
         self.reactor = reactor
         self.keys = keys
         self.nickname = nickname
@@ -101,6 +113,7 @@ class RelayNode:
         self._host = host
         self._port = port
         self._handshake_timeout = handshake_timeout
+        self._link_write_water = link_write_water
         self.pool = WorkerPool(
             None,
             threads=threads,
@@ -108,6 +121,8 @@ class RelayNode:
             process=crypt_batch,
             joined=False,
             batch_cells=batch_cells,
+            pool_high_water=pool_high_water,
+            circuit_high_water=circuit_high_water,
             on_pool_pressure=self._on_pool_pressure,
             name=f"{nickname}-worker",
         )
@@ -129,6 +144,10 @@ class RelayNode:
         self.links_opened = 0
         self.link_closes: Counter[str] = Counter()
         self.flushes = 0
+        self.pool_pauses = 0
+        self.circuit_pressure_pauses = 0
+        self.write_congestions = 0
+        self.write_pauses = 0
         self.submits = 0
         self.cells_written = 0
         self._exit_totals: Counter[str] = Counter()
@@ -171,6 +190,8 @@ class RelayNode:
     # ------------------------------------------------------------------ links
 
     def _watch_writes(self, peer: Peer, stream: Stream) -> None:
+        if self._link_write_water is not None:
+            stream.set_write_watermarks(*self._link_write_water)
         stream.on_write_high = lambda: self._on_write_high(peer)
         stream.on_write_low = lambda: self._on_write_low(peer)
 
@@ -226,6 +247,7 @@ class RelayNode:
 
     def _on_write_high(self, peer: Peer) -> None:
         peer.congested = True
+        self.write_congestions += 1
 
     def _on_write_low(self, peer: Peer) -> None:
         peer.congested = False
@@ -254,6 +276,7 @@ class RelayNode:
                 link.send_cell(circ_id, CellCommand.CREATED_FAST, reply)
                 return
             if command == CellCommand.CREATE2:
+                peer.relay_link = True  # only relays extend with CREATE2 in this network
                 body = decode_create2(payload)
                 if body.htype != HTYPE_NTOR:
                     raise HandshakeError(f"CREATE2 handshake type {body.htype} unsupported")
@@ -308,6 +331,7 @@ class RelayNode:
                     if peer is not None and peer.gate not in self._pool_paused:
                         self._pool_paused[peer.gate] = None
                         peer.gate.hold(_POOL)
+                        self.pool_pauses += 1
 
     def _on_pool_pressure(self, over: bool) -> None:
         if over:
@@ -327,6 +351,7 @@ class RelayNode:
         if peer.congested and source is not None and source not in peer.waiters:
             peer.waiters[source] = None
             source.hold(peer)
+            self.write_pauses += 1
 
     def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None:
         """Get an open link to ``address`` for ``circuit`` (reuse or connect). Loop thread
@@ -404,6 +429,10 @@ class RelayNode:
             "circuits_closed": self.circuits_closed,
             "unknown_circuit_destroys": self.unknown_circuit_destroys,
             "garbage_links": self.garbage_links,
+            "pool_pauses": self.pool_pauses,
+            "circuit_pressure_pauses": self.circuit_pressure_pauses,
+            "write_congestions": self.write_congestions,
+            "write_pauses": self.write_pauses,
             "links_accepted": self.links_accepted,
             "links_opened": self.links_opened,
             "link_closes": dict(self.link_closes),

@@ -47,7 +47,12 @@ Back-pressure
 The pool's per-circuit high-water signal holds the read gates of both links of the circuit
 until the low-water signal. Writes go through the node, which pauses the source of a write
 (the other link, or the exit's targets) while the destination link's write buffer is above its
-high watermark.
+high watermark -- except that a link to another relay is never paused because a link to yet
+another relay is full: around a ring of relays (A->B->C->A, which the network's circuits form)
+such pauses could wait on each other forever. A client link or an exit target is always a
+valid source to pause, and a client link always a valid destination to wait for (the client
+keeps reading), so every chain of waits ends; between relays, the SENDME windows bound what
+can queue.
 
 Threads: loop thread only, except :func:`crypt_batch`, which runs on a worker that owns the
 circuit.
@@ -111,13 +116,16 @@ def crypt_batch(state: Any, direction: int, batch: Any) -> Any:
 class Peer:
     """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
 
-    __slots__ = ("address", "congested", "gate", "link", "waiters", "waiting")
+    __slots__ = ("address", "congested", "gate", "link", "relay_link", "waiters", "waiting")
 
     def __init__(self, link: Link, address: tuple[str, int] | None = None) -> None:
         """Wrap ``link``. Loop thread only."""
         self.link = link
         self.gate = ReadGate(link)
         self.address = address  # set for links this relay opened (reused by EXTEND2)
+        # A link to another relay: one we opened, or one a relay extended over (CREATE2).
+        # Write congestion never pauses reading it for the sake of another relay link.
+        self.relay_link = address is not None
         self.congested = False
         self.waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
         self.waiting: list[OrCircuit] = []  # circuits waiting for this link to open
@@ -131,6 +139,7 @@ class CircuitHost(Protocol):
 
     reactor: Reactor
     pool: WorkerPool
+    circuit_pressure_pauses: int
 
     def mark_dirty(self, circuit: OrCircuit) -> None: ...
     def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None: ...
@@ -303,7 +312,10 @@ class OrCircuit:
         if self.state is _CLOSED:
             return
         if direction == BACKWARD:
-            source = self.next.gate if self.next is not None else None
+            # Pausing a relay-to-relay link for another relay link could close a cycle of
+            # waits around a ring of relays; toward a client link it cannot (a client reads).
+            source = (self.next.gate if self.next is not None and not self.prev.relay_link
+                      else None)
         else:
             source = self._edge_gate
         self.host.send(self.prev, wire_cells(self.prev_id, _RELAY, result), count, source)
@@ -347,7 +359,7 @@ class OrCircuit:
             data = b"".join(parts)
         else:
             data = wire_cells(self.next_id, _RELAY, out)
-        self.host.send(nxt, data, count, self.prev.gate)
+        self.host.send(nxt, data, count, None if self.prev.relay_link else self.prev.gate)
 
     def _handle_local(self, out: bytes, indices: Sequence[int], early: set[int]) -> None:
         """Handle the forward cells recognized here, in order."""
@@ -418,6 +430,8 @@ class OrCircuit:
 
     def _on_pressure(self, work: Circuit, over: bool) -> None:
         self._pressure = over
+        if over:
+            self.host.circuit_pressure_pauses += 1
         for peer in (self.prev, self.next):
             if peer is not None:
                 if over:

@@ -1,0 +1,236 @@
+"""Back-pressure inside relays: tiny pool, circuit and link watermarks, and still every byte.
+
+Three ``RelayNode``s, the echo service and the client share one reactor in this process (the
+relays are the same code the relay processes run; here their counters can be read directly).
+With high-water marks of a few cells, the pool and circuit signals pause and resume the links
+many times during the transfer; nothing may be lost, reordered or left paused. A next hop that
+stops reading makes the relay's write buffer toward it cross its high watermark: the relay
+stops reading the client's link until the next hop reads again, and then every cell arrives.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+from test_relay_bad_input import RawPeer
+
+from examples.client import EchoTransfer
+from examples.echo import EchoServer
+from reactor import Reactor
+from relay.circuits import pack_relay, relay_body, wire_cells
+from relay.directory import RelayKeys
+from relay.handshakes import HTYPE_NTOR, Extend2Body, LinkSpecifier, encode_created2
+from relay.link import NetInfo, encode_netinfo
+from relay.node import RelayNode
+from workers.cells import CELL_PAYLOAD_LEN, CellCommand, RelayCommand, encode_versions
+
+
+@pytest.fixture(scope="module")
+def relay_keys() -> list[RelayKeys]:
+    return [RelayKeys.generate() for _ in range(3)]
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    with Reactor() as loop:
+        yield loop
+
+
+def run_until(reactor: Reactor, done: Callable[[], bool], timeout: float) -> None:
+    """Run the loop until ``done()`` (polled every 10 ms); fail after ``timeout`` seconds."""
+    expired: list[bool] = []
+
+    def poll() -> None:
+        if done():
+            reactor.stop()
+        else:
+            reactor.call_later(0.01, poll)
+
+    def give_up() -> None:
+        expired.append(True)
+        reactor.stop()
+
+    guard = reactor.call_later(timeout, give_up)
+    reactor.call_soon(poll)
+    reactor.run()
+    guard.cancel()
+    assert not expired, f"condition not met within {timeout} s"
+
+
+def run_until_closed(reactor: Reactor, nodes: list[RelayNode]) -> None:
+    """Run the loop until the client's DESTROYs have torn down every relay circuit."""
+    run_until(reactor, lambda: all(node.circuits_open == 0 for node in nodes), 30)
+
+
+def run_transfer(reactor: Reactor, nodes: list[RelayNode], echo: EchoServer,
+                 circuits: int, size: int) -> EchoTransfer:
+    transfer = EchoTransfer(reactor, [n.descriptor() for n in nodes], echo.address,
+                            circuits=circuits, bytes_per_circuit=size, stall_timeout=20,
+                            on_finished=lambda t: reactor.stop())
+    guard = reactor.call_later(120, transfer.abort, "test timeout")
+    transfer.start()
+    reactor.run()
+    guard.cancel()
+    return transfer
+
+
+def test_tiny_watermarks_pause_and_resume_without_loss(
+    reactor: Reactor, relay_keys: list[RelayKeys]
+) -> None:
+    nodes = [
+        RelayNode(reactor, keys, nickname=f"bp{i}", threads=2, batch_cells=16,
+                  pool_high_water=48, circuit_high_water=12, link_write_water=(4096, 1024))
+        for i, keys in enumerate(relay_keys)
+    ]
+    for node in nodes:
+        node.start()
+    echo = EchoServer(reactor)
+    try:
+        transfer = run_transfer(reactor, nodes, echo, circuits=4, size=300_000)
+        results = transfer.results()
+        assert results["ok"], results["failures"]
+        assert results["bytes_echoed_intact"] == 4 * 300_000
+        stats = [node.stats() for node in nodes]
+        assert sum(s["pool_pauses"] for s in stats) > 0
+        assert sum(s["circuit_pressure_pauses"] for s in stats) > 0
+        for s in stats:
+            assert s["pool_discarded"] == 0 and s["pool_errors"] == 0
+        # Once the client's DESTROYs tore the circuits down, nothing is left paused: every
+        # live link reads again and nothing is in flight.
+        run_until_closed(reactor, nodes)
+        for node in nodes:
+            assert node.pool.in_flight == 0
+            for peer in node._peers.values():
+                assert not peer.gate.paused, peer
+    finally:
+        for node in nodes:
+            node.close()
+        echo.close()
+
+
+def test_relays_in_one_process_echo_with_default_marks(
+    reactor: Reactor, relay_keys: list[RelayKeys]
+) -> None:
+    nodes = [RelayNode(reactor, keys, nickname=f"n{i}", threads=1)
+             for i, keys in enumerate(relay_keys)]
+    for node in nodes:
+        node.start()
+    echo = EchoServer(reactor)
+    try:
+        transfer = run_transfer(reactor, nodes, echo, circuits=3, size=200_000)
+        assert transfer.ok, transfer.failures()
+        run_until_closed(reactor, nodes)  # the client's DESTROYs reach every hop
+        for node in nodes:
+            stats = node.stats()
+            assert stats["circuits_created"] == 3  # every relay is on every 3-hop circuit
+            assert stats["circuits_closed"] == 3 and stats["circuits_open"] == 0
+            assert stats["pool_pauses"] == 0
+            # each relay is the exit of one circuit
+            assert stats["exit"]["streams_opened"] == 1
+            assert stats["exit"]["bytes_to_targets"] == 200_000
+            assert stats["exit"]["bytes_from_targets"] == 200_000
+    finally:
+        for node in nodes:
+            node.close()
+        echo.close()
+
+
+class StalledNextRelay:
+    """A fake next relay on a blocking socket: answers the link handshake and CREATE2, then
+    reads nothing until ``may_read`` is set, and then counts the RELAY cells it gets."""
+
+    def __init__(self, expected_cells: int) -> None:
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(1)
+        self.port = self.listener.getsockname()[1]
+        self.expected = expected_cells
+        self.may_read = threading.Event()
+        self.done = threading.Event()
+        self.relay_cells = 0
+        self.error: BaseException | None = None
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+            peer = RawPeer.__new__(RawPeer)
+            peer.sock, peer.buf = conn, b""
+            conn.settimeout(60)
+            _, command, length = struct.unpack(">HBH", peer._read(5))
+            assert command == CellCommand.VERSIONS
+            peer._read(length)
+            conn.sendall(encode_versions([4]))
+            peer.send_cell(0, CellCommand.NETINFO, encode_netinfo(NetInfo(0, "127.0.0.1")))
+            assert peer.recv_cell()[1] == CellCommand.NETINFO
+            circ_id, command, _ = peer.recv_cell()
+            assert command == CellCommand.CREATE2
+            peer.send_cell(circ_id, CellCommand.CREATED2, encode_created2(bytes(64)))
+            self.may_read.wait(60)
+            while self.relay_cells < self.expected:
+                got_id, command, _ = peer.recv_cell()
+                assert (got_id, command) == (circ_id, CellCommand.RELAY)
+                self.relay_cells += 1
+            conn.close()
+        except BaseException as exc:  # reported on the test thread
+            self.error = exc
+        finally:
+            self.done.set()
+            self.listener.close()
+
+
+def test_a_full_next_hop_link_pauses_reading_the_client_link(
+    reactor: Reactor, relay_keys: list[RelayKeys]
+) -> None:
+    cells = 16384  # 8 MB: more than the kernel buffers of the stalled link hold
+    node = RelayNode(reactor, relay_keys[0], nickname="mid", link_write_water=(65536, 16384))
+    node.start()
+    fake = StalledNextRelay(cells)
+    client_done = threading.Event()
+    client_error: list[BaseException] = []
+
+    def client_side() -> None:
+        try:
+            peer = RawPeer(node.address[1])
+            peer.handshake()
+            circ = 0x80000001
+            crypto = peer.create_fast(circ)
+            extend = Extend2Body(
+                (LinkSpecifier.ipv4("127.0.0.1", fake.port), LinkSpecifier.legacy_id(bytes(20))),
+                HTYPE_NTOR, bytes(84)).encode()
+            peer.send_cell(circ, CellCommand.RELAY_EARLY,
+                           crypto.encrypt(pack_relay(RelayCommand.EXTEND2, 0, extend), 0))
+            _, command, payload = peer.recv_cell()
+            assert command == CellCommand.RELAY
+            assert relay_body(crypto.decrypt(payload)[1])[0] == RelayCommand.EXTENDED2
+            # Random payloads are not recognized by the relay: all go on to the next hop.
+            junk = random.Random(5).randbytes(CELL_PAYLOAD_LEN * cells)
+            peer.sock.sendall(wire_cells(circ, CellCommand.RELAY, junk))
+            fake.done.wait(60)  # closing the link earlier would destroy the circuit
+            peer.close()
+        except BaseException as exc:
+            client_error.append(exc)
+        finally:
+            client_done.set()
+
+    threading.Thread(target=client_side, daemon=True).start()
+    try:
+        run_until(reactor, lambda: node.write_pauses > 0 or fake.done.is_set()
+                  or client_done.is_set(), 60)
+        assert not client_error and fake.error is None, (client_error, fake.error)
+        assert node.write_congestions > 0 and node.write_pauses > 0
+        client_links = [p for p in node._peers.values() if not p.relay_link]
+        assert len(client_links) == 1 and client_links[0].gate.paused
+        fake.may_read.set()
+        run_until(reactor, lambda: fake.done.is_set() and client_done.is_set(), 60)
+        assert not client_error and fake.error is None, (client_error, fake.error)
+        assert fake.relay_cells == cells
+    finally:
+        fake.may_read.set()
+        node.close()
