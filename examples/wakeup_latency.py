@@ -120,7 +120,7 @@ def raw_async_channel(reactor: Reactor, handle: Handle) -> Channel:
 
 
 def socketpair_channel(reactor: Reactor, handle: Handle) -> Channel:
-    """A locked deque plus one byte per item down a socketpair, polled by the loop."""
+    """A locked deque plus one byte per item down a socketpair, polled. Loop thread."""
     loop_sock, worker_sock = socket.socketpair()
     loop_sock.setblocking(False)
     lock = threading.Lock()
@@ -322,13 +322,13 @@ def burst_asyncio(items: int) -> BurstResult:
 
 
 def percentile(sorted_values: list[int], fraction: float) -> int:
-    """Nearest-rank percentile of an ascending, non-empty list."""
+    """Nearest-rank percentile of an ascending, non-empty list. Any thread."""
     rank = -(-len(sorted_values) * fraction // 1)  # ceil
     return sorted_values[min(len(sorted_values), max(1, int(rank))) - 1]
 
 
 def measure(isolated: int, rounds: int, burst: int, repeats: int) -> dict[str, dict]:
-    """Run everything; return the JSON-shaped results plus raw data under ``_``-keys."""
+    """Run everything; JSON-shaped results plus raw data under ``_``-keys. Main thread."""
     per_round = -(-isolated // rounds)  # ceil: at least `isolated` samples in total
     latencies: dict[str, list[int]] = {name: [] for name in MECHANISMS}
     for round_index in range(rounds):
@@ -369,7 +369,7 @@ def measure(isolated: int, rounds: int, burst: int, repeats: int) -> dict[str, d
 
 
 def targets(results: dict[str, dict]) -> list[tuple[str, bool]]:
-    """The issue's three targets, evaluated on this run."""
+    """The issue's three targets, evaluated on this run. Any thread."""
     ours = results["replyqueue"]
     raw = results["raw_async"]
     p50_ratio = ours["isolated"]["p50_us"] / raw["isolated"]["p50_us"]
@@ -383,7 +383,7 @@ def targets(results: dict[str, dict]) -> list[tuple[str, bool]]:
 
 
 def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
-    """The human-readable report."""
+    """Print the human-readable report. Any thread."""
     print(
         f"wake-up latency: Python {platform.python_version()}, pyuv {pyuv.__version__}, "
         f"{os.cpu_count()} CPUs, switch interval {sys.getswitchinterval() * 1000:.0f} ms\n"
@@ -410,7 +410,7 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
 
 
 def plot(results: dict[str, dict], path: str) -> None:
-    """Draw the isolated latency distributions (CDFs, log x) into a PNG."""
+    """Draw the isolated latency distributions (CDFs, log x) into a PNG. Main thread."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -434,7 +434,7 @@ def plot(results: dict[str, dict], path: str) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Command line."""
+    """Parse the command line. Any thread."""
     parser = argparse.ArgumentParser(
         prog="python -m examples.wakeup_latency",
         description="Wake-up latency and burst throughput, worker thread -> loop thread.",
@@ -460,7 +460,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point."""
+    """Entry point. Main thread (it runs the loops)."""
     args = parse_args(argv)
     results = measure(args.isolated, args.rounds, args.burst, args.repeats)
     if args.json:

@@ -128,7 +128,6 @@ class Stream:
         reactor.check_loop_thread("Stream()")
         _check_watermarks(high_water, low_water)
         self._reactor = reactor
-        self._loop_thread_id = threading.get_ident()
         self._tcp = tcp
         self._on_data: Callable[[bytes], object] | None = None
         self.on_close: Callable[[CloseReason, str], object] | None = None
@@ -184,7 +183,10 @@ class Stream:
 
     @property
     def close_detail(self) -> str:
-        """A human description of the close (errno name and text, or the local reason)."""
+        """A human description of the close (errno name and text, or the local reason).
+
+        Any thread.
+        """
         return self._close_detail
 
     @property
@@ -239,8 +241,8 @@ class Stream:
         found during this call closes the stream and is reported through ``on_close`` on a
         later loop iteration, never raised here.
         """
-        if threading.get_ident() != self._loop_thread_id:
-            self._check_thread("Stream.write()")
+        if threading.get_ident() != self._reactor._loop_thread_id:
+            self._reactor.check_loop_thread("Stream.write()")
         if self._closing:
             self._refuse_write()
             return
@@ -259,8 +261,8 @@ class Stream:
 
         Same errors as ``write``. Pass a list or tuple; other iterables are copied first.
         """
-        if threading.get_ident() != self._loop_thread_id:
-            self._check_thread("Stream.writelines()")
+        if threading.get_ident() != self._reactor._loop_thread_id:
+            self._reactor.check_loop_thread("Stream.writelines()")
         if self._closing:
             self._refuse_write()
             return
@@ -465,8 +467,7 @@ class Stream:
     # ------------------------------------------------------------------ helpers
 
     def _check_thread(self, what: str) -> None:
-        if threading.get_ident() != self._loop_thread_id:
-            self._reactor.check_loop_thread(what)
+        self._reactor.check_loop_thread(what)
 
     def _call_user(self, callback: Callable[..., object], *args: Any) -> None:
         try:

@@ -327,3 +327,39 @@ def test_watermarks_are_validated_and_reported() -> None:
         assert stream.write_watermarks == (2000, 500)
         with pytest.raises(ValueError):
             stream.set_write_watermarks(1, 2)
+
+
+def test_write_before_the_connection_completes_is_sent_and_other_threads_are_refused() -> None:
+    with Reactor() as reactor:
+        received = bytearray()
+        errors: list[str] = []
+
+        def on_connection(stream: Stream) -> None:
+            def on_data(data: bytes) -> None:
+                received.extend(data)
+                if received.endswith(b"end"):
+                    reactor.stop()
+
+            stream.on_data = on_data
+
+        listener = listen(reactor, "127.0.0.1", 0, on_connection)
+        stream = connect(reactor, "127.0.0.1", listener.address[1], lambda s: None)
+        stream.write(b"queued while connecting, ")
+
+        def off_thread() -> None:
+            for call in (lambda: stream.write(b"x"), lambda: stream.writelines([b"x"]),
+                         stream.pause_reading, lambda: stream.close("x")):
+                try:
+                    call()
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+            reactor.call_soon_threadsafe(stream.write, b"end")
+
+        thread = threading.Thread(target=off_thread)
+        reactor.call_soon(thread.start)
+        watchdog = reactor.call_later(WATCHDOG_S, reactor.stop)
+        reactor.run()
+        watchdog.cancel()
+        thread.join()
+        assert bytes(received) == b"queued while connecting, end"
+        assert len(errors) == 4 and all("loop thread" in e for e in errors)
