@@ -76,6 +76,7 @@ class _Job:
                  "path", "received", "sent_marks", "stream")
 
     def __init__(self, index: int, path: list[RelayDescriptor], expected: bytes) -> None:
+        """Circuit ``index`` through ``path``, to echo ``expected``. Loop thread only."""
         self.index = index
         self.path = path
         self.expected = expected
@@ -90,6 +91,7 @@ class _Job:
 
     @property
     def finished(self) -> bool:
+        """True once it succeeded or failed. Loop thread only."""
         return self.done or self.error is not None
 
 

@@ -150,8 +150,13 @@ def wire_cells(circ_id: int, command: int, payloads: bytes) -> bytes:
 class Pausable(Protocol):
     """Anything whose reading can be paused: ``reactor.net.Stream``, a link."""
 
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
+    def pause_reading(self) -> None:
+        """Stop delivering data until ``resume_reading``. Loop thread only."""
+        ...
+
+    def resume_reading(self) -> None:
+        """Deliver data again. Loop thread only."""
+        ...
 
 
 class ReadGate:

@@ -35,6 +35,7 @@ class _GuardLink:
     __slots__ = ("blocked", "congested", "link", "waiting")
 
     def __init__(self, link: Link) -> None:
+        """Wrap a guard link. Loop thread only."""
         self.link = link
         self.waiting: list[OriginCircuit] = []
         self.congested = False

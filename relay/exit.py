@@ -112,6 +112,7 @@ class _ExitStream:
     )
 
     def __init__(self, stream_id: int, target: Stream) -> None:
+        """A stream whose target connection is being made. Loop thread only."""
         self.stream_id = stream_id
         self.target = target
         self.gate = ReadGate(target)
