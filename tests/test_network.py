@@ -101,3 +101,28 @@ def test_ctrl_c_stops_every_process_and_reports_failure() -> None:
     assert summary["bytes_echoed_intact"] < 64 << 20
     assert len(summary["pids"]) == 4  # the echo service and three relays
     assert_gone(summary["pids"])
+
+
+def test_client_program_against_a_running_network() -> None:
+    from examples.network import LocalNetwork
+
+    with LocalNetwork(3) as net:
+        host, port = net.echo_address
+        base = [sys.executable, "-m", "examples.client", "--directory",
+                str(net.directory_path), "--json"]
+        good = subprocess.run([*base, "--target", f"{host}:{port}", "--circuits", "3",
+                               "--bytes", "200k"], cwd=ROOT, capture_output=True, text=True,
+                              timeout=60)
+        assert good.returncode == 0, good.stderr
+        summary = json.loads(good.stdout)
+        assert summary["bytes_echoed_intact"] == 3 * 200 * 1024 and summary["ok"]
+        # A target nobody listens on: every stream ends with CONNECTREFUSED (3), exit 1.
+        refused = subprocess.run([*base, "--target", f"{host}:1", "--circuits", "2",
+                                  "--bytes", "1k"], cwd=ROOT, capture_output=True, text=True,
+                                 timeout=60)
+        assert refused.returncode == 1, refused.stderr
+        summary = json.loads(refused.stdout)
+        assert summary["bytes_echoed_intact"] == 0 and summary["circuits_failed"] == 2
+        assert all("END from the exit (reason 3)" in f["reason"] for f in summary["failures"])
+        # The relays survived both and still serve.
+        assert all(child.alive for child in net.children())
