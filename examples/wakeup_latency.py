@@ -18,12 +18,18 @@ kind of per-item handler, so what differs is the mechanism.
 
 Isolated: a worker stamps ``perf_counter_ns``, posts one item, and blocks until the handler has
 run (the handler releases a lock the worker waits on), many times. The latency is from the stamp
-to the start of the handler: p50/p90/p99/max in microseconds. The three pyuv mechanisms share
-one loop and one worker, which rotates through them sample by sample, so all three see the same
-CPU placement and background load (the eventfd wake-up of ``uv.Async`` is bimodal on a shared
-machine: a few microseconds when the loop thread is woken on a busy CPU, about ten when an idle
-CPU must wake up; sampling side by side keeps that from deciding the comparison). asyncio has
-its own loop and runs in rounds alternating with the pyuv rounds.
+to the start of the handler: p50/p90/p99/max in microseconds. Each mechanism gets a fresh loop
+and worker thread per round, and the rounds are short and rotate through the mechanisms, so all
+see the same background load on a shared machine. (Two mechanisms sharing one loop would not be
+comparable: libuv runs due Async callbacks in handle creation order within one pass, so a
+later-created Async can be caught in the pass that serves an earlier one.)
+
+Reading the numbers: the eventfd wake-up behind ``uv.Async`` is bimodal here - about 4 us when
+the loop thread can take the GIL at once, about 11 us when it wakes while the worker still holds
+the GIL and they hand it over - and on a 2-CPU machine the two modes are close to 50/50. A p50
+that falls between the modes moves by several microseconds between runs, even between two
+identical channels (``replyqueue`` and ``raw_async`` share the same modes; compare their
+p25/p75 in the plot). The socketpair wake-up (a "sync" wake-up in the kernel) is unimodal.
 
 Burst: one worker posts N items as fast as it can; items/s is N divided by the time from the
 first post to the handling of the last item. ``wakeups_per_item`` counts the wake-up signals the
@@ -53,7 +59,7 @@ from reactor import Reactor, ReplyQueue
 
 MECHANISMS = ("replyqueue", "raw_async", "asyncio", "socketpair")
 PYUV_MECHANISMS = ("replyqueue", "raw_async", "socketpair")
-WARMUP = 100  # isolated samples discarded per mechanism at the start of every round
+WARMUP = 100  # isolated samples discarded at the start of every round
 
 Post = Callable[[int], object]
 Handle = Callable[[int], None]
@@ -204,20 +210,18 @@ class IsolatedRecorder:
                 acquire()
 
 
-def isolated_pyuv_round(samples_each: int) -> dict[str, list[int]]:
-    """One round of the three pyuv mechanisms side by side. Main thread runs the loop."""
+def isolated_pyuv_round(name: str, samples: int) -> list[int]:
+    """One round of one pyuv mechanism on a fresh loop. Main thread runs the loop."""
     reactor = Reactor()
-    recorder = IsolatedRecorder(samples_each * len(PYUV_MECHANISMS), reactor.stop)
-    channels = [PYUV_CHANNELS[name](reactor, recorder.handler(name)) for name in PYUV_MECHANISMS]
-    worker = threading.Thread(target=recorder.worker,
-                              args=([c.post for c in channels], samples_each))
+    recorder = IsolatedRecorder(samples, reactor.stop)
+    channel = PYUV_CHANNELS[name](reactor, recorder.handler(name))
+    worker = threading.Thread(target=recorder.worker, args=([channel.post], samples))
     worker.start()
     reactor.run()
     worker.join()
-    for channel in channels:
-        channel.close()
+    channel.close()
     reactor.close()
-    return {name: recorder.latencies[name][WARMUP:] for name in PYUV_MECHANISMS}
+    return recorder.latencies[name][WARMUP:]
 
 
 def isolated_asyncio_round(samples: int) -> list[int]:
@@ -332,13 +336,13 @@ def measure(isolated: int, rounds: int, burst: int, repeats: int) -> dict[str, d
     per_round = -(-isolated // rounds)  # ceil: at least `isolated` samples in total
     latencies: dict[str, list[int]] = {name: [] for name in MECHANISMS}
     for round_index in range(rounds):
-        pyuv_first = round_index % 2 == 0
-        if not pyuv_first:
-            latencies["asyncio"].extend(isolated_asyncio_round(per_round + WARMUP))
-        for name, samples in isolated_pyuv_round(per_round + WARMUP).items():
+        order = MECHANISMS[round_index % 4 :] + MECHANISMS[: round_index % 4]
+        for name in order:
+            if name == "asyncio":
+                samples = isolated_asyncio_round(per_round + WARMUP)
+            else:
+                samples = isolated_pyuv_round(name, per_round + WARMUP)
             latencies[name].extend(samples)
-        if pyuv_first:
-            latencies["asyncio"].extend(isolated_asyncio_round(per_round + WARMUP))
     bursts: dict[str, list[BurstResult]] = {name: [] for name in MECHANISMS}
     for repeat in range(repeats):
         order = MECHANISMS[repeat % 4 :] + MECHANISMS[: repeat % 4]
@@ -441,12 +445,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-n", "--isolated", type=int, default=20_000,
                         help="isolated wake-ups measured per mechanism (default 20000)")
-    parser.add_argument("--rounds", type=int, default=10,
-                        help="isolated rounds, alternating pyuv and asyncio (default 10)")
+    parser.add_argument("--rounds", type=int, default=20,
+                        help="isolated rounds, each through every mechanism (default 20)")
     parser.add_argument("--burst", type=int, default=100_000,
                         help="items per burst (default 100000)")
-    parser.add_argument("--repeats", type=int, default=5,
-                        help="bursts per mechanism; the median is reported (default 5)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="bursts per mechanism; the median is reported (default 7)")
     parser.add_argument("--quick", action="store_true",
                         help="a fast run: 2000 isolated in 2 rounds, one burst of 20000")
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
