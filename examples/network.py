@@ -345,6 +345,7 @@ def summarize(
             "wakeups_per_cell": stats["wakeups_per_cell"],
             "circuits_created": stats["circuits_created"],
             "process_cpu_s": stats["process_cpu_s"],
+            "cpu_us_per_cell": stats["cpu_us_per_cell"],
             "backend": stats["backend"],
             "threads": stats["threads"],
             "link_closes": stats["link_closes"],
@@ -380,7 +381,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             continue
         print(f"    {name}: {stats['cells_crypted']} cells, {stats['cells_per_s']:.0f} cells/s, "
               f"batch {stats['batch_mean']:.1f}, {stats['wakeups_per_cell']:.4f} wake-ups/cell, "
-              f"{stats['circuits_created']} circuits, {stats['backend']} x{stats['threads']}")
+              f"{stats['cpu_us_per_cell']:.2f} CPU-us/cell, {stats['circuits_created']} "
+              f"circuits, {stats['backend']} x{stats['threads']}")
     for failure in summary["failures"]:
         print(f"  FAILED circuit {failure['circuit']} {failure['path']}: {failure['reason']}")
 

@@ -152,6 +152,7 @@ class RelayNode:
         self.cells_written = 0
         self._exit_totals: Counter[str] = Counter()
         self._first_cell: float | None = None
+        self._cpu_at_first_cell = 0.0
         self._last_cell: float | None = None
 
     # ------------------------------------------------------------------ life cycle
@@ -322,6 +323,7 @@ class RelayNode:
         now = time.perf_counter()
         if self._first_cell is None:
             self._first_cell = now
+            self._cpu_at_first_cell = sum(os.times()[:2])
         self._last_cell = now
         for circuit in dirty:
             circuit.flush()
@@ -402,6 +404,7 @@ class RelayNode:
         pool = self.pool.stats()
         replies = self._replies.stats() if self._replies is not None else {}
         cells = pool["cells"]
+        cpu = sum(os.times()[:2])
         wakeups = replies.get("wakeups_sent", 0)
         span = (
             self._last_cell - self._first_cell
@@ -423,7 +426,9 @@ class RelayNode:
             "reply_callbacks": replies.get("callbacks", 0),
             "wakeups_per_cell": wakeups / cells if cells else 0.0,
             "active_seconds": span,
-            "process_cpu_s": sum(os.times()[:2]),
+            "process_cpu_s": cpu,
+            # CPU of the whole process (loop and workers) since the first cell, per cell
+            "cpu_us_per_cell": (cpu - self._cpu_at_first_cell) / cells * 1e6 if cells else 0.0,
             "circuits_created": self.circuits_created,
             "circuits_open": self.circuits_open,
             "circuits_closed": self.circuits_closed,
