@@ -17,9 +17,13 @@ Measurements
 ------------
 * throughput: intact echoed bytes over the transfer time (first stream connected to last byte
   back);
-* round-trip time under load: each time the client hands a batch of DATA cells to its link it
-  notes the stream offset and the time; when the echo reaches that offset, the difference is a
-  sample (so it includes the queueing a full window causes);
+* round-trip time: each stream first sends ``probes`` single cells one at a time, each after
+  the previous one's echo came back (``rtt_p50_ms``/``rtt_p99_ms``: client -> 3 relays -> echo
+  service and back, with every circuit probing at once but no bulk data queued);
+* round-trip time under load (``rtt_load_*``): during the bulk transfer, each time the client
+  hands a batch of DATA cells to its link it notes the stream offset and the time; when the
+  echo reaches that offset, the difference is a sample (so it includes the queueing a full
+  SENDME window causes);
 * failures: a circuit that closes or whose stream ends before its last byte came back is
   reported with the reason (a relay that died, a DESTROY, a timeout). A transfer with no
   progress for ``stall_timeout`` seconds fails its unfinished circuits instead of hanging.
@@ -44,6 +48,7 @@ from typing import Any
 from reactor import Reactor, TimerHandle
 from relay.client import Client, ClientStream, OriginCircuit
 from relay.directory import RelayDescriptor, read_directory
+from workers.cells import RELAY_DATA_MAX
 
 __all__ = ["EchoTransfer", "main", "parse_size", "percentile"]
 
@@ -73,11 +78,18 @@ class _Job:
     """One circuit's echo job. Loop thread only."""
 
     __slots__ = ("circuit", "done", "error", "expected", "index", "intact", "mismatches",
-                 "path", "received", "sent_marks", "stream")
+                 "path", "probe_at", "probe_end", "probes_left", "received", "sent_marks",
+                 "stream")
 
-    def __init__(self, index: int, path: list[RelayDescriptor], expected: bytes) -> None:
-        """Circuit ``index`` through ``path``, to echo ``expected``. Loop thread only."""
+    def __init__(
+        self, index: int, path: list[RelayDescriptor], expected: bytes, probes: int
+    ) -> None:
+        """Circuit ``index`` through ``path``, to echo ``expected`` after ``probes`` single
+        cells. Loop thread only."""
         self.index = index
+        self.probes_left = probes
+        self.probe_end = 0
+        self.probe_at = 0.0
         self.path = path
         self.expected = expected
         self.circuit: OriginCircuit | None = None
@@ -111,6 +123,7 @@ class EchoTransfer:
         bytes_per_circuit: int = 1 << 20,
         hops: int = 3,
         seed: int = 1,
+        probes: int = 5,
         stall_timeout: float = 30.0,
         build_timeout: float = 30.0,
         on_finished: Callable[[EchoTransfer], None] | None = None,
@@ -129,9 +142,10 @@ class EchoTransfer:
         n = len(self.descriptors)
         self.jobs = [
             _Job(i, [self.descriptors[(i + k) % n] for k in range(hops)],
-                 random.Random(seed * 1_000_003 + i).randbytes(bytes_per_circuit))
+                 random.Random(seed * 1_000_003 + i).randbytes(bytes_per_circuit), probes)
             for i in range(circuits)
         ]
+        self.probe_rtts: list[float] = []
         self.rtts: list[float] = []
         self.started_at = 0.0
         self.transfer_started_at: float | None = None
@@ -174,8 +188,22 @@ class EchoTransfer:
     def _on_connected(self, job: _Job, stream: ClientStream) -> None:
         if self.transfer_started_at is None:
             self.transfer_started_at = time.perf_counter()
+        if job.probes_left > 0:
+            self._probe(job, stream)
+        else:
+            self._bulk(job, stream)
+
+    def _probe(self, job: _Job, stream: ClientStream) -> None:
+        """Send one cell's worth and wait for its echo: an unloaded round trip."""
+        job.probe_end = min(job.received + RELAY_DATA_MAX, self.bytes_per_circuit)
+        job.probe_at = time.perf_counter()
+        stream.write(job.expected[job.received : job.probe_end])
+
+    def _bulk(self, job: _Job, stream: ClientStream) -> None:
+        """Send the rest at once; the windows pace it. Round trips measured under load."""
         stream.on_sent = lambda s, total: job.sent_marks.append((total, time.perf_counter()))
-        stream.write(job.expected)
+        if job.received < self.bytes_per_circuit:
+            stream.write(job.expected[job.received :])
 
     def _on_data(self, job: _Job, data: bytes) -> None:
         start = job.received
@@ -187,6 +215,15 @@ class EchoTransfer:
             expected = job.expected[start:end]
             job.intact += sum(1 for a, b in zip(data, expected, strict=False) if a == b)
         job.received = end
+        if job.probes_left > 0 and end >= job.probe_end:
+            self.probe_rtts.append(time.perf_counter() - job.probe_at)
+            job.probes_left -= 1
+            assert job.stream is not None
+            if end < self.bytes_per_circuit:
+                if job.probes_left > 0:
+                    self._probe(job, job.stream)
+                else:
+                    self._bulk(job, job.stream)
         marks = job.sent_marks
         if marks and marks[0][0] <= end:
             now = time.perf_counter()
@@ -318,9 +355,12 @@ class EchoTransfer:
             "transfer_seconds": seconds,
             "build_seconds": (self.transfer_started_at or self.started_at) - self.started_at,
             "mbytes_per_s": intact / seconds / 1e6,
-            "rtt_samples": len(self.rtts),
-            "rtt_p50_ms": percentile(self.rtts, 0.50) * 1e3,
-            "rtt_p99_ms": percentile(self.rtts, 0.99) * 1e3,
+            "rtt_samples": len(self.probe_rtts),
+            "rtt_p50_ms": percentile(self.probe_rtts, 0.50) * 1e3,
+            "rtt_p99_ms": percentile(self.probe_rtts, 0.99) * 1e3,
+            "rtt_load_samples": len(self.rtts),
+            "rtt_load_p50_ms": percentile(self.rtts, 0.50) * 1e3,
+            "rtt_load_p99_ms": percentile(self.rtts, 0.99) * 1e3,
             "ok": self.ok,
         }
 
@@ -356,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{results['circuits_ok']}/{results['circuits']} circuits intact, "
               f"{results['bytes_echoed_intact']} bytes echoed intact in "
               f"{results['transfer_seconds']:.2f} s ({results['mbytes_per_s']:.2f} MB/s), "
-              f"RTT p50 {results['rtt_p50_ms']:.1f} ms p99 {results['rtt_p99_ms']:.1f} ms")
+              f"RTT p50 {results['rtt_p50_ms']:.2f} ms p99 {results['rtt_p99_ms']:.2f} ms, "
+              f"under load p50 {results['rtt_load_p50_ms']:.1f} ms "
+              f"p99 {results['rtt_load_p99_ms']:.1f} ms")
         for failure in results["failures"]:
             print(f"  FAILED circuit {failure['circuit']} {failure['path']}: {failure['reason']}")
     return 0 if results["ok"] else 1

@@ -370,8 +370,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
           f"{summary['circuits'] * summary['bytes_per_circuit']} bytes in "
           f"{summary['transfer_seconds']:.2f} s: {summary['mbytes_per_s']:.2f} MB/s "
           f"(circuits built in {summary['build_seconds']:.2f} s)")
-    print(f"  round trip under load: p50 {summary['rtt_p50_ms']:.1f} ms, "
-          f"p99 {summary['rtt_p99_ms']:.1f} ms ({summary['rtt_samples']} samples)")
+    print(f"  round trip (single cells): p50 {summary['rtt_p50_ms']:.2f} ms, "
+          f"p99 {summary['rtt_p99_ms']:.2f} ms ({summary['rtt_samples']} samples); under load: "
+          f"p50 {summary['rtt_load_p50_ms']:.1f} ms, p99 {summary['rtt_load_p99_ms']:.1f} ms")
     print(f"  relays: {summary['cells_per_s']:.0f} cells/s crypted in total, "
           f"{summary['wakeups_per_cell']:.4f} wake-ups per cell, "
           f"mean worker batch {summary['batch_mean']:.1f} cells")

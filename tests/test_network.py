@@ -52,7 +52,10 @@ def test_network_echoes_every_byte_through_three_hop_circuits() -> None:
     assert summary["bytes_echoed_intact"] == 6 * per_circuit
     assert summary["circuits_ok"] == 6 and summary["failures"] == []
     assert summary["mbytes_per_s"] > 0
-    assert summary["rtt_samples"] > 0 and summary["rtt_p99_ms"] >= summary["rtt_p50_ms"] > 0
+    assert summary["rtt_samples"] == 6 * 5  # five single-cell probes per circuit
+    assert summary["rtt_p99_ms"] >= summary["rtt_p50_ms"] > 0
+    assert summary["rtt_load_samples"] > 0
+    assert summary["rtt_load_p99_ms"] >= summary["rtt_load_p50_ms"] > 0
     # Every relay crypted cells on the pool (each is a guard, a middle and an exit of some
     # circuit: 6 circuits over 4 relays), with batches and few wake-ups.
     cells_each_way = -(-per_circuit // 498) * 6
