@@ -435,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
             except NetworkStartError as exc:
                 print(f"the network did not start: {exc}", file=sys.stderr)
                 return 2
+            except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT
+                print("interrupted while starting; stopped every process", file=sys.stderr)
+                return 130
             pids.update({child.name: child.pid for child in network.children()})
             transfer = EchoTransfer(
                 reactor, network.descriptors, network.echo_address, circuits=args.circuits,
