@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from reactor import Reactor
 TIMER_PERIOD_S = 0.001
 _TIMER_PERIOD_NS = 1_000_000
 _WATCHDOG_PERIOD_S = 1.0
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Arrival = tuple[int, bytes, int]
 
@@ -103,6 +105,19 @@ class RunFigures:
     extra: dict[str, float] = field(default_factory=dict)
 
 
+def system_busy_ns() -> int:
+    """CPU time all processes have spent busy since boot (user+nice+system+irq+softirq+steal
+    from ``/proc/stat``), in ns; 10 ms granularity. 0 where /proc/stat is missing."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = stat.readline().split()
+    except OSError:
+        return 0
+    # cpu user nice system idle iowait irq softirq steal ...
+    busy = sum(int(fields[i]) for i in (1, 2, 3, 6, 7, 8))
+    return busy * 1_000_000_000 // _CLOCK_TICKS
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of an ascending sequence (0.0 when empty)."""
     if not sorted_values:
@@ -151,6 +166,8 @@ class PipelineRun:
         self._end_ns = 0
         self._start_cpu = (0, 0)
         self._end_cpu = (0, 0)
+        self._start_system_ns = 0
+        self._end_system_ns = 0
         self._ticks: list[int] = []
         self._progress_seen = -1
         self._stalled_for = 0.0
@@ -180,6 +197,7 @@ class PipelineRun:
         if self._start_ns == 0:
             self._start_ns = time.perf_counter_ns()
             self._start_cpu = (time.thread_time_ns(), time.process_time_ns())
+            self._start_system_ns = system_busy_ns()
         chunk = self.workload.chunk_cells
         position = self._next_arrival
         count = min(
@@ -227,6 +245,7 @@ class PipelineRun:
     def _finish(self) -> None:
         self._end_ns = time.perf_counter_ns()
         self._end_cpu = (time.thread_time_ns(), time.process_time_ns())
+        self._end_system_ns = system_busy_ns()
         self._stop_handles()
         assert self._reactor is not None
         self._reactor.stop()
@@ -284,6 +303,10 @@ class PipelineRun:
             "process_cpu_ns_per_cell": process_cpu_ns / self._total,
             "loop_busy": loop_cpu_ns / (seconds * 1e9),
             "cpus_busy": process_cpu_ns / (seconds * 1e9),
+            "others_cpus_busy": max(
+                0.0,
+                (self._end_system_ns - self._start_system_ns - process_cpu_ns) / (seconds * 1e9),
+            ),
         }
         extra.update(self.design.stats(self._total))
         return RunFigures(

@@ -82,6 +82,7 @@ MEDIAN_KEYS = (
     "batch_mean",
     "loop_busy",
     "cpus_busy",
+    "others_cpus_busy",
     "loop_cpu_ns_per_cell",
     "process_cpu_ns_per_cell",
 )
@@ -235,7 +236,8 @@ def render(document: dict[str, Any], header: list[str]) -> str:
         lines.append(f"{name}")
         lines.append(
             f"  {'design':<22} {'cells/s':>12} {'x inline':>9} {'late p50':>9} {'late p99':>9}"
-            f" {'wakeups/cell':>13} {'batch':>7} {'loop':>5} {'cpus':>5}   runs (cells/s)"
+            f" {'wakeups/cell':>13} {'batch':>7} {'loop':>5} {'cpus':>5} {'others':>6}"
+            "   runs (cells/s)"
         )
         for design, figures in designs.items():
             ratio = f"{figures['cells_per_s'] / inline:.2f}" if inline else "-"
@@ -247,7 +249,8 @@ def render(document: dict[str, Any], header: list[str]) -> str:
                 f" {figures['lateness_p50_ms']:>7.2f}ms {figures['lateness_p99_ms']:>7.2f}ms"
                 f" {'-' if wakeups is None else f'{wakeups:.5f}':>13}"
                 f" {'-' if batch is None else f'{batch:.0f}':>7}"
-                f" {figures['loop_busy']:>5.2f} {figures['cpus_busy']:>5.2f}   {runs}"
+                f" {figures['loop_busy']:>5.2f} {figures['cpus_busy']:>5.2f}"
+                f" {figures['others_cpus_busy']:>6.2f}   {runs}"
             )
         pool = designs.get("pool", {})
         ratios = [
@@ -261,7 +264,8 @@ def render(document: dict[str, Any], header: list[str]) -> str:
                 f"cells/s; pool reaches {pool['openssl_fraction']:.1%}"
             )
     lines.append("")
-    lines.append("loop: loop-thread CPU / wall time; cpus: process CPU / wall (2 = both cores)")
+    lines.append("loop: loop-thread CPU / wall time; cpus: process CPU / wall (2 = both cores);")
+    lines.append("others: CPU other processes used meanwhile (machine noise), in cores")
     lines.append("")
     lines.append("targets")
     for target, measured, holds in targets(document):

@@ -41,7 +41,7 @@ from benchmarks.workload import WORKLOADS, build
 DEFAULT_CAPS = "32,128,256,1024,4096"
 DEFAULT_INTERVALS_MS = "5,0.5"
 _REPORTED = ("cells_per_s", "lateness_p50_ms", "lateness_p99_ms", "batch_mean", "loop_busy",
-             "cpus_busy", "wakeups_per_cell")
+             "cpus_busy", "others_cpus_busy", "wakeups_per_cell")
 
 
 def measure(args: argparse.Namespace, log: Any = None) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def render(document: dict[str, Any], header: list[str]) -> str:
         lines.append(name)
         lines.append(
             f"  {'switch':>7} {'config':<10} {'cells/s':>12} {'x inline':>9} {'late p50':>9}"
-            f" {'late p99':>9} {'batch':>7} {'loop':>5} {'cpus':>5}"
+            f" {'late p99':>9} {'batch':>7} {'loop':>5} {'cpus':>5} {'others':>6}"
         )
         for interval, rows in body["switch_interval_ms"].items():
             for config, row in rows.items():
@@ -108,6 +108,7 @@ def render(document: dict[str, Any], header: list[str]) -> str:
                     f" {row['lateness_p99_ms']:>7.2f}ms"
                     f" {'-' if batch is None else f'{batch:.0f}':>7}"
                     f" {row['loop_busy']:>5.2f} {row['cpus_busy']:>5.2f}"
+                    f" {row['others_cpus_busy']:>6.2f}"
                 )
     return "\n".join(lines)
 
