@@ -11,7 +11,9 @@ this project's relays) and opens links to other relays when a circuit asks to be
   :meth:`_on_unrouted`: CREATE_FAST is answered with CREATED_FAST (first hop), CREATE2 with
   the ntor handshake and CREATED2 (hops reached through EXTEND2). Handshakes run on the loop
   thread: there is one per circuit, against thousands of cells. Any other cell for an unknown
-  id is answered with DESTROY (PROTOCOL); DESTROY and padding are dropped. A command that is
+  id is answered with DESTROY (PROTOCOL); DESTROY and padding are dropped. A link already
+  holding ``max_circuits_per_link`` circuits gets DESTROY (RESOURCELIMIT) for any further
+  CREATE, so one peer cannot make the relay hold circuits without limit. A command that is
   not a Tor cell command at all means the peer sends garbage: the link is closed with that
   reason (logged by the link and counted here).
 * **Per iteration, not per cell.** A circuit's link handler only appends a payload and marks
@@ -76,7 +78,12 @@ log = logging.getLogger("relay.node")
 _POOL = "pool"
 DEFAULT_POOL_HIGH_WATER = 32768
 """Cells in flight on a relay's pool before its links stop reading (about 16 MB)."""
+DEFAULT_MAX_CIRCUITS_PER_LINK = 4096
+"""Circuits one link may hold (created by the peer or extended through it) before CREATEs on
+it are refused with DESTROY (RESOURCELIMIT)."""
 _KNOWN_COMMANDS = frozenset(int(c) for c in CellCommand)
+_CREATES = frozenset({int(CellCommand.CREATE), int(CellCommand.CREATE_FAST),
+                      int(CellCommand.CREATE2)})
 _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
 
@@ -99,14 +106,17 @@ class RelayNode:
         pool_high_water: int = DEFAULT_POOL_HIGH_WATER,
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
         link_write_water: tuple[int, int] | None = None,
+        max_circuits_per_link: int = DEFAULT_MAX_CIRCUITS_PER_LINK,
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
         ``pool_high_water`` / ``circuit_high_water``: cells in flight on the pool (all
         circuits / one circuit) at which reading pauses (it resumes at half).
         ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
-        (default: the reactor's)."""
+        (default: the reactor's). ``max_circuits_per_link``: CREATEs beyond it get DESTROY
+        (RESOURCELIMIT)."""
         self.reactor = reactor
+        self.max_circuits_per_link = max_circuits_per_link
         self.keys = keys
         self.nickname = nickname
         self.exit_policy = exit_policy
@@ -138,6 +148,7 @@ class RelayNode:
         self.circuits_created = 0
         self.circuits_open = 0
         self.circuits_closed = 0
+        self.circuits_refused_limit = 0
         self.unknown_circuit_destroys = 0
         self.garbage_links = 0
         self.links_accepted = 0
@@ -270,6 +281,9 @@ class RelayNode:
         if circ_id == 0:
             link.close(f"protocol: {CellCommand(command).name} cell on circuit id 0")
             return
+        if command in _CREATES and link.circuit_count >= self.max_circuits_per_link:
+            self._refuse_over_limit(link, circ_id)
+            return
         try:
             if command == CellCommand.CREATE_FAST:
                 reply, material = create_fast_server(payload)
@@ -293,6 +307,17 @@ class RelayNode:
         log.info("%s: %s cell for unknown circuit %#x: answering DESTROY", link.name,
                  CellCommand(command).name, circ_id)
         link.destroy_circuit(circ_id, DestroyReason.PROTOCOL)
+
+    def _refuse_over_limit(self, link: Link, circ_id: int) -> None:
+        """DESTROY (RESOURCELIMIT) a CREATE beyond the per-link cap; the first refusal and every
+        1000th are logged as warnings (a flood must not flood the log too)."""
+        self.circuits_refused_limit += 1
+        refused = self.circuits_refused_limit
+        log.log(logging.WARNING if refused % 1000 == 1 else logging.DEBUG,
+                "%s: refusing circuit %#x: the link already holds %d circuits "
+                "(max_circuits_per_link); %d refused so far", link.name, circ_id,
+                link.circuit_count, refused)
+        link.destroy_circuit(circ_id, DestroyReason.RESOURCELIMIT)
 
     def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
         crypto = relay_crypto_for(HopKeys.from_material(material))
@@ -432,6 +457,8 @@ class RelayNode:
             "circuits_created": self.circuits_created,
             "circuits_open": self.circuits_open,
             "circuits_closed": self.circuits_closed,
+            "circuits_refused_limit": self.circuits_refused_limit,
+            "worker_threads_alive": pool["alive_threads"],
             "unknown_circuit_destroys": self.unknown_circuit_destroys,
             "garbage_links": self.garbage_links,
             "pool_pauses": self.pool_pauses,
