@@ -29,7 +29,7 @@ import threading
 
 from reactor import Reactor
 from relay.directory import RelayKeys
-from relay.node import RelayNode
+from relay.node import DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
 from workers.pool import DEFAULT_BATCH_CELLS
 
 __all__ = ["main", "parse_hostport", "stop_on_stdin_eof"]
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="worker threads (default 2)")
     parser.add_argument("--batch-cells", type=int, default=DEFAULT_BATCH_CELLS,
                         help=f"worker batch cap in cells (default {DEFAULT_BATCH_CELLS})")
+    parser.add_argument("--max-circuits-per-link", type=int,
+                        default=DEFAULT_MAX_CIRCUITS_PER_LINK,
+                        help="CREATEs beyond this many circuits on one link get DESTROY "
+                             f"(RESOURCELIMIT) (default {DEFAULT_MAX_CIRCUITS_PER_LINK})")
     parser.add_argument("--log-level", default="WARNING")
     parser.add_argument("--profile", action="store_true",
                         help="profile the loop thread (cProfile) into DATA_DIR/loop.prof")
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     host, port = args.listen
     with Reactor() as reactor:
         node = RelayNode(reactor, keys, nickname=args.nickname, host=host, port=port,
-                         threads=args.threads, batch_cells=args.batch_cells)
+                         threads=args.threads, batch_cells=args.batch_cells,
+                         max_circuits_per_link=args.max_circuits_per_link)
         node.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, reactor.stop)
