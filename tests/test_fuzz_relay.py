@@ -192,6 +192,8 @@ class Stranger:
         # can only belong to the circuit it names.
         self.slot_ids = [FIRST_ID + i for i in range(SLOTS)]
         self.next_id = FIRST_ID + SLOTS
+        # Relay commands (and stream ids) received per circuit, whoever was waiting.
+        self.seen: dict[int, set[tuple[int, int]]] = {}
         self.report = StrangerReport()
 
     # ------------------------------------------------------------------ wire
@@ -225,7 +227,18 @@ class Stranger:
                 self.report.error = f"the relay sent an unrecognizable cell on {circ_id:#x}"
                 raise
             self.report.relay_commands.append(payload[0])
+            self.seen.setdefault(circ_id, set()).add(
+                (payload[0], int.from_bytes(payload[3:5], "big")))
         return circ_id, command, payload
+
+    def wait_relay(self, circ_id: int, command: int, stream_id: int | None = None) -> None:
+        """Read cells until ``command`` (on ``stream_id`` if given) has come back on
+        ``circ_id``, or the circuit was destroyed."""
+        def arrived() -> bool:
+            return any(c == command and stream_id in (None, s)
+                       for c, s in self.seen.get(circ_id, ()))
+        while circ_id in self.crypto and not arrived():
+            self.recv_cell()
 
     def wait_for(self, circ_id: int, command: int) -> bytes | None:
         """Read cells until ``command`` on ``circ_id`` (its payload) or a DESTROY of it."""
@@ -309,12 +322,7 @@ class Stranger:
             elif step.kind == "raw":
                 self.send_cell(step.circ_id, step.command, step.body)
             elif step.kind == "expect":  # read until this relay command comes back
-                while circ_id in self.crypto:
-                    got_id, command, payload = self.recv_cell()
-                    if got_id == circ_id and command == CellCommand.RELAY and (
-                        payload[0] == step.command
-                    ):
-                        break
+                self.wait_relay(circ_id, step.command)
             elif step.kind == "destroy":
                 self.send_cell(circ_id, CellCommand.DESTROY, b"\x03")
                 self.crypto.pop(circ_id, None)
@@ -338,13 +346,7 @@ class Stranger:
             payload = pack_relay(RelayCommand.BEGIN, SENTINEL_STREAM, b"not a target")
             self.send_cell(circ_id, CellCommand.RELAY, self.crypto[circ_id].encrypt(payload, 0))
         for circ_id in live:
-            while circ_id in self.crypto:
-                got_id, command, payload = self.recv_cell()
-                if got_id == circ_id and command == CellCommand.RELAY and (
-                    payload[0] == RelayCommand.END
-                    and int.from_bytes(payload[3:5], "big") == SENTINEL_STREAM
-                ):
-                    break
+            self.wait_relay(circ_id, RelayCommand.END, SENTINEL_STREAM)
             self.report.circuits_drained.add(circ_id)
 
     def run(self, script: list[Step]) -> None:
