@@ -27,6 +27,17 @@ holding several chunks of one circuit need not ``b"".join`` them first.
   and the earlier ``results``, as the reference's ``decrypt_many``); the state is then exactly
   as after the cells before it.
 
+Several circuits in one call: group functions
+---------------------------------------------
+:func:`relay_group` and :func:`origin_group` build ``group`` functions for
+:class:`workers.pool.WorkerPool` (see :data:`workers.circuit.GroupFn`): given the jobs
+``(crypto, direction, pieces)`` of several circuits a worker owns, they make ONE
+``workers._kernel.crypt_group`` call, which releases the GIL once for all of them, and return
+per job exactly what the matching ``*_buf`` method returns (or raises, as an exception
+instance). Under the GIL, what a worker pays per kernel call -- taking the GIL back, the Python
+around the call -- is what limits a pool when the crypto itself is cheap (relay forward runs at
+the AES ceiling); grouping pays it once per group instead of once per circuit.
+
 Threads
 -------
 No global mutable state. One object is one circuit's crypto state: any thread may use it, one
@@ -36,13 +47,35 @@ one object concurrently get ``RuntimeError`` from the kernel instead of corrupt 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Protocol, TypeAlias
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Protocol, TypeAlias
 
-from workers._kernel import OriginState, RelayState
+from workers._kernel import (
+    OP_BACKWARD,
+    OP_DECRYPT,
+    OP_ENCRYPT,
+    OP_FORWARD,
+    OP_ORIGINATE,
+    OriginState,
+    RelayState,
+    crypt_group,
+)
 from workers.relay_crypto import PAYLOAD_LEN, UnrecognizedCell
 
-__all__ = ["CellBuffer", "FastOriginCrypto", "FastRelayCrypto", "HopKeysLike"]
+__all__ = [
+    "RELAY_OPS",
+    "CellBuffer",
+    "FastOriginCrypto",
+    "FastRelayCrypto",
+    "HopKeysLike",
+    "origin_group",
+    "relay_group",
+]
+
+#: ``group(jobs) -> results`` with jobs ``(crypto, direction, pieces)``: see workers.circuit.
+GroupFn: TypeAlias = Callable[[list[tuple[Any, int, Any]]], list[Any]]
+#: Kernel op per pool direction for a relay: 0 forward (Kf), 1 backward (Kb), 2 originate.
+RELAY_OPS: tuple[int, ...] = (OP_FORWARD, OP_BACKWARD, OP_ORIGINATE)
 
 Bytes: TypeAlias = bytes | bytearray | memoryview
 CellBuffer: TypeAlias = Bytes | list[Bytes] | tuple[Bytes, ...]
@@ -216,3 +249,46 @@ class FastOriginCrypto:
         if len(hops) != len(payloads):
             raise UnrecognizedCell(len(hops), results)
         return results
+
+
+def relay_group(ops: Sequence[int] = RELAY_OPS) -> GroupFn:
+    """A pool ``group`` function for :class:`FastRelayCrypto` circuits; direction ``d`` runs
+    kernel op ``ops[d]`` (``OP_FORWARD``, ``OP_BACKWARD`` or ``OP_ORIGINATE``).
+
+    Each job's result is what ``forward_buf`` / ``backward_buf`` / ``originate_buf`` returns,
+    or the exception instance it raises. Any thread that owns every job's circuit.
+    """
+    table = tuple(ops)
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        return crypt_group([(crypto._state, table[direction], pieces)
+                            for crypto, direction, pieces in jobs])
+
+    return group
+
+
+def origin_group(encrypt_hop: int) -> GroupFn:
+    """A pool ``group`` function for :class:`FastOriginCrypto` circuits: direction 0 is
+    ``encrypt_buf(pieces, encrypt_hop)``, direction 1 is ``decrypt_buf(pieces)``.
+
+    Each job's result is what that method returns, or the exception instance it raises
+    (:class:`~workers.relay_crypto.UnrecognizedCell` for decrypt, as ``decrypt_buf``). Any
+    thread that owns every job's circuit.
+    """
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        results = crypt_group([
+            (crypto._state, OP_ENCRYPT, pieces, encrypt_hop) if direction == 0
+            else (crypto._state, OP_DECRYPT, pieces)
+            for crypto, direction, pieces in jobs
+        ])
+        for index, (_, direction, pieces) in enumerate(jobs):
+            result = results[index]
+            if direction != 0 and isinstance(result, tuple):
+                out, hops = result
+                if len(out) != _nbytes(pieces):
+                    results[index] = UnrecognizedCell(
+                        len(hops), list(zip(hops, _split(out, len(hops)), strict=True)))
+        return results
+
+    return group

@@ -1,10 +1,11 @@
 """The tor1 batch kernel: a C extension that crypts a whole circuit batch with the GIL released.
 
 ``_tor1`` (built from ``tor1kernel.c`` by ``setup.py build_ext --inplace``, which ``make venv``
-runs) provides ``RelayState`` and ``OriginState``; see the C source's top comment for the
-design, and :mod:`workers.fastcrypto` for the reference-compatible wrappers. The types follow
-the usual rule of circuit crypto state: any thread, one thread at a time per object (a
-violation raises RuntimeError).
+runs) provides ``RelayState`` and ``OriginState``, and ``crypt_group(jobs)``, which runs several
+circuits' batches (``(state, OP_*, buf[, hop])`` each) with one release of the GIL; see the C
+source's top comment for the design, and :mod:`workers.fastcrypto` for the reference-compatible
+wrappers and the pool's group functions. The types follow the usual rule of circuit crypto
+state: any thread, one thread at a time per object (a violation raises RuntimeError).
 
 Importing this package never fails: ``setup.py`` imports ``workers._kernel.build`` before the
 extension exists. The names below are loaded from ``_tor1`` on first access, which raises
@@ -22,8 +23,14 @@ __all__ = [
     "GIL_RELEASE_MIN_CELLS",
     "MAX_HOPS",
     "OPENSSL_VERSION",
+    "OP_BACKWARD",
+    "OP_DECRYPT",
+    "OP_ENCRYPT",
+    "OP_FORWARD",
+    "OP_ORIGINATE",
     "OriginState",
     "RelayState",
+    "crypt_group",
 ]
 
 

@@ -447,7 +447,7 @@ raise_crypto_failure(void)
     return NULL;
 }
 
-/* ================================================================== RelayState */
+/* ================================================================== state objects */
 
 typedef struct {
     PyObject_HEAD
@@ -455,6 +455,354 @@ typedef struct {
     atomic_int in_use; /* claimed for the duration of a call; see claim() */
     int broken;        /* an OpenSSL failure left the streams inconsistent */
 } RelayStateObject;
+
+typedef struct {
+    PyObject_HEAD
+    HopState *hops; /* PyMem_Malloc'd array of n_hops */
+    Py_ssize_t n_hops;
+    unsigned char iv[AES_BLOCK]; /* initial counter for hops added later (test hook) */
+    atomic_int in_use;
+    int broken;
+} OriginStateObject;
+
+/* ================================================================== jobs
+ *
+ * Every crypto call, a method call or one entry of crypt_group(), is a Job in three phases:
+ *
+ *   job_prepare   GIL held. Check the state's type, claim it, refuse a broken state, pin the
+ *                 input, check the hop, allocate the outputs. On failure nothing is held and
+ *                 an exception is set.
+ *   job_run       NO GIL. Touches only the claimed state, the pinned input and the outputs'
+ *                 bytes. Records success in `ok` (and `done` for decrypt); an OpenSSL failure
+ *                 marks the state broken right there (the state is ours), so a later job of
+ *                 the same group on that state does not run.
+ *   job_settle    GIL held. Unpin the input; job_unclaim then lets go of the state, and
+ *   job_result    builds the method's return value or sets the exception. Neither touches the
+ *                 state, so a group unclaims all its states before building any result.
+ *
+ * The methods and crypt_group share these functions, so the two give the same bytes by
+ * construction (and the tests check it). */
+
+enum { OP_FORWARD = 0, OP_BACKWARD = 1, OP_ORIGINATE = 2, OP_ENCRYPT = 3, OP_DECRYPT = 4 };
+#define N_OPS 5
+
+typedef struct {
+    PyObject *state;    /* borrowed: the caller keeps it alive for the whole call */
+    atomic_int *in_use; /* the state's claim flag */
+    int *broken;        /* the state's broken flag: written only while claimed */
+    HopState *hops;     /* relay: its one hop; origin: the hop array (stable while claimed) */
+    Py_ssize_t n_hops;
+    int op;
+    int owns_claim;     /* 0: an earlier job of the same group holds the claim */
+    Py_ssize_t hop;     /* encrypt: the target hop */
+    CellInput in;       /* points into itself: a Job is never copied once prepared */
+    Py_ssize_t ncells;
+    PyObject *out;      /* output bytes (all ops) */
+    PyObject *aux;      /* forward: recognized flags; decrypt: hop indices; else NULL */
+    HopState *snapshot; /* decrypt: the hops on entry */
+    size_t snapshot_slots;
+    Py_ssize_t done;    /* decrypt: cells processed (-1: OpenSSL failure) */
+    int ok;             /* run: 1 success, 0 OpenSSL failure or skipped (state broken) */
+} Job;
+
+/* Prepare `job` for `op` on `state`. 0 on success; -1 with an exception and nothing held.
+ * `share_with`, when not NULL, is an earlier prepared job of the same group on the same
+ * state: that job holds the claim and this one runs after it, on the same thread. */
+static int
+job_prepare(Job *job, ModuleState *st, PyObject *state, int op, PyObject *buf, Py_ssize_t hop,
+            const Job *share_with)
+{
+    memset(job, 0, sizeof(*job));
+    job->in.pieces = &job->in.one;
+    job->state = state;
+    job->op = op;
+    job->hop = hop;
+    const char *type_name;
+    if (op == OP_FORWARD || op == OP_BACKWARD || op == OP_ORIGINATE) {
+        if (!Py_IS_TYPE(state, st->relay_type)) {
+            PyErr_Format(PyExc_TypeError, "op %d needs a RelayState, got %.100s", op,
+                         Py_TYPE(state)->tp_name);
+            return -1;
+        }
+        RelayStateObject *relay = (RelayStateObject *)state;
+        job->in_use = &relay->in_use;
+        job->broken = &relay->broken;
+        job->hops = &relay->hop;
+        job->n_hops = 1;
+        type_name = "RelayState";
+    }
+    else if (op == OP_ENCRYPT || op == OP_DECRYPT) {
+        if (!Py_IS_TYPE(state, st->origin_type)) {
+            PyErr_Format(PyExc_TypeError, "op %d needs an OriginState, got %.100s", op,
+                         Py_TYPE(state)->tp_name);
+            return -1;
+        }
+        OriginStateObject *origin = (OriginStateObject *)state;
+        job->in_use = &origin->in_use;
+        job->broken = &origin->broken;
+        job->hops = origin->hops;
+        job->n_hops = origin->n_hops;
+        type_name = "OriginState";
+    }
+    else {
+        PyErr_Format(PyExc_ValueError, "unknown op %d", op);
+        return -1;
+    }
+    if (share_with == NULL) {
+        if (claim(job->in_use, type_name) < 0)
+            return -1;
+        job->owns_claim = 1;
+    }
+    if (*job->broken) {
+        raise_crypto_failure();
+        goto fail;
+    }
+    if (input_pin(buf, &job->in, &job->ncells) < 0)
+        goto fail;
+    if (op == OP_ENCRYPT && (hop < 0 || hop >= job->n_hops)) {
+        PyErr_Format(PyExc_ValueError, "hop index %zd out of range for a %zd-hop circuit", hop,
+                     job->n_hops);
+        goto fail_input;
+    }
+    if (op == OP_DECRYPT) {
+        /* at least one slot: a 0-hop circuit is valid (every cell is then unrecognized) */
+        job->snapshot_slots = job->n_hops > 0 ? (size_t)job->n_hops : 1;
+        job->snapshot = PyMem_Malloc(job->snapshot_slots * sizeof(HopState));
+        if (job->snapshot == NULL) {
+            PyErr_NoMemory();
+            goto fail_input;
+        }
+    }
+    job->out = PyBytes_FromStringAndSize(NULL, job->in.len);
+    if (job->out == NULL)
+        goto fail_outputs;
+    if (op == OP_FORWARD || op == OP_DECRYPT) {
+        job->aux = PyBytes_FromStringAndSize(NULL, job->ncells);
+        if (job->aux == NULL)
+            goto fail_outputs;
+    }
+    return 0;
+fail_outputs:
+    Py_CLEAR(job->out);
+    if (job->snapshot != NULL) {
+        PyMem_Free(job->snapshot);
+        job->snapshot = NULL;
+    }
+fail_input:
+    input_release(&job->in);
+fail:
+    if (job->owns_claim) {
+        unclaim(job->in_use);
+        job->owns_claim = 0;
+    }
+    return -1;
+}
+
+#define HOP_PENDING 0xFF /* decrypt(): not recognized by any hop peeled so far */
+
+/* One layer of decrypt: XOR hop h's Kb keystream into every cell still pending, in order,
+ * one EVP call per run of consecutive pending cells (usually the whole batch), and check
+ * each such cell against hop h's backward digest. 1 on success, 0 on an OpenSSL failure.
+ *
+ * Layer by layer gives the bytes of the cell-by-cell definition: hop h's keystream and
+ * digest see exactly the cells that reach hop h, in order, whichever order the passes run
+ * in, and no hop's state depends on another's. No GIL. */
+static int
+decrypt_layer(const EVP_CIPHER *aes, HopState *hop, unsigned char h, unsigned char *out,
+              unsigned char *which, Py_ssize_t ncells)
+{
+    EVP_CIPHER_CTX *ctx = NULL;
+    size_t used = 0;
+    int ok = 1;
+    for (Py_ssize_t i = 0; i < ncells && ok;) {
+        if (which[i] != HOP_PENDING) {
+            i++;
+            continue;
+        }
+        Py_ssize_t end = i;
+        while (end < ncells && which[end] == HOP_PENDING)
+            end++;
+        if (ctx == NULL && (ctx = keystream_open(aes, &hop->bwd_stream)) == NULL) {
+            ok = 0;
+            break;
+        }
+        size_t run = (size_t)(end - i) * CELL_LEN;
+        ok = keystream_xor(ctx, out + i * CELL_LEN, out + i * CELL_LEN, run);
+        used += run;
+        for (; ok && i < end; i++) {
+            if (digest_check(&hop->bwd_digest, out + i * CELL_LEN))
+                which[i] = h;
+        }
+    }
+    EVP_CIPHER_CTX_free(ctx); /* NULL is fine */
+    if (ok)
+        keystream_advance(&hop->bwd_stream, used);
+    return ok;
+}
+
+/* The body of decrypt, without the GIL: copy the input to `out`, peel layer by layer, and
+ * return how many cells were processed -- all of them, or the index of the first cell no hop
+ * recognized -- or -1 on an OpenSSL failure. In the unrecognized case the layers also
+ * consumed the cells after it, so the state is restored from `snapshot` (taken on entry) and
+ * only the cells before it are processed again: a rare path (the circuit is then closed),
+ * and a simple way to leave the state exactly as after the good cells. */
+static Py_ssize_t
+origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, HopState *snapshot,
+                     Py_ssize_t n_hops, const CellInput *in, unsigned char *out,
+                     unsigned char *which, Py_ssize_t ncells)
+{
+    Py_ssize_t todo = ncells;
+    if (n_hops > 0)
+        memcpy(snapshot, hops, (size_t)n_hops * sizeof(HopState));
+    for (int attempt = 0; attempt < 2; attempt++) {
+        input_copy(in, out);
+        if (todo > 0)
+            memset(which, HOP_PENDING, (size_t)todo);
+        for (Py_ssize_t h = 0; h < n_hops; h++) {
+            if (!decrypt_layer(aes, &hops[h], (unsigned char)h, out, which, todo))
+                return -1;
+        }
+        Py_ssize_t first_bad = 0;
+        while (first_bad < todo && which[first_bad] != HOP_PENDING)
+            first_bad++;
+        if (first_bad == todo)
+            return todo; /* every cell recognized */
+        if (n_hops > 0)
+            memcpy(hops, snapshot, (size_t)n_hops * sizeof(HopState));
+        todo = first_bad; /* second pass over the good prefix only: all of it is recognized */
+    }
+    return todo;
+}
+
+
+/* Run a prepared job. NO GIL: only the claimed state, the pinned input and the outputs. */
+static void
+job_run(const EVP_CIPHER *aes, Job *job)
+{
+    if (*job->broken) {
+        /* An earlier job of this group failed on the same state: leave it as it is. */
+        job->ok = 0;
+        job->done = -1;
+        return;
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(job->out);
+    size_t len = (size_t)job->in.len;
+    Py_ssize_t ncells = job->ncells;
+    HopState *hops = job->hops;
+    int ok = 1;
+    switch (job->op) {
+    case OP_FORWARD: {
+        unsigned char *r = (unsigned char *)PyBytes_AS_STRING(job->aux);
+        ok = keystream_apply_input(aes, &hops[0].fwd_stream, o, &job->in);
+        if (ok) {
+            for (Py_ssize_t i = 0; i < ncells; i++)
+                r[i] = (unsigned char)digest_check(&hops[0].fwd_digest, o + i * CELL_LEN);
+        }
+        break;
+    }
+    case OP_BACKWARD:
+        ok = keystream_apply_input(aes, &hops[0].bwd_stream, o, &job->in);
+        break;
+    case OP_ORIGINATE:
+        /* The digest of cell i depends only on plaintexts 0..i, so set all digests first and
+         * then encrypt the whole buffer in one AES call. If that call fails, the digest has
+         * advanced without the cipher: the state is marked broken below. */
+        input_copy(&job->in, o);
+        for (Py_ssize_t i = 0; i < ncells; i++)
+            digest_set(&hops[0].bwd_digest, o + i * CELL_LEN);
+        ok = keystream_apply(aes, &hops[0].bwd_stream, o, o, len);
+        break;
+    case OP_ENCRYPT:
+        input_copy(&job->in, o);
+        for (Py_ssize_t i = 0; i < ncells; i++)
+            digest_set(&hops[job->hop].fwd_digest, o + i * CELL_LEN);
+        /* CTR layers are XORs, so each layer can cover the whole batch; each hop's keystream
+         * still sees the cells in order. */
+        for (Py_ssize_t h = job->hop; h >= 0 && ok; h--)
+            ok = keystream_apply(aes, &hops[h].fwd_stream, o, o, len);
+        break;
+    case OP_DECRYPT:
+        job->done = origin_decrypt_cells(aes, hops, job->snapshot, job->n_hops, &job->in, o,
+                                         (unsigned char *)PyBytes_AS_STRING(job->aux), ncells);
+        ok = job->done >= 0; /* on failure some layers advanced and others did not */
+        break;
+    }
+    job->ok = ok;
+    if (!ok)
+        *job->broken = 1; /* written while the state is claimed by this thread */
+}
+
+/* Unpin the input. GIL held. The state stays claimed. */
+static void
+job_settle(Job *job)
+{
+    input_release(&job->in);
+}
+
+/* Let go of the state (if this job holds the claim). GIL held. Nothing touches it after. */
+static void
+job_unclaim(Job *job)
+{
+    if (job->owns_claim) {
+        unclaim(job->in_use);
+        job->owns_claim = 0;
+    }
+}
+
+/* The job's return value (new reference), or NULL with an exception. Frees what the job
+ * holds; touches no state. GIL held. */
+static PyObject *
+job_result(Job *job)
+{
+    PyObject *result = NULL;
+    if (!job->ok) {
+        raise_crypto_failure();
+    }
+    else if (job->op == OP_FORWARD) {
+        result = PyTuple_Pack(2, job->out, job->aux);
+    }
+    else if (job->op == OP_DECRYPT) {
+        if (job->done < job->ncells &&
+            (_PyBytes_Resize(&job->out, job->done * CELL_LEN) < 0 ||
+             _PyBytes_Resize(&job->aux, job->done) < 0)) {
+            /* _PyBytes_Resize set the pointer to NULL and raised */
+        }
+        else {
+            result = PyTuple_Pack(2, job->out, job->aux);
+        }
+    }
+    else {
+        result = Py_NewRef(job->out);
+    }
+    Py_CLEAR(job->out);
+    Py_CLEAR(job->aux);
+    if (job->snapshot != NULL) {
+        OPENSSL_cleanse(job->snapshot, job->snapshot_slots * sizeof(HopState));
+        PyMem_Free(job->snapshot);
+        job->snapshot = NULL;
+    }
+    return result;
+}
+
+/* One method call: prepare, run (GIL released for GIL_RELEASE_MIN_CELLS cells or more),
+ * settle, unclaim, result. */
+static PyObject *
+job_call(PyObject *state, int op, PyObject *buf, Py_ssize_t hop)
+{
+    ModuleState *st = module_state_of(state);
+    Job job;
+    if (job_prepare(&job, st, state, op, buf, hop, NULL) < 0)
+        return NULL;
+    PyThreadState *ts = job.ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
+    job_run(st->aes128ctr, &job);
+    if (ts != NULL)
+        PyEval_RestoreThread(ts);
+    job_settle(&job);
+    job_unclaim(&job);
+    return job_result(&job);
+}
+
+/* ================================================================== RelayState */
 
 static PyObject *
 RelayState_new(PyTypeObject *type, PyObject *args, PyObject *kwargs)
@@ -488,30 +836,6 @@ RelayState_dealloc(RelayStateObject *self)
     Py_DECREF(tp);
 }
 
-/* Common prologue: claim, refuse broken state, pin input, allocate output. */
-static int
-relay_begin(RelayStateObject *self, PyObject *buf, CellInput *in, Py_ssize_t *ncells,
-            PyObject **out)
-{
-    if (claim(&self->in_use, "RelayState") < 0)
-        return -1;
-    if (self->broken) {
-        raise_crypto_failure();
-        goto fail;
-    }
-    if (input_pin(buf, in, ncells) < 0)
-        goto fail;
-    *out = PyBytes_FromStringAndSize(NULL, in->len);
-    if (*out == NULL) {
-        input_release(in);
-        goto fail;
-    }
-    return 0;
-fail:
-    unclaim(&self->in_use);
-    return -1;
-}
-
 PyDoc_STRVAR(RelayState_forward_doc,
 "forward(buf) -> (out: bytes, recognized: bytes)\n\n"
 "Decrypt n joined 509-byte payloads moving away from the client with Kf (one AES call).\n"
@@ -521,83 +845,9 @@ PyDoc_STRVAR(RelayState_forward_doc,
 "One thread at a time per object.");
 
 static PyObject *
-RelayState_forward(RelayStateObject *self, PyObject *buf)
+RelayState_forward(PyObject *self, PyObject *buf)
 {
-    CellInput in;
-    Py_ssize_t ncells;
-    PyObject *out, *flags;
-    if (relay_begin(self, buf, &in, &ncells, &out) < 0)
-        return NULL;
-    flags = PyBytes_FromStringAndSize(NULL, ncells);
-    if (flags == NULL) {
-        Py_DECREF(out);
-        input_release(&in);
-        unclaim(&self->in_use);
-        return NULL;
-    }
-    const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    unsigned char *r = (unsigned char *)PyBytes_AS_STRING(flags);
-    int ok;
-    PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    ok = keystream_apply_input(aes, &self->hop.fwd_stream, o, &in);
-    if (ok) {
-        for (Py_ssize_t i = 0; i < ncells; i++)
-            r[i] = (unsigned char)digest_check(&self->hop.fwd_digest, o + i * CELL_LEN);
-    }
-    if (ts != NULL)
-        PyEval_RestoreThread(ts);
-    input_release(&in);
-    if (!ok)
-        self->broken = 1;
-    unclaim(&self->in_use);
-    if (!ok) {
-        Py_DECREF(out);
-        Py_DECREF(flags);
-        return raise_crypto_failure();
-    }
-    PyObject *result = PyTuple_Pack(2, out, flags);
-    Py_DECREF(out);
-    Py_DECREF(flags);
-    return result;
-}
-
-/* backward and originate share everything but the digest step. */
-static PyObject *
-relay_backward_impl(RelayStateObject *self, PyObject *buf, int set_digests)
-{
-    CellInput in;
-    Py_ssize_t ncells;
-    PyObject *out;
-    if (relay_begin(self, buf, &in, &ncells, &out) < 0)
-        return NULL;
-    const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    int ok;
-    PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    if (set_digests) {
-        /* The digest of cell i depends only on plaintexts 0..i, so set all digests first and
-         * then encrypt the whole buffer in one AES call. If that call fails, the digest has
-         * advanced without the cipher: the object is marked broken below. */
-        input_copy(&in, o);
-        for (Py_ssize_t i = 0; i < ncells; i++)
-            digest_set(&self->hop.bwd_digest, o + i * CELL_LEN);
-        ok = keystream_apply(aes, &self->hop.bwd_stream, o, o, (size_t)in.len);
-    }
-    else {
-        ok = keystream_apply_input(aes, &self->hop.bwd_stream, o, &in);
-    }
-    if (ts != NULL)
-        PyEval_RestoreThread(ts);
-    input_release(&in);
-    if (!ok)
-        self->broken = 1;
-    unclaim(&self->in_use);
-    if (!ok) {
-        Py_DECREF(out);
-        return raise_crypto_failure();
-    }
-    return out;
+    return job_call(self, OP_FORWARD, buf, 0);
 }
 
 PyDoc_STRVAR(RelayState_backward_doc,
@@ -606,9 +856,9 @@ PyDoc_STRVAR(RelayState_backward_doc,
 "Releases the GIL. One thread at a time per object.");
 
 static PyObject *
-RelayState_backward(RelayStateObject *self, PyObject *buf)
+RelayState_backward(PyObject *self, PyObject *buf)
 {
-    return relay_backward_impl(self, buf, 0);
+    return job_call(self, OP_BACKWARD, buf, 0);
 }
 
 PyDoc_STRVAR(RelayState_originate_doc,
@@ -618,9 +868,9 @@ PyDoc_STRVAR(RelayState_originate_doc,
 "Releases the GIL. One thread at a time per object.");
 
 static PyObject *
-RelayState_originate(RelayStateObject *self, PyObject *buf)
+RelayState_originate(PyObject *self, PyObject *buf)
 {
-    return relay_backward_impl(self, buf, 1);
+    return job_call(self, OP_ORIGINATE, buf, 0);
 }
 
 static PyObject *
@@ -674,15 +924,6 @@ static PyType_Spec RelayState_spec = {
 };
 
 /* ================================================================== OriginState */
-
-typedef struct {
-    PyObject_HEAD
-    HopState *hops; /* PyMem_Malloc'd array of n_hops */
-    Py_ssize_t n_hops;
-    unsigned char iv[AES_BLOCK]; /* initial counter for hops added later (test hook) */
-    atomic_int in_use;
-    int broken;
-} OriginStateObject;
 
 /* Append one hop from a (df, db, kf, kb) sequence. Caller holds the claim or is constructing. */
 static int
@@ -796,24 +1037,6 @@ OriginState_add_hop(OriginStateObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
-/* Common prologue: claim, refuse broken state, pin input. */
-static int
-origin_begin(OriginStateObject *self, PyObject *buf, CellInput *in, Py_ssize_t *ncells)
-{
-    if (claim(&self->in_use, "OriginState") < 0)
-        return -1;
-    if (self->broken) {
-        raise_crypto_failure();
-        goto fail;
-    }
-    if (input_pin(buf, in, ncells) < 0)
-        goto fail;
-    return 0;
-fail:
-    unclaim(&self->in_use);
-    return -1;
-}
-
 PyDoc_STRVAR(OriginState_encrypt_doc,
 "encrypt(buf, hop) -> bytes\n\n"
 "For n joined plaintext payloads for hop index `hop` (0-based): per cell in order, set the\n"
@@ -822,127 +1045,13 @@ PyDoc_STRVAR(OriginState_encrypt_doc,
 "One thread at a time per object.");
 
 static PyObject *
-OriginState_encrypt(OriginStateObject *self, PyObject *args)
+OriginState_encrypt(PyObject *self, PyObject *args)
 {
     PyObject *buf;
     Py_ssize_t hop;
     if (!PyArg_ParseTuple(args, "On:encrypt", &buf, &hop))
         return NULL;
-    CellInput in;
-    Py_ssize_t ncells;
-    if (origin_begin(self, buf, &in, &ncells) < 0)
-        return NULL;
-    if (hop < 0 || hop >= self->n_hops) {
-        PyErr_Format(PyExc_ValueError, "hop index %zd out of range for a %zd-hop circuit", hop,
-                     self->n_hops);
-        goto fail;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, in.len);
-    if (out == NULL)
-        goto fail;
-    const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
-    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
-    size_t len = (size_t)in.len;
-    int ok = 1;
-    PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    input_copy(&in, o);
-    for (Py_ssize_t i = 0; i < ncells; i++)
-        digest_set(&self->hops[hop].fwd_digest, o + i * CELL_LEN);
-    /* CTR layers are XORs, so each layer can cover the whole batch; each hop's keystream
-     * still sees the cells in order. */
-    for (Py_ssize_t h = hop; h >= 0 && ok; h--)
-        ok = keystream_apply(aes, &self->hops[h].fwd_stream, o, o, len);
-    if (ts != NULL)
-        PyEval_RestoreThread(ts);
-    input_release(&in);
-    if (!ok)
-        self->broken = 1;
-    unclaim(&self->in_use);
-    if (!ok) {
-        Py_DECREF(out);
-        return raise_crypto_failure();
-    }
-    return out;
-fail:
-    input_release(&in);
-    unclaim(&self->in_use);
-    return NULL;
-}
-
-#define HOP_PENDING 0xFF /* decrypt(): not recognized by any hop peeled so far */
-
-/* One layer of decrypt: XOR hop h's Kb keystream into every cell still pending, in order,
- * one EVP call per run of consecutive pending cells (usually the whole batch), and check
- * each such cell against hop h's backward digest. 1 on success, 0 on an OpenSSL failure.
- *
- * Layer by layer gives the bytes of the cell-by-cell definition: hop h's keystream and
- * digest see exactly the cells that reach hop h, in order, whichever order the passes run
- * in, and no hop's state depends on another's. No GIL. */
-static int
-decrypt_layer(const EVP_CIPHER *aes, HopState *hop, unsigned char h, unsigned char *out,
-              unsigned char *which, Py_ssize_t ncells)
-{
-    EVP_CIPHER_CTX *ctx = NULL;
-    size_t used = 0;
-    int ok = 1;
-    for (Py_ssize_t i = 0; i < ncells && ok;) {
-        if (which[i] != HOP_PENDING) {
-            i++;
-            continue;
-        }
-        Py_ssize_t end = i;
-        while (end < ncells && which[end] == HOP_PENDING)
-            end++;
-        if (ctx == NULL && (ctx = keystream_open(aes, &hop->bwd_stream)) == NULL) {
-            ok = 0;
-            break;
-        }
-        size_t run = (size_t)(end - i) * CELL_LEN;
-        ok = keystream_xor(ctx, out + i * CELL_LEN, out + i * CELL_LEN, run);
-        used += run;
-        for (; ok && i < end; i++) {
-            if (digest_check(&hop->bwd_digest, out + i * CELL_LEN))
-                which[i] = h;
-        }
-    }
-    EVP_CIPHER_CTX_free(ctx); /* NULL is fine */
-    if (ok)
-        keystream_advance(&hop->bwd_stream, used);
-    return ok;
-}
-
-/* The body of decrypt, without the GIL: copy the input to `out`, peel layer by layer, and
- * return how many cells were processed -- all of them, or the index of the first cell no hop
- * recognized -- or -1 on an OpenSSL failure. In the unrecognized case the layers also
- * consumed the cells after it, so the state is restored from `snapshot` (taken on entry) and
- * only the cells before it are processed again: a rare path (the circuit is then closed),
- * and a simple way to leave the state exactly as after the good cells. */
-static Py_ssize_t
-origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, HopState *snapshot,
-                     Py_ssize_t n_hops, const CellInput *in, unsigned char *out,
-                     unsigned char *which, Py_ssize_t ncells)
-{
-    Py_ssize_t todo = ncells;
-    if (n_hops > 0)
-        memcpy(snapshot, hops, (size_t)n_hops * sizeof(HopState));
-    for (int attempt = 0; attempt < 2; attempt++) {
-        input_copy(in, out);
-        if (todo > 0)
-            memset(which, HOP_PENDING, (size_t)todo);
-        for (Py_ssize_t h = 0; h < n_hops; h++) {
-            if (!decrypt_layer(aes, &hops[h], (unsigned char)h, out, which, todo))
-                return -1;
-        }
-        Py_ssize_t first_bad = 0;
-        while (first_bad < todo && which[first_bad] != HOP_PENDING)
-            first_bad++;
-        if (first_bad == todo)
-            return todo; /* every cell recognized */
-        if (n_hops > 0)
-            memcpy(hops, snapshot, (size_t)n_hops * sizeof(HopState));
-        todo = first_bad; /* second pass over the good prefix only: all of it is recognized */
-    }
-    return todo;
+    return job_call(self, OP_ENCRYPT, buf, hop);
 }
 
 PyDoc_STRVAR(OriginState_decrypt_doc,
@@ -955,54 +1064,9 @@ PyDoc_STRVAR(OriginState_decrypt_doc,
 "One thread at a time per object.");
 
 static PyObject *
-OriginState_decrypt(OriginStateObject *self, PyObject *buf)
+OriginState_decrypt(PyObject *self, PyObject *buf)
 {
-    CellInput in;
-    Py_ssize_t ncells;
-    if (origin_begin(self, buf, &in, &ncells) < 0)
-        return NULL;
-    PyObject *out = NULL, *which = NULL, *result = NULL;
-    /* at least one element: a 0-hop circuit is valid (every cell is then unrecognized) */
-    size_t slots = self->n_hops > 0 ? (size_t)self->n_hops : 1;
-    HopState *snapshot = PyMem_Malloc(slots * sizeof(HopState));
-    if (snapshot == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    out = PyBytes_FromStringAndSize(NULL, in.len);
-    which = PyBytes_FromStringAndSize(NULL, ncells);
-    if (out == NULL || which == NULL)
-        goto done;
-    const EVP_CIPHER *aes = module_state_of((PyObject *)self)->aes128ctr;
-    Py_ssize_t done_cells;
-    PyThreadState *ts = ncells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
-    done_cells = origin_decrypt_cells(aes, self->hops, snapshot, self->n_hops, &in,
-                                      (unsigned char *)PyBytes_AS_STRING(out),
-                                      (unsigned char *)PyBytes_AS_STRING(which), ncells);
-    if (ts != NULL)
-        PyEval_RestoreThread(ts);
-    if (done_cells < 0) {
-        /* Some layers advanced and others did not: unusable. */
-        self->broken = 1;
-        raise_crypto_failure();
-        goto done;
-    }
-    if (done_cells < ncells) {
-        if (_PyBytes_Resize(&out, done_cells * CELL_LEN) < 0 ||
-            _PyBytes_Resize(&which, done_cells) < 0)
-            goto done; /* _PyBytes_Resize set the pointer to NULL and raised */
-    }
-    result = PyTuple_Pack(2, out, which);
-done:
-    Py_XDECREF(out);
-    Py_XDECREF(which);
-    if (snapshot != NULL) {
-        OPENSSL_cleanse(snapshot, slots * sizeof(HopState));
-        PyMem_Free(snapshot);
-    }
-    input_release(&in);
-    unclaim(&self->in_use);
-    return result;
+    return job_call(self, OP_DECRYPT, buf, 0);
 }
 
 static PyObject *
@@ -1063,6 +1127,146 @@ static PyType_Spec OriginState_spec = {
     .slots = OriginState_slots,
 };
 
+/* ================================================================== groups */
+
+/* The pending exception as an instance (new reference), the error indicator cleared. */
+static PyObject *
+take_exception(void)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *value = PyErr_GetRaisedException();
+#else
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyErr_NormalizeException(&type, &value, &tb);
+    if (value != NULL && tb != NULL)
+        PyException_SetTraceback(value, tb);
+    Py_XDECREF(type);
+    Py_XDECREF(tb);
+#endif
+    if (value == NULL) /* cannot happen: every caller has an exception set */
+        value = PyObject_CallFunction(PyExc_SystemError, "s", "crypt_group: lost an error");
+    return value;
+}
+
+/* Read one job tuple (state, op, buf) or (state, op, buf, hop). 0, or -1 with an exception. */
+static int
+parse_job(PyObject *item, PyObject **state, int *op, PyObject **buf, Py_ssize_t *hop)
+{
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) < 3 || PyTuple_GET_SIZE(item) > 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "a job is a tuple (state, op, buf) or (state, op, buf, hop)");
+        return -1;
+    }
+    Py_ssize_t size = PyTuple_GET_SIZE(item);
+    long value = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
+    if (value == -1 && PyErr_Occurred())
+        return -1;
+    if (value < 0 || value >= N_OPS) {
+        PyErr_Format(PyExc_ValueError, "unknown op %ld", value);
+        return -1;
+    }
+    *state = PyTuple_GET_ITEM(item, 0);
+    *op = (int)value;
+    *buf = PyTuple_GET_ITEM(item, 2);
+    *hop = 0;
+    if ((*op == OP_ENCRYPT) != (size == 4)) {
+        PyErr_SetString(PyExc_TypeError, "an OP_ENCRYPT job, and only that, takes a hop");
+        return -1;
+    }
+    if (size == 4) {
+        *hop = PyLong_AsSsize_t(PyTuple_GET_ITEM(item, 3));
+        if (*hop == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(crypt_group_doc,
+"crypt_group(jobs) -> list\n\n"
+"Run several circuits' batches with ONE release of the GIL. jobs is a list (or tuple) of\n"
+"tuples (state, op, buf) or, for OP_ENCRYPT, (state, OP_ENCRYPT, buf, hop):\n"
+"  OP_FORWARD / OP_BACKWARD / OP_ORIGINATE on a RelayState (its forward / backward /\n"
+"  originate), OP_ENCRYPT / OP_DECRYPT on an OriginState (its encrypt / decrypt).\n"
+"buf is what the method takes (a bytes-like object or a list/tuple of pieces). The result\n"
+"has one entry per job, in order: what that method would have returned, or, if the job\n"
+"failed, the exception instance it would have raised (errors stay with their job; the\n"
+"other jobs run). Jobs run one after another, in list order, on the calling thread, so\n"
+"one state may appear in several jobs and sees them in that order. A state in use by\n"
+"another thread fails its job with RuntimeError. The GIL is released once for all jobs\n"
+"when they hold GIL_RELEASE_MIN_CELLS cells or more in total.");
+
+static PyObject *
+tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
+{
+    ModuleState *st = PyModule_GetState(module);
+    /* A snapshot: the items (and so every state and buffer) stay alive for the whole call. */
+    PyObject *seq = PySequence_Fast(jobs_obj, "crypt_group() takes a list or tuple of jobs");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    PyObject *results = PyList_New(n);
+    Job *jobs = PyMem_Calloc(n > 0 ? (size_t)n : 1, sizeof(Job));
+    if (results == NULL || jobs == NULL) {
+        Py_XDECREF(results);
+        PyMem_Free(jobs);
+        Py_DECREF(seq);
+        return PyErr_NoMemory();
+    }
+    /* Phase 1, GIL held: prepare every job; a job that cannot start gets its exception. A
+     * state met again shares the claim of its first prepared job (found by a backward scan:
+     * groups are small). */
+    Py_ssize_t total_cells = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *state, *buf;
+        int op;
+        Py_ssize_t hop;
+        if (parse_job(items[i], &state, &op, &buf, &hop) == 0) {
+            const Job *share = NULL;
+            for (Py_ssize_t j = i - 1; j >= 0 && share == NULL; j--) {
+                if (jobs[j].out != NULL && jobs[j].state == state)
+                    share = &jobs[j];
+            }
+            if (job_prepare(&jobs[i], st, state, op, buf, hop, share) == 0) {
+                total_cells += jobs[i].ncells;
+                continue;
+            }
+        }
+        PyList_SET_ITEM(results, i, take_exception());
+    }
+    /* Phase 2, no GIL: run the prepared jobs in order (out != NULL marks them). */
+    PyThreadState *ts = total_cells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (jobs[i].out != NULL)
+            job_run(st->aes128ctr, &jobs[i]);
+    }
+    if (ts != NULL)
+        PyEval_RestoreThread(ts);
+    /* Phase 3, GIL held: unpin and let go of every state, then build the results (which
+     * may allocate, run the GC and so other threads' code: no state is held any more). */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (jobs[i].out != NULL)
+            job_settle(&jobs[i]);
+    }
+    for (Py_ssize_t i = 0; i < n; i++)
+        job_unclaim(&jobs[i]);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (jobs[i].out == NULL)
+            continue;
+        PyObject *result = job_result(&jobs[i]);
+        PyList_SET_ITEM(results, i, result != NULL ? result : take_exception());
+    }
+    PyMem_Free(jobs);
+    Py_DECREF(seq);
+    return results;
+}
+
+static PyMethodDef tor1_methods[] = {
+    {"crypt_group", (PyCFunction)tor1_crypt_group, METH_O, crypt_group_doc},
+    {NULL, NULL, 0, NULL},
+};
+
 /* ================================================================== module */
 
 static int
@@ -1083,6 +1287,11 @@ tor1_exec(PyObject *module)
     if (PyModule_AddIntConstant(module, "CELL_LEN", CELL_LEN) < 0 ||
         PyModule_AddIntConstant(module, "MAX_HOPS", MAX_HOPS) < 0 ||
         PyModule_AddIntConstant(module, "GIL_RELEASE_MIN_CELLS", GIL_RELEASE_MIN_CELLS) < 0 ||
+        PyModule_AddIntConstant(module, "OP_FORWARD", OP_FORWARD) < 0 ||
+        PyModule_AddIntConstant(module, "OP_BACKWARD", OP_BACKWARD) < 0 ||
+        PyModule_AddIntConstant(module, "OP_ORIGINATE", OP_ORIGINATE) < 0 ||
+        PyModule_AddIntConstant(module, "OP_ENCRYPT", OP_ENCRYPT) < 0 ||
+        PyModule_AddIntConstant(module, "OP_DECRYPT", OP_DECRYPT) < 0 ||
         PyModule_AddStringConstant(module, "OPENSSL_VERSION",
                                    OpenSSL_version(OPENSSL_VERSION)) < 0)
         return -1;
@@ -1130,6 +1339,7 @@ static struct PyModuleDef tor1_module = {
     .m_name = "workers._kernel._tor1",
     .m_doc = tor1_doc,
     .m_size = sizeof(ModuleState),
+    .m_methods = tor1_methods,
     .m_slots = tor1_slots,
     .m_traverse = tor1_traverse,
     .m_clear = tor1_clear,
