@@ -7,21 +7,31 @@
   broken test from hanging; tests assert on the condition, never on the time taken).
 * :class:`LogRecorder`: keeps the records of some loggers, to check that a closed link or
   circuit logged its reason and that nothing logged an unexpected traceback.
-* :func:`process_sample`: RSS, thread count and open file descriptors of a process, read from
-  ``/proc`` (the soak and the back-pressure tests sample relays with it).
+* :class:`EchoJob` / :class:`EchoJobs`: echo bytes through circuits on *explicit* paths of a
+  relay network and check every byte that comes back (the fault tests choose which circuits
+  cross the relay they kill, stall or break). Data is written a little at a time, so a thousand
+  circuits do not each queue their whole payload on the client.
+* :func:`relay_stats`: a live ``STATS`` snapshot of a relay process (SIGUSR1).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+import signal
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from hypothesis import HealthCheck, settings
 
+from examples.network import ChildProcess
 from reactor import Reactor
+from relay.client import Client
+from relay.directory import RelayDescriptor
+from relay.origin import ClientStream, OriginCircuit
 
 FUZZ_EXAMPLES_ENV = "RELAYCRYPT_FUZZ_EXAMPLES"
 
@@ -127,3 +137,121 @@ def process_sample(pid: int) -> ProcessSample:
                 threads = int(line.split()[1])
     fds = len(os.listdir(f"/proc/{pid}/fd"))
     return ProcessSample(rss, threads, fds)
+
+
+# --------------------------------------------------------------------------- echo jobs
+
+
+@dataclass(eq=False)
+class EchoJob:
+    """One circuit on an explicit path echoing ``data`` through the exit. Loop thread only."""
+
+    name: str
+    path: list[RelayDescriptor]
+    data: memoryview
+    received: bytearray = field(default_factory=bytearray)
+    written: int = 0
+    circuit: OriginCircuit | None = None
+    stream: ClientStream | None = None
+    connected: bool = False
+    done: bool = False
+    failure: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.done or self.failure is not None
+
+    @property
+    def intact(self) -> bool:
+        """Every byte came back, equal to what was sent."""
+        return self.done and self.received == self.data
+
+    @property
+    def prefix_intact(self) -> bool:
+        """What came back (maybe less than all) equals the start of what was sent."""
+        return self.received == self.data[: len(self.received)]
+
+
+class EchoJobs:
+    """Runs :class:`EchoJob` s on one client. ``window``: bytes written ahead of the echo."""
+
+    def __init__(self, reactor: Reactor, echo: tuple[str, int], *, window: int = 64 * 1024,
+                 chunk: int = 16 * 1024, build_timeout: float = 60.0) -> None:
+        self.reactor = reactor
+        self.echo = echo
+        self.window = window
+        self.chunk = chunk
+        self.client = Client(reactor, build_timeout=build_timeout)
+        self.jobs: list[EchoJob] = []
+
+    def add(self, name: str, path: Sequence[RelayDescriptor], data: memoryview) -> EchoJob:
+        job = EchoJob(name, list(path), data)
+        self.jobs.append(job)
+        job.circuit = self.client.build_circuit(
+            job.path, on_open=lambda c: self._open(job),
+            on_close=lambda c, why: self._fail(job, f"circuit closed: {why}"))
+        return job
+
+    def _open(self, job: EchoJob) -> None:
+        assert job.circuit is not None
+        job.stream = job.circuit.open_stream(
+            *self.echo, on_connected=lambda s: self._connected(job),
+            on_data=lambda s, data: self._data(job, data),
+            on_end=lambda s, why: self._fail(job, f"stream ended: {why}"))
+
+    def _connected(self, job: EchoJob) -> None:
+        job.connected = True
+        self._write_more(job)
+
+    def _write_more(self, job: EchoJob) -> None:
+        stream = job.stream
+        assert stream is not None
+        while (job.written < len(job.data) and job.written - len(job.received) < self.window
+               and not stream.ended):
+            end = min(job.written + self.chunk, len(job.data))
+            stream.write(job.data[job.written : end])
+            job.written = end
+
+    def _data(self, job: EchoJob, data: bytes) -> None:
+        job.received += data
+        if len(job.received) >= len(job.data):
+            job.done = True
+            assert job.circuit is not None
+            job.circuit.close("echo complete")
+        elif not job.finished:
+            self._write_more(job)
+
+    def _fail(self, job: EchoJob, why: str) -> None:
+        if not job.finished:
+            job.failure = why
+
+    def close_job(self, job: EchoJob, why: str) -> None:
+        """Close the job's circuit from the client side (it then counts as failed)."""
+        self._fail(job, why)
+        if job.circuit is not None:
+            job.circuit.close(why)
+
+    def all_finished(self) -> bool:
+        return all(job.finished for job in self.jobs)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def relay_stats(child: ChildProcess, timeout: float = 10.0) -> dict[str, Any]:
+    """Ask a relay process for a live STATS line (SIGUSR1) and return it. Owner thread."""
+    before = child.stats
+    child.kill(signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while child.stats is before:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{child.name} sent no STATS after SIGUSR1:\n{child.log_tail()}")
+        time.sleep(0.01)
+    assert child.stats is not None
+    return child.stats
+
+
+def tracebacks_in_log(child: ChildProcess) -> list[str]:
+    """Lines of a child's stderr log that start a Python traceback."""
+    text = child.log_path.read_text(errors="replace")
+    return [line for line in text.splitlines() if "Traceback (most recent call last)" in line]
