@@ -19,6 +19,12 @@ entry), and :func:`assemble` turns them into what the process function asked for
 * ``joined=False``: one list of cells. List entries are concatenated; a buffer entry is cut into
   equal cells (its length must be a multiple of its cell count).
 
+The grouped path (a circuit with a ``group`` function, see :mod:`workers.pool`) uses
+:func:`take_pieces` instead: it takes entries the same way and returns them as ONE flat list of
+bytes-like pieces -- buffer entries as they are, list entries' cells one by one -- which the
+kernel reads as their concatenation, gathering them with the GIL released. Nothing is joined
+or split in Python.
+
 These functions touch only the pending list of a circuit the calling worker owns, and locals.
 """
 
@@ -74,6 +80,29 @@ def take_items(pending: list[tuple[Any, int]], budget: int) -> tuple[list[tuple[
     items = pending[:taken]
     del pending[:taken]
     return items, cells
+
+
+def take_pieces(pending: list[tuple[Any, int]], budget: int) -> tuple[list[Any], int]:
+    """Like :func:`take_items`, but return the taken entries as one flat list of pieces.
+
+    Worker thread, owning the circuit. A buffer entry is one piece; a list (or tuple) entry
+    contributes its cells, in order. Returns ``(pieces, cells)``.
+    """
+    count = len(pending)
+    cells = 0
+    taken = 0
+    while taken < count and cells < budget:
+        cells += pending[taken][1]
+        taken += 1
+    items = pending[:taken]
+    del pending[:taken]
+    pieces: list[Any] = []
+    for payload, _ in items:
+        if isinstance(payload, BUFFER_TYPES):
+            pieces.append(payload)
+        else:
+            pieces.extend(payload)
+    return pieces, cells
 
 
 def assemble(items: list[tuple[Any, int]], joined: bool) -> Any:

@@ -20,7 +20,9 @@ One :class:`Circuit` is the unit of work of :class:`workers.pool.WorkerPool` (th
   ``WorkerPool._release_locked``). Lists rather than deques: an empty list costs 56 bytes, an
   empty deque 760, and an idle circuit should stay small.
 * the crypto ``state`` and the ``process`` function applied to it, touched only by the worker
-  that owns the circuit (invariant 2 of DESIGN.md);
+  that owns the circuit (invariant 2 of DESIGN.md); optionally a ``group`` function, which
+  crypts the batches of several circuits in one call (see :data:`GroupFn`), used by the
+  worker that owns all of them;
 * the flags ``queued`` (on a run queue), ``busy`` (owned by a worker), ``closed`` and
   ``failed``, plus the run-queue bookkeeping ``priority``, ``ticket`` and ``queued_class``:
   read and written only under the pool's lock. They are the only shared state that lock guards;
@@ -39,6 +41,12 @@ from typing import Any, NamedTuple
 
 #: ``process(state, direction, batch) -> result``: runs on a worker thread with the circuit owned.
 ProcessFn = Callable[[Any, int, Any], Any]
+#: ``group(jobs) -> results``: ``jobs`` is a list of ``(state, direction, pieces)``, one per batch,
+#: ``pieces`` a list of bytes-like objects whose concatenation is the batch (the cells in
+#: order). Returns one entry per job, in order: what ``process(state, direction, batch)`` would
+#: return, or the exception instance it would raise. Runs on a worker thread that owns every
+#: circuit of the jobs (one state may appear in several jobs: they run in list order).
+GroupFn = Callable[[list[tuple[Any, int, Any]]], list[Any]]
 #: ``on_result(circuit, direction, result)``: loop thread.
 ResultFn = Callable[["Circuit", int, Any], None]
 #: ``on_error(circuit, direction, exception)``: loop thread.
@@ -79,6 +87,7 @@ class Circuit:
         "closed",
         "context",
         "failed",
+        "group",
         "high_water",
         "in_flight",
         "joined",
@@ -110,11 +119,13 @@ class Circuit:
         high_water: int,
         low_water: int,
         context: Any = None,
+        group: GroupFn | None = None,
     ) -> None:
         """Build an idle circuit. Loop thread only (normally through ``open_circuit``)."""
         self.pending: tuple[list[tuple[Any, int]], ...] = tuple([] for _ in range(directions))
         self.state = state
         self.process = process
+        self.group = group
         self.joined = joined
         self.on_result = on_result
         self.on_error = on_error

@@ -98,12 +98,13 @@ from collections.abc import Callable, Iterable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, Protocol
 
-from workers.batching import CELL_PAYLOAD_LEN, assemble, count_cells, take_items
+from workers.batching import CELL_PAYLOAD_LEN, assemble, count_cells, take_items, take_pieces
 from workers.circuit import (
     Circuit,
     CircuitClosedError,
     CircuitPressureFn,
     ErrorFn,
+    GroupFn,
     ProcessFn,
     Reply,
     ResultFn,
@@ -123,6 +124,8 @@ _new_reply = tuple.__new__
 #: batches gave ~5.5-7.5 M cells/s and 1,600-8,000-cell batches ~8-12 M cells/s. 1024 keeps a
 #: turn short (~45 us in the kernel, ~1 ms in the pure-Python reference) for fairness.
 DEFAULT_BATCH_CELLS = 1024
+#: Most circuits a worker pops in one lock round for one ``group`` call (grouped path only).
+DEFAULT_GROUP_CIRCUITS = 16
 DEFAULT_CIRCUIT_HIGH_WATER = 4096
 DEFAULT_POOL_HIGH_WATER = 1 << 20
 
@@ -132,6 +135,20 @@ class SupportsPut(Protocol):
 
     def put(self, item: Any) -> Any:
         """Enqueue ``item`` for the loop thread. Any thread."""
+
+
+def _not_started(items: list[Any]) -> None:
+    raise RuntimeError("replies are put only by the workers of a started pool")
+
+
+def _put_each(replies: SupportsPut) -> Callable[[list[Any]], Any]:
+    """A ``put_many`` for a reply queue that has only ``put``: one put per item, in order."""
+
+    def put_many(items: list[Any]) -> None:
+        for item in items:
+            replies.put(item)
+
+    return put_many
 
 
 class PoolClosedError(RuntimeError):
@@ -164,6 +181,7 @@ class _Worker:
         "cancelled",
         "cells",
         "errors",
+        "groups",
         "inbox",
         "index",
         "lost_replies",
@@ -179,6 +197,7 @@ class _Worker:
         self.cells = 0
         self.cancelled = 0
         self.batches = 0
+        self.groups = 0
         self.errors = 0
         self.busy_ns = 0
         self.lost_replies = 0
@@ -200,6 +219,8 @@ class WorkerPool:
         directions: int = 2,
         process: ProcessFn | None = None,
         joined: bool = False,
+        group: GroupFn | None = None,
+        group_circuits: int = DEFAULT_GROUP_CIRCUITS,
         batch_cells: int = DEFAULT_BATCH_CELLS,
         cell_size: int = CELL_PAYLOAD_LEN,
         worker_state_factory: Callable[[int], Any] | None = None,
@@ -214,13 +235,14 @@ class WorkerPool:
         """Configure the pool; no thread starts before :meth:`start`. Loop thread only.
 
         ``replies`` may be None only until :meth:`set_replies` (used by :meth:`attach`).
-        ``process``/``joined`` are defaults for circuits that give none. Low-water marks default
-        to half the high-water marks.
+        ``process``/``joined``/``group`` are defaults for circuits that give none (``group`` only
+        for circuits that also take the default ``process``). ``group_circuits`` caps the
+        circuits of one ``group`` call. Low-water marks default to half the high-water marks.
         """
         if priorities < 3:
             raise ValueError(f"priorities must be >= 3, got {priorities}")
-        if directions < 1 or batch_cells < 1 or cell_size < 1:
-            raise ValueError("directions, batch_cells and cell_size must be >= 1")
+        if directions < 1 or batch_cells < 1 or cell_size < 1 or group_circuits < 1:
+            raise ValueError("directions, batch_cells, cell_size and group_circuits must be >= 1")
         self._threads = threads if threads is not None else max(2, os.cpu_count() or 2)
         if self._threads < 1:
             raise ValueError(f"threads must be >= 1, got {self._threads}")
@@ -229,6 +251,8 @@ class WorkerPool:
         self._directions = directions
         self._process = process
         self._joined = joined
+        self._group = group
+        self._group_circuits = group_circuits
         self._batch_cells = batch_cells
         self._cell_size = cell_size
         self._worker_state_factory = worker_state_factory
@@ -267,6 +291,7 @@ class WorkerPool:
         self._discarded_cells = 0
         self._errors_delivered = 0
         self._local = threading.local()
+        self._replies_put_many: Callable[[list[Any]], Any] = _not_started  # set by start()
 
     # ----------------------------------------------------------------- set-up
 
@@ -303,6 +328,8 @@ class WorkerPool:
         if self._replies is None:
             raise RuntimeError("the pool has no reply queue: pass one or call set_replies()")
         self._started = True
+        put_many = getattr(self._replies, "put_many", None)
+        self._replies_put_many = put_many if put_many is not None else _put_each(self._replies)
         for index in range(self._threads):
             worker = _Worker(index)
             worker.thread = threading.Thread(
@@ -334,6 +361,7 @@ class WorkerPool:
         on_pressure: CircuitPressureFn | None = None,
         process: ProcessFn | None = None,
         joined: bool | None = None,
+        group: GroupFn | None = None,
         priority: int | None = None,
         high_water: int | None = None,
         low_water: int | None = None,
@@ -345,7 +373,13 @@ class WorkerPool:
         ``on_result(circuit, direction, result)`` receives each batch's result on the loop thread
         in submission order per direction. ``on_error(circuit, direction, exc)`` receives a
         worker's exception (default: log it and close the circuit).
+        ``group`` (see :data:`workers.circuit.GroupFn`) lets a worker crypt this circuit's
+        batches together with other circuits' in one call; it must give exactly the results
+        ``process`` would. A circuit that passes its own ``process`` is grouped only if it
+        passes a ``group`` too; otherwise it inherits the pool's.
         """
+        if process is None and group is None:
+            group = self._group
         process = process if process is not None else self._process
         if process is None:
             raise ValueError("no process function: pass process= here or to WorkerPool()")
@@ -371,6 +405,7 @@ class WorkerPool:
             high_water=high,
             low_water=low,
             context=context,
+            group=group,
         )
 
     def submit(
@@ -636,10 +671,12 @@ class WorkerPool:
         return worker.state
 
     def _run_worker(self, worker: _Worker) -> None:
-        """A worker's whole life: pop a circuit, serve it, let go and pop the next. Worker thread.
+        """A worker's whole life: pop circuits, serve them, let go and pop again. Worker thread.
 
-        Letting go of one circuit and popping the next happen in one critical section, so a
-        worker takes the pool lock once per turn.
+        Letting go of the circuits of one turn and popping the next happen in one critical
+        section, so a worker takes the pool lock once per turn. A turn is one circuit, or, when
+        the popped circuit has a ``group`` function, up to ``group_circuits`` circuits crypted
+        by one ``group`` call (see :meth:`_serve_group`).
         """
         self._local.worker = worker
         if self._worker_state_factory is not None:
@@ -649,38 +686,119 @@ class WorkerPool:
                 worker.errors += 1
                 log.exception("worker_state_factory failed on worker %d", worker.index)
         lock = self._lock
-        circuit: Circuit | None = None
-        failed = False
+        owned: list[Circuit] = []
+        failed: list[bool] = []
         while True:
             with lock:
-                if circuit is not None:
-                    self._release_locked(worker, circuit, failed)
-                circuit = self._next_circuit_locked(worker)
-                if circuit is not None:
-                    circuit.busy = True
-                else:
+                for circuit, bad in zip(owned, failed, strict=True):
+                    self._release_locked(worker, circuit, bad)
+                owned = self._next_circuits_locked(worker)
+                if not owned:
                     leave = self._exit or not worker.inbox
-            if circuit is None:
+            if not owned:
                 if leave:
                     return
                 self._apply_updates(worker)
+                failed = []
                 continue
-            failed = self._serve(worker, circuit)
+            if len(owned) == 1 and owned[0].group is None:
+                failed = [self._serve(worker, owned[0])]
+            else:
+                failed = self._serve_group(worker, owned)
 
-    def _next_circuit_locked(self, worker: _Worker) -> Circuit | None:
-        """Pop a circuit, waiting if there is none. None: exit, or updates first. Lock held."""
+    def _next_circuits_locked(self, worker: _Worker) -> list[Circuit]:
+        """Pop circuits (marked busy), waiting if there is none. Lock held.
+
+        Returns one circuit, or several when the first has a ``group`` function: at most
+        ``group_circuits``, and at most this worker's share of what is queued (the queued
+        circuits divided by the workers, rounded up), so that a lone worker does not take the
+        work of the others. An empty list: exit, or updates to apply first.
+        """
         while True:
             # Re-checked before every wait: a notify_all sent while this worker was busy is gone,
             # but the flags it announced are still set, so no wake-up is lost.
             if self._exit or worker.inbox:
-                return None
-            circuit = self._queues.pop()
+                return []
+            queues = self._queues
+            circuit = queues.pop()
             if circuit is not None:
-                return circuit
+                circuit.busy = True
+                if circuit.group is None or self._group_circuits == 1:
+                    return [circuit]
+                share = -(-(len(queues) + 1) // self._threads)
+                limit = min(self._group_circuits, share)
+                circuits = [circuit]
+                while len(circuits) < limit:
+                    circuit = queues.pop()
+                    if circuit is None:
+                        break
+                    circuit.busy = True
+                    circuits.append(circuit)
+                return circuits
             if self._closing:
-                return None  # draining, and nothing is left to drain
+                return []  # draining, and nothing is left to drain
             self._idle += 1  # the notifier decrements it (see _schedule_locked)
             self._cond.wait()
+
+    def _serve_group(self, worker: _Worker, circuits: list[Circuit]) -> list[bool]:
+        """One grouped turn: each owned circuit's batches, crypted by one ``group`` call.
+
+        Worker thread. Takes up to ``batch_cells`` cells per direction of each circuit as one
+        job ``(state, direction, pieces)`` (no join: the kernel gathers the pieces), runs the
+        jobs of circuits sharing a ``group`` function in ONE call, and puts one Reply per job,
+        all with one ``put_many``. A job whose result is an exception fails its circuit only;
+        a ``group`` call that raises fails every circuit in it. Circuits without a ``group``
+        (popped along) are served by :meth:`_serve`. Returns each circuit's failed flag.
+        """
+        failed = [False] * len(circuits)
+        budget = self._batch_cells
+        calls: dict[GroupFn, tuple[list[tuple[Any, int, Any]], list[tuple[int, Circuit, int, int]]]]
+        calls = {}
+        for index, circuit in enumerate(circuits):
+            group = circuit.group
+            if group is None:
+                failed[index] = self._serve(worker, circuit)
+                continue
+            # `closed` and `_exit` are written by the loop thread without this worker holding
+            # the lock. A stale False costs at most one more batch, which deliver() discards
+            # (closed) or which is crypted before the worker exits. True is never early.
+            if circuit.closed or self._exit:
+                continue
+            for direction, pending in enumerate(circuit.pending):
+                if not pending:
+                    continue
+                pieces, cells = take_pieces(pending, budget)
+                if not cells:
+                    continue  # a closer took them first
+                call = calls.get(group)
+                if call is None:
+                    call = calls[group] = ([], [])
+                call[0].append((circuit.state, direction, pieces))
+                call[1].append((index, circuit, direction, cells))
+        for group, (jobs, places) in calls.items():
+            started = perf_counter_ns()
+            try:
+                results = group(jobs)
+                if len(results) != len(jobs):
+                    raise RuntimeError(
+                        f"group function returned {len(results)} results for {len(jobs)} jobs"
+                    )
+            except Exception as exc:
+                results = [exc] * len(jobs)
+            worker.busy_ns += perf_counter_ns() - started
+            worker.groups += 1
+            replies: list[Reply] = []
+            for (index, circuit, direction, cells), result in zip(places, results, strict=True):
+                if isinstance(result, BaseException):
+                    worker.errors += 1
+                    failed[index] = True
+                    replies.append(_new_reply(Reply, (circuit, direction, None, cells, result)))
+                else:
+                    worker.cells += cells
+                    worker.batches += 1
+                    replies.append(_new_reply(Reply, (circuit, direction, result, cells, None)))
+            self._put_many(worker, replies)
+        return failed
 
     def _serve(self, worker: _Worker, circuit: Circuit) -> bool:
         """One turn: crypt up to ``batch_cells`` cells per direction. Worker thread.
@@ -759,6 +877,14 @@ class WorkerPool:
                 done = update.remaining == 0
             if done:
                 self._put(worker, _new_reply(Reply, (None, 0, update, 0, None)))
+
+    def _put_many(self, worker: _Worker, replies: list[Reply]) -> None:
+        """Hand several replies to the loop thread in one lock round. Worker thread."""
+        try:
+            self._replies_put_many(replies)
+        except Exception:
+            worker.lost_replies += len(replies)
+            log.exception("reply queue refused %d replies; they are lost", len(replies))
 
     def _put(self, worker: _Worker, reply: Reply) -> None:
         """Hand a reply to the loop thread; a failing reply queue is counted. Worker thread."""
@@ -841,7 +967,8 @@ class WorkerPool:
         """A plain-dict snapshot of the pool's counters. Any thread (other threads' counters may
         be a moment stale).
 
-        Keys: ``threads``, ``alive_threads``, ``cells``, ``batches``, ``batch_mean``,
+        Keys: ``threads``, ``alive_threads``, ``cells``, ``batches``, ``batch_mean``, ``groups``
+        (``group`` calls; each crypted several batches),
         ``submitted``, ``delivered``, ``in_flight``, ``queue_depth`` (live circuits per class,
         most urgent first), ``cancelled`` (cells), ``discarded`` (replies of closed circuits),
         ``discarded_cells``, ``errors`` (batches that raised), ``errors_delivered``,
@@ -858,12 +985,14 @@ class WorkerPool:
         workers = list(self._workers)
         cells = sum(w.cells for w in workers)
         batches = sum(w.batches for w in workers)
+        groups = sum(w.groups for w in workers)
         return {
             "threads": len(workers),
             "alive_threads": sum(1 for w in workers if w.thread and w.thread.is_alive()),
             "cells": cells,
             "batches": batches,
             "batch_mean": cells / batches if batches else 0.0,
+            "groups": groups,
             "submitted": self._submitted,
             "delivered": self._delivered,
             "in_flight": self._in_flight,

@@ -1,0 +1,310 @@
+"""The pool's grouped path: several circuits' batches crypted by one ``group`` call.
+
+What is checked (never speed):
+
+* order: per circuit and direction, results come back in submission order and equal the
+  stream a per-circuit ``process`` gives, with the real kernel (``relay_group``) against the
+  pure-Python reference, and with a stream stand-in across buffers and lists of cells;
+* a group call gets only circuits its worker owns: no circuit is ever in two calls at once,
+  and a call really holds several circuits;
+* cancellation in flight: a circuit closed while its batch is inside a group call has that
+  result discarded and counted, and the other circuits of the same call are delivered;
+* errors are isolated: an exception instance for one job fails only that circuit (its
+  ``on_error`` runs once, nothing more is crypted for it), a group call that raises fails the
+  circuits in it and no other, and the worker lives on;
+* a pool mixes grouped and ungrouped circuits; ``put_many`` is used when the reply queue has it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections import defaultdict
+from typing import Any
+
+from test_pool_support import CELL, Collector, OrderedState, OwnerGuard, cell, expected_stream
+
+from workers.circuit import Circuit
+from workers.fastcrypto import FastRelayCrypto, relay_group
+from workers.pool import WorkerPool
+from workers.relay_crypto import HopKeys, RelayCrypto
+
+
+class ManyCollector(Collector):
+    """A Collector that also has ``put_many`` (as ``reactor.ReplyQueue``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.put_many_calls = 0
+
+    def put_many(self, items: list[Any]) -> bool:
+        """Any thread."""
+        self.put_many_calls += 1
+        was_empty = False
+        for item in items:
+            was_empty = self.put(item) or was_empty
+        return was_empty
+
+
+def cells_of(pieces: list[Any]) -> list[bytes]:
+    joined = b"".join(bytes(p) for p in pieces)
+    assert len(joined) % CELL == 0
+    return [joined[i : i + CELL] for i in range(0, len(joined), CELL)]
+
+
+class StreamGroup:
+    """A group function over OrderedState circuits that records what each call held."""
+
+    def __init__(self, guard: OwnerGuard | None = None) -> None:
+        self.guard = guard
+        self.calls: list[int] = []  # circuits per call
+        self.lock = threading.Lock()
+
+    def __call__(self, jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        keys = {state.key for state, _, _ in jobs}
+        if self.guard is not None:
+            for key in keys:
+                self.guard.enter(key)
+        try:
+            with self.lock:
+                self.calls.append(len(keys))
+            return [state.crypt_list(direction, cells_of(pieces))
+                    for state, direction, pieces in jobs]
+        finally:
+            if self.guard is not None:
+                for key in keys:
+                    self.guard.leave(key)
+
+
+def stream_process(state: OrderedState, direction: int, batch: list[bytes]) -> list[bytes]:
+    return state.crypt_list(direction, batch)
+
+
+def test_order_and_exclusivity_across_groups() -> None:
+    replies = ManyCollector()
+    guard = OwnerGuard()
+    group = StreamGroup(guard)
+    got: dict[tuple[int, int], list[bytes]] = defaultdict(list)
+
+    def on_result(circuit: Circuit, direction: int, result: list[bytes]) -> None:
+        got[(circuit.context, direction)].extend(result)
+
+    pool = WorkerPool(replies, threads=3, process=stream_process, group=group, batch_cells=7)
+    pool.start()
+    circuits = [pool.open_circuit(OrderedState(i), on_result=on_result, context=i)
+                for i in range(40)]
+    rng = random.Random(1)
+    sent: dict[tuple[int, int], list[bytes]] = defaultdict(list)
+    for round_ in range(60):
+        work = []
+        for c in rng.sample(circuits, 25):
+            direction = rng.randrange(2)
+            key = (c.context, direction)
+            batch = [cell(c.context * 10 + direction, len(sent[key]) + k)
+                     for k in range(rng.randint(1, 6))]
+            sent[key].extend(batch)
+            work.append((c, direction, b"".join(batch) if rng.random() < 0.5 else batch))
+        pool.submit_many(work)
+        if round_ % 5 == 0:
+            replies.deliver_all(pool)
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    for (key, direction), cells in sent.items():
+        assert got[(key, direction)] == expected_stream(key, direction, cells)
+    assert guard.violations == []
+    stats = pool.stats()
+    assert stats["groups"] == len(group.calls) > 0
+    assert max(group.calls) > 1  # some call really held several circuits
+    assert stats["cells"] == stats["delivered"] == sum(len(v) for v in sent.values())
+    assert replies.put_many_calls == stats["groups"]
+
+
+def test_real_kernel_groups_give_the_reference_bytes() -> None:
+    """Middle-relay forward crypto through grouped workers equals RelayCrypto, per circuit."""
+    rng = random.Random(2)
+    replies = Collector()  # no put_many: the pool falls back to one put per reply
+    out: dict[int, list[bytes]] = defaultdict(list)
+    flags: dict[int, bytearray] = defaultdict(bytearray)
+
+    def on_result(circuit: Circuit, direction: int, result: tuple[bytes, bytes]) -> None:
+        data, recognized = result
+        out[circuit.context].append(data)
+        flags[circuit.context] += recognized
+
+    pool = WorkerPool(replies, threads=2, process=lambda s, d, b: s.forward_buf(b), joined=True,
+                      group=relay_group(), batch_cells=64)
+    pool.start()
+    keys = [HopKeys.from_material(rng.randbytes(72)) for _ in range(12)]
+    circuits = [pool.open_circuit(FastRelayCrypto(k), on_result=on_result, context=i)
+                for i, k in enumerate(keys)]
+    references = [RelayCrypto(k) for k in keys]
+    expected: dict[int, list[bytes]] = defaultdict(list)
+    expected_flags: dict[int, bytearray] = defaultdict(bytearray)
+    for _ in range(30):
+        for i, c in enumerate(circuits):
+            cells = [rng.randbytes(CELL) for _ in range(rng.randint(1, 20))]
+            for recognized, plain in references[i].forward_many(cells):
+                expected[i].append(plain)
+                expected_flags[i].append(int(recognized))
+            pool.submit(c, 0, cells if rng.random() < 0.5 else b"".join(cells))
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    for i in range(len(circuits)):
+        assert b"".join(out[i]) == b"".join(expected[i])
+        assert flags[i] == expected_flags[i]
+    assert pool.stats()["groups"] > 0
+
+
+def test_close_while_its_batch_is_inside_a_group_call() -> None:
+    replies = Collector()
+    inside = threading.Event()
+    release = threading.Event()
+    held: list[set[int]] = []
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        held.append({state.key for state, _, _ in jobs})
+        if not inside.is_set():
+            inside.set()
+            assert release.wait(10)
+        return [state.crypt_list(d, cells_of(p)) for state, d, p in jobs]
+
+    got: dict[int, list[bytes]] = defaultdict(list)
+    pool = WorkerPool(replies, threads=1, process=stream_process, group=group)
+    circuits = [pool.open_circuit(OrderedState(i), context=i,
+                                  on_result=lambda c, d, r: got[c.context].extend(r))
+                for i in range(4)]
+    sent = {c.context: [cell(c.context, 0), cell(c.context, 1)] for c in circuits}
+    pool.submit_many([(c, 0, sent[c.context]) for c in circuits])
+    pool.start()
+    assert inside.wait(10)
+    victim = circuits[held[0].pop() if len(held[0]) == 1 else 1]
+    pool.close_circuit(victim)
+    release.set()
+    others = [c for c in circuits if c is not victim]
+    replies.pump(pool, lambda: all(c.in_flight == 0 for c in others))
+    pool.close()
+    replies.deliver_all(pool)
+    stats = pool.stats()
+    assert victim.context not in got
+    assert stats["discarded"] == 1 and stats["discarded_cells"] == 2
+    for c in others:
+        assert got[c.context] == expected_stream(c.context, 0, sent[c.context])
+    assert stats["in_flight"] == 0
+
+
+def test_errors_are_isolated_to_their_circuit() -> None:
+    replies = ManyCollector()
+    bad_key = 3
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        return [ValueError(f"circuit {state.key} is broken") if state.key == bad_key
+                else state.crypt_list(d, cells_of(p)) for state, d, p in jobs]
+
+    got: dict[int, list[bytes]] = defaultdict(list)
+    errors: list[tuple[int, BaseException]] = []
+
+    def on_error(circuit: Circuit, direction: int, exc: BaseException) -> None:
+        errors.append((circuit.context, exc))
+        pool.close_circuit(circuit)
+
+    pool = WorkerPool(replies, threads=2, process=stream_process, group=group)
+    pool.start()
+    circuits = [pool.open_circuit(OrderedState(i), context=i, on_error=on_error,
+                                  on_result=lambda c, d, r: got[c.context].extend(r))
+                for i in range(8)]
+    sent: dict[int, list[bytes]] = defaultdict(list)
+    for _ in range(20):
+        work = []
+        for c in circuits:
+            if c.closed:
+                continue
+            batch = [cell(c.context, len(sent[c.context]) + k) for k in range(3)]
+            sent[c.context].extend(batch)
+            work.append((c, 0, batch))
+        pool.submit_many(work)
+        replies.deliver_all(pool)
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    replies.deliver_all(pool)
+    assert [key for key, _ in errors] == [bad_key]
+    assert isinstance(errors[0][1], ValueError)
+    for c in circuits:
+        if c.context != bad_key:
+            assert got[c.context] == expected_stream(c.context, 0, sent[c.context])
+    assert bad_key not in got
+    stats = pool.stats()
+    assert stats["errors"] == 1 and stats["alive_threads"] == 0
+
+
+def test_a_raising_group_call_fails_its_circuits_only() -> None:
+    replies = Collector()
+    calls = 0
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("the whole call failed")
+        return [state.crypt_list(d, cells_of(p)) for state, d, p in jobs]
+
+    failed: list[int] = []
+    got: dict[int, list[bytes]] = defaultdict(list)
+
+    def on_error(circuit: Circuit, direction: int, exc: BaseException) -> None:
+        assert isinstance(exc, RuntimeError)
+        failed.append(circuit.context)
+        pool.close_circuit(circuit)
+
+    pool = WorkerPool(replies, threads=1, process=stream_process, group=group)
+    first = [pool.open_circuit(OrderedState(i), context=i, on_error=on_error,
+                               on_result=lambda c, d, r: got[c.context].extend(r))
+             for i in range(3)]
+    pool.submit_many([(c, 0, [cell(c.context, 0)]) for c in first])
+    pool.start()
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    assert sorted(failed) == [0, 1, 2]  # one worker took all three into the failing call
+    later = pool.open_circuit(OrderedState(9), context=9, on_error=on_error,
+                              on_result=lambda c, d, r: got[c.context].extend(r))
+    pool.submit(later, 1, [cell(9, 0)])
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    assert got[9] == expected_stream(9, 1, [cell(9, 0)])
+    assert pool.stats()["errors"] == 3
+
+
+def test_grouped_and_ungrouped_circuits_share_a_pool() -> None:
+    replies = ManyCollector()
+    group = StreamGroup()
+    got: dict[tuple[int, int], list[bytes]] = defaultdict(list)
+    plain_calls: list[int] = []
+
+    def plain_process(state: OrderedState, direction: int, batch: list[bytes]) -> list[bytes]:
+        plain_calls.append(state.key)
+        return state.crypt_list(direction, batch)
+
+    def on_result(circuit: Circuit, direction: int, result: list[bytes]) -> None:
+        got[(circuit.context, direction)].extend(result)
+
+    pool = WorkerPool(replies, threads=2, process=stream_process, group=group)
+    pool.start()
+    grouped = [pool.open_circuit(OrderedState(i), on_result=on_result, context=i)
+               for i in range(10)]
+    # Its own process and no group: never grouped (the pool's group is only inherited with
+    # the pool's process).
+    plain = [pool.open_circuit(OrderedState(i), on_result=on_result, context=i,
+                               process=plain_process) for i in range(10, 20)]
+    sent: dict[tuple[int, int], list[bytes]] = defaultdict(list)
+    for round_ in range(30):
+        work = []
+        for c in grouped + plain:
+            key = (c.context, round_ % 2)
+            batch = [cell(c.context, len(sent[key]) + k) for k in range(2)]
+            sent[key].extend(batch)
+            work.append((c, round_ % 2, batch))
+        pool.submit_many(work)
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    for (key, direction), cells in sent.items():
+        assert got[(key, direction)] == expected_stream(key, direction, cells)
+    assert set(plain_calls) == set(range(10, 20))
+    assert group.calls and pool.stats()["groups"] == len(group.calls)
