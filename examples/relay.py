@@ -49,8 +49,12 @@ def stop_on_stdin_eof(reactor: Reactor) -> None:
     only (to set up)."""
 
     def watch() -> None:
+        # os.read on the descriptor, not sys.stdin.buffer: a daemon thread blocked inside the
+        # BufferedReader holds its lock, and interpreter shutdown then aborts the process
+        # ("could not acquire lock for <stdin> at interpreter shutdown", SIGABRT).
         try:
-            while sys.stdin.buffer.read(4096):
+            fd = sys.stdin.fileno()
+            while os.read(fd, 4096):
                 pass
         except (OSError, ValueError):
             pass
