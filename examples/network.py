@@ -145,8 +145,11 @@ class ChildProcess:
 
     def stop(self, timeout: float) -> dict[str, Any] | None:
         """SIGTERM, wait for exit (SIGKILL after ``timeout``); return its STATS. Owner thread."""
+        # Once only: a second SIGTERM that lands while the child is shutting down (its reactor
+        # has restored the default action) kills it with -15 before its final STATS line.
+        already_signalled = self._stopping  # LocalNetwork.stop signals every child first
         self._stopping = True
-        if self.popen.poll() is None:
+        if self.popen.poll() is None and not already_signalled:
             try:
                 os.kill(self.popen.pid, signal.SIGTERM)
             except ProcessLookupError:
