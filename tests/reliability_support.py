@@ -27,7 +27,7 @@ from typing import Any
 
 from hypothesis import HealthCheck, settings
 
-from examples.network import ChildProcess
+from examples.network import ChildProcess, LocalNetwork
 from reactor import Reactor
 from relay.client import Client
 from relay.directory import RelayDescriptor
@@ -255,3 +255,15 @@ def tracebacks_in_log(child: ChildProcess) -> list[str]:
     """Lines of a child's stderr log that start a Python traceback."""
     text = child.log_path.read_text(errors="replace")
     return [line for line in text.splitlines() if "Traceback (most recent call last)" in line]
+
+
+def stop_cleanly(net: LocalNetwork, killed: frozenset[str] = frozenset()) -> None:
+    """Stop the network (SIGTERM) and check every child not in ``killed`` exited with status 0
+    and logged no traceback: a clean shutdown, not just a dead process. Owner thread."""
+    net.stop()
+    for child in net.children():
+        if child.name in killed:
+            continue
+        assert child.popen.returncode == 0, (child.name, child.popen.returncode,
+                                             child.log_tail(20))
+        assert not tracebacks_in_log(child), child.log_tail(40)

@@ -33,6 +33,7 @@ from reliability_support import (
     process_sample,
     relay_stats,
     run_until,
+    stop_cleanly,
     tracebacks_in_log,
 )
 
@@ -142,6 +143,7 @@ def test_middle_relay_sigkilled_mid_transfer(reactor: Reactor) -> None:
         print(f"FIGURES sigkill-middle: circuits_through={len(through)} "
               f"circuits_around={len(around)} around_intact={sum(j.intact for j in around)} "
               f"client_reason={sorted(reasons)[0]!r} detected_s={detected_s:.3f}")
+        stop_cleanly(net, killed=frozenset({"relay1"}))
     finally:
         net.stop()
         net.cleanup()
@@ -189,6 +191,7 @@ def test_random_circuit_closes_mid_transfer(reactor: Reactor) -> None:
         mid = sum(1 for j in closed if 0 < len(j.received) < size)
         print(f"FIGURES random-closes: circuits={len(all_jobs)} closed={len(closed)} "
               f"closed_mid_transfer={mid} others_intact={len(all_jobs) - len(closed)}")
+        stop_cleanly(net)
     finally:
         net.stop()
         net.cleanup()
@@ -227,6 +230,7 @@ def test_peer_opening_circuits_without_limit_gets_destroy(reactor: Reactor) -> N
         check_survivors(net)
         print(f"FIGURES circuit-cap: cap={cap} asked={cap + 30} refused={len(refused)} "
               f"client_reason={refused[0].failure!r}")
+        stop_cleanly(net)
     finally:
         net.stop()
         net.cleanup()
@@ -385,6 +389,8 @@ def test_peer_that_stops_reading_is_bounded_by_back_pressure(reactor: Reactor) -
               f"window_bound={window_bytes} relay_rss_idle_mb={rss_idle / 2**20:.1f} "
               f"relay_rss_growth_mb={rss_growth / 2**20:.1f} "
               f"healthy_intact={healthy.intact}")
+        stranger.sock.close()
+        stop_cleanly(net)
     finally:
         if stranger is not None:
             stranger.sock.close()
@@ -434,6 +440,7 @@ def test_worker_exception_in_one_circuit_of_a_relay(reactor: Reactor, tmp_path: 
         check_survivors(net)
         print(f"FIGURES worker-exception: circuits={len(all_jobs)} failed=1 "
               f"others_intact={len(all_jobs) - 1} client_reason={failed[0].failure!r}")
+        stop_cleanly(net)
     finally:
         if faulty is not None:
             faulty.stop(10)
