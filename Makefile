@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 
-.PHONY: venv test demo lint bench clean distclean
+.PHONY: venv test demo latency lint bench clean distclean
 
 venv: $(STAMP)
 
@@ -23,13 +23,18 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
+	$(PY) -m examples.network
+
+latency: venv
 	$(PY) -m examples.wakeup_latency
 
 lint: venv
 	$(PY) -m ruff check .
 
 bench: venv
-	$(PY) -m examples.wakeup_latency --json
+	$(PY) -m benchmarks.pipeline
+	$(PY) -m benchmarks.scaling
+	$(PY) -m examples.wakeup_latency
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .hypothesis
