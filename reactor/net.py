@@ -25,9 +25,11 @@ escape as exceptions into the loop: libuv error codes become ``CloseReason`` val
 stream with ``CloseReason.ERROR`` (its protocol state can no longer be trusted).
 
 Hot path: ``_on_read`` calls the user's ``on_data`` with one attribute load and no per-call
-allocation of its own; ``writelines`` hands a whole list of buffers to one ``uv_write`` (one
-``writev``), which is how a relay should flush a batch of cells. Every write carries the same
-pre-bound completion callback, which is where write errors and the low watermark are noticed.
+allocation of its own; ``writelines`` hands a whole list of buffers to one ``uv_write``, which
+is how a relay should flush a batch of cells (joined into one buffer first: pyuv 1.4.0 never
+releases a sequence passed to ``write``, which would leak every buffer in it). Every write
+carries the same pre-bound completion callback, which is where write errors and the low
+watermark are noticed.
 pyuv keeps a reference to each buffer until its write completes; do not mutate a bytearray
 passed to ``write`` before then.
 
@@ -271,7 +273,9 @@ class Stream:
         if not buffers:
             return
         try:
-            self._tcp.write(buffers, self._write_callback)
+            # Joined, not the sequence itself: pyuv 1.4.0's write of a sequence never drops
+            # the reference PySequence_Fast took, so the list and every buffer in it leaked.
+            self._tcp.write(b"".join(buffers), self._write_callback)
         except pyuv.error.UVError as exc:
             self._fail_later(_error_code(exc))
             return
