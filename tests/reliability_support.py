@@ -11,15 +11,14 @@
   relay network and check every byte that comes back (the fault tests choose which circuits
   cross the relay they kill, stall or break). Data is written a little at a time, so a thousand
   circuits do not each queue their whole payload on the client.
-* :func:`relay_stats`: a live ``STATS`` snapshot of a relay process (SIGUSR1).
+* :func:`relay_stats`: a live ``STATS`` snapshot of a relay process (SIGUSR1);
+  ``process_sample`` (RSS, threads, fds from ``/proc``) comes from ``examples.soak``.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import signal
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 from hypothesis import HealthCheck, settings
 
 from examples.network import ChildProcess, LocalNetwork
+from examples.soak import live_stats
 from reactor import Reactor
 from relay.client import Client
 from relay.directory import RelayDescriptor
@@ -115,28 +115,6 @@ def recording(*names: str, level: int = logging.INFO) -> Iterator[LogRecorder]:
         for lg, old in saved:
             lg.removeHandler(recorder)
             lg.setLevel(old)
-
-
-@dataclass(frozen=True)
-class ProcessSample:
-    """One look at a process: resident memory, threads, open file descriptors."""
-
-    rss_bytes: int
-    threads: int
-    fds: int
-
-
-def process_sample(pid: int) -> ProcessSample:
-    """Read RSS, thread count and open fds of ``pid`` from ``/proc`` (Linux)."""
-    rss = threads = 0
-    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                rss = int(line.split()[1]) * 1024
-            elif line.startswith("Threads:"):
-                threads = int(line.split()[1])
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
-    return ProcessSample(rss, threads, fds)
 
 
 # --------------------------------------------------------------------------- echo jobs
@@ -239,16 +217,8 @@ class EchoJobs:
 
 
 def relay_stats(child: ChildProcess, timeout: float = 10.0) -> dict[str, Any]:
-    """Ask a relay process for a live STATS line (SIGUSR1) and return it. Owner thread."""
-    before = child.stats
-    child.kill(signal.SIGUSR1)
-    deadline = time.monotonic() + timeout
-    while child.stats is before:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{child.name} sent no STATS after SIGUSR1:\n{child.log_tail()}")
-        time.sleep(0.01)
-    assert child.stats is not None
-    return child.stats
+    """A relay's live STATS (SIGUSR1; ``examples.soak.live_stats``). Owner thread."""
+    return live_stats(child, timeout)
 
 
 def tracebacks_in_log(child: ChildProcess) -> list[str]:

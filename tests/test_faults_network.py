@@ -30,7 +30,6 @@ import pytest
 from reliability_support import (
     EchoJob,
     EchoJobs,
-    process_sample,
     relay_stats,
     run_until,
     stop_cleanly,
@@ -38,6 +37,7 @@ from reliability_support import (
 )
 
 from examples.network import ChildProcess, LocalNetwork
+from examples.soak import process_sample
 from reactor import Reactor
 from relay.circuits import pack_relay
 from relay.directory import RelayDescriptor
