@@ -42,3 +42,18 @@ clean:
 
 distclean: clean
 	rm -rf $(VENV) $(CACHE)
+
+# Reliability (docs/reliability.md). `make fuzz`: the suite's fuzz tests with many more examples
+# (FUZZ_EXAMPLES per test); `make soak`: the relay network under back-to-back rounds for
+# SOAK_MINUTES, checking each relay's RSS, threads and open fds stay flat.
+FUZZ_EXAMPLES ?= 5000
+SOAK_MINUTES  ?= 3
+.PHONY: fuzz soak
+
+fuzz: venv
+	RELAYCRYPT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
+		--timeout 7200 --hypothesis-show-statistics \
+		tests/test_fuzz_codec.py tests/test_fuzz_link.py tests/test_fuzz_relay.py
+
+soak: venv
+	$(PY) -m examples.soak --minutes $(SOAK_MINUTES)
