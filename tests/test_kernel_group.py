@@ -330,3 +330,15 @@ def test_a_state_in_use_elsewhere_fails_only_its_job() -> None:
     assert runner.error is None
     assert refused is not None and "in use" in str(refused)
     assert not busy.in_use and not free.in_use
+
+
+def test_retain_freed_memory() -> None:
+    """The pool's malloc setting: applied on glibc (this project's platform), checked args."""
+    import platform
+
+    from workers._kernel import retain_freed_memory
+
+    applied = retain_freed_memory(32 << 20, 4 << 20)
+    assert applied is (platform.libc_ver()[0] == "glibc")
+    with pytest.raises(ValueError):
+        retain_freed_memory(-1, 0)

@@ -308,3 +308,15 @@ def test_grouped_and_ungrouped_circuits_share_a_pool() -> None:
         assert got[(key, direction)] == expected_stream(key, direction, cells)
     assert set(plain_calls) == set(range(10, 20))
     assert group.calls and pool.stats()["groups"] == len(group.calls)
+
+
+def test_start_applies_malloc_retain_unless_opted_out(monkeypatch: Any) -> None:
+    import workers.pool as pool_module
+
+    calls: list[int] = []
+    monkeypatch.setattr(pool_module, "_retain_freed_memory", calls.append)
+    for retain in (None, 1 << 20):
+        pool = WorkerPool(Collector(), threads=1, process=stream_process, malloc_retain=retain)
+        pool.start()
+        pool.close()
+    assert calls == [1 << 20]

@@ -19,6 +19,36 @@ the loop thread). Cells that arrived meanwhile are taken in the same turn while 
 then, under the lock, the worker lets the circuit go, re-queuing it at the tail if cells remain,
 and pops its next circuit in the same critical section (one lock round per turn).
 
+Grouped turns: several circuits per kernel call
+-----------------------------------------------
+A circuit opened with a ``group`` function (:data:`workers.circuit.GroupFn`; the kernel's are
+:func:`workers.fastcrypto.relay_group` and :func:`~workers.fastcrypto.origin_group`) is served
+in a *grouped* turn: the worker pops it together with up to ``group_circuits - 1`` more
+circuits in the same critical section (never more than its share, the queued circuits divided
+by the workers, so that one worker does not take the others' work), takes each one's pending
+entries per direction up to ``batch_cells`` as a list of pieces (no join: the kernel gathers
+them with the GIL released), and crypts ALL of them with ONE ``group`` call, i.e. one release
+and one re-acquisition of the GIL. The replies, one per circuit and direction as always, go to
+the loop with one ``put_many``. Under the GIL this is what makes cheap crypto pay: when a
+batch's AES takes tens of microseconds, taking the GIL back, the Python around each call and
+the lock round cost as much as the crypto, and grouping pays them once per group instead of
+once per circuit. Order and exclusivity are those of single turns (every circuit of a group is
+owned by its worker; a circuit's directions run in order inside the call); a job's exception
+fails only its circuit, and a ``group`` call that raises fails the circuits in it.
+
+Memory handed across threads
+----------------------------
+A batch's output (hundreds of KB) is allocated by a worker, in that thread's malloc arena, and
+freed by the loop thread once delivered. With glibc's default thresholds the arena is trimmed
+(its top returned to the OS) after such frees, and the next outputs page-fault their memory
+back in: measured on relay_forward, page faults took about a quarter of the workers' CPU, as
+much as the AES. So :meth:`start` tells glibc, process-wide, to keep up to ``malloc_retain``
+bytes (default 32 MiB) of freed memory per arena and to serve blocks below 4 MiB from its
+arenas (``workers._kernel.retain_freed_memory``, a ``mallopt``). The cost is that much RSS
+kept per arena at most, only after it was used. It is never undone (glibc cannot go back to
+its dynamic thresholds, and other pools in the process may rely on it); ``malloc_retain=None``
+opts out. Without the kernel extension, or on another C library, nothing changes.
+
 What the lock guards
 --------------------
 One ``threading.Condition`` guards only the run queues, each circuit's ``queued``/``busy``/
@@ -46,7 +76,8 @@ The hot path
 Per-cell Python is what makes a pool slower than crypting inline (PERF-FACTS.md), so nothing
 here runs per cell: ``submit`` costs one append and one lock round per call whatever the number
 of cells, ``submit_many`` one lock round per call, a worker one lock round and one reply per
-batch, ``deliver`` a few counter updates per reply. A lone ``bytes`` item reaches a
+batch (grouped: one lock round, one GIL round trip and one ``put_many`` per group),
+``deliver`` a few counter updates per reply. A lone ``bytes`` item reaches a
 ``joined=True`` process function without a copy.
 
 Priorities, fairness, starvation
@@ -126,6 +157,10 @@ _new_reply = tuple.__new__
 DEFAULT_BATCH_CELLS = 1024
 #: Most circuits a worker pops in one lock round for one ``group`` call (grouped path only).
 DEFAULT_GROUP_CIRCUITS = 16
+#: Freed memory glibc may keep per arena (``malloc_retain``); see "Memory handed across threads".
+DEFAULT_MALLOC_RETAIN = 32 << 20
+#: Blocks below this come from malloc's arenas, not mmap, once ``malloc_retain`` is applied.
+MALLOC_MMAP_THRESHOLD = 4 << 20
 DEFAULT_CIRCUIT_HIGH_WATER = 4096
 DEFAULT_POOL_HIGH_WATER = 1 << 20
 
@@ -135,6 +170,19 @@ class SupportsPut(Protocol):
 
     def put(self, item: Any) -> Any:
         """Enqueue ``item`` for the loop thread. Any thread."""
+
+
+def _retain_freed_memory(trim_threshold: int) -> bool:
+    """Apply ``malloc_retain`` through the kernel (glibc only). Loop thread (any, really).
+
+    Process-wide and permanent: glibc cannot return to its dynamic thresholds. Returns False
+    when it could not be applied (no kernel extension, or not glibc).
+    """
+    try:
+        from workers._kernel import retain_freed_memory
+    except ImportError:
+        return False
+    return bool(retain_freed_memory(trim_threshold, min(trim_threshold, MALLOC_MMAP_THRESHOLD)))
 
 
 def _not_started(items: list[Any]) -> None:
@@ -230,6 +278,7 @@ class WorkerPool:
         pool_low_water: int | None = None,
         on_pool_pressure: Callable[[bool], None] | None = None,
         starvation_period: int = DEFAULT_STARVATION_PERIOD,
+        malloc_retain: int | None = DEFAULT_MALLOC_RETAIN,
         name: str = "relaycrypt-worker",
     ) -> None:
         """Configure the pool; no thread starts before :meth:`start`. Loop thread only.
@@ -238,6 +287,8 @@ class WorkerPool:
         ``process``/``joined``/``group`` are defaults for circuits that give none (``group`` only
         for circuits that also take the default ``process``). ``group_circuits`` caps the
         circuits of one ``group`` call. Low-water marks default to half the high-water marks.
+        ``malloc_retain`` (bytes, or None to leave malloc alone) is applied process-wide by
+        :meth:`start`: see "Memory handed across threads" in the module doc.
         """
         if priorities < 3:
             raise ValueError(f"priorities must be >= 3, got {priorities}")
@@ -266,6 +317,7 @@ class WorkerPool:
         if self._circuit_low >= self._circuit_high or self._pool_low >= self._pool_high:
             raise ValueError("low-water marks must be below their high-water marks")
         self._on_pool_pressure = on_pool_pressure
+        self._malloc_retain = malloc_retain
         self._name = name
         # Critical sections take the raw lock (a C-level context manager, cheaper than the
         # Condition's Python one); wait/notify go through the Condition built on the same lock.
@@ -328,6 +380,8 @@ class WorkerPool:
         if self._replies is None:
             raise RuntimeError("the pool has no reply queue: pass one or call set_replies()")
         self._started = True
+        if self._malloc_retain is not None:
+            _retain_freed_memory(self._malloc_retain)
         put_many = getattr(self._replies, "put_many", None)
         self._replies_put_many = put_many if put_many is not None else _put_each(self._replies)
         for index in range(self._threads):

@@ -31,6 +31,7 @@ __all__ = [
     "OriginState",
     "RelayState",
     "crypt_group",
+    "retain_freed_memory",
 ]
 
 

@@ -31,6 +31,16 @@
  *                                         it, and the state is exactly as after them (the
  *                                         reference's UnrecognizedCell contract).
  *     add_hop(df, db, kf, kb)             append a hop (after EXTENDED2).
+ * crypt_group(jobs) -> list               several circuits' batches with ONE release of the GIL:
+ *                                         jobs are (state, OP_*, buf[, hop]) standing for the
+ *                                         methods above; one result per job, in order: what
+ *                                         the method returns, or the exception instance it
+ *                                         raises (errors stay with their job). Under the GIL,
+ *                                         taking it back after each call is what a worker pays
+ *                                         per call; a group pays it once. Methods and groups
+ *                                         run the same Job code (prepare / run / settle).
+ * retain_freed_memory(trim, mmap)         process-wide glibc mallopt for the worker pool (see
+ *                                         its docstring); not crypto, but C.
  * "Set a digest": feed the 509 bytes to the running SHA-1 with the digest field payload[5:9]
  * taken as zero, then write the first 4 bytes of a finalized copy there. "Check": only when
  * recognized (payload[1:3]) is zero; the same feeding on a copy of the running state, compared
@@ -80,6 +90,9 @@
 #include <limits.h>
 #include <stdatomic.h>
 #include <string.h>
+#ifdef __GLIBC__
+#include <malloc.h>
+#endif
 
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
@@ -1262,8 +1275,42 @@ tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
     return results;
 }
 
+/* ================================================================== allocator */
+
+PyDoc_STRVAR(retain_freed_memory_doc,
+"retain_freed_memory(trim_threshold, mmap_threshold) -> bool\n\n"
+"PROCESS-WIDE: tell glibc's malloc to keep up to trim_threshold bytes of freed memory at the\n"
+"top of each arena instead of returning it to the OS, and to serve blocks below\n"
+"mmap_threshold from the arenas instead of mmap. Returns False (and changes nothing) when\n"
+"the C library is not glibc. Why: a worker pool allocates each batch's output (hundreds of\n"
+"KB) in the worker's arena and the loop thread frees it; with glibc's defaults the arena\n"
+"is trimmed after such frees and every new output page-faults its memory back in, which\n"
+"costs about as much as the AES itself. glibc cannot go back to its dynamic thresholds once\n"
+"either is set. Any thread.");
+
+static PyObject *
+tor1_retain_freed_memory(PyObject *module, PyObject *args)
+{
+    int trim_threshold, mmap_threshold;
+    if (!PyArg_ParseTuple(args, "ii:retain_freed_memory", &trim_threshold, &mmap_threshold))
+        return NULL;
+    if (trim_threshold < 0 || mmap_threshold < 0) {
+        PyErr_SetString(PyExc_ValueError, "thresholds must be >= 0");
+        return NULL;
+    }
+#ifdef __GLIBC__
+    int ok = mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1;
+    ok = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 && ok;
+    return PyBool_FromLong(ok);
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 static PyMethodDef tor1_methods[] = {
     {"crypt_group", (PyCFunction)tor1_crypt_group, METH_O, crypt_group_doc},
+    {"retain_freed_memory", (PyCFunction)tor1_retain_freed_memory, METH_VARARGS,
+     retain_freed_memory_doc},
     {NULL, NULL, 0, NULL},
 };
 
