@@ -16,20 +16,19 @@ Four mechanisms carry an item from a worker thread to a handler on the loop thre
 Each mechanism posts through one function, ``post(item)``, and the loop side calls the same
 kind of per-item handler, so what differs is the mechanism.
 
-Isolated: a worker stamps ``perf_counter_ns``, posts one item, and blocks until the handler has
-run (the handler releases a lock the worker waits on), many times. The latency is from the stamp
-to the start of the handler: p50/p90/p99/max in microseconds. Each mechanism gets a fresh loop
-and worker thread per round, and the rounds are short and rotate through the mechanisms, so all
-see the same background load on a shared machine. (Two mechanisms sharing one loop would not be
-comparable: libuv runs due Async callbacks in handle creation order within one pass, so a
-later-created Async can be caught in the pass that serves an earlier one.)
+Isolated: a worker stamps ``perf_counter_ns``, posts one item, and blocks until the item has
+been handled (the handler lets the worker go on the loop's next iteration), many times. The
+latency is from the stamp to the start of the handler: p50/p90/p99/max in microseconds. The
+three pyuv mechanisms share one loop and one worker, which goes through them in a random order
+each cycle, so they are sampled under the same CPU placement and background load; asyncio has its
+own loop and runs in rounds alternating with the pyuv rounds.
 
-Reading the numbers: the eventfd wake-up behind ``uv.Async`` is bimodal here - about 4 us when
-the loop thread can take the GIL at once, about 11 us when it wakes while the worker still holds
-the GIL and they hand it over - and on a 2-CPU machine the two modes are close to 50/50. A p50
-that falls between the modes moves by several microseconds between runs, even between two
-identical channels (``replyqueue`` and ``raw_async`` share the same modes; compare their
-p25/p75 in the plot). The socketpair wake-up (a "sync" wake-up in the kernel) is unimodal.
+Reading the numbers: the eventfd wake-up behind ``uv.Async`` is bimodal on this kind of machine
+(about 4 us, or about 11 us when the woken loop thread has to wait for the worker to hand over
+the GIL), with the modes often close to 50/50. A p50 that falls between the modes then moves by
+several microseconds from run to run - even between two identical channels side by side - so
+compare p50 together with the plot, where ``replyqueue`` and ``raw_async`` show the same modes.
+The socketpair wake-up (a "sync" wake-up in the kernel) is unimodal.
 
 Burst: one worker posts N items as fast as it can; items/s is N divided by the time from the
 first post to the handling of the last item. ``wakeups_per_item`` counts the wake-up signals the
@@ -45,6 +44,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import sys
 import threading
@@ -173,11 +173,21 @@ PYUV_CHANNELS: dict[str, Callable[[Reactor, Handle], Channel]] = {
 
 
 class IsolatedRecorder:
-    """Per-mechanism handlers that record latency and release the waiting worker."""
+    """Per-mechanism handlers that record latency and release the waiting worker.
 
-    def __init__(self, expected: int, stop: Callable[[], object]) -> None:
+    The handler releases the worker through ``call_soon``, i.e. on the loop's next iteration,
+    outside the Async pass that ran the handler. Released directly, the worker could post its
+    next item while libuv is still walking the loop's Async handles, and an Async created after
+    the one being served would be caught in that same pass: a wake-up without a wake-up, which
+    would favour whichever mechanism was created later.
+    """
+
+    def __init__(
+        self, expected: int, call_soon: Callable[..., object], stop: Callable[[], object]
+    ) -> None:
         """``stop`` runs on the loop thread after ``expected`` items. Main (loop) thread."""
         self.expected = expected
+        self.call_soon = call_soon
         self.stop = stop
         self.handled = 0
         self.latencies: dict[str, list[int]] = {}
@@ -189,52 +199,65 @@ class IsolatedRecorder:
         samples = self.latencies.setdefault(name, [])
         perf = time.perf_counter_ns
         release = self.released.release
+        call_soon = self.call_soon
 
         def handle(stamp: int) -> None:
             samples.append(perf() - stamp)
             self.handled += 1
-            release()
-            if self.handled == self.expected:
-                self.stop()
+            call_soon(release if self.handled < self.expected else self.finish)
 
         return handle
 
-    def worker(self, posts: list[Post], samples_each: int) -> None:
-        """Stamp, post, wait; rotating through ``posts`` sample by sample. Worker thread."""
+    def finish(self) -> None:
+        """Release the worker a last time and stop the loop. Loop thread."""
+        self.released.release()
+        self.stop()
+
+    def worker(self, posts: list[Post], samples_each: int, seed: int) -> None:
+        """Stamp, post, wait; each cycle through ``posts`` in a random order. Worker thread.
+
+        Random order (not a fixed rotation) so that no mechanism systematically follows
+        another.
+        """
         acquire = self.released.acquire
         perf = time.perf_counter_ns
-        count = len(posts)
-        for i in range(samples_each):
-            for k in range(count):
-                posts[(i + k) % count](perf())
+        order = list(posts)
+        shuffle = random.Random(seed).shuffle
+        for _ in range(samples_each):
+            shuffle(order)
+            for post in order:
+                post(perf())
                 acquire()
 
 
-def isolated_pyuv_round(name: str, samples: int) -> list[int]:
-    """One round of one pyuv mechanism on a fresh loop. Main thread runs the loop."""
+def isolated_pyuv_round(samples_each: int, seed: int) -> dict[str, list[int]]:
+    """One round of the pyuv mechanisms side by side on one loop. Main thread runs the loop."""
     reactor = Reactor()
-    recorder = IsolatedRecorder(samples, reactor.stop)
-    channel = PYUV_CHANNELS[name](reactor, recorder.handler(name))
-    worker = threading.Thread(target=recorder.worker, args=([channel.post], samples))
+    recorder = IsolatedRecorder(samples_each * len(PYUV_MECHANISMS), reactor.call_soon,
+                                reactor.stop)
+    channels = [PYUV_CHANNELS[name](reactor, recorder.handler(name)) for name in PYUV_MECHANISMS]
+    worker = threading.Thread(target=recorder.worker,
+                              args=([c.post for c in channels], samples_each, seed))
     worker.start()
     reactor.run()
     worker.join()
-    channel.close()
+    for channel in channels:
+        channel.close()
     reactor.close()
-    return recorder.latencies[name][WARMUP:]
+    return {name: recorder.latencies[name][WARMUP:] for name in PYUV_MECHANISMS}
 
 
 def isolated_asyncio_round(samples: int) -> list[int]:
     """One round of asyncio's ``call_soon_threadsafe``. Main thread runs the asyncio loop."""
     loop = asyncio.new_event_loop()
-    recorder = IsolatedRecorder(samples, loop.stop)
+    recorder = IsolatedRecorder(samples, loop.call_soon, loop.stop)
     handle = recorder.handler("asyncio")
     call_soon_threadsafe = loop.call_soon_threadsafe
 
     def post(item: int) -> None:
         call_soon_threadsafe(handle, item)
 
-    worker = threading.Thread(target=recorder.worker, args=([post], samples))
+    worker = threading.Thread(target=recorder.worker, args=([post], samples, 0))
     worker.start()
     loop.run_forever()
     worker.join()
@@ -336,13 +359,12 @@ def measure(isolated: int, rounds: int, burst: int, repeats: int) -> dict[str, d
     per_round = -(-isolated // rounds)  # ceil: at least `isolated` samples in total
     latencies: dict[str, list[int]] = {name: [] for name in MECHANISMS}
     for round_index in range(rounds):
-        order = MECHANISMS[round_index % 4 :] + MECHANISMS[: round_index % 4]
-        for name in order:
-            if name == "asyncio":
-                samples = isolated_asyncio_round(per_round + WARMUP)
-            else:
-                samples = isolated_pyuv_round(name, per_round + WARMUP)
+        if round_index % 2:
+            latencies["asyncio"].extend(isolated_asyncio_round(per_round + WARMUP))
+        for name, samples in isolated_pyuv_round(per_round + WARMUP, round_index).items():
             latencies[name].extend(samples)
+        if not round_index % 2:
+            latencies["asyncio"].extend(isolated_asyncio_round(per_round + WARMUP))
     bursts: dict[str, list[BurstResult]] = {name: [] for name in MECHANISMS}
     for repeat in range(repeats):
         order = MECHANISMS[repeat % 4 :] + MECHANISMS[: repeat % 4]
@@ -445,8 +467,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("-n", "--isolated", type=int, default=20_000,
                         help="isolated wake-ups measured per mechanism (default 20000)")
-    parser.add_argument("--rounds", type=int, default=20,
-                        help="isolated rounds, each through every mechanism (default 20)")
+    parser.add_argument("--rounds", type=int, default=10,
+                        help="isolated rounds, pyuv and asyncio alternating (default 10)")
     parser.add_argument("--burst", type=int, default=100_000,
                         help="items per burst (default 100000)")
     parser.add_argument("--repeats", type=int, default=7,
