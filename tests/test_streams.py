@@ -363,3 +363,29 @@ def test_write_before_the_connection_completes_is_sent_and_other_threads_are_ref
         thread.join()
         assert bytes(received) == b"queued while connecting, end"
         assert len(errors) == 4 and all("loop thread" in e for e in errors)
+
+
+def test_reactor_close_closes_open_streams_and_reports_local() -> None:
+    reactor = Reactor()
+    closes: list[tuple[str, CloseReason, str]] = []
+
+    def on_connection(stream: Stream) -> None:
+        stream.on_data = lambda data: reactor.stop()
+        stream.on_close = lambda reason, detail: closes.append(("server", reason, detail))
+
+    listener = listen(reactor, "127.0.0.1", 0, on_connection)
+
+    def on_connect(stream: Stream) -> None:
+        stream.on_data = lambda data: None
+        stream.on_close = lambda reason, detail: closes.append(("client", reason, detail))
+        stream.write(b"hello")
+
+    connect(reactor, "127.0.0.1", listener.address[1], on_connect)
+    watchdog = reactor.call_later(WATCHDOG_S, reactor.stop)
+    reactor.run()
+    watchdog.cancel()
+    assert closes == []
+    reactor.close()
+    assert reactor.loop.handles == []
+    assert sorted(closes) == [("client", CloseReason.LOCAL, "reactor closed"),
+                              ("server", CloseReason.LOCAL, "reactor closed")]
