@@ -2,12 +2,13 @@
 
 Design
 ------
-One ``threading.Lock`` guards one Python list (the *shared list*) and two counters. A producer
-(any thread) appends under the lock and, while still holding it, looks whether its append made
-the list go from empty to non-empty. Only that producer sends the ``pyuv.Async``; every other
-producer returns at once, because a wake-up for the items in front of it is already on its way.
-So a burst of N puts costs one ``uv_async_send`` (one eventfd write) instead of N Python calls
-into pyuv; ``put`` returns True exactly for the producer that sent.
+One ``threading.Lock`` guards one Python list (the *shared list*), a closed flag and two
+counters. A producer (any thread) appends under the lock and, while still holding it, looks
+whether its append made the list go from empty to non-empty. Only that producer sends the
+``pyuv.Async``; every other producer returns at once, because a wake-up for the items in front
+of it is already on its way. So a burst of N puts costs one ``uv_async_send`` (one eventfd
+write) instead of N Python calls into pyuv; ``put`` returns True exactly for the producer that
+sent.
 
 On the loop thread the Async callback takes the whole shared list in one step: under the lock it
 swaps the list for a fresh empty one (O(1), no per-item pops under the lock), releases the lock
@@ -19,8 +20,11 @@ some producer found that new list empty and sent the Async after the swap.
 ``max_batch=n`` bounds the work done in one callback (so a flood of replies cannot starve the
 loop's sockets). The callback then moves the swapped list into a loop-private *backlog*, handles
 at most n items of it, and if any are left it sends the Async itself before returning: the items
-in the backlog are no longer in the shared list, so no producer will send for them. The backlog
-is always handled before the next shared list is taken, which keeps put order.
+in the backlog are no longer in the shared list, so no producer will send for them. When the
+backlog runs out it also looks (under the lock) whether the shared list has filled meanwhile and
+sends if so: the producer that filled it did send, but that wake-up may have been spent on a
+callback that served the backlog. The backlog is always handled before the next shared list is
+taken, which keeps put order.
 
 Order: every append happens under one lock, so the shared list is in a single global order that
 extends each producer's own put order; the loop handles lists whole and in the order it took
