@@ -259,9 +259,11 @@ class Stream:
             self._check_high()
 
     def writelines(self, buffers: Sequence[Buffer]) -> None:
-        """Queue several buffers with one libuv write (one ``writev``). Loop thread only.
+        """Queue several buffers with one libuv write. Loop thread only.
 
-        Same errors as ``write``. Pass a list or tuple; other iterables are copied first.
+        The buffers are joined into one first (pyuv 1.4.0 leaks a sequence passed to its
+        ``write``; see the module docstring), so they may be reused as soon as this returns.
+        Same errors as ``write``.
         """
         if threading.get_ident() != self._reactor._loop_thread_id:
             self._reactor.check_loop_thread("Stream.writelines()")
