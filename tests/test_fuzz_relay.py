@@ -496,7 +496,11 @@ def test_an_encrypted_begin_reaches_the_exit(bench: RelayBench) -> None:
 
 def test_links_to_unknown_payload_shapes_do_not_leak_outgoing_links(bench: RelayBench) -> None:
     """EXTEND2 to the echo service (not a Tor relay) and to a closed port: the circuits fail
-    with DESTROY, and the links the relay opened for them end (handshake timeout or refusal)."""
+    with DESTROY, and the links the relay opened for them end (handshake timeout, refusal)."""
+    node = bench.node
+    links_before = open_links(node)  # the healthy client's, and relay links the fuzz left
+    closes_before = dict(node.link_closes)
+    opened_before = node.links_opened
     script = [Step("create", slot=0),
               Step("relay", slot=0, command=RelayCommand.EXTEND2, target=Target("closed"),
                    early=True),
@@ -505,13 +509,17 @@ def test_links_to_unknown_payload_shapes_do_not_leak_outgoing_links(bench: Relay
                    early=True)]
     report = run_stranger(bench, script)
     assert report.sentinel_answered
+    assert FIRST_ID in report.destroys  # the extend to a closed port failed at once
     bench.check_logs()
     bench.check_no_leak()
-    node = bench.node
-    assert node.links_opened >= 1
-    # Every link but the healthy client's ends: the stranger's when it hangs up, the ones the
-    # relay opened toward a non-relay within their handshake timeout (5 s here) or at once.
-    assert run_until(bench.reactor, lambda: open_links(node) == 1, 20.0), node.stats()
+    assert node.links_opened == opened_before + 2
+    # Every link of this script ends: the stranger's when it hangs up, the two the relay
+    # opened toward non-relays at once (refused) or within their handshake timeout (5 s).
+    assert run_until(bench.reactor, lambda: open_links(node) == links_before, 20.0), (
+        node.stats())
+    new_closes = {kind: n - closes_before.get(kind, 0) for kind, n in node.link_closes.items()}
+    assert new_closes.get("connect-failed", 0) >= 1, new_closes
+    assert new_closes.get("timeout", 0) + new_closes.get("not-tor", 0) >= 1, new_closes
     bench.check_healthy(random.Random(2))
 
 
