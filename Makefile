@@ -46,7 +46,10 @@ distclean: clean
 # Reliability (docs/reliability.md). `make fuzz`: the suite's fuzz tests with many more examples
 # (FUZZ_EXAMPLES per test); `make soak`: the relay network under back-to-back rounds for
 # SOAK_MINUTES, checking each relay's RSS, threads and open fds stay flat.
+# With atheris importable (pip install atheris), `make fuzz` also runs ATHERIS_RUNS
+# coverage-guided executions of tools/fuzz_atheris.py.
 FUZZ_EXAMPLES ?= 5000
+ATHERIS_RUNS  ?= 1000000
 SOAK_MINUTES  ?= 3
 .PHONY: fuzz soak
 
@@ -54,6 +57,9 @@ fuzz: venv
 	RELAYCRYPT_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider \
 		--timeout 7200 --hypothesis-show-statistics \
 		tests/test_fuzz_codec.py tests/test_fuzz_link.py tests/test_fuzz_relay.py
+	@if $(PY) -c "import atheris" 2>/dev/null; then \
+		$(PY) tools/fuzz_atheris.py -runs=$(ATHERIS_RUNS) -print_final_stats=1; \
+	else echo "fuzz: atheris is not installed: coverage-guided run skipped"; fi
 
 soak: venv
 	$(PY) -m examples.soak --minutes $(SOAK_MINUTES)
