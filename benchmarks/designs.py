@@ -38,6 +38,7 @@ crypto runs and how work and results travel:
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -78,6 +79,20 @@ def _threads_cpu_seconds(prefix: str) -> float:
             except OSError:
                 pass  # exited between enumerate() and the clock read
     return total
+
+
+WORKER_SCHED_CHOICES = ("default", "idle")
+
+
+def sched_idle_worker(index: int) -> None:
+    """Worker-state factory that moves the calling worker thread to SCHED_IDLE. Worker thread.
+
+    Linux applies ``sched_setscheduler(0, ...)`` to the calling thread only. A SCHED_IDLE
+    thread is preempted at once when a normal thread (the loop) wakes up on its core, so the
+    loop gets a core, and then the GIL, without waiting for the scheduler's next decision. The
+    price: on a machine busy with other normal-priority work, such workers get almost no CPU.
+    """
+    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def pool_group_fn(workload: Workload) -> GroupFn:
@@ -144,11 +159,18 @@ class PoolDesign:
         threads: int = WORKER_THREADS,
         batch_cells: int | None = None,
         reply_max_batch: int | None = None,
+        worker_sched: str = "default",
     ) -> None:
-        """``batch_cells`` None: the pool's default cap; ``reply_max_batch``: see ReplyQueue."""
+        """``batch_cells`` None: the pool's default cap; ``reply_max_batch``: see ReplyQueue;
+        ``worker_sched``: ``"default"`` (as the pool ships) or ``"idle"`` (each worker thread
+        puts itself in Linux's SCHED_IDLE class when it starts, see :func:`sched_idle_worker`).
+        """
+        if worker_sched not in WORKER_SCHED_CHOICES:
+            raise ValueError(f"worker_sched must be one of {WORKER_SCHED_CHOICES}")
         self.threads = threads
         self.batch_cells = batch_cells
         self.reply_max_batch = reply_max_batch
+        self.worker_sched = worker_sched
         self._pool: WorkerPool | None = None
         self._replies: ReplyQueue[Any] | None = None
         self._circuits: list[Circuit] = []
@@ -165,6 +187,8 @@ class PoolDesign:
         options: dict[str, Any] = {}
         if self.batch_cells is not None:
             options["batch_cells"] = self.batch_cells
+        if self.worker_sched == "idle":
+            options["worker_state_factory"] = sched_idle_worker
         # The driver's window does the back-pressure; the pool's marks must not interfere.
         pool = WorkerPool(
             None,

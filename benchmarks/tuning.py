@@ -34,7 +34,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.designs import make_design
+from benchmarks.designs import WORKER_SCHED_CHOICES, make_design
 from benchmarks.driver import as_dict, run_design
 from benchmarks.workload import WORKLOADS, build
 
@@ -60,7 +60,11 @@ def measure(args: argparse.Namespace, log: Any = None) -> dict[str, Any]:
             for _ in range(args.repetitions):
                 for interval_ms, cap in configs:
                     sys.setswitchinterval(interval_ms / 1000)
-                    design = make_design("inline" if cap is None else "pool", batch_cells=cap)
+                    design = make_design(
+                        "inline" if cap is None else "pool",
+                        batch_cells=cap,
+                        worker_sched=args.worker_sched,
+                    )
                     figures = as_dict(
                         run_design(workload, design, window=args.window, burst=args.burst)
                     )
@@ -121,6 +125,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--caps", default=DEFAULT_CAPS, help="pool batch caps, cells")
     parser.add_argument("--intervals", default=DEFAULT_INTERVALS_MS,
                         help="switch intervals, milliseconds")
+    parser.add_argument("--worker-sched", choices=WORKER_SCHED_CHOICES, default="default",
+                        help="pool workers' scheduling class (idle: SCHED_IDLE, Linux)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--circuits", type=int, default=200)
     parser.add_argument("--cells-per-circuit", type=int, default=1536)
@@ -148,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "relaycrypt pool tuning: batch cap x GIL switch interval (pool: 2 workers)",
         f"{args.circuits} circuits x {args.cells_per_circuit} cells, arrivals of "
         f"{args.chunk_cells} cells, window {args.window:,}, burst {args.burst}, "
-        f"median of {args.repetitions}; every result checked against the reference",
+        f"median of {args.repetitions}; pool worker scheduling {args.worker_sched}; every "
+        "result checked against the reference",
         f"load average before: {load_before}, after: "
         f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
         f"took {time.perf_counter() - started:.0f} s",
