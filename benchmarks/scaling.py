@@ -8,11 +8,13 @@ A relay holds many circuits and few of them are busy at any moment. For each cir
   with its own kernel crypto state; a fixed busy set of ``--active`` (100) of them, spread
   evenly over the N, carries the pipeline benchmark's ``relay_forward`` traffic (same loop-side
   driver, arrivals, window and per-result byte check against ``workers.relay_crypto``, see
-  :mod:`benchmarks.driver`). cells/s is the median of ``--repetitions`` runs. The pool's work
-  per cell must not grow with N (DESIGN.md invariant 5: nothing iterates over all circuits);
-  what can still grow is cache and TLB pressure and the cyclic GC walking more objects.
+  :mod:`benchmarks.driver`). cells/s is the median of ``--repetitions`` (5) runs of 8,192
+  cells per busy circuit (about 0.1 s each: short runs are at the mercy of the machine; the
+  CPU other processes used meanwhile is reported too). The pool's work per cell must not
+  grow with N (DESIGN.md invariant 5: nothing iterates over all circuits); what can still
+  grow is cache and TLB pressure and the cyclic GC walking more objects.
 * **Memory per idle circuit**, two ways, both over exactly what a relay keeps per idle circuit:
-  the pool's ``Circuit`` (with its per-direction deques), the ``FastRelayCrypto`` with its
+  the pool's ``Circuit`` (with its per-direction pending lists), the ``FastRelayCrypto`` with its
   kernel ``RelayState``, the ``HopKeys`` it references and a list slot:
 
   - ``rss_bytes_per_circuit``: the growth of the process's resident set (``/proc/self/statm``)
@@ -167,6 +169,7 @@ def measure_one(count: int, args: argparse.Namespace) -> dict[str, Any]:
     active = min(args.active, count)
     workload = build("relay_forward", active, args.cells_per_circuit, args.chunk_cells)
     rates = []
+    others = []
     for _ in range(args.repetitions):
         figures = run_design(
             workload,
@@ -175,9 +178,11 @@ def measure_one(count: int, args: argparse.Namespace) -> dict[str, Any]:
             burst=args.burst,
         )
         rates.append(figures.cells_per_s)
+        others.append(figures.extra["others_cpus_busy"])
     result: dict[str, Any] = {"circuits": count, "active": active}
     result["cells_per_s"] = statistics.median(rates)
     result["runs_cells_per_s"] = rates
+    result["others_cpus_busy"] = statistics.median(others)
     result.update(memory)
     return result
 
@@ -215,7 +220,7 @@ def render(document: dict[str, Any], header: list[str]) -> str:
     lines.append("")
     lines.append(
         f"  {'circuits':>9} {'active':>6} {'cells/s':>12} {'x first':>8} {'RSS B/circ':>11}"
-        f" {'traced B/circ':>14} {'open us/circ':>13}   runs (cells/s)"
+        f" {'traced B/circ':>14} {'open us/circ':>13} {'others':>6}   runs (cells/s)"
     )
     first_rate = document["counts"][0]["cells_per_s"]
     for row in document["counts"]:
@@ -224,12 +229,14 @@ def render(document: dict[str, Any], header: list[str]) -> str:
             f"  {row['circuits']:>9,.0f} {row['active']:>6.0f} {row['cells_per_s']:>12,.0f}"
             f" {row['cells_per_s'] / first_rate:>8.2f} {row['rss_bytes_per_circuit']:>11,.0f}"
             f" {row['traced_bytes_per_circuit']:>14,.0f} {row['open_us_per_circuit']:>13.1f}"
-            f"   {runs}"
+            f" {row['others_cpus_busy']:>6.2f}   {runs}"
         )
     ratio = document["rate_ratio_largest_vs_smallest"]
     memory = document["bytes_per_idle_circuit_at_largest"]
     largest = document["counts"][-1]["circuits"]
     smallest = document["counts"][0]["circuits"]
+    lines.append("")
+    lines.append("others: CPU other processes used during the runs (median, in cores)")
     lines.append("")
     lines.append("targets")
     lines.append(
@@ -251,12 +258,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--counts", default=DEFAULT_COUNTS, help="circuit counts to measure")
     parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--active", type=int, default=100, help="busy circuits")
-    parser.add_argument("--cells-per-circuit", type=int, default=2048,
+    parser.add_argument("--cells-per-circuit", type=int, default=8192,
                         help="cells per busy circuit per run")
     parser.add_argument("--chunk-cells", type=int, default=32)
     parser.add_argument("--window", type=int, default=65536)
     parser.add_argument("--burst", type=int, default=16)
-    parser.add_argument("--repetitions", type=int, default=3)
+    parser.add_argument("--repetitions", type=int, default=5)
     parser.add_argument("--batch-cells", type=int, default=None)
     args = parser.parse_args(argv)
     if args.quick:
