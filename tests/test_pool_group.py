@@ -22,6 +22,7 @@ import threading
 from collections import defaultdict
 from typing import Any
 
+import pytest
 from test_pool_support import CELL, Collector, OrderedState, OwnerGuard, cell, expected_stream
 
 from workers.circuit import Circuit
@@ -320,3 +321,37 @@ def test_start_applies_malloc_retain_unless_opted_out(monkeypatch: Any) -> None:
         pool.start()
         pool.close()
     assert calls == [1 << 20]
+
+
+def test_low_priority_workers_run_at_idle_priority() -> None:
+    """The last ``low_priority_workers`` workers put themselves in SCHED_IDLE (Linux)."""
+    import os
+    import sys
+
+    policies: dict[str, int] = {}
+
+    def process(state: OrderedState, direction: int, batch: list[bytes]) -> list[bytes]:
+        policies[threading.current_thread().name] = os.sched_getscheduler(0)
+        return state.crypt_list(direction, batch)
+
+    for low in (0, 1, 2):
+        policies.clear()
+        replies = Collector()
+        pool = WorkerPool(replies, threads=2, process=process, low_priority_workers=low,
+                          name="prio")
+        pool.start()
+        circuits = [pool.open_circuit(OrderedState(i), on_result=lambda c, d, r: None)
+                    for i in range(64)]
+        for _ in range(200):  # until both workers have crypted something (a busy machine may
+            if len(policies) == 2:  # leave an idle-priority worker no CPU for a while)
+                break
+            pool.submit_many([(c, 0, [cell(0, 0)]) for c in circuits])
+            replies.pump(pool, lambda p=pool: p.in_flight == 0)  # type: ignore[misc]
+        pool.close()
+        if sys.platform.startswith("linux"):
+            assert pool.stats()["low_priority_workers"] == low
+            for name, policy in policies.items():
+                index = int(name.rsplit("-", 1)[1])
+                assert (policy == os.SCHED_IDLE) == (index >= 2 - low), (name, policy)
+    with pytest.raises(ValueError):
+        WorkerPool(Collector(), threads=2, process=process, low_priority_workers=3)
