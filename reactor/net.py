@@ -26,8 +26,9 @@ stream with ``CloseReason.ERROR`` (its protocol state can no longer be trusted).
 
 Hot path: ``_on_read`` calls the user's ``on_data`` with one attribute load and no per-call
 allocation of its own; ``writelines`` hands a whole list of buffers to one ``uv_write``, which
-is how a relay should flush a batch of cells (joined into one buffer first: pyuv 1.4.0 never
-releases a sequence passed to ``write``, which would leak every buffer in it). Every write
+is how a relay should flush a batch of cells without copying them (the published pyuv 1.4.0
+leaked every sequence passed to ``write``; ``tools/build_pyuv.py`` fixes that, and
+``tests/test_setup.py`` checks the installed pyuv has the fix). Every write
 carries the same pre-bound completion callback, which is where write errors and the low
 watermark are noticed.
 pyuv keeps a reference to each buffer until its write completes; do not mutate a bytearray
@@ -261,9 +262,8 @@ class Stream:
     def writelines(self, buffers: Sequence[Buffer]) -> None:
         """Queue several buffers with one libuv write. Loop thread only.
 
-        The buffers are joined into one first (pyuv 1.4.0 leaks a sequence passed to its
-        ``write``; see the module docstring), so they may be reused as soon as this returns.
-        Same errors as ``write``.
+        The buffers go to libuv as they are, without a copy: do not change a mutable one
+        (``bytearray``) before the write completes. Same errors as ``write``.
         """
         if threading.get_ident() != self._reactor._loop_thread_id:
             self._reactor.check_loop_thread("Stream.writelines()")
@@ -275,9 +275,9 @@ class Stream:
         if not buffers:
             return
         try:
-            # Joined, not the sequence itself: pyuv 1.4.0's write of a sequence never drops
-            # the reference PySequence_Fast took, so the list and every buffer in it leaked.
-            self._tcp.write(b"".join(buffers), self._write_callback)
+            # The sequence itself: pyuv as built by tools/build_pyuv.py releases it once the
+            # write is queued (the published 1.4.0 leaked it, and every buffer in it).
+            self._tcp.write(buffers, self._write_callback)
         except pyuv.error.UVError as exc:
             self._fail_later(_error_code(exc))
             return

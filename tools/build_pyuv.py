@@ -6,8 +6,11 @@ but were never released. This script:
 
 1. downloads the pinned sdist with pip (or reuses the cached copy),
 2. checks its sha256 against the pinned value,
-3. applies the two one-line fixes, refusing to go on if the source differs,
-4. builds a wheel into the cache directory (default ``.cache/pyuv``, git-ignored).
+3. applies the two one-line build fixes, and one line that stops ``write()`` of a list from
+   leaking the list (relaycrypt's ``Stream.writelines`` relies on it), refusing to go on if
+   the source differs,
+4. builds a wheel into the cache directory (default ``.cache/pyuv``, git-ignored), in a
+   subdirectory named after the patch level, so a wheel built with other fixes is never reused.
 
 It prints the path of the wheel on stdout and nothing else there, so a Makefile
 can do ``pip install $(python tools/build_pyuv.py)``. Progress goes to stderr.
@@ -42,7 +45,30 @@ FIXES: tuple[tuple[str, str, str], ...] = (
         'PyUnicode_GET_SIZE(unicode), "surrogateescape");',
         'return PyUnicode_AsEncodedString(unicode, "utf-8", "surrogateescape");',
     ),
+    # Not a build fix: a reference leak. On success, write() of a sequence keeps the reference
+    # PySequence_Fast took, so the list and every buffer in it leak (the buffer views it holds
+    # until the write completes keep the data alive; the sequence itself is not needed).
+    (
+        "src/stream.c",
+        "    /* Increase refcount so that object is not removed before the callback is called */\n"
+        "    Py_INCREF(self);\n"
+        "\n"
+        "    Py_RETURN_NONE;\n"
+        "\n"
+        "error:\n"
+        "    for (j = 0; j < i; j++)",
+        "    /* Increase refcount so that object is not removed before the callback is called */\n"
+        "    Py_INCREF(self);\n"
+        "    Py_DECREF(data_fast);\n"
+        "\n"
+        "    Py_RETURN_NONE;\n"
+        "\n"
+        "error:\n"
+        "    for (j = 0; j < i; j++)",
+    ),
 )
+# Bumped whenever FIXES changes, so a cached wheel built with other fixes is never reused.
+PATCH_LEVEL = 3
 
 
 class BuildError(RuntimeError):
@@ -97,12 +123,14 @@ def apply_fixes(src: Path) -> None:
 
 
 def build(cache: Path) -> Path:
+    sdist_cache = cache
+    cache = cache / f"patch{PATCH_LEVEL}"
     cache.mkdir(parents=True, exist_ok=True)
     tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
     existing = sorted(cache.glob(f"pyuv-{VERSION}-{tag}-*.whl"))
     if existing:
         return existing[-1]
-    sdist = fetch_sdist(cache)
+    sdist = fetch_sdist(sdist_cache)
     with tempfile.TemporaryDirectory(prefix="pyuv-build-") as tmp:
         with tarfile.open(sdist) as tar:
             tar.extractall(tmp, filter="data")
