@@ -1157,9 +1157,7 @@ take_exception(void)
     Py_XDECREF(type);
     Py_XDECREF(tb);
 #endif
-    if (value == NULL) /* cannot happen: every caller has an exception set */
-        value = PyObject_CallFunction(PyExc_SystemError, "s", "crypt_group: lost an error");
-    return value;
+    return value; /* NULL only if no exception was set, which no caller allows */
 }
 
 /* Read one job tuple (state, op, buf) or (state, op, buf, hop). 0, or -1 with an exception. */
@@ -1231,6 +1229,7 @@ tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
      * state met again shares the claim of its first prepared job (found by a backward scan:
      * groups are small). */
     Py_ssize_t total_cells = 0;
+    int lost = 0; /* an error could not be taken as an instance: fail the call at the end */
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *state, *buf;
         int op;
@@ -1246,7 +1245,9 @@ tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
                 continue;
             }
         }
-        PyList_SET_ITEM(results, i, take_exception());
+        PyObject *error = take_exception();
+        lost |= error == NULL;
+        PyList_SET_ITEM(results, i, error != NULL ? error : Py_NewRef(Py_None));
     }
     /* Phase 2, no GIL: run the prepared jobs in order (out != NULL marks them). */
     PyThreadState *ts = total_cells >= GIL_RELEASE_MIN_CELLS ? PyEval_SaveThread() : NULL;
@@ -1268,10 +1269,19 @@ tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
         if (jobs[i].out == NULL)
             continue;
         PyObject *result = job_result(&jobs[i]);
-        PyList_SET_ITEM(results, i, result != NULL ? result : take_exception());
+        if (result == NULL) {
+            result = take_exception();
+            lost |= result == NULL;
+        }
+        PyList_SET_ITEM(results, i, result != NULL ? result : Py_NewRef(Py_None));
     }
     PyMem_Free(jobs);
     Py_DECREF(seq);
+    if (lost) { /* every job was still settled and its state let go */
+        Py_DECREF(results);
+        PyErr_SetString(PyExc_SystemError, "crypt_group: a job failed without an exception");
+        return NULL;
+    }
     return results;
 }
 
