@@ -162,8 +162,9 @@ class PoolDesign:
         worker_sched: str = "default",
     ) -> None:
         """``batch_cells`` None: the pool's default cap; ``reply_max_batch``: see ReplyQueue;
-        ``worker_sched``: ``"default"`` (as the pool ships) or ``"idle"`` (each worker thread
-        puts itself in Linux's SCHED_IDLE class when it starts, see :func:`sched_idle_worker`).
+        ``worker_sched``: ``"default"`` (the pool's own policy: the workers beyond CPUs - 1 in
+        SCHED_IDLE, 1 of 2 on 2 CPUs) or ``"idle"`` (every worker thread puts itself in Linux's
+        SCHED_IDLE class when it starts, see :func:`sched_idle_worker`).
         """
         if worker_sched not in WORKER_SCHED_CHOICES:
             raise ValueError(f"worker_sched must be one of {WORKER_SCHED_CHOICES}")
@@ -237,6 +238,7 @@ class PoolDesign:
                 "worker_cpu_s": worker_cpu,
                 "worker_busy_s": float(sum(stats["worker_busy_s"])),
                 "batch_mean": float(stats["batch_mean"]),
+                "low_priority_workers": float(stats.get("low_priority_workers", 0)),
                 "batches": float(stats["batches"]),
                 "worker_notifies": float(stats["notifies"]),
             }
@@ -258,6 +260,7 @@ class PoolDesign:
             "batch_mean": final.get("batch_mean", 0.0),
             "batches": final.get("batches", 0.0),
             "reply_callbacks": final.get("reply_callbacks", 0.0),
+            "low_priority_workers": final.get("low_priority_workers", 0.0),
             "worker_cpu_ns_per_cell": final.get("worker_cpu_s", 0.0) * 1e9 / cells,
             "worker_in_process_ns_per_cell": final.get("worker_busy_s", 0.0) * 1e9 / cells,
         }

@@ -39,9 +39,11 @@ Run::
 
     python -m benchmarks.pipeline [--quick] [--json] [--plot FILE.png] [options]
 
-``--worker-sched idle`` puts the pool's worker threads in Linux's SCHED_IDLE class (see
-:func:`benchmarks.designs.sched_idle_worker`): measured, it is what brings the loop's timer
-lateness under 2 ms with 2 workers on 2 cores; the default measures the pool as it ships.
+The pool runs with its own defaults (batch cap, scheduling: the workers beyond CPUs - 1 run in
+Linux's SCHED_IDLE class so that the loop never waits for a worker's time slice).
+``--worker-sched idle`` puts every worker in SCHED_IDLE instead (see
+:func:`benchmarks.designs.sched_idle_worker`): the loop then always wins, but other processes'
+CPU load starves the crypto.
 
 The defaults finish in well under 2 minutes on the 2-core development VM. Numbers from a shared
 machine are noisy: the header shows the load average before and after.
@@ -338,7 +340,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--reply-max-batch", type=int, default=None,
                         help="replies handled per loop callback (default: all)")
     parser.add_argument("--worker-sched", choices=WORKER_SCHED_CHOICES, default="default",
-                        help="pool workers' scheduling class (idle: SCHED_IDLE, Linux)")
+                        help="pool workers' scheduling: the pool's default, or every worker in "
+                        "SCHED_IDLE (Linux)")
     parser.add_argument("--switch-interval", type=float, default=sys.getswitchinterval(),
                         help="sys.setswitchinterval for the run (seconds)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))

@@ -126,7 +126,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--intervals", default=DEFAULT_INTERVALS_MS,
                         help="switch intervals, milliseconds")
     parser.add_argument("--worker-sched", choices=WORKER_SCHED_CHOICES, default="default",
-                        help="pool workers' scheduling class (idle: SCHED_IDLE, Linux)")
+                        help="pool workers' scheduling: the pool's default, or every worker in "
+                        "SCHED_IDLE (Linux)")
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--circuits", type=int, default=200)
     parser.add_argument("--cells-per-circuit", type=int, default=1536)
