@@ -51,6 +51,9 @@ processes from elsewhere, the normal worker keeps its fair share (a pool of only
 workers starved to ~1% of its speed). A worker cannot raise its priority back, so this is per
 worker thread for its whole life; nothing else in the process changes. ``0`` opts out.
 
+The GIL's switch interval, by contrast, is left alone: with grouped turns and the idle-priority
+worker, 5, 1 and 0.5 ms gave the same cells/s and lateness within noise (benchmarks.tuning).
+
 Memory handed across threads
 ----------------------------
 A batch's output (hundreds of KB) is allocated by a worker, in that thread's malloc arena, and
@@ -165,12 +168,14 @@ log = logging.getLogger(__name__)
 # Builds a Reply without the Python-level NamedTuple.__new__ frame (one reply per batch).
 _new_reply = tuple.__new__
 
-#: Cells per direction per turn. Each batch costs a worker one GIL re-acquisition and the loop
-#: one reply; measured with the C kernel on 2 cores (pure worker throughput, 2 workers), 256-cell
-#: batches gave ~5.5-7.5 M cells/s and 1,600-8,000-cell batches ~8-12 M cells/s. 1024 keeps a
-#: turn short (~45 us in the kernel, ~1 ms in the pure-Python reference) for fairness.
+#: Cells per direction per turn (per circuit of a grouped turn). Each batch costs the loop one
+#: reply. Measured with the grouped path (benchmarks.tuning, 2 CPUs, 200 circuits): relay_forward
+#: 1.27x / 1.35x / 1.41x inline with caps 256 / 1024 / 4096, origin 1.81x / 1.90x / 1.88x. 1024
+#: keeps a circuit's share of a turn short (~45 us of AES relaying, ~0.4 ms at the origin).
 DEFAULT_BATCH_CELLS = 1024
 #: Most circuits a worker pops in one lock round for one ``group`` call (grouped path only).
+#: Measured on relay_forward (2 CPUs): 1 / 4 / 16 / 64 circuits gave 0.98x / 1.18x / 1.46x /
+#: 1.27x inline; origin 1.69x / 1.83x / 1.89x / 1.88x.
 DEFAULT_GROUP_CIRCUITS = 16
 #: Freed memory glibc may keep per arena (``malloc_retain``); see "Memory handed across threads".
 DEFAULT_MALLOC_RETAIN = 32 << 20
