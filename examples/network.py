@@ -18,8 +18,10 @@ A live progress line on a terminal (stderr), then a summary: MB/s echoed intact,
 batch, wake-ups per cell and CPU per cell (each relay reports these in its ``STATS`` line when
 it exits). ``--json`` prints the summary as one JSON object instead:
 ``{"relays", "circuits", "bytes_sent", "bytes_echoed_intact", "mbytes_per_s", "rtt_p50_ms",
-"rtt_p99_ms", "cells_per_s", "wakeups_per_cell", "batch_mean", "per_relay", "failures",
-"ok", ...}``. Exit status: 0 when every byte of every circuit came back intact, 1 otherwise
+"rtt_p99_ms", "cells_per_s", "wakeups_per_cell", "batch_mean", "batches_per_group",
+"per_relay", "failures", "ok", ...}`` (``batches_per_group``: circuit batches per kernel call
+on the pool's grouped path, 0 when no relay groups, e.g. with ``--pure``).
+Exit status: 0 when every byte of every circuit came back intact, 1 otherwise
 (a relay that died fails the circuits through it; Ctrl-C fails the unfinished ones), 2 when
 the network did not start, 130 when interrupted while starting. Every process it started is
 stopped in every case.
@@ -355,7 +357,7 @@ def summarize(
     """The demo's JSON: the transfer's figures plus each relay's counters. Any thread."""
     seconds = transfer["transfer_seconds"]
     per_relay: dict[str, Any] = {}
-    cells = wakeups = batches = 0
+    cells = wakeups = batches = groups = grouped_batches = 0
     for name, stats in relay_stats.items():
         if not name.startswith("relay"):
             continue
@@ -365,10 +367,15 @@ def summarize(
         cells += stats["cells_crypted"]
         wakeups += stats["wakeups"]
         batches += stats["batches"]
+        if stats.get("groups"):
+            groups += stats["groups"]
+            grouped_batches += stats["batches"]
         per_relay[name] = {
             "cells_crypted": stats["cells_crypted"],
             "cells_per_s": stats["cells_crypted"] / seconds if seconds else 0.0,
             "batch_mean": stats["batch_mean"],
+            "groups": stats.get("groups", 0),
+            "batches_per_group": stats.get("batches_per_group", 0.0),
             "wakeups_per_cell": stats["wakeups_per_cell"],
             "circuits_created": stats["circuits_created"],
             "process_cpu_s": stats["process_cpu_s"],
@@ -384,6 +391,7 @@ def summarize(
         "cells_per_s": cells / seconds if seconds else 0.0,
         "wakeups_per_cell": wakeups / cells if cells else 0.0,
         "batch_mean": cells / batches if batches else 0.0,
+        "batches_per_group": grouped_batches / groups if groups else 0.0,
         "per_relay": per_relay,
     }
 
@@ -402,7 +410,9 @@ def _print_summary(summary: dict[str, Any]) -> None:
           f"p50 {summary['rtt_load_p50_ms']:.1f} ms, p99 {summary['rtt_load_p99_ms']:.1f} ms")
     print(f"  relays: {summary['cells_per_s']:.0f} cells/s crypted in total, "
           f"{summary['wakeups_per_cell']:.4f} wake-ups per cell, "
-          f"mean worker batch {summary['batch_mean']:.1f} cells")
+          f"mean worker batch {summary['batch_mean']:.1f} cells"
+          + (f", {summary['batches_per_group']:.1f} batches per kernel call (grouped)"
+             if summary["batches_per_group"] else ""))
     for name, stats in summary["per_relay"].items():
         if stats.get("died"):
             print(f"    {name}: died")

@@ -20,11 +20,13 @@ this project's relays) and opens links to other relays when a circuit asks to be
   the circuit dirty; the first mark of an iteration schedules :meth:`_flush` with
   ``Reactor.call_soon``, which runs after every read callback of this loop iteration and does
   one pool submit per dirty circuit and direction.
-* **Pool.** ``WorkerPool`` with three directions (forward, backward, originate) and
-  ``relay.orcircuit.crypt_batch`` as the process function, over the fast crypto backend
-  (``workers.crypto_backend.relay_crypto_for``: the C kernel unless ``RELAYCRYPT_PURE=1``). Its
-  replies come back through a ``reactor.ReplyQueue`` owned by the node, whose counters give the
-  wake-ups per cell.
+* **Pool.** ``WorkerPool`` with three directions (forward, backward, originate) over the fast
+  crypto backend (``workers.crypto_backend.relay_crypto_for``: the C kernel unless
+  ``RELAYCRYPT_PURE=1``). A kernel circuit is opened with the node's one ``group`` function
+  (``relay.orcircuit.new_relay_group``), so a worker crypts the batches of several circuits in
+  one GIL-free ``crypt_group`` call (the pool's grouped path); a reference circuit gets
+  ``relay.orcircuit.crypt_batch`` per batch. Its replies come back through a
+  ``reactor.ReplyQueue`` owned by the node, whose counters give the wake-ups per cell.
 
 Back-pressure (three sources, combined per link by :class:`relay.circuits.ReadGate`)
 ------------------------------------------------------------------------------------
@@ -38,7 +40,8 @@ Back-pressure (three sources, combined per link by :class:`relay.circuits.ReadGa
   :mod:`relay.orcircuit`: that could deadlock a ring of relays).
 Each of these does work proportional to what it pauses, never to all circuits.
 
-Threads: everything is loop thread only; the pool's workers only run ``crypt_batch``.
+Threads: everything is loop thread only; the pool's workers only run the group function or
+``crypt_batch``.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ from relay.handshakes import (
     ntor_server,
 )
 from relay.link import Link, LinkError
-from relay.orcircuit import OrCircuit, Peer, crypt_batch
+from relay.orcircuit import OrCircuit, Peer, crypt_batch, new_relay_group, relay_group_for
 from workers.cells import CellCommand, DestroyReason
 from workers.crypto_backend import backend_name, relay_crypto_for
 from workers.pool import DEFAULT_BATCH_CELLS, DEFAULT_CIRCUIT_HIGH_WATER, WorkerPool
@@ -136,6 +139,9 @@ class RelayNode:
             on_pool_pressure=self._on_pool_pressure,
             name=f"{nickname}-worker",
         )
+        # One group function for all of this node's kernel circuits: the pool crypts circuits
+        # that share it in one call. None without the kernel extension.
+        self._group = new_relay_group()
         self._replies: ReplyQueue[Any] | None = None
         self._listener: Listener | None = None
         self._peers: dict[Link, Peer] = {}
@@ -321,7 +327,7 @@ class RelayNode:
 
     def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
         crypto = relay_crypto_for(HopKeys.from_material(material))
-        OrCircuit(self, peer, circ_id, crypto)
+        OrCircuit(self, peer, circ_id, crypto, group=relay_group_for(crypto, self._group))
         self.circuits_created += 1
         self.circuits_open += 1
 
@@ -444,6 +450,10 @@ class RelayNode:
             "cells_crypted": cells,
             "batches": pool["batches"],
             "batch_mean": pool["batch_mean"],
+            # kernel calls that crypted several circuits' batches (grouped path), and batches
+            # per such call
+            "groups": pool["groups"],
+            "batches_per_group": pool["batches"] / pool["groups"] if pool["groups"] else 0.0,
             "cells_written": self.cells_written,
             "submits": self.submits,
             "flushes": self.flushes,

@@ -12,7 +12,17 @@ joined buffer, with the GIL released; nothing is joined on the loop thread). So 
 read callback -- of all the reads of an iteration, in fact -- are grouped per circuit in one
 pass and submitted together.
 
-The pool runs :func:`crypt_batch` on a worker:
+The pool crypts each batch on a worker, with the same bytes either way:
+
+* on the kernel backend (:class:`workers.fastcrypto.FastRelayCrypto`, the default) the circuit
+  is opened with the node's ``group`` function (:func:`relay_group_for`, built on
+  :func:`workers.fastcrypto.relay_group` with :data:`RELAY_DIRECTION_OPS`), so a worker crypts
+  the batches of several circuits -- all three directions -- in ONE GIL-free
+  ``crypt_group`` kernel call;
+* on the reference backend (``RELAYCRYPT_PURE=1``) there is no group and the pool calls
+  :func:`crypt_batch` per batch.
+
+Per direction the work is:
 
 * ``FORWARD`` (cells from the client side): ``forward_buf`` decrypts with Kf and flags the cells
   recognized here. The reply comes back as ``(plaintext, flags)``. If no flag is set (a middle
@@ -54,8 +64,8 @@ valid source to pause, and a client link always a valid destination to wait for 
 keeps reading), so every chain of waits ends; between relays, the SENDME windows bound what
 can queue.
 
-Threads: loop thread only, except :func:`crypt_batch`, which runs on a worker that owns the
-circuit.
+Threads: loop thread only, except :func:`crypt_batch` and the ``group`` function, which run on a
+worker that owns the circuit(s); :func:`relay_group_for` may be called from any thread.
 """
 
 from __future__ import annotations
@@ -63,6 +73,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.circuits import ReadGate, pack_relay, relay_body, wire_cells
@@ -75,14 +86,25 @@ from relay.handshakes import (
     encode_extended2,
 )
 from workers.cells import CELL_PAYLOAD_LEN, CellCommand, DestroyReason, RelayCommand
-from workers.circuit import Circuit
+from workers.circuit import Circuit, GroupFn
 from workers.pool import PoolClosedError, WorkerPool
 
 if TYPE_CHECKING:
     from reactor import Reactor
     from relay.link import Link
 
-__all__ = ["BACKWARD", "FORWARD", "ORIGINATE", "CircuitHost", "OrCircuit", "Peer", "crypt_batch"]
+__all__ = [
+    "BACKWARD",
+    "FORWARD",
+    "ORIGINATE",
+    "RELAY_DIRECTION_OPS",
+    "CircuitHost",
+    "OrCircuit",
+    "Peer",
+    "crypt_batch",
+    "new_relay_group",
+    "relay_group_for",
+]
 
 log = logging.getLogger("relay.circuit")
 
@@ -104,6 +126,19 @@ _EXTENDING = "extending"
 _CLOSED = "closed"
 
 
+_fast: ModuleType | None
+try:
+    from workers import fastcrypto as _fast
+except ImportError:  # pragma: no cover - the C extension is not built: reference backend only
+    _fast = None
+
+#: Kernel op per pool direction, indexed by FORWARD, BACKWARD, ORIGINATE: the ops that
+#: ``forward_buf``, ``backward_buf`` and ``originate_buf`` run (``workers.fastcrypto.RELAY_OPS``
+#: is ordered the same way; tests/test_relay_group.py checks the bytes). Empty without the
+#: kernel.
+RELAY_DIRECTION_OPS: tuple[int, ...] = _fast.RELAY_OPS if _fast is not None else ()
+
+
 def crypt_batch(state: Any, direction: int, batch: Any) -> Any:
     """The pool's process function: one kernel call for the whole batch. Worker thread."""
     if direction == FORWARD:
@@ -111,6 +146,25 @@ def crypt_batch(state: Any, direction: int, batch: Any) -> Any:
     if direction == BACKWARD:
         return state.backward_buf(batch)
     return state.originate_buf(batch)
+
+
+def relay_group_for(crypto: Any, shared: GroupFn | None) -> GroupFn | None:
+    """The ``group`` function a circuit with ``crypto`` state is opened with: ``shared`` (one
+    :func:`workers.fastcrypto.relay_group` per node, so that the pool puts all the node's
+    circuits in the same ``crypt_group`` call) when ``crypto`` is the kernel's
+    ``FastRelayCrypto``, else None (the reference backend has no group: ``crypt_batch`` per
+    batch). Any thread."""
+    if shared is not None and _fast is not None and isinstance(crypto, _fast.FastRelayCrypto):
+        return shared
+    return None
+
+
+def new_relay_group() -> GroupFn | None:
+    """A fresh ``group`` function for a node's circuits (kernel op per direction from
+    :data:`RELAY_DIRECTION_OPS`), or None without the kernel extension. Any thread."""
+    if _fast is None:
+        return None
+    return _fast.relay_group(RELAY_DIRECTION_OPS)
 
 
 class Peer:
@@ -195,9 +249,19 @@ class OrCircuit:
         "work",
     )
 
-    def __init__(self, host: CircuitHost, prev: Peer, prev_id: int, crypto: Any) -> None:
+    def __init__(
+        self,
+        host: CircuitHost,
+        prev: Peer,
+        prev_id: int,
+        crypto: Any,
+        *,
+        group: GroupFn | None = None,
+    ) -> None:
         """Register on ``prev`` under the peer's ``prev_id`` (``LinkError`` if not allowed)
-        and open the circuit on the pool. Loop thread only."""
+        and open the circuit on the pool, grouped with ``group`` when given (it must give
+        :func:`crypt_batch`'s results for ``crypto``: see :func:`relay_group_for`). Loop thread
+        only."""
         self.host = host
         self.prev = prev
         self.prev_id = prev.link.add_circuit(self._from_prev, prev_id)
@@ -206,6 +270,8 @@ class OrCircuit:
         self.state = _OPEN
         self.work: Circuit = host.pool.open_circuit(
             crypto,
+            process=crypt_batch,
+            group=group,
             on_result=self._on_result,
             on_error=self._on_error,
             on_pressure=self._on_pressure,
