@@ -1,34 +1,26 @@
 """A Tor link (a "channel"): cells over a reactor ``Stream``, optionally inside TLS.
 
-Layers
-------
+Layers, one module each
+-----------------------
 ::
 
-    Stream (TCP bytes) --on_data--> [TlsClientSession.feed] --plaintext--> cell framer
-        --> handshake state machine, then per-circuit handlers (O(1) dict lookup)
+    Stream (TCP bytes) --on_data--> [TlsClientSession.feed] --plaintext--> Link._on_plain
+        --> relay.linkhandshake.LinkHandshake (one cell at a time, until done)
+        --> relay.framing.CellFramer (every complete cell, to its circuit's handler)
     send_cell / write_cells --> [TlsClientSession.encrypt] --> Stream.write
 
-Framing is incremental and cheap: a read callback's bytes are appended to the (short) leftover of
-the previous one and every complete cell in them is cut out with one ``struct.unpack_from`` and
-one slice, so a 64 KiB read yields ~127 cells in one pass with no per-cell object but the
-payload ``bytes``. Which commands are variable-length, and the circuit id width, come from
-``workers.cells`` (``is_var_length``, ``circ_id_len``); the handshake cells are framed by
-``workers.cells.parse_cell`` itself, because the link version changes in the middle of them.
-
-The link handshake (tor-spec 4)
--------------------------------
-Initiator (:meth:`Link.connect`, optionally over TLS to a real tor): send ``VERSIONS`` offering
-``versions`` (default 4 and 5) with a 2-byte circuit id; the responder answers ``VERSIONS``
-(a first cell that is anything else means the peer is not Tor) and the highest common version
-wins (none in common: closed as ``UNSUPPORTED_VERSION``). From then on cells use the negotiated
-format (4-byte circuit ids). A tor responder then sends ``CERTS`` (parsed with
-``relay.torcerts``; over TLS it must authenticate the TLS certificate and gives
-:attr:`Link.peer_fingerprint`), ``AUTH_CHALLENGE`` (ignored: a client need not authenticate)
-and ``NETINFO``; the initiator answers ``NETINFO`` and the link is open.
-
-Responder (:meth:`Link.accept`, plain TCP between this project's own relays): wait for
-``VERSIONS``, answer ``VERSIONS`` and ``NETINFO`` (no certificates: our relays trust the
-loopback), and open when the initiator's ``NETINFO`` arrives.
+* :mod:`relay.linkhandshake`: the tor-spec 4 handshake (VERSIONS, CERTS, AUTH_CHALLENGE,
+  NETINFO) as a state machine without I/O of its own; the initiator side is
+  :meth:`Link.connect` (optionally over TLS to a real tor, giving :attr:`Link.peer_fingerprint`),
+  the responder side :meth:`Link.accept` (plain TCP between this project's relays);
+* :mod:`relay.framing`: the incremental framing of an open link's cells (one
+  ``struct.unpack_from`` and one slice per cell, one dict lookup to its circuit's handler);
+* :mod:`relay.netinfo`: the NETINFO body codec; :mod:`relay.linkerrors`: :class:`CloseKind`
+  and :class:`LinkError`;
+* this module: the :class:`Link` itself -- the transport (TCP, TLS), the link's state, circuit
+  ids, sending cells, back-pressure and closing. It re-exports the names above, so
+  ``from relay.link import Link, CloseKind, LinkError, NetInfo, encode_netinfo,
+  decode_netinfo, CellHandler, DEFAULT_VERSIONS`` is the one import users need.
 
 Circuit ids (tor-spec 5.1.1)
 ----------------------------
@@ -55,26 +47,22 @@ Threads: a Link lives on the loop thread; every method is "Loop thread only".
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
-import struct
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 from reactor import CloseReason, Reactor, Stream, TimerHandle, connect
+from relay.framing import FIXED_CELL_LEN, CellFramer, CellHandler, fixed_cell, var_cell
+from relay.linkerrors import CloseKind, LinkError
+from relay.linkhandshake import HandshakeFailed, LinkHandshake, command_name
+from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
 from relay.tls import TlsClientSession, TlsError
-from relay.torcerts import CertsError, RelayCerts, parse_certs_cell
+from relay.torcerts import RelayCerts
 from workers.cells import (
     CELL_PAYLOAD_LEN,
     CellCommand,
     CellFormatError,
     DestroyReason,
-    encode_versions,
-    highest_common_version,
     is_var_length,
-    parse_cell,
-    parse_versions,
 )
 
 __all__ = [
@@ -93,111 +81,16 @@ logger = logging.getLogger("relay.link")
 DEFAULT_VERSIONS: tuple[int, ...] = (4, 5)
 """Link protocols we speak: both have 4-byte circuit ids and the same cell formats."""
 
-CellHandler = Callable[[int, bytes], object]
-"""A circuit's handler on one link: ``handler(command, payload)``."""
-
-_HEADER = struct.Struct(">IB")
-_VAR_LENGTH = struct.Struct(">H")
-_FIXED_CELL_LEN = 5 + CELL_PAYLOAD_LEN
 _HIGH_BIT = 0x80000000
 _ID_SPACE = 0x7FFFFFFF
-_VERSIONS_PREFIX = b"\x00\x00\x07"
-_ADDR_IPV4 = 4
-_ADDR_IPV6 = 6
-_IGNORED_IN_HANDSHAKE = frozenset({CellCommand.PADDING, CellCommand.VPADDING})
-
-
-class CloseKind(enum.Enum):
-    """Why a link ended, as a category (``Link.close_reason`` has the words)."""
-
-    LOCAL = "local"  # close() on this side
-    PEER_CLOSED = "peer-closed"  # the peer hung up or reset after the handshake
-    CONNECT_FAILED = "connect-failed"  # TCP connect did not succeed
-    NOT_TOR = "not-tor"  # the peer does not speak the Tor link protocol
-    TLS_FAILED = "tls-failed"  # TLS handshake or record failure
-    UNSUPPORTED_VERSION = "unsupported-version"  # no link protocol in common
-    AUTH_FAILED = "auth-failed"  # CERTS missing or not binding the TLS certificate
-    PROTOCOL = "protocol"  # a malformed or unexpected cell, or a handler that raised
-    TIMEOUT = "timeout"  # the handshake did not finish in time
-
-
-class LinkError(RuntimeError):
-    """Misuse of a link: sending circuit cells before it is open or after it closed, or an
-    invalid circuit id."""
 
 
 class _State(enum.Enum):
     CONNECTING = "connecting"
     TLS = "tls-handshake"
-    VERSIONS = "awaiting-versions"
-    NETINFO = "awaiting-netinfo"
+    HANDSHAKE = "handshake"  # Link.state shows the handshake's phase instead
     OPEN = "open"
     CLOSED = "closed"
-
-
-# --------------------------------------------------------------------------- NETINFO
-
-
-@dataclass(frozen=True)
-class NetInfo:
-    """A NETINFO cell: the sender's clock, the address it sees us at, and its own addresses."""
-
-    timestamp: int
-    other_address: str | None
-    my_addresses: tuple[str, ...] = field(default=())
-
-
-def _encode_address(address: str | None) -> bytes:
-    if address is None:
-        return bytes((_ADDR_IPV4, 4)) + bytes(4)
-    ip = ipaddress.ip_address(address)
-    atype = _ADDR_IPV4 if ip.version == 4 else _ADDR_IPV6
-    return bytes((atype, len(ip.packed))) + ip.packed
-
-
-def encode_netinfo(info: NetInfo) -> bytes:
-    """The NETINFO payload (unpadded). Any thread (pure)."""
-    parts = [struct.pack(">I", info.timestamp & 0xFFFFFFFF), _encode_address(info.other_address),
-             bytes((len(info.my_addresses),))]
-    parts.extend(_encode_address(a) for a in info.my_addresses)
-    return b"".join(parts)
-
-
-def decode_netinfo(payload: bytes) -> NetInfo:
-    """Parse a NETINFO payload (trailing padding ignored); ``CellFormatError`` if truncated.
-    Unknown address types are skipped. Any thread (pure)."""
-
-    def address(offset: int) -> tuple[str | None, int]:
-        if offset + 2 > len(payload):
-            raise CellFormatError("NETINFO truncated in an address header")
-        atype, alen = payload[offset], payload[offset + 1]
-        end = offset + 2 + alen
-        if end > len(payload):
-            raise CellFormatError("NETINFO truncated in an address")
-        raw = payload[offset + 2 : end]
-        if (atype, alen) == (_ADDR_IPV4, 4):
-            return str(ipaddress.IPv4Address(raw)), end
-        if (atype, alen) == (_ADDR_IPV6, 16):
-            return str(ipaddress.IPv6Address(raw)), end
-        return None, end
-
-    if len(payload) < 5:
-        raise CellFormatError("NETINFO shorter than its timestamp")
-    (timestamp,) = struct.unpack_from(">I", payload, 0)
-    other, offset = address(4)
-    if offset >= len(payload):
-        raise CellFormatError("NETINFO truncated before its address count")
-    count = payload[offset]
-    offset += 1
-    mine: list[str] = []
-    for _ in range(count):
-        addr, offset = address(offset)
-        if addr is not None:
-            mine.append(addr)
-    return NetInfo(timestamp, other, tuple(mine))
-
-
-# --------------------------------------------------------------------------- the link
 
 
 class Link:
@@ -234,23 +127,24 @@ class Link:
         self.on_close = on_close
         self.on_cell = on_cell
         self._tls = tls
-        self._require_certs = (tls is not None) if require_certs is None else require_certs
         self._state = _State.CONNECTING
-        self.link_version = 0
-        self.peer_versions: tuple[int, ...] = ()
-        self.peer_certs: RelayCerts | None = None
-        self.peer_cert_bindings: tuple[str, ...] = ()  # which CERTS bindings held (over TLS)
-        self.peer_netinfo: NetInfo | None = None
-        self.auth_challenge_seen = False
+        self._handshake = LinkHandshake(
+            initiator=initiator,
+            versions=self.versions,
+            require_certs=(tls is not None) if require_certs is None else require_certs,
+            send=self._send_handshake,
+            addresses=self._addresses,
+            peer_certificate_der=tls.peer_certificate_der if tls is not None else None,
+        )
         self.close_reason: str | None = None
         self.close_kind: CloseKind | None = None
         self._circuits: dict[int, CellHandler] = {}
         self._next_id = 1
         self._id_mask = _HIGH_BIT if initiator else 0
-        self._pending = b""
+        self._framer = CellFramer(self._circuits, self._unrouted)
         self._paused = False
         self._dispatching = False
-        self.cells_in = 0
+        self._handshake_cells_in = 0
         self.cells_out = 0
         self._timer: TimerHandle | None = None
         if handshake_timeout is not None:
@@ -333,13 +227,53 @@ class Link:
     def state(self) -> str:
         """Where the handshake is: ``connecting``, ``tls-handshake``, ``awaiting-versions``,
         ``awaiting-netinfo``, ``open``, ``closed``. Loop thread only."""
+        if self._state is _State.HANDSHAKE:
+            return self._handshake.phase
         return self._state.value
+
+    @property
+    def link_version(self) -> int:
+        """The negotiated link protocol (0 before VERSIONS). Loop thread only."""
+        return self._handshake.link_version
+
+    @property
+    def peer_versions(self) -> tuple[int, ...]:
+        """The link protocols the peer's VERSIONS listed. Loop thread only."""
+        return self._handshake.peer_versions
+
+    @property
+    def peer_certs(self) -> RelayCerts | None:
+        """The peer's parsed CERTS cell, if it sent one. Loop thread only."""
+        return self._handshake.peer_certs
+
+    @property
+    def peer_cert_bindings(self) -> tuple[str, ...]:
+        """Which CERTS bindings to the TLS certificate held (over TLS). Loop thread only."""
+        return self._handshake.peer_cert_bindings
+
+    @property
+    def peer_netinfo(self) -> NetInfo | None:
+        """The peer's NETINFO, once received. Loop thread only."""
+        return self._handshake.peer_netinfo
+
+    @property
+    def auth_challenge_seen(self) -> bool:
+        """True if the peer sent AUTH_CHALLENGE (ignored: a client need not authenticate).
+        Loop thread only."""
+        return self._handshake.auth_challenge_seen
+
+    @property
+    def cells_in(self) -> int:
+        """Cells received: handshake cells and cells framed on the open link. Loop thread
+        only."""
+        return self._handshake_cells_in + self._framer.cells
 
     @property
     def peer_fingerprint(self) -> str | None:
         """The peer's RSA identity fingerprint (40 hex) from its CERTS cell, if it sent one.
         Loop thread only."""
-        return self.peer_certs.fingerprint if self.peer_certs else None
+        certs = self._handshake.peer_certs
+        return certs.fingerprint if certs else None
 
     @property
     def tls_version(self) -> str | None:
@@ -404,8 +338,7 @@ class Link:
         if len(payload) > CELL_PAYLOAD_LEN:
             raise LinkError(f"fixed cell payload is at most {CELL_PAYLOAD_LEN} bytes")
         self.cells_out += 1
-        self._write(_HEADER.pack(circ_id, command) + payload
-                    + bytes(CELL_PAYLOAD_LEN - len(payload)))
+        self._write(fixed_cell(circ_id, command, payload))
 
     def send_var_cell(self, circ_id: int, command: int, payload: bytes) -> None:
         """Send one variable-length cell (e.g. VPADDING). The link must be open.
@@ -414,21 +347,21 @@ class Link:
         if not is_var_length(command, self.link_version):
             raise LinkError(f"command {command} is not variable-length")
         self.cells_out += 1
-        self._write(_HEADER.pack(circ_id, command) + _VAR_LENGTH.pack(len(payload)) + payload)
+        self._write(var_cell(circ_id, command, payload))
 
     def write_cells(self, data: bytes | bytearray | memoryview, count: int = 0) -> None:
         """Send bytes that are already whole cells in this link's format (e.g. a batch built
         with ``relay.circuits.wire_cells``); ``count`` only feeds the statistics.
         Loop thread only."""
         self._check_open()
-        self.cells_out += count or len(data) // _FIXED_CELL_LEN
+        self.cells_out += count or len(data) // FIXED_CELL_LEN
         self._write(data)
 
     def writelines(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send several buffers of whole cells at once (one ``writev`` on plain TCP).
         Loop thread only."""
         self._check_open()
-        self.cells_out += sum(len(b) for b in buffers) // _FIXED_CELL_LEN
+        self.cells_out += sum(len(b) for b in buffers) // FIXED_CELL_LEN
         if self._tls is not None:
             self._write(b"".join(buffers))
         else:
@@ -454,12 +387,21 @@ class Link:
                 return
         self.stream.write(data)
 
+    def _send_handshake(self, data: bytes, cells: int) -> None:
+        """What the handshake sends (VERSIONS, NETINFO), through TLS if any."""
+        self.cells_out += cells
+        self._write(data)
+
+    def _addresses(self) -> tuple[tuple[object, ...] | None, tuple[object, ...] | None]:
+        return self.stream.peer_address, self.stream.local_address
+
     # ------------------------------------------------------------------ back-pressure
 
     def pause_reading(self) -> None:
         """Stop delivering cells (also those already buffered) until ``resume_reading``.
         Loop thread only."""
         self._paused = True
+        self._framer.running = False
         if not self.stream.closed:
             self.stream.pause_reading()
 
@@ -468,9 +410,10 @@ class Link:
         if not self._paused:
             return
         self._paused = False
+        self._framer.running = self._state is _State.OPEN
         if not self.stream.closed:
             self.stream.resume_reading()
-        if self._pending and not self._dispatching and self._state is not _State.CLOSED:
+        if self._framer.pending and not self._dispatching and self._state is not _State.CLOSED:
             self._on_plain(b"")
 
     # ------------------------------------------------------------------ closing
@@ -489,6 +432,7 @@ class Link:
             return
         was_open = self._state is _State.OPEN
         self._state = _State.CLOSED
+        self._framer.running = False
         self.close_kind = kind
         self.close_reason = reason
         if self._timer is not None:
@@ -500,7 +444,9 @@ class Link:
                 if alert:
                     self.stream.write(alert)
             self.stream.close(reason)
-        circuits, self._circuits = self._circuits, {}
+        # The framer holds the same dict: empty it in place, after taking the entries.
+        circuits = dict(self._circuits)
+        self._circuits.clear()
         destroy = bytes((DestroyReason.CHANNEL_CLOSED,))
         for circ_id, handler in circuits.items():
             try:
@@ -520,10 +466,11 @@ class Link:
         if self._state is _State.CLOSED:
             return
         if self._state is _State.OPEN:
-            if self._pending and not self._paused:
+            pending = self._framer.pending
+            if pending and not self._paused:
                 # Not a clean end: the peer stopped inside a cell. Say so, at WARNING.
                 self._fail(CloseKind.PEER_CLOSED,
-                           f"peer closed the link inside a cell: {len(self._pending)} bytes "
+                           f"peer closed the link inside a cell: {len(pending)} bytes "
                            f"of a truncated cell dropped ({reason.name}: {detail})")
                 return
             self._finish(CloseKind.PEER_CLOSED, f"peer closed the link ({reason.name}: {detail})")
@@ -556,10 +503,9 @@ class Link:
                 return
             self.stream.write(hello)
             return
-        self._state = _State.VERSIONS
+        self._state = _State.HANDSHAKE
         self.stream.on_data = self._on_plain
-        if self.initiator:
-            self.stream.write(encode_versions(self.versions))
+        self._handshake.begin()
 
     def _on_tls_data(self, data: bytes) -> None:
         tls = self._tls
@@ -572,8 +518,8 @@ class Link:
         if to_write:
             self.stream.write(to_write)
         if self._state is _State.TLS and tls.handshake_done:
-            self._state = _State.VERSIONS
-            self._write(encode_versions(self.versions))
+            self._state = _State.HANDSHAKE
+            self._handshake.begin()
         if plaintext:
             self._on_plain(plaintext)
         if tls.peer_closed and self._state is not _State.CLOSED:
@@ -581,88 +527,26 @@ class Link:
 
     def _handshake_cells(self, buf: bytes, offset: int) -> int:
         """Handle handshake cells one at a time (the format changes after VERSIONS)."""
-        while self._state in (_State.VERSIONS, _State.NETINFO):
-            if self._state is _State.VERSIONS and len(buf) - offset >= 3 and (
-                buf[offset : offset + 3] != _VERSIONS_PREFIX
-            ):
-                self._fail(CloseKind.NOT_TOR, "peer is not a Tor relay: its first bytes "
-                           f"{bytes(buf[offset:offset + 8]).hex()} are not a VERSIONS cell")
-                return offset
-            framed = parse_cell(buf, offset, self.link_version)
-            if framed is None:
-                return offset
-            cell, offset = framed
-            self.cells_in += 1
+        handshake = self._handshake
+        while self._state is _State.HANDSHAKE:
             try:
-                self._handshake_cell(cell.circ_id, cell.command, cell.payload)
-            except (CellFormatError, CertsError) as exc:
-                self._fail(CloseKind.PROTOCOL,
-                           f"malformed {_command_name(cell.command)} cell: {exc}")
+                framed = handshake.next_cell(buf, offset)
+                if framed is None:
+                    return offset
+                cell, offset = framed
+                self._handshake_cells_in += 1
+                done = handshake.handle(cell.circ_id, cell.command, cell.payload)
+            except HandshakeFailed as exc:
+                self._fail(exc.kind, exc.reason)
+                return offset
+            if done and self._state is _State.HANDSHAKE:
+                self._opened()
         return offset
-
-    def _handshake_cell(self, circ_id: int, command: int, payload: bytes) -> None:
-        if self._state is _State.VERSIONS:
-            self._on_versions(payload)
-            return
-        if command in _IGNORED_IN_HANDSHAKE:
-            return
-        if command == CellCommand.CERTS:
-            if self.peer_certs is not None:
-                raise CellFormatError("a second CERTS cell")
-            certs = parse_certs_cell(payload)
-            if self._tls is not None:
-                try:
-                    self.peer_cert_bindings = tuple(
-                        certs.verify(self._tls.peer_certificate_der()))
-                except CertsError as exc:
-                    self._fail(CloseKind.AUTH_FAILED, f"CERTS do not authenticate the peer: {exc}")
-                    return
-            self.peer_certs = certs
-        elif command == CellCommand.AUTH_CHALLENGE:
-            self.auth_challenge_seen = True  # a client need not authenticate
-        elif command == CellCommand.NETINFO:
-            if self._require_certs and self.peer_certs is None:
-                self._fail(CloseKind.AUTH_FAILED, "peer sent NETINFO without a CERTS cell")
-                return
-            self.peer_netinfo = decode_netinfo(payload)
-            if self.initiator:
-                self._send_netinfo()
-            self._opened()
-        else:
-            self._fail(CloseKind.PROTOCOL, f"unexpected {_command_name(command)} cell "
-                       f"(circuit {circ_id:#x}) during the link handshake")
-
-    def _on_versions(self, payload: bytes) -> None:
-        theirs = parse_versions(payload)
-        self.peer_versions = tuple(theirs)
-        chosen = highest_common_version(self.versions, theirs)
-        if chosen is None:
-            self._fail(CloseKind.UNSUPPORTED_VERSION,
-                       f"no common link protocol version: we speak {list(self.versions)}, "
-                       f"the peer speaks {theirs}")
-            return
-        if not self.initiator:
-            self._write(encode_versions(self.versions))
-        self.link_version = chosen
-        self._state = _State.NETINFO
-        if not self.initiator:
-            self._send_netinfo()
-
-    def _send_netinfo(self) -> None:
-        peer = self.stream.peer_address
-        local = self.stream.local_address
-        info = NetInfo(
-            timestamp=0 if self.initiator else int(time.time()),
-            other_address=str(peer[0]) if peer else None,
-            my_addresses=() if self.initiator or not local else (str(local[0]),),
-        )
-        payload = encode_netinfo(info)
-        self.cells_out += 1
-        self._write(_HEADER.pack(0, CellCommand.NETINFO) + payload
-                    + bytes(CELL_PAYLOAD_LEN - len(payload)))
 
     def _opened(self) -> None:
         self._state = _State.OPEN
+        self._framer.version = self.link_version
+        self._framer.running = not self._paused
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -675,60 +559,24 @@ class Link:
 
     def _on_plain(self, data: bytes) -> None:
         """Frame and dispatch every complete cell; keep the partial tail for next time."""
-        buf = self._pending + data if self._pending else data
+        framer = self._framer
+        buf = framer.take(data)
         offset = 0
         self._dispatching = True
         try:
-            if self._state is not _State.OPEN:
+            if self._state is _State.HANDSHAKE:
                 offset = self._handshake_cells(buf, offset)
-            if self._state is _State.OPEN and not self._paused:
-                offset = self._open_cells(buf, offset)
+            if framer.running:
+                offset = framer.dispatch(buf, offset)
         except Exception as exc:
             logger.exception("%s: error while handling a cell", self.name)
             self._fail(CloseKind.PROTOCOL, f"error while handling a cell: {exc!r}")
         finally:
             self._dispatching = False
         if self._state is _State.CLOSED:
-            self._pending = b""
+            framer.pending = b""
         else:
-            self._pending = buf[offset:] if offset < len(buf) else b""
-
-    def _open_cells(self, buf: bytes, offset: int) -> int:
-        end_of_data = len(buf)
-        circuits = self._circuits
-        unpack = _HEADER.unpack_from
-        version = self.link_version
-        count = 0
-        try:
-            while offset + 5 <= end_of_data:
-                circ_id, command = unpack(buf, offset)
-                if command == 7 or command >= 128:
-                    if offset + 7 > end_of_data:
-                        break
-                    (length,) = _VAR_LENGTH.unpack_from(buf, offset + 5)
-                    end = offset + 7 + length
-                    if end > end_of_data:
-                        break
-                    payload = buf[offset + 7 : end]
-                    if not is_var_length(command, version):
-                        raise CellFormatError(f"command {command} framed as variable-length")
-                else:
-                    end = offset + _FIXED_CELL_LEN
-                    if end > end_of_data:
-                        break
-                    payload = buf[offset + 5 : end]
-                offset = end
-                count += 1
-                handler = circuits.get(circ_id)
-                if handler is not None:
-                    handler(command, payload)
-                else:
-                    self._unrouted(circ_id, command, payload)
-                if self._paused or self._state is not _State.OPEN:
-                    break
-        finally:
-            self.cells_in += count
-        return offset
+            framer.keep(buf, offset)
 
     def _unrouted(self, circ_id: int, command: int, payload: bytes) -> None:
         """A cell for no registered circuit: link-level, or the user's (CREATE), or DESTROY."""
@@ -738,15 +586,8 @@ class Link:
             if command == CellCommand.VERSIONS:
                 raise CellFormatError("VERSIONS cell after the handshake")
             if self.on_cell is None:
-                raise CellFormatError(f"{_command_name(command)} cell on circuit id 0")
+                raise CellFormatError(f"{command_name(command)} cell on circuit id 0")
         if self.on_cell is not None:
             self.on_cell(self, circ_id, command, payload)
         elif command not in (CellCommand.DESTROY, CellCommand.PADDING, CellCommand.VPADDING):
             self.send_cell(circ_id, CellCommand.DESTROY, bytes((DestroyReason.PROTOCOL,)))
-
-
-def _command_name(command: int) -> str:
-    try:
-        return CellCommand(command).name
-    except ValueError:
-        return f"command {command}"
