@@ -1,7 +1,8 @@
 """Run one relay: ``python -m examples.relay --listen 127.0.0.1:0 --data-dir DIR``.
 
-The relay (``relay.node.RelayNode``: a Reactor, a WorkerPool on the fast crypto backend, links
-and circuits) keeps its identity and ntor onion key in ``--data-dir`` (created on first run),
+The relay (``relay.node.RelayNode``: a Reactor, a WorkerPool on the fast crypto backend --
+several circuits' batches per GIL-free kernel call, the pool's grouped path -- links and
+circuits) keeps its identity and ntor onion key in ``--data-dir`` (created on first run),
 listens on ``--listen`` (port 0: any free port) and serves until SIGTERM or SIGINT (or, with
 ``--exit-on-stdin-eof``, until its stdin ends). It is an exit to loopback addresses only.
 
@@ -10,8 +11,8 @@ Line protocol on stdout (what ``examples.network`` reads):
 * ``READY {"descriptor": {...}, "pid": N}`` once it listens: the descriptor is the directory
   entry (nickname, address, port, identity, ntor_onion_key);
 * ``STATS {...}`` on SIGUSR1 (live counters), and once more when it exits: cells crypted,
-  batches and mean batch size, wake-ups per cell, circuits, link closes by kind, exit bytes;
-  see ``RelayNode.stats``.
+  batches and mean batch size, group calls and batches per group, wake-ups per cell,
+  circuits, link closes by kind, exit bytes; see ``RelayNode.stats``.
 
 Logs go to stderr (``--log-level``).
 """
