@@ -355,3 +355,75 @@ def test_low_priority_workers_run_at_idle_priority() -> None:
                 assert (policy == os.SCHED_IDLE) == (index >= 2 - low), (name, policy)
     with pytest.raises(ValueError):
         WorkerPool(Collector(), threads=2, process=process, low_priority_workers=3)
+
+
+def wait_until(condition: Any, what: str) -> None:
+    """Spin (test thread) until ``condition()``; a hang guard, not a timing assertion."""
+    for _ in range(10_000):
+        if condition():
+            return
+        threading.Event().wait(0.001)
+    raise AssertionError(f"never happened: {what}")
+
+
+def test_circuits_a_group_requeues_wake_a_waiting_worker() -> None:
+    """A grouped turn re-queues its circuits at release and pops only its share: the rest must
+    wake a waiting worker, not wait for the busy one (regression: no one was notified).
+
+    Forced interleaving: worker 0 takes g0 and g1 in one call while worker 1 is held in its
+    state factory; worker 1 then serves g2 and waits. When worker 0 lets go, both circuits
+    still have a cell; it pops g0 again and its call on g0 blocks until g1's second cell is
+    delivered, which only worker 1 can do, and only if it is woken.
+    """
+    replies = ManyCollector()
+    second_worker = threading.Event()
+    release_first = threading.Event()
+    release_second = threading.Event()
+    g0_calls = 0
+    crypted_by: list[tuple[int, str]] = []  # (circuit, worker thread) per job, in call order
+
+    def factory(index: int) -> None:
+        if index == 1:
+            assert second_worker.wait(10)
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        nonlocal g0_calls
+        keys = [state.key for state, _, _ in jobs]
+        crypted_by.extend((key, threading.current_thread().name) for key in keys)
+        if 0 in keys:
+            g0_calls += 1
+            assert (release_first if g0_calls == 1 else release_second).wait(60)
+        return [state.crypt_list(d, cells_of(p)) for state, d, p in jobs]
+
+    got: dict[int, list[bytes]] = defaultdict(list)
+    pool = WorkerPool(replies, threads=2, process=stream_process, group=group, batch_cells=1,
+                      group_circuits=2, worker_state_factory=factory, name="wake",
+                      low_priority_workers=0)  # no idle-priority worker to starve on a busy host
+    g0, g1, g2 = (pool.open_circuit(OrderedState(i), context=i,
+                                    on_result=lambda c, d, r: got[c.context].extend(r))
+                  for i in range(3))
+    sent = {0: [cell(0, 0), cell(0, 1)], 1: [cell(1, 0), cell(1, 1)], 2: [cell(2, 0)]}
+    # One entry per cell: a batch never splits an entry, so batch_cells=1 takes one at a time.
+    pool.submit_many([(c, 0, [one]) for c in (g0, g1, g2) for one in sent[c.context]])
+    try:
+        pool.start()
+        # Worker 0 pops its share of three queued circuits: two, g0 and g1, in one call.
+        wait_until(lambda: g0_calls == 1, "worker 0 inside its call on g0 and g1")
+        second_worker.set()
+        replies.pump(pool, lambda: g2.in_flight == 0)  # worker 1 served g2 ...
+        wait_until(lambda: pool.stats()["idle_workers"] == 1, "worker 1 waiting")  # ... and waits
+        release_first.set()
+        # Worker 0 re-queues g0 and g1 (one cell left each) and pops g0 only: g1 is left for
+        # worker 1, which must have been woken for it.
+        replies.pump(pool, lambda: g1.in_flight == 0)
+    finally:
+        release_first.set()
+        release_second.set()
+    replies.pump(pool, lambda: pool.in_flight == 0)
+    pool.close()
+    for key, cells in sent.items():
+        assert got[key] == expected_stream(key, 0, cells)
+    # g1's second cell was crypted by the worker that was waiting, while worker 0 was held.
+    assert crypted_by[:3] == [(0, "wake-0"), (1, "wake-0"), (2, "wake-1")]
+    assert sorted(crypted_by[3:]) == [(0, "wake-0"), (1, "wake-1")]
+    assert pool.stats()["groups"] == 4

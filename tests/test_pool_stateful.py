@@ -10,6 +10,7 @@ a plain reference model with hypothesis.
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from collections import defaultdict
@@ -47,18 +48,70 @@ def guarded_process(state: GuardedState, direction: int, batch: Any) -> Any:
         state.guard.leave(state.key)
 
 
-@pytest.mark.parametrize("seed", range(6))
+class GuardedGroup:
+    """A ``group`` function over GuardedState circuits: every circuit of a call is entered in
+    the owner guard for the whole call, so a circuit in two calls at once is a violation."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.jobs = 0
+
+    def __call__(self, jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        states = {id(state): state for state, _, _ in jobs}
+        for state in states.values():
+            state.guard.enter(state.key)
+        try:
+            self.calls += 1
+            self.jobs += len(jobs)
+            results: list[Any] = []
+            for state, direction, pieces in jobs:
+                joined = b"".join(bytes(p) for p in pieces)
+                cells = [joined[i : i + CELL] for i in range(0, len(joined), CELL)]
+                if len(cells) % 3 == 0:
+                    time.sleep(0)  # let the GIL go mid-call: more interleavings
+                results.append(b"".join(state.crypt_list(direction, cells)))
+            return results
+        finally:
+            for state in states.values():
+                state.guard.leave(state.key)
+
+
+def grouped_process(state: GuardedState, direction: int, batch: Any) -> Any:
+    """What GuardedGroup gives for one job, for circuits served one at a time."""
+    return guarded_process(state, direction, b"".join(batch) if isinstance(batch, list) else batch)
+
+
+#: Seeds per randomized test; raise it (RELAYCRYPT_POOL_SEEDS=500) for a long stress run.
+SEEDS = int(os.environ.get("RELAYCRYPT_POOL_SEEDS", "6"))
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
 def test_random_interleavings_keep_order_and_exclusivity(seed: int) -> None:
+    run_random_interleavings(seed, grouped=False)
+
+
+@pytest.mark.parametrize("seed", range(SEEDS))
+def test_random_grouped_interleavings_keep_order_and_exclusivity(seed: int) -> None:
+    """The same, through the grouped path: circuits with a ``group`` function (and some
+    without, popped along), several circuits per call, random group sizes and thread counts."""
+    run_random_interleavings(seed, grouped=True)
+
+
+def run_random_interleavings(seed: int, *, grouped: bool) -> None:
+    """One randomized run; asserts order, no loss, no duplicate and exclusivity. Test thread."""
     rng = random.Random(seed)
-    joined = seed % 2 == 0
+    joined = seed % 2 == 0 or grouped
     replies = Collector()
     guard = OwnerGuard()
+    group = GuardedGroup() if grouped else None
     pool = WorkerPool(
         replies,
-        threads=4,
+        threads=rng.choice([2, 3, 4]) if grouped else 4,
         joined=joined,
         batch_cells=rng.choice([1, 2, 5, 16, 64]),
         process=guarded_process,
+        group=group,
+        group_circuits=rng.choice([2, 3, 8, 16]),
     )
     sent: dict[tuple[int, int], list[bytes]] = defaultdict(list)
     got: dict[tuple[int, int], list[bytes]] = defaultdict(list)
@@ -78,11 +131,15 @@ def test_random_interleavings_keep_order_and_exclusivity(seed: int) -> None:
 
     def open_one() -> None:
         nonlocal next_key
+        own: dict[str, Any] = {}
+        if grouped and rng.random() < 0.2:
+            own["process"] = grouped_process  # its own process and no group: never grouped
         c = pool.open_circuit(
             GuardedState(next_key, guard),
             context=next_key,
             on_result=on_result,
             priority=rng.randrange(3),
+            **own,
         )
         next_key += 1
         live.append(c)
@@ -147,7 +204,11 @@ def test_random_interleavings_keep_order_and_exclusivity(seed: int) -> None:
         for d in range(2):
             n = len(got[(c.context, d)])
             assert got[(c.context, d)] == expected_stream(c.context, d, sent[(c.context, d)][:n])
-    assert guard.entries == stats["batches"]
+    if group is None:
+        assert guard.entries == stats["batches"]
+    else:
+        assert stats["groups"] == group.calls > 0
+        assert group.jobs <= stats["batches"]
 
 
 # --------------------------------------------------------------------------- run-queue model

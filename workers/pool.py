@@ -87,7 +87,11 @@ Wake-ups
 --------
 Workers ``wait()`` only after re-checking the exit flag, the update inbox and the run queues
 under the lock. ``_idle`` counts workers waiting and not yet notified: the notifier decrements
-it, so a notify is sent only when it reaches a waiting worker, and never once per cell.
+it, so a notify is sent only when it reaches a waiting worker, and never once per cell. The
+loop notifies for the circuits it queues; a worker that leaves circuits on the run queues when
+it takes its turn (circuits it re-queued at release: a grouped turn re-queues several and pops
+only its share) notifies one waiting worker, which does the same. So no queued circuit waits
+for a busy worker while another worker sleeps.
 
 The hot path
 ------------
@@ -836,17 +840,25 @@ class WorkerPool:
             circuit = queues.pop()
             if circuit is not None:
                 circuit.busy = True
-                if circuit.group is None or self._group_circuits == 1:
-                    return [circuit]
-                share = -(-(len(queues) + 1) // self._threads)
-                limit = min(self._group_circuits, share)
                 circuits = [circuit]
-                while len(circuits) < limit:
-                    circuit = queues.pop()
-                    if circuit is None:
-                        break
-                    circuit.busy = True
-                    circuits.append(circuit)
+                if circuit.group is not None and self._group_circuits > 1:
+                    share = -(-(len(queues) + 1) // self._threads)
+                    limit = min(self._group_circuits, share)
+                    while len(circuits) < limit:
+                        circuit = queues.pop()
+                        if circuit is None:
+                            break
+                        circuit.busy = True
+                        circuits.append(circuit)
+                # Circuits this worker re-queued at release were pushed without a notify (the
+                # loop notifies only for its own pushes). A grouped turn re-queues up to
+                # group_circuits of them and pops only its share, so without this a waiting
+                # worker slept while they waited for this one. Each woken worker passes the
+                # wake-up on the same way while circuits remain: none waits behind a busy worker.
+                if self._idle and queues:
+                    self._idle -= 1
+                    self._notifies += 1
+                    self._cond.notify()
                 return circuits
             if self._closing:
                 return []  # draining, and nothing is left to drain
