@@ -73,13 +73,20 @@ def test_call_soon_from_a_callback_runs_on_the_next_iteration() -> None:
     with Reactor() as reactor:
         order: list[str] = []
 
+        def record(what: str) -> None:
+            order.append(what)
+            if len(order) == 3:
+                reactor.stop()
+
         def first() -> None:
-            order.append("first")
-            reactor.call_soon(order.append, "queued by first")
+            record("first")
+            reactor.call_soon(record, "queued by first")
 
         reactor.call_soon(first)
-        reactor.call_soon(order.append, "second")
-        reactor.call_later(0.01, reactor.stop)
+        reactor.call_soon(record, "second")
+        # Only a guard against a hang: stopping on a short timer instead raced with a
+        # descheduled test process (timers run before the call_soon phase of an iteration).
+        reactor.call_later(30, reactor.stop)
         reactor.run()
         assert order == ["first", "second", "queued by first"]
 
