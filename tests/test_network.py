@@ -129,3 +129,20 @@ def test_client_program_against_a_running_network() -> None:
         assert all("END from the exit (reason 3)" in f["reason"] for f in summary["failures"])
         # The relays survived both and still serve.
         assert all(child.alive for child in net.children())
+
+
+def test_compare_pure_runs_both_backends_and_reports_relay_cpu() -> None:
+    """What make demo runs: the network with the kernel, then again with the reference."""
+    code, summary, stderr = run_demo("--circuits", "3", "--total-bytes", "600k",
+                                     "--compare-pure")
+    assert code == 0, stderr
+    assert summary["ok"] is True
+    assert {s["backend"] for s in summary["per_relay"].values()} == {"kernel"}
+    comparison = summary["compare_pure"]
+    assert comparison["reference_ok"] is True
+    assert comparison["kernel_cpu_us_per_cell"] > 0
+    assert comparison["reference_cpu_us_per_cell"] > 0
+    assert comparison["cpu_ratio"] == (
+        comparison["reference_cpu_us_per_cell"] / comparison["kernel_cpu_us_per_cell"])
+    assert "relays on the pure-Python crypto" in stderr  # the second network really ran
+    assert_gone(summary["pids"])
