@@ -312,10 +312,10 @@ def test_grouped_and_ungrouped_circuits_share_a_pool() -> None:
 
 
 def test_start_applies_malloc_retain_unless_opted_out(monkeypatch: Any) -> None:
-    import workers.pool as pool_module
+    import workers.tuning as tuning_module
 
     calls: list[int] = []
-    monkeypatch.setattr(pool_module, "_retain_freed_memory", calls.append)
+    monkeypatch.setattr(tuning_module, "retain_freed_memory", calls.append)
     for retain in (None, 1 << 20):
         pool = WorkerPool(Collector(), threads=1, process=stream_process, malloc_retain=retain)
         pool.start()

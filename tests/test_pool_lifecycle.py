@@ -275,7 +275,7 @@ def test_worker_state_and_update_delivery() -> None:
     pool.close()
     with pytest.raises(PoolClosedError):
         pool.update_workers(lambda s: s)
-    states = {w.index: w.state["generation"] for w in pool._workers}
+    states = {w.index: w.state["generation"] for w in pool._workers.records}
     assert states == {0: 2, 1: 10, 2: 10}
 
 

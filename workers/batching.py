@@ -19,7 +19,7 @@ entry), and :func:`assemble` turns them into what the process function asked for
 * ``joined=False``: one list of cells. List entries are concatenated; a buffer entry is cut into
   equal cells (its length must be a multiple of its cell count).
 
-The grouped path (a circuit with a ``group`` function, see :mod:`workers.pool`) uses
+The grouped path (a circuit with a ``group`` function, see :mod:`workers.worker`) uses
 :func:`take_pieces` instead: it takes entries the same way and returns them as ONE flat list of
 bytes-like pieces -- buffer entries as they are, list entries' cells one by one -- which the
 kernel reads as their concatenation, gathering them with the GIL released. Nothing is joined

@@ -16,20 +16,22 @@ One :class:`Circuit` is the unit of work of :class:`workers.pool.WorkerPool` (th
 
   So the lists need no lock of their own: what makes the hand-over safe is the order "append,
   then take the pool lock to schedule" on the loop side against "take the pool lock to decide
-  whether anything is left" on the worker side (``WorkerPool._schedule_locked`` and
-  ``WorkerPool._release_locked``). Lists rather than deques: an empty list costs 56 bytes, an
-  empty deque 760, and an idle circuit should stay small.
+  whether anything is left" on the worker side (``Scheduler._schedule_locked`` and
+  ``Scheduler._release_locked`` in :mod:`workers.scheduler`). Lists rather than deques: an
+  empty list costs 56 bytes, an empty deque 760, and an idle circuit should stay small.
 * the crypto ``state`` and the ``process`` function applied to it, touched only by the worker
   that owns the circuit (invariant 2 of DESIGN.md); optionally a ``group`` function, which
   crypts the batches of several circuits in one call (see :data:`GroupFn`), used by the
   worker that owns all of them;
 * the flags ``queued`` (on a run queue), ``busy`` (owned by a worker), ``closed`` and
   ``failed``, plus the run-queue bookkeeping ``priority``, ``ticket`` and ``queued_class``:
-  read and written only under the pool's lock. They are the only shared state that lock guards;
+  read and written only under the pool's lock (:mod:`workers.scheduler` lists everything it
+  guards);
 * the back-pressure counters ``in_flight`` and ``over_high_water``, and the callbacks: loop
-  thread only.
+  thread only (:mod:`workers.pressure`).
 
-The class has no behaviour beyond holding these fields; every rule lives in the pool and in
+The class has no behaviour beyond holding these fields; every rule lives in the pool's modules
+(:mod:`workers.scheduler`, :mod:`workers.worker`, :mod:`workers.pressure`) and in
 :class:`workers.runqueues.RunQueues`. ``__slots__`` keeps an idle circuit small (the scaling
 benchmark asks for at most 2 KB per idle circuit).
 """

@@ -4,7 +4,7 @@ The email: "stick circuits in need of getting some cells en/decrypted on the wor
 "it could be that we'll be better off just using round-robin here, or partitioning circuits into
 two or three groups". :class:`RunQueues` is that: ``classes`` FIFO deques of circuits, class 0
 the most urgent. The pool's lock is held by the caller for every method: this class has no lock
-of its own and is never touched outside the pool's ``threading.Condition``.
+of its own and is used only by :class:`workers.scheduler.Scheduler`, under that lock.
 
 Round-robin inside a class
     A circuit is pushed at the tail and popped from the head; a worker that still finds cells
