@@ -3,8 +3,6 @@
 * :func:`fuzz_settings`: hypothesis settings whose example count is the suite's bounded default
   unless ``RELAYCRYPT_FUZZ_EXAMPLES`` asks for more (``make fuzz`` sets it), so the same tests
   run briefly in ``make test`` and long in ``make fuzz``.
-* :func:`run_until`: drive a reactor until a condition holds (a generous deadline only stops a
-  broken test from hanging; tests assert on the condition, never on the time taken).
 * :class:`LogRecorder`: keeps the records of some loggers, to check that a closed link or
   circuit logged its reason and that nothing logged an unexpected traceback.
 * :class:`EchoJob` / :class:`EchoJobs`: echo bytes through circuits on *explicit* paths of a
@@ -13,13 +11,16 @@
   circuits do not each queue their whole payload on the client.
 * :func:`relay_stats`: a live ``STATS`` snapshot of a relay process (SIGUSR1);
   ``process_sample`` (RSS, threads, fds from ``/proc``) comes from ``examples.soak``.
+
+Driving a reactor until a condition holds is ``support_loop.run_until``, shared with the other
+suites.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,30 +52,6 @@ def fuzz_settings(default: int) -> settings:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                HealthCheck.function_scoped_fixture],
     )
-
-
-def run_until(reactor: Reactor, done: Callable[[], bool], deadline: float = 20.0) -> bool:
-    """Run the loop until ``done()`` (polled every 2 ms) or ``deadline`` seconds; return
-    ``done()``. Loop thread."""
-    if done():
-        return True
-    stop_timer = reactor.call_later(deadline, reactor.stop)
-    stopped = [False]
-
-    def poll() -> None:
-        if stopped[0]:
-            return
-        if done():
-            stopped[0] = True
-            reactor.stop()
-        else:
-            reactor.call_later(0.002, poll)
-
-    reactor.call_soon(poll)
-    reactor.run()
-    stopped[0] = True
-    stop_timer.cancel()
-    return done()
 
 
 class LogRecorder(logging.Handler):

@@ -31,10 +31,10 @@ from reliability_support import (
     EchoJob,
     EchoJobs,
     relay_stats,
-    run_until,
     stop_cleanly,
     tracebacks_in_log,
 )
+from support_loop import run_until
 
 from examples.network import ChildProcess, LocalNetwork
 from examples.soak import process_sample

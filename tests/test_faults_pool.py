@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from support_loop import run_polled, run_until
 
 from reactor import Reactor
 from workers.circuit import Circuit
@@ -165,17 +166,8 @@ def test_random_closes_and_worker_exceptions_leave_every_other_circuit_intact(se
             reactor.call_later(0.001 if arrivals[0] % 4 == 0 else 0, arrive)
 
     reactor.call_soon(arrive)
-    guard = reactor.call_later(60, reactor.stop)  # a hang guard only
-
-    def quiet() -> None:
-        if arrivals[0] == 0 and pool.in_flight == 0:
-            reactor.stop()
-        else:
-            reactor.call_later(0.005, quiet)
-
-    reactor.call_soon(quiet)
-    reactor.run()
-    guard.cancel()
+    # until quiet; the 60 s deadline is a hang guard only
+    run_until(reactor, lambda: arrivals[0] == 0 and pool.in_flight == 0, 60, poll=0.005)
     stats = pool.stats()
     assert arrivals[0] == 0 and stats["in_flight"] == 0, stats
     assert stats["alive_threads"] == 2  # worker exceptions killed no thread
@@ -292,15 +284,9 @@ def run_briefly(reactor: Reactor, done: Callable[[], bool], limit: float = 10.0)
     """Run the loop a few iterations at least, until ``done()`` (or ``limit`` seconds)."""
     turns = [0]
 
-    def poll() -> None:
+    def third_turn_and_done() -> bool:
         turns[0] += 1
-        if turns[0] >= 3 and done():
-            reactor.stop()
-        else:
-            reactor.call_later(0.001, poll)
+        return turns[0] >= 3 and done()
 
-    guard = reactor.call_later(limit, reactor.stop)
-    reactor.call_soon(poll)
-    reactor.run()
-    guard.cancel()
+    run_polled(reactor, third_turn_and_done, limit, 0.001)
     return done()

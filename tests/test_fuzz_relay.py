@@ -38,7 +38,8 @@ from dataclasses import dataclass, field
 import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
-from reliability_support import LogRecorder, fuzz_settings, recording, run_until
+from reliability_support import LogRecorder, fuzz_settings, recording
+from support_loop import run_until
 
 from reactor import Reactor, Stream, listen
 from relay.circuits import pack_relay

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import support_loop
 
 from reactor import Reactor, Stream, listen
 from relay.link import (
@@ -42,18 +43,8 @@ def reactor() -> Any:
 
 
 def run_until(reactor: Reactor, done: Callable[[], bool], deadline: float = 15.0) -> None:
-    """Run the loop until ``done()`` (polled every few ms) or the deadline."""
-    stop_timer = reactor.call_later(deadline, reactor.stop)
-
-    def poll() -> None:
-        if done():
-            reactor.stop()
-        else:
-            reactor.call_later(0.002, poll)
-
-    reactor.call_soon(poll)
-    reactor.run()
-    stop_timer.cancel()
+    """Run the loop until ``done()`` (polled every 2 ms) or the deadline (15 s here)."""
+    support_loop.run_until(reactor, done, deadline)
 
 
 class Pair:

@@ -23,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
+from support_loop import run_until
 
 from reactor import Reactor
 from relay.link import CloseKind, Link, NetInfo, encode_netinfo
@@ -127,20 +128,6 @@ def tls_peer(identity: Identity, script: Callable[[ssl.SSLSocket], None],
 
     threading.Thread(target=serve, daemon=True).start()
     return server.getsockname()[1], seen
-
-
-def run_until(reactor: Reactor, done: Callable[[], bool]) -> None:
-    stop_timer = reactor.call_later(20, reactor.stop)
-
-    def poll() -> None:
-        if done():
-            reactor.stop()
-        else:
-            reactor.call_later(0.002, poll)
-
-    reactor.call_soon(poll)
-    reactor.run()
-    stop_timer.cancel()
 
 
 def responder(identity: Identity, certs: bytes | None) -> Callable[[ssl.SSLSocket], None]:

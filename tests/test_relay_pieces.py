@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support_loop import run_until
 
 from reactor import Reactor, Stream, connect, listen
 from relay.circuits import ReadGate, pack_data_cells, pack_relay, relay_body, wire_cells
@@ -102,17 +103,7 @@ def test_read_gate_pauses_while_any_reason_holds() -> None:
         accepted: list[Stream] = []
         listener = listen(reactor, "127.0.0.1", 0, accepted.append)
         client = connect(reactor, *listener.address, lambda s: None)
-        deadline = reactor.call_later(10, reactor.stop)
-
-        def wait_accept() -> None:
-            if accepted:
-                reactor.stop()
-            else:
-                reactor.call_later(0.01, wait_accept)
-
-        reactor.call_soon(wait_accept)
-        reactor.run()
-        deadline.cancel()
+        run_until(reactor, lambda: bool(accepted), 10, poll=0.01)
         stream = accepted[0]
         stream.on_data = lambda data: None
         assert stream.reading

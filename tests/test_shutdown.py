@@ -29,10 +29,10 @@ import pytest
 from reliability_support import (
     EchoJobs,
     relay_stats,
-    run_until,
     stop_cleanly,
     tracebacks_in_log,
 )
+from support_loop import run_until
 
 from examples.network import LocalNetwork
 from reactor import Reactor

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_support import run_until
+from support_loop import run_until
 
 from reactor import Reactor, Stream, connect, listen
 
