@@ -8,6 +8,7 @@ One polling loop serves every test that waits on the loop thread for something t
   is never stopped by an old condition.
 * :func:`run_until`: returns ``done()`` (tests assert on it, or on what they wait for);
   nothing runs when it already holds.
+* :func:`run_until_met`: fails the test (``AssertionError``) when the deadline ended the run.
 
 The deadlines only keep a broken test from hanging; no test asserts on the time taken.
 """
@@ -56,3 +57,12 @@ def run_until(reactor: Reactor, done: Callable[[], bool], deadline: float = 20.0
     run_polled(reactor, done, deadline, poll)
     return done()
 
+
+def run_until_met(reactor: Reactor, done: Callable[[], bool], timeout: float, *,
+                  poll: float = 0.01) -> None:
+    """Run the loop until ``done()`` (polled every ``poll`` s, 10 ms unless told); fail after
+    ``timeout`` seconds. ``done()`` is called by the poll only, never once more before or after
+    the run, so a ``done`` that counts its calls (as one that waits for N quiet polls does)
+    sees exactly one call per poll. Loop thread."""
+    expired = run_polled(reactor, done, timeout, poll)
+    assert not expired, f"condition not met within {timeout} s"

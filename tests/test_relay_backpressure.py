@@ -14,9 +14,10 @@ import random
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from support_loop import run_until_met
 from test_relay_bad_input import RawPeer
 
 from examples.client import EchoTransfer
@@ -41,30 +42,9 @@ def reactor() -> Iterator[Reactor]:
         yield loop
 
 
-def run_until(reactor: Reactor, done: Callable[[], bool], timeout: float) -> None:
-    """Run the loop until ``done()`` (polled every 10 ms); fail after ``timeout`` seconds."""
-    expired: list[bool] = []
-
-    def poll() -> None:
-        if done():
-            reactor.stop()
-        else:
-            reactor.call_later(0.01, poll)
-
-    def give_up() -> None:
-        expired.append(True)
-        reactor.stop()
-
-    guard = reactor.call_later(timeout, give_up)
-    reactor.call_soon(poll)
-    reactor.run()
-    guard.cancel()
-    assert not expired, f"condition not met within {timeout} s"
-
-
 def run_until_closed(reactor: Reactor, nodes: list[RelayNode]) -> None:
     """Run the loop until the client's DESTROYs have torn down every relay circuit."""
-    run_until(reactor, lambda: all(node.circuits_open == 0 for node in nodes), 30)
+    run_until_met(reactor, lambda: all(node.circuits_open == 0 for node in nodes), 30)
 
 
 def run_transfer(reactor: Reactor, nodes: list[RelayNode], echo: EchoServer,
@@ -221,14 +201,14 @@ def test_a_full_next_hop_link_pauses_reading_the_client_link(
 
     threading.Thread(target=client_side, daemon=True).start()
     try:
-        run_until(reactor, lambda: node.write_pauses > 0 or fake.done.is_set()
+        run_until_met(reactor, lambda: node.write_pauses > 0 or fake.done.is_set()
                   or client_done.is_set(), 60)
         assert not client_error and fake.error is None, (client_error, fake.error)
         assert node.write_congestions > 0 and node.write_pauses > 0
         client_links = [p for p in node._peers.values() if not p.relay_link]
         assert len(client_links) == 1 and client_links[0].gate.paused
         fake.may_read.set()
-        run_until(reactor, lambda: fake.done.is_set() and client_done.is_set(), 60)
+        run_until_met(reactor, lambda: fake.done.is_set() and client_done.is_set(), 60)
         assert not client_error and fake.error is None, (client_error, fake.error)
         assert fake.relay_cells == cells
     finally:

@@ -12,9 +12,10 @@ import hashlib
 import random
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
+from support_loop import run_until_met
 
 from examples.client import EchoTransfer
 from examples.network import LocalNetwork
@@ -26,27 +27,6 @@ from relay.client import Client, ClientStream, OriginCircuit
 def network3() -> Iterator[LocalNetwork]:
     with LocalNetwork(3, threads=2) as net:
         yield net
-
-
-def run_until(reactor: Reactor, done: Callable[[], bool], timeout: float) -> None:
-    """Run the loop until ``done()`` (checked every 10 ms) or fail after ``timeout``."""
-    expired: list[bool] = []
-
-    def poll() -> None:
-        if done():
-            reactor.stop()
-        else:
-            reactor.call_later(0.01, poll)
-
-    def give_up() -> None:
-        expired.append(True)
-        reactor.stop()
-
-    reactor.call_soon(poll)
-    guard = reactor.call_later(timeout, give_up)
-    reactor.run()
-    guard.cancel()
-    assert not expired, f"condition not met within {timeout} s"
 
 
 class SlowReader:
@@ -106,7 +86,7 @@ def test_sendme_windows_stop_a_fast_sender_at_a_slow_reader(network3: LocalNetwo
             # unchanged for one second (100 polls of 10 ms), with something sent
             return len(sent_history) > 100 and len(set(sent_history[-100:])) == 1 > 0
 
-        run_until(reactor, stalled, 60)
+        run_until_met(reactor, stalled, 60)
         stream = holder["stream"]
         assert isinstance(stream, ClientStream)
         stalled_at = stream.bytes_sent
@@ -116,7 +96,7 @@ def test_sendme_windows_stop_a_fast_sender_at_a_slow_reader(network3: LocalNetwo
         assert stream.queued == total - stalled_at
 
         reader.release()
-        run_until(reactor, reader.finished.is_set, 60)
+        run_until_met(reactor, reader.finished.is_set, 60)
         assert stream.bytes_sent == total
         client.close()
     assert reader.count == total
@@ -142,7 +122,7 @@ def test_relay_killed_mid_transfer_fails_only_its_circuits() -> None:
             return transfer.finished
 
         transfer.start()
-        run_until(reactor, kill_when_moving, 90)
+        run_until_met(reactor, kill_when_moving, 90)
         results = transfer.results()
     through_victim = {job.index for job in transfer.jobs
                       if victim.name in [d.nickname for d in job.path]}
