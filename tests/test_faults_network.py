@@ -19,7 +19,6 @@ from __future__ import annotations
 import random
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
@@ -35,6 +34,7 @@ from reliability_support import (
     tracebacks_in_log,
 )
 from support_loop import run_until
+from support_rawpeer import RawPeer, fixed_cell
 
 from examples.network import ChildProcess, LocalNetwork
 from examples.soak import process_sample
@@ -42,13 +42,10 @@ from reactor import Reactor
 from relay.circuits import pack_relay
 from relay.directory import RelayDescriptor
 from relay.handshakes import CreateFastClient
-from relay.link import NetInfo, encode_netinfo
 from workers.cells import (
-    CELL_PAYLOAD_LEN,
     CellCommand,
     DestroyReason,
     RelayCommand,
-    encode_versions,
 )
 from workers.relay_crypto import HopKeys, OriginCrypto
 
@@ -282,56 +279,37 @@ class EndlessSource:
             thread.join(5)
 
 
-class NonReader:
+class NonReader(RawPeer):
     """A Tor link initiator that opens circuits, BEGINs a download on each, then never reads."""
 
     def __init__(self, port: int, circuits: int, target: tuple[str, int]) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=20)
-        self.buf = b""
+        super().__init__(port, timeout=20)
         self.circuits = circuits
         self.target = target
         self.connected = 0
         self.error: str | None = None
 
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("closed")
-            self.buf += chunk
-        out, self.buf = self.buf[:n], self.buf[n:]
-        return out
-
-    def _cell(self, circ_id: int, command: int, payload: bytes) -> bytes:
-        return struct.pack(">IB", circ_id, command) + payload.ljust(CELL_PAYLOAD_LEN, b"\0")
-
     def run(self) -> None:
         """Handshake, circuits, BEGINs, then wait for CONNECTED on each and stop reading."""
         try:
-            self.sock.sendall(encode_versions([4, 5]))
-            _, _, length = struct.unpack(">HBH", self._read(5))
-            self._read(length + 5 + CELL_PAYLOAD_LEN)  # VERSIONS body, NETINFO
-            self.sock.sendall(self._cell(0, CellCommand.NETINFO,
-                                         encode_netinfo(NetInfo(0, "127.0.0.1"))))
+            self.handshake()
             crypto: dict[int, OriginCrypto] = {}
             handshakes = {0x80000001 + i: CreateFastClient() for i in range(self.circuits)}
-            self.sock.sendall(b"".join(self._cell(circ_id, CellCommand.CREATE_FAST, h.onionskin)
+            self.sock.sendall(b"".join(fixed_cell(circ_id, CellCommand.CREATE_FAST, h.onionskin)
                                        for circ_id, h in handshakes.items()))
             for _ in handshakes:
-                circ_id, command = struct.unpack(">IB", self._read(5))
-                reply = self._read(CELL_PAYLOAD_LEN)
+                circ_id, command, reply = self.recv_cell()
                 assert command == CellCommand.CREATED_FAST, command
                 keys = HopKeys.from_material(handshakes[circ_id].complete(reply))
                 crypto[circ_id] = OriginCrypto([keys])
             begin = pack_relay(RelayCommand.BEGIN, 1,
                                f"{self.target[0]}:{self.target[1]}".encode() + b"\0")
-            self.sock.sendall(b"".join(self._cell(circ_id, CellCommand.RELAY,
+            self.sock.sendall(b"".join(fixed_cell(circ_id, CellCommand.RELAY,
                                                   state.encrypt(begin, 0))
                                        for circ_id, state in crypto.items()))
             waiting = set(crypto)
             while waiting:  # CONNECTED for every stream, then the data starts: stop reading
-                circ_id, _ = struct.unpack(">IB", self._read(5))
-                payload = self._read(CELL_PAYLOAD_LEN)
+                circ_id, _, payload = self.recv_cell()
                 if circ_id in waiting:
                     _, plain = crypto[circ_id].decrypt(payload)
                     if plain[0] == RelayCommand.CONNECTED:

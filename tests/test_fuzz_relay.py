@@ -40,6 +40,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from reliability_support import LogRecorder, fuzz_settings, recording
 from support_loop import run_until
+from support_rawpeer import RawPeer
 
 from reactor import Reactor, Stream, listen
 from relay.circuits import pack_relay
@@ -53,7 +54,6 @@ from relay.handshakes import (
     NtorClient,
     encode_create2,
 )
-from relay.link import NetInfo, encode_netinfo
 from relay.node import RelayNode
 from relay.origin import ClientStream, OriginCircuit
 from workers.cells import (
@@ -61,7 +61,6 @@ from workers.cells import (
     CellCommand,
     CellFormatError,
     RelayCommand,
-    encode_versions,
 )
 from workers.relay_crypto import HopKeys, OriginCrypto, UnrecognizedCell
 
@@ -179,12 +178,11 @@ class StrangerReport:
 
 
 class Stranger:
-    """A hostile Tor link initiator on a blocking socket, run in a thread."""
+    """A hostile Tor link initiator over a ``RawPeer`` (a blocking socket), run in a thread."""
 
     def __init__(self, port: int, relay_keys: RelayKeys, relay_port: int, echo_port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=15)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self.peer = RawPeer(port, timeout=15)
+        self.peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.keys = relay_keys
         self.relay_port = relay_port
         self.echo_port = echo_port
@@ -199,25 +197,17 @@ class Stranger:
 
     # ------------------------------------------------------------------ wire
 
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError("the relay closed the link")
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
     def send_cell(self, circ_id: int, command: int, payload: bytes = b"") -> None:
+        """A variable-length cell for VERSIONS and commands >= 128; otherwise a fixed cell,
+        ``payload`` cut to 509 bytes."""
         if command == CellCommand.VERSIONS or command >= 128:
-            self.sock.sendall(struct.pack(">IBH", circ_id, command, len(payload)) + payload)
+            self.peer.sock.sendall(struct.pack(">IBH", circ_id, command, len(payload)) + payload)
         else:
-            self.sock.sendall(struct.pack(">IB", circ_id, command)
-                              + payload[:CELL_PAYLOAD_LEN].ljust(CELL_PAYLOAD_LEN, b"\0"))
+            self.peer.send_cell(circ_id, command, payload[:CELL_PAYLOAD_LEN])
 
     def recv_cell(self) -> tuple[int, int, bytes]:
-        circ_id, command = struct.unpack(">IB", self._read(5))
-        payload = self._read(CELL_PAYLOAD_LEN)
+        """The next cell, noted in the report (DESTROYs) and in ``seen`` (relay commands)."""
+        circ_id, command, payload = self.peer.recv_cell()
         if command == CellCommand.DESTROY:
             self.report.destroys[circ_id] = payload[0]
             self.crypto.pop(circ_id, None)
@@ -253,15 +243,6 @@ class Stranger:
                 return None
 
     # ------------------------------------------------------------------ script
-
-    def handshake(self) -> None:
-        self.sock.sendall(encode_versions([4, 5]))
-        _, command, length = struct.unpack(">HBH", self._read(5))
-        assert command == CellCommand.VERSIONS
-        self._read(length)
-        _, command, _ = self.recv_cell()
-        assert command == CellCommand.NETINFO
-        self.send_cell(0, CellCommand.NETINFO, encode_netinfo(NetInfo(0, "127.0.0.1")))
 
     def address(self, target: Target) -> tuple[str, int] | str:
         if target.kind == "echo":
@@ -353,7 +334,7 @@ class Stranger:
     def run(self, script: list[Step]) -> None:
         """Thread body: handshake, script, sentinel, hang up."""
         try:
-            self.handshake()
+            self.peer.handshake()
             self.play(script)
         except EOFError:
             self.report.link_closed_by_relay = True
@@ -364,7 +345,7 @@ class Stranger:
         except Exception as exc:  # a reply the stranger could not make sense of
             self.report.error = f"{exc!r}"
         finally:
-            self.sock.close()
+            self.peer.close()
 
 
 # --------------------------------------------------------------------------- the relay

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 from support_loop import run_until_met
-from test_relay_bad_input import RawPeer
+from support_rawpeer import RawPeer
 
 from examples.client import EchoTransfer
 from examples.echo import EchoServer
@@ -140,12 +140,11 @@ class StalledNextRelay:
     def _run(self) -> None:
         try:
             conn, _ = self.listener.accept()
-            peer = RawPeer.__new__(RawPeer)
-            peer.sock, peer.buf = conn, b""
+            peer = RawPeer.on_socket(conn)
             conn.settimeout(60)
-            _, command, length = struct.unpack(">HBH", peer._read(5))
+            _, command, length = struct.unpack(">HBH", peer.read_exact(5))
             assert command == CellCommand.VERSIONS
-            peer._read(length)
+            peer.read_exact(length)
             conn.sendall(encode_versions([4]))
             peer.send_cell(0, CellCommand.NETINFO, encode_netinfo(NetInfo(0, "127.0.0.1")))
             assert peer.recv_cell()[1] == CellCommand.NETINFO

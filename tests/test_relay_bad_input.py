@@ -1,9 +1,10 @@
 """Bad input against real relay processes, from an independent blocking-socket peer.
 
-The peer here is written with plain sockets and the cell codec, not with the project's Link, so
-the relay is checked against a second implementation of the link handshake. One network (echo
-service + 3 relays, separate processes) serves every test of the module; after the bad input,
-each test checks that the relay still serves: a fresh link and a full echo circuit work.
+The peer (``support_rawpeer.RawPeer``) is written with plain sockets and the cell codec, not with
+the project's Link, so the relay is checked against a second implementation of the link
+handshake. One network (echo service + 3 relays, separate processes) serves every test of the
+module; after the bad input, each test checks that the relay still serves: a fresh link and a
+full echo circuit work.
 """
 
 from __future__ import annotations
@@ -15,80 +16,19 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from support_rawpeer import RawPeer
 
 from examples.network import LocalNetwork
 from relay.circuits import pack_relay, relay_body
-from relay.handshakes import CreateFastClient
-from relay.link import NetInfo, encode_netinfo
 from workers.cells import (
     CELL_PAYLOAD_LEN,
     CellCommand,
     DestroyReason,
     RelayCommand,
-    encode_versions,
 )
-from workers.relay_crypto import HopKeys, OriginCrypto
 
 FIXED = 5 + CELL_PAYLOAD_LEN
 OUR_HALF = 0x80000000  # the initiator's half of the circuit id space
-
-
-class RawPeer:
-    """A minimal Tor link initiator on a blocking socket."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.buf = b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _read(self, n: int) -> bytes:
-        while len(self.buf) < n:
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                raise EOFError(f"connection closed with {len(self.buf)} of {n} bytes")
-            self.buf += chunk
-        data, self.buf = self.buf[:n], self.buf[n:]
-        return data
-
-    def handshake(self) -> None:
-        self.sock.sendall(encode_versions([4, 5]))
-        circ, command, length = struct.unpack(">HBH", self._read(5))
-        assert (circ, command) == (0, CellCommand.VERSIONS)
-        self._read(length)
-        _, command, _ = self.recv_cell()
-        assert command == CellCommand.NETINFO
-        self.send_cell(0, CellCommand.NETINFO, encode_netinfo(NetInfo(0, "127.0.0.1")))
-
-    def send_cell(self, circ_id: int, command: int, payload: bytes = b"") -> None:
-        self.sock.sendall(struct.pack(">IB", circ_id, command) + payload
-                          + bytes(CELL_PAYLOAD_LEN - len(payload)))
-
-    def recv_cell(self) -> tuple[int, int, bytes]:
-        circ_id, command = struct.unpack(">IB", self._read(5))
-        return circ_id, command, self._read(CELL_PAYLOAD_LEN)
-
-    def closed_by_peer(self, timeout: float = 10.0) -> bool:
-        """True once the relay closes the connection (cells before that are skipped)."""
-        deadline = time.monotonic() + timeout
-        self.sock.settimeout(0.5)
-        while time.monotonic() < deadline:
-            try:
-                if not self.sock.recv(65536):
-                    return True
-            except TimeoutError:
-                continue
-            except ConnectionResetError:
-                return True
-        return False
-
-    def create_fast(self, circ_id: int) -> OriginCrypto:
-        client = CreateFastClient()
-        self.send_cell(circ_id, CellCommand.CREATE_FAST, client.onionskin)
-        got_id, command, payload = self.recv_cell()
-        assert (got_id, command) == (circ_id, CellCommand.CREATED_FAST)
-        return OriginCrypto([HopKeys.from_material(client.complete(payload))])
 
 
 @pytest.fixture(scope="module")
