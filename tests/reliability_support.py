@@ -3,6 +3,8 @@
 * :func:`fuzz_settings`: hypothesis settings whose example count is the suite's bounded default
   unless ``RELAYCRYPT_FUZZ_EXAMPLES`` asks for more (``make fuzz`` sets it), so the same tests
   run briefly in ``make test`` and long in ``make fuzz``.
+* :func:`mutated_bytes`: the fuzzers' byte mutator (flip, set, insert, delete, truncate); each
+  suite chooses how many edits and which byte values ``set`` writes.
 * :class:`LogRecorder`: keeps the records of some loggers, to check that a closed link or
   circuit logged its reason and that nothing logged an unexpected traceback.
 * :class:`EchoJob` / :class:`EchoJobs`: echo bytes through circuits on *explicit* paths of a
@@ -26,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from examples.network import ChildProcess, LocalNetwork
 from examples.soak import live_stats
@@ -53,6 +56,28 @@ def fuzz_settings(default: int) -> settings:
                                HealthCheck.function_scoped_fixture],
     )
 
+
+
+@st.composite
+def mutated_bytes(draw: st.DrawFn, base: bytes, edits: st.SearchStrategy[int],
+                  set_values: Sequence[int]) -> bytes:
+    """``base`` with ``draw(edits)`` random edits: flip a bit, set a byte to one of
+    ``set_values``, insert 1-8 random bytes, delete 1-8 bytes, truncate."""
+    data = bytearray(base)
+    for _ in range(draw(edits)):
+        kind = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]))
+        position = draw(st.integers(0, max(len(data), 1) - 1)) if data else 0
+        if kind == "flip" and data:
+            data[position] ^= 1 << draw(st.integers(0, 7))
+        elif kind == "set" and data:
+            data[position] = draw(st.sampled_from(set_values))
+        elif kind == "insert":
+            data[position:position] = draw(st.binary(min_size=1, max_size=8))
+        elif kind == "delete" and data:
+            del data[position : position + draw(st.integers(1, 8))]
+        elif kind == "truncate":
+            del data[position:]
+    return bytes(data)
 
 class LogRecorder(logging.Handler):
     """Keeps every record of the loggers it is attached to (any thread may log)."""
