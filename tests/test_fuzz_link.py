@@ -32,7 +32,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -343,17 +343,24 @@ def describe(recorder: Recorder) -> None:
     event(f"cells routed: {min(cells, 5)}{'+' if cells >= 5 else ''}")
 
 
-@fuzz_settings(300)
-@given(blob=initiator_streams(), cuts=st.lists(st.integers(0, 5000), max_size=10))
-def test_fuzzed_bytes_into_a_responder_link(harness: Harness, blob: bytes, cuts: list[int]) -> None:
+def check_whole_and_in_pieces(harness: Harness, against: Callable[[list[bytes]], Recorder],
+                              blob: bytes, cuts: list[int]) -> None:
+    """``blob`` into a fresh link (``against``: one side's harness), whole and cut at ``cuts``:
+    each closes cleanly, both see the same events, and the healthy pair still works."""
     harness.log.clear()
-    whole = harness.against_responder([blob] if blob else [])
+    whole = against([blob] if blob else [])
     harness.check_closed_cleanly(whole)
-    pieces = harness.against_responder(chunked(blob, cuts))
+    pieces = against(chunked(blob, cuts))
     harness.check_closed_cleanly(pieces)
     assert pieces.events == whole.events
     describe(whole)
     harness.check_healthy_pair()
+
+
+@fuzz_settings(300)
+@given(blob=initiator_streams(), cuts=st.lists(st.integers(0, 5000), max_size=10))
+def test_fuzzed_bytes_into_a_responder_link(harness: Harness, blob: bytes, cuts: list[int]) -> None:
+    check_whole_and_in_pieces(harness, harness.against_responder, blob, cuts)
 
 
 @fuzz_settings(200)
@@ -361,14 +368,7 @@ def test_fuzzed_bytes_into_a_responder_link(harness: Harness, blob: bytes, cuts:
 def test_fuzzed_bytes_into_an_initiator_link(
     harness: Harness, blob: bytes, cuts: list[int]
 ) -> None:
-    harness.log.clear()
-    whole = harness.against_initiator([blob] if blob else [])
-    harness.check_closed_cleanly(whole)
-    pieces = harness.against_initiator(chunked(blob, cuts))
-    harness.check_closed_cleanly(pieces)
-    assert pieces.events == whole.events
-    describe(whole)
-    harness.check_healthy_pair()
+    check_whole_and_in_pieces(harness, harness.against_initiator, blob, cuts)
 
 
 def test_a_valid_stream_reaches_the_handlers(harness: Harness) -> None:
