@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import itertools
 import random
-import threading
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support_kernel import Runner
 
 from workers._kernel import (
     OP_BACKWARD,
@@ -48,7 +48,6 @@ from workers.fastcrypto import (
 from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
 
 BIG = bytes(16 * 1024 * 1024 // PAYLOAD_LEN * PAYLOAD_LEN)  # ~16 MB of whole cells
-MAX_CALLS = 50  # a background thread gives up after this many big calls: no test can hang
 
 
 def hop_keys(rng: random.Random) -> tuple[bytes, bytes, bytes, bytes]:
@@ -269,28 +268,6 @@ def test_group_functions_match_the_buf_methods() -> None:
     assert relay_group()([(a, 0, cells), (a, 1, [joined]), (a, 2, cells[:5])]) == [
         b.forward_buf(joined), b.backward_buf(joined), b.originate_buf(b"".join(cells[:5]))]
     assert origin_group(2)([(x, 0, cells)]) == [y.encrypt_buf(joined, 2)]
-
-
-class Runner(threading.Thread):
-    """Calls ``work()`` until told to stop (or MAX_CALLS)."""
-
-    def __init__(self, work: object) -> None:
-        super().__init__(daemon=True)
-        self.work = work
-        self.stop = threading.Event()
-        self.calls = 0
-        self.failed_jobs = 0  # exception instances among a group call's results
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set() and self.calls < MAX_CALLS:
-                result = self.work()  # type: ignore[operator]
-                if isinstance(result, list):
-                    self.failed_jobs += sum(isinstance(r, BaseException) for r in result)
-                self.calls += 1
-        except BaseException as exc:  # reported to the test thread
-            self.error = exc
 
 
 def test_the_gil_is_released_for_the_whole_group() -> None:

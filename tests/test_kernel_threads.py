@@ -7,41 +7,20 @@ bounds its loops by the worker's progress, not by the clock.
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from support_kernel import Runner
 
 from workers._kernel import OriginState, RelayState
 from workers.relay_crypto import PAYLOAD_LEN
 
 BIG_CELLS = 32 * 1024 * 1024 // PAYLOAD_LEN  # a ~32 MB joined batch
 BIG = bytes(BIG_CELLS * PAYLOAD_LEN)
-MAX_BATCHES = 50  # a worker gives up after this many big calls: the tests cannot hang
 
 
 def relay_state(tag: int) -> RelayState:
     return RelayState(bytes([tag]) * 20, bytes([tag + 1]) * 20, bytes([tag + 2]) * 16,
                       bytes([tag + 3]) * 16)
-
-
-class Runner(threading.Thread):
-    """Calls ``work()`` on big batches until told to stop (or MAX_BATCHES)."""
-
-    def __init__(self, work: object) -> None:
-        super().__init__(daemon=True)
-        self.work = work
-        self.stop = threading.Event()
-        self.calls = 0
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.stop.is_set() and self.calls < MAX_BATCHES:
-                self.work()  # type: ignore[operator]
-                self.calls += 1
-        except BaseException as exc:  # reported to the test thread
-            self.error = exc
 
 
 def test_python_runs_while_a_batch_is_in_the_kernel() -> None:
