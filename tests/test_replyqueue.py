@@ -25,6 +25,18 @@ def run_until(reactor: Reactor, done: Callable[[], bool]) -> None:
     watchdog.cancel()
 
 
+def run_producers(reactor: Reactor, produce: Callable[[int], None], producers: int,
+                  done: Callable[[], bool]) -> None:
+    """Start ``producers`` threads running ``produce(index)``, run the loop as ``run_until``
+    does, then join the threads."""
+    threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
+    for thread in threads:
+        thread.start()
+    run_until(reactor, done)
+    for thread in threads:
+        thread.join()
+
+
 def test_million_puts_from_four_threads_all_arrive_in_producer_order() -> None:
     producers, per_producer = 4, 250_000
     total = producers * per_producer
@@ -50,12 +62,7 @@ def test_million_puts_from_four_threads_all_arrive_in_producer_order() -> None:
                     trues += 1
             sent_true[producer] = trues
 
-        threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-        for thread in threads:
-            thread.start()
-        run_until(reactor, lambda: count[0] == total)
-        for thread in threads:
-            thread.join()
+        run_producers(reactor, produce, producers, lambda: count[0] == total)
         stats = queue.stats()
         assert count[0] == total
         for producer in range(producers):
@@ -141,12 +148,7 @@ def test_race_puts_while_the_handler_drains(max_batch: int | None, seed: int) ->
                 elif pause < 0.6:
                     threading.Event().wait(0)  # yield the GIL
 
-        threads = [threading.Thread(target=produce, args=(p,)) for p in range(producers)]
-        for thread in threads:
-            thread.start()
-        run_until(reactor, lambda: count[0] == total)
-        for thread in threads:
-            thread.join()
+        run_producers(reactor, produce, producers, lambda: count[0] == total)
         for producer in range(producers):
             assert received[producer] == list(range(expected[producer]))
         stats = queue.stats()
