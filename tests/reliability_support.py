@@ -57,7 +57,6 @@ def fuzz_settings(default: int) -> settings:
     )
 
 
-
 @st.composite
 def mutated_bytes(draw: st.DrawFn, base: bytes, edits: st.SearchStrategy[int],
                   set_values: Sequence[int]) -> bytes:
@@ -78,6 +77,7 @@ def mutated_bytes(draw: st.DrawFn, base: bytes, edits: st.SearchStrategy[int],
         elif kind == "truncate":
             del data[position:]
     return bytes(data)
+
 
 class LogRecorder(logging.Handler):
     """Keeps every record of the loggers it is attached to (any thread may log)."""
