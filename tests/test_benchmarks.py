@@ -134,22 +134,24 @@ class _Tamper:
         self.sink.result(circuit, out, flags, cells)
 
 
-class _TamperedInline(InlineDesign):
+class _Tampered:
+    """Mixin for a design: its results pass through a :class:`_Tamper` on their way to the
+    driver."""
+
     def __init__(self, mode: str) -> None:
         super().__init__()
         self.mode = mode
 
     def open(self, reactor: Reactor, workload: Workload, sink: ResultSink) -> None:
-        super().open(reactor, workload, _Tamper(sink, self.mode))
+        super().open(reactor, workload, _Tamper(sink, self.mode))  # type: ignore[misc]
 
 
-class _TamperedPool(PoolDesign):
-    def __init__(self, mode: str) -> None:
-        super().__init__()
-        self.mode = mode
+class _TamperedInline(_Tampered, InlineDesign):
+    pass
 
-    def open(self, reactor: Reactor, workload: Workload, sink: ResultSink) -> None:
-        super().open(reactor, workload, _Tamper(sink, self.mode))
+
+class _TamperedPool(_Tampered, PoolDesign):
+    pass
 
 
 @pytest.mark.parametrize("design_class", [_TamperedInline, _TamperedPool])
