@@ -1,5 +1,5 @@
 """Circuit-level protocol pieces shared by relays and clients: relay payloads, SENDME windows,
-wire-cell building, and read gates.
+wire-cell building, read gates, and the per-iteration flush.
 
 Relay payloads without per-cell objects
 ---------------------------------------
@@ -37,6 +37,14 @@ window exhausted). A :class:`ReadGate` holds a set of those reasons: reading is 
 set is non-empty, and each reason is added and removed idempotently, so the reasons cannot
 cancel each other out.
 
+Per iteration, not per cell
+---------------------------
+A relay's and a client's circuits only append what a link hands them and mark themselves dirty
+(once per iteration: the circuit keeps its own flag); the work is done for every dirty circuit
+in one call at the end of the loop iteration. :class:`IterationFlush` is that list: the first
+mark of an iteration schedules the flush with ``Reactor.call_soon``, which runs after every read
+callback of the iteration.
+
 Threads: pure functions and loop-thread objects; nothing here is shared between threads.
 """
 
@@ -44,8 +52,8 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Hashable
-from typing import Protocol
+from collections.abc import Callable, Hashable
+from typing import Generic, Protocol, TypeVar
 
 from workers.cells import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN, RelayCommand
 
@@ -62,6 +70,7 @@ __all__ = [
     "RELAY_HEADER",
     "STREAMWINDOW_INCREMENT",
     "STREAMWINDOW_START",
+    "IterationFlush",
     "Pausable",
     "ReadGate",
     "pack_data_cells",
@@ -193,3 +202,36 @@ class ReadGate:
     def clear(self) -> None:
         """Forget every reason without touching the target (it is closing). Loop thread only."""
         self._reasons.clear()
+
+
+T = TypeVar("T")
+
+
+class IterationFlush(Generic[T]):
+    """What was marked during this loop iteration, handed to ``flush`` once at its end.
+
+    ``call_soon`` is the reactor's (``Reactor.call_soon``). Loop thread only.
+    """
+
+    __slots__ = ("_call_soon", "_flush", "_marked", "_scheduled")
+
+    def __init__(self, call_soon: Callable[[Callable[[], None]], object],
+                 flush: Callable[[list[T]], None]) -> None:
+        """Nothing marked yet. Loop thread only."""
+        self._call_soon = call_soon
+        self._flush = flush
+        self._marked: list[T] = []
+        self._scheduled = False
+
+    def mark(self, item: T) -> None:
+        """Add ``item`` (the caller marks each item once per iteration); the first mark of an
+        iteration schedules the flush. Loop thread only."""
+        self._marked.append(item)
+        if not self._scheduled:
+            self._scheduled = True
+            self._call_soon(self._run)
+
+    def _run(self) -> None:
+        marked, self._marked = self._marked, []
+        self._scheduled = False
+        self._flush(marked)

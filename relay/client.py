@@ -8,7 +8,8 @@ every circuit through that guard, and opens it on first use.
 
 Per iteration, not per cell: a circuit's link handler only appends the RELAY payload and marks
 the circuit dirty; the first mark of a loop iteration schedules :meth:`Client._flush` with
-``Reactor.call_soon``, which lets each dirty circuit decrypt and handle its cells in one batch.
+``Reactor.call_soon`` (``relay.circuits.IterationFlush``), which lets each dirty circuit decrypt
+and handle its cells in one batch.
 
 Back-pressure on the guard link: while its write buffer is above the high watermark, circuits
 stop packaging DATA and wait on the link; the low watermark releases them.
@@ -22,6 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reactor import Reactor
+from relay.circuits import IterationFlush
 from relay.directory import RelayDescriptor
 from relay.link import Link
 from relay.origin import ClientStream, OriginCircuit
@@ -53,8 +55,8 @@ class Client:
         self.name = name
         self._guards: dict[tuple[str, int], _GuardLink] = {}
         self._by_link: dict[Link, _GuardLink] = {}
-        self._dirty: list[OriginCircuit] = []
-        self._flush_scheduled = False
+        self._dirty: IterationFlush[OriginCircuit] = IterationFlush(reactor.call_soon,
+                                                                     self._flush)
         self.circuits: set[OriginCircuit] = set()
         self.circuits_built = 0
         self.circuits_failed = 0
@@ -148,14 +150,9 @@ class Client:
 
     def mark_dirty(self, circuit: OriginCircuit) -> None:
         """Flush ``circuit`` at the end of this loop iteration. Loop thread only."""
-        self._dirty.append(circuit)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.reactor.call_soon(self._flush)
+        self._dirty.mark(circuit)
 
-    def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        self._flush_scheduled = False
+    def _flush(self, dirty: list[OriginCircuit]) -> None:
         for circuit in dirty:
             circuit.flush_in()
 

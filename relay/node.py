@@ -18,8 +18,8 @@ this project's relays) and opens links to other relays when a circuit asks to be
   reason (logged by the link and counted here).
 * **Per iteration, not per cell.** A circuit's link handler only appends a payload and marks
   the circuit dirty; the first mark of an iteration schedules :meth:`_flush` with
-  ``Reactor.call_soon``, which runs after every read callback of this loop iteration and does
-  one pool submit per dirty circuit and direction.
+  ``Reactor.call_soon`` (``relay.circuits.IterationFlush``), which runs after every read
+  callback of this loop iteration and does one pool submit per dirty circuit and direction.
 * **Pool.** ``WorkerPool`` with three directions (forward, backward, originate) over the fast
   crypto backend (``workers.crypto_backend.relay_crypto_for``: the C kernel unless
   ``RELAYCRYPT_PURE=1``). A kernel circuit is opened with the node's one ``group`` function
@@ -55,7 +55,7 @@ from typing import Any
 
 from reactor import Reactor, ReplyQueue, Stream, listen
 from reactor.net import Listener
-from relay.circuits import ReadGate
+from relay.circuits import IterationFlush, ReadGate
 from relay.directory import RelayDescriptor, RelayKeys
 from relay.exit import ExitEdge, loopback_only
 from relay.handshakes import (
@@ -146,8 +146,7 @@ class RelayNode:
         self._listener: Listener | None = None
         self._peers: dict[Link, Peer] = {}
         self._outgoing: dict[tuple[str, int], Peer] = {}
-        self._dirty: list[OrCircuit] = []
-        self._flush_scheduled = False
+        self._dirty: IterationFlush[OrCircuit] = IterationFlush(reactor.call_soon, self._flush)
         self._pool_paused: dict[ReadGate, None] = {}
         self._closed = False
         # statistics
@@ -341,14 +340,9 @@ class RelayNode:
 
     def mark_dirty(self, circuit: OrCircuit) -> None:
         """Flush ``circuit`` at the end of this loop iteration. Loop thread only."""
-        self._dirty.append(circuit)
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self.reactor.call_soon(self._flush)
+        self._dirty.mark(circuit)
 
-    def _flush(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        self._flush_scheduled = False
+    def _flush(self, dirty: list[OrCircuit]) -> None:
         self.flushes += 1
         self.submits += len(dirty)
         now = time.perf_counter()
