@@ -118,6 +118,11 @@ def system_busy_ns() -> int:
     return busy * 1_000_000_000 // _CLOCK_TICKS
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages, as text (for the benchmarks' headers)."""
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of an ascending sequence (0.0 when empty)."""
     if not sorted_values:

@@ -66,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.designs import DESIGNS, WORKER_SCHED_CHOICES, make_design
-from benchmarks.driver import as_dict, idle_lateness, run_design
+from benchmarks.driver import as_dict, idle_lateness, load_average, run_design
 from benchmarks.workload import WORKLOADS, Workload, build
 from workers.relay_crypto import PAYLOAD_LEN
 
@@ -314,11 +314,6 @@ def plot(document: dict[str, Any], path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
-
-
-def load_average() -> str:
-    """The 1/5/15-minute load averages, as text."""
-    return " ".join(f"{value:.2f}" for value in os.getloadavg())
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -51,7 +51,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.designs import PoolDesign
-from benchmarks.driver import ResultSink, run_design
+from benchmarks.driver import ResultSink, load_average, run_design
 from benchmarks.workload import Workload, build
 from reactor import Reactor
 from workers.circuit import Circuit
@@ -278,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.one is not None:
         print(json.dumps(measure_one(args.one, args)))
         return 0
-    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_before = load_average()
     started = time.perf_counter()
     rows = []
     for count in (int(c) for c in args.counts.split(",") if c):
@@ -296,8 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"arrivals of {args.chunk_cells} cells, window {args.window:,}, median of "
         f"{args.repetitions}; every result checked against the reference; each N in a fresh "
         "process",
-        f"load average before: {load_before}, after: "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+        f"load average before: {load_before}, after: {load_average()}; "
         f"took {time.perf_counter() - started:.0f} s",
     ]
     print(render(document, header))

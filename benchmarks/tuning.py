@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -35,7 +34,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from benchmarks.designs import WORKER_SCHED_CHOICES, make_design
-from benchmarks.driver import as_dict, run_design
+from benchmarks.driver import as_dict, load_average, run_design
 from benchmarks.workload import WORKLOADS, build
 
 DEFAULT_CAPS = "32,128,256,1024,4096"
@@ -145,7 +144,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run and print the table (or JSON)."""
     args = parse_args(argv)
-    load_before = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    load_before = load_average()
     started = time.perf_counter()
     document = measure(args, None if args.json else sys.stderr)
     if args.json:
@@ -157,8 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.chunk_cells} cells, window {args.window:,}, burst {args.burst}, "
         f"median of {args.repetitions}; pool worker scheduling {args.worker_sched}; every "
         "result checked against the reference",
-        f"load average before: {load_before}, after: "
-        f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; "
+        f"load average before: {load_before}, after: {load_average()}; "
         f"took {time.perf_counter() - started:.0f} s",
     ]
     print(render(document, header))
