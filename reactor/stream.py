@@ -206,13 +206,7 @@ class Stream:
             return
         if not data:
             return
-        try:
-            self._tcp.write(data, self._write_callback)
-        except pyuv.error.UVError as exc:
-            self._fail_later(error_code(exc))
-            return
-        if not self._above_high and self._tcp.write_queue_size > self._high:
-            self._check_high()
+        self._queue_write(data)
 
     def writelines(self, buffers: Sequence[Buffer]) -> None:
         """Queue several buffers with one libuv write. Loop thread only.
@@ -229,10 +223,15 @@ class Stream:
             buffers = list(buffers)
         if not buffers:
             return
+        # The sequence itself: pyuv as built by tools/build_pyuv.py releases it once the write
+        # is queued (the published 1.4.0 leaked it, and every buffer in it).
+        self._queue_write(buffers)
+
+    def _queue_write(self, data: Buffer | Sequence[Buffer]) -> None:
+        """One libuv write of ``data`` (a buffer or a list/tuple of them): an error closes the
+        stream on a later iteration; then the high watermark is checked. Loop thread only."""
         try:
-            # The sequence itself: pyuv as built by tools/build_pyuv.py releases it once the
-            # write is queued (the published 1.4.0 leaked it, and every buffer in it).
-            self._tcp.write(buffers, self._write_callback)
+            self._tcp.write(data, self._write_callback)
         except pyuv.error.UVError as exc:
             self._fail_later(error_code(exc))
             return
