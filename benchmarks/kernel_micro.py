@@ -142,15 +142,36 @@ class Replay:
         return self.crypt(self.batches[self.next - 1])
 
 
+def stream_batches(stream: bytes, batch: int) -> tuple[list[bytes], list[list[bytes]]]:
+    """``stream`` cut into batches of ``batch`` cells: as joined buffers, and as cell lists."""
+    buf_batches = [stream[i : i + batch * PAYLOAD_LEN]
+                   for i in range(0, len(stream), batch * PAYLOAD_LEN)]
+    return buf_batches, [split(b) for b in buf_batches]
+
+
+def replay_steps(
+    reference: Callable[[], Callable[[object], int]],
+    kernel_list: Callable[[], Callable[[object], int]],
+    kernel_buf: Callable[[], Callable[[object], int]],
+    buf_batches: list[bytes],
+    list_batches: list[list[bytes]],
+) -> dict[str, Callable[[], Callable[[], int]]]:
+    """The three steps of a workload that replays one circuit's pre-encrypted stream: the
+    reference and the kernel's list method over the cell lists, its buf method over buffers."""
+    return {
+        "reference": lambda: Replay(reference, list_batches),
+        "kernel_list": lambda: Replay(kernel_list, list_batches),
+        "kernel_buf": lambda: Replay(kernel_buf, buf_batches),
+    }
+
+
 def relay_forward_exit_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]]]:
     """The last hop: a stream of cells the client encrypted for it, all recognized."""
     keys = circuit_keys(3, 1)[0]
     rng = random.Random(4)
     plain = b"".join(plain_cells(rng, EXIT_STREAM_CELLS))
     stream = FastOriginCrypto([keys]).encrypt_buf(plain, 0)
-    buf_batches = [stream[i : i + batch * PAYLOAD_LEN]
-                   for i in range(0, len(stream), batch * PAYLOAD_LEN)]
-    list_batches = [split(b) for b in buf_batches]
+    buf_batches, list_batches = stream_batches(stream, batch)
 
     def reference_circuit() -> Callable[[object], int]:
         forward_many = RelayCrypto(keys).forward_many
@@ -167,11 +188,8 @@ def relay_forward_exit_steps(batch: int) -> dict[str, Callable[[], Callable[[], 
     assert FastRelayCrypto(keys).forward_many(list_batches[0]) == RelayCrypto(
         keys
     ).forward_many(list_batches[0]), "kernel relay_forward_exit differs from the reference"
-    return {
-        "reference": lambda: Replay(reference_circuit, list_batches),
-        "kernel_list": lambda: Replay(kernel_list_circuit, list_batches),
-        "kernel_buf": lambda: Replay(kernel_buf_circuit, buf_batches),
-    }
+    return replay_steps(reference_circuit, kernel_list_circuit, kernel_buf_circuit,
+                        buf_batches, list_batches)
 
 
 def origin_encrypt_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]]]:
@@ -205,9 +223,7 @@ def origin_decrypt_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]
     plain = b"".join(plain_cells(random.Random(8), EXIT_STREAM_CELLS))
     stream = FastRelayCrypto(keys[2]).originate_buf(plain)
     stream = FastRelayCrypto(keys[0]).backward_buf(FastRelayCrypto(keys[1]).backward_buf(stream))
-    buf_batches = [stream[i : i + batch * PAYLOAD_LEN]
-                   for i in range(0, len(stream), batch * PAYLOAD_LEN)]
-    list_batches = [split(b) for b in buf_batches]
+    buf_batches, list_batches = stream_batches(stream, batch)
 
     def reference_circuit() -> Callable[[object], int]:
         decrypt_many = OriginCrypto(keys).decrypt_many
@@ -224,11 +240,8 @@ def origin_decrypt_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]
     assert FastOriginCrypto(keys).decrypt_many(list_batches[0]) == OriginCrypto(
         keys
     ).decrypt_many(list_batches[0]), "kernel origin_decrypt differs from the reference"
-    return {
-        "reference": lambda: Replay(reference_circuit, list_batches),
-        "kernel_list": lambda: Replay(kernel_list_circuit, list_batches),
-        "kernel_buf": lambda: Replay(kernel_buf_circuit, buf_batches),
-    }
+    return replay_steps(reference_circuit, kernel_list_circuit, kernel_buf_circuit,
+                        buf_batches, list_batches)
 
 
 WORKLOADS: dict[str, Callable[[int], dict[str, Callable[[], Callable[[], int]]]]] = {
