@@ -98,6 +98,7 @@ class Track:
     sent: dict[int, list[bytes]] = field(default_factory=lambda: defaultdict(list))
     got: dict[int, bytearray] = field(default_factory=lambda: defaultdict(bytearray))
     closed: bool = False
+    closed_by_test: bool = False  # closed by the schedule, not by on_error
     errors: int = 0
     results_after_close: int = 0
 
@@ -155,11 +156,11 @@ def test_random_closes_and_worker_exceptions_leave_every_other_circuit_intact(se
         if work and rng.random() < 0.12:  # close one just submitted: its batch is in flight
             victim = rng.choice(work)[0]
             closes_in_flight[0] += victim.in_flight > 0
-            tracks[victim].closed = True
+            tracks[victim].closed = tracks[victim].closed_by_test = True
             pool.close_circuit(victim)
         elif rng.random() < 0.04 and live:
             victim = rng.choice(live)
-            tracks[victim].closed = True
+            tracks[victim].closed = tracks[victim].closed_by_test = True
             pool.close_circuit(victim)
         arrivals[0] -= 1
         if arrivals[0]:
@@ -178,8 +179,14 @@ def test_random_closes_and_worker_exceptions_leave_every_other_circuit_intact(se
     assert not worker_threads()
     injected = [t for c, t in tracks.items() if c.state.fail_at is not None
                 and c.state.batches >= c.state.fail_at]
-    assert all(t.errors == 1 for t in injected)
-    assert sum(t.errors for t in tracks.values()) == len(injected) == stats["errors"]
+    # Every injected fault raised on a worker. Its error reached on_error exactly once, unless
+    # the schedule had already closed that circuit while the failing batch was in flight: then
+    # the error is discarded like any result of a closed circuit (no callback after a close).
+    assert len(injected) == stats["errors"]
+    assert all(t.errors == 1 for t in injected if not t.closed_by_test)
+    assert all(t.errors <= 1 for t in injected)
+    assert sum(t.errors for t in tracks.values()) == stats["errors_delivered"]
+    assert stats["errors_delivered"] >= sum(not t.closed_by_test for t in injected)
     assert closes_in_flight[0] > 0  # the schedule really closed circuits with work in flight
     intact = 0
     for circuit, track in tracks.items():
