@@ -21,14 +21,16 @@ normal worker keeps its fair share (a pool of only idle-priority workers starved
 speed). A worker cannot raise its priority back, so this is per worker thread for its whole
 life; nothing else in the process changes. ``0`` opts out.
 
-The cost, measured later (benchmarks.pipeline's pool design, 200 circuits x 256 cells, pinned
-to ONE CPU shared with CPU-bound processes at normal priority): an idle-priority worker that
-is preempted while it owns circuits, or while it holds the GIL, holds up the loop and the
-normal worker until the scheduler gives it a slice again. With 1 such process, the longest
-wait between two results was ~0.45-0.55 s (p99 of runs ~0.42 s) against 26 ms with
-``low_priority_workers=0``, and runs took 2.8x as long; with 3, waits up to 0.76 s and 18x as
-long. Nothing is lost (every cell arrived, in order), but on a host whose CPUs are saturated by
-others, ``low_priority_workers=0`` is the better choice.
+The cost under outside load, measured later (benchmarks.pipeline's pool design, relay_forward,
+200 circuits x 256 cells, runs back to back for 8-10 s, every result checked): an
+idle-priority worker preempted while it owns circuits (and, likely, while it holds the GIL)
+holds up the loop and the normal worker until the scheduler gives it a slice again. With two
+CPU-bound processes at normal priority added on the 2-CPU host (itself at load ~3), the longest
+wait between two results of a run was 0.27-0.95 s with the default (1 idle-priority worker)
+against 33-36 ms with ``low_priority_workers=0``, and 4-6x fewer runs completed (a run
+includes starting and joining the workers). Pinned to one CPU with 1 and 3 such processes:
+0.45-0.56 s and 0.76 s against 26 and 20 ms. Nothing was lost (every cell arrived, in order),
+but on a host whose CPUs others keep busy, ``low_priority_workers=0`` is the better choice.
 
 The GIL's switch interval, by contrast, is left alone: with grouped turns and the idle-priority
 worker, 5, 1 and 0.5 ms gave the same cells/s and lateness within noise (benchmarks.tuning).
