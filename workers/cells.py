@@ -210,9 +210,12 @@ def _check_circ_id(circ_id: int, link_version: int) -> None:
         )
 
 
-def _check_command(command: int) -> None:
+def _check_header(circ_id: int, command: int) -> None:
+    """The header fields of any cell, before the link version is known."""
     if not 0 <= command <= 0xFF:
         raise FieldRangeError(f"cell command must be 0..255, got {command}")
+    if not 0 <= circ_id <= 0xFFFFFFFF:
+        raise CircIdRangeError(f"circuit id must be 0..2**32-1, got {circ_id}")
 
 
 @dataclass(slots=True)
@@ -224,9 +227,7 @@ class Cell:
     payload: bytes = b""
 
     def __post_init__(self) -> None:
-        _check_command(self.command)
-        if not 0 <= self.circ_id <= 0xFFFFFFFF:
-            raise CircIdRangeError(f"circuit id must be 0..2**32-1, got {self.circ_id}")
+        _check_header(self.circ_id, self.command)
         if len(self.payload) > CELL_PAYLOAD_LEN:
             raise PayloadSizeError(
                 f"fixed cell payload is at most {CELL_PAYLOAD_LEN} bytes, got {len(self.payload)}"
@@ -252,9 +253,7 @@ class VarCell:
     payload: bytes = b""
 
     def __post_init__(self) -> None:
-        _check_command(self.command)
-        if not 0 <= self.circ_id <= 0xFFFFFFFF:
-            raise CircIdRangeError(f"circuit id must be 0..2**32-1, got {self.circ_id}")
+        _check_header(self.circ_id, self.command)
         if len(self.payload) > MAX_VAR_PAYLOAD_LEN:
             raise PayloadSizeError(
                 f"variable cell payload is at most {MAX_VAR_PAYLOAD_LEN} bytes, "
