@@ -324,7 +324,11 @@ def test_start_applies_malloc_retain_unless_opted_out(monkeypatch: Any) -> None:
 
 
 def test_low_priority_workers_run_at_idle_priority() -> None:
-    """The last ``low_priority_workers`` workers put themselves in SCHED_IDLE (Linux)."""
+    """The last ``low_priority_workers`` workers put themselves in SCHED_IDLE (Linux).
+
+    ``adaptive_idle=False``: a turn of an earlier test that looked starved (a process-wide
+    record) would demote the worker at its start; that rule is tests/test_tuning_idle.py's.
+    """
     import os
     import sys
 
@@ -338,7 +342,7 @@ def test_low_priority_workers_run_at_idle_priority() -> None:
         policies.clear()
         replies = Collector()
         pool = WorkerPool(replies, threads=2, process=process, low_priority_workers=low,
-                          name="prio")
+                          adaptive_idle=False, name="prio")
         pool.start()
         circuits = [pool.open_circuit(OrderedState(i), on_result=lambda c, d, r: None)
                     for i in range(64)]

@@ -97,7 +97,8 @@ it applies as ``state = fn(state)`` before its next job; idle workers are woken 
 The OS: scheduling and memory
 -----------------------------
 By default the workers beyond the CPUs minus one run in Linux's SCHED_IDLE class, so the loop
-never waits for a worker's time slice (``low_priority_workers``), and :meth:`start` asks glibc
+never waits for a worker's time slice (``low_priority_workers``; ``adaptive_idle`` moves one
+back to normal priority while outside load starves it), and :meth:`start` asks glibc
 to keep freed memory in its arenas (``malloc_retain``). Why, the measurements, and the cost
 under outside CPU load: :mod:`workers.tuning`.
 
@@ -198,6 +199,7 @@ class WorkerPool:
         starvation_period: int = DEFAULT_STARVATION_PERIOD,
         malloc_retain: int | None = DEFAULT_MALLOC_RETAIN,
         low_priority_workers: int | None = None,
+        adaptive_idle: bool = True,
         name: str = "relaycrypt-worker",
     ) -> None:
         """Configure the pool; no thread starts before :meth:`start`. Loop thread only.
@@ -209,7 +211,8 @@ class WorkerPool:
         ``malloc_retain`` (bytes, or None to leave malloc alone) is applied process-wide by
         :meth:`start`: see "Memory handed across threads" in :mod:`workers.tuning`.
         ``low_priority_workers`` of the workers run at idle CPU priority; None: as many as the
-        workers exceed the CPUs available minus one (see "The loop keeps its CPU" there).
+        workers exceed the CPUs available minus one (see "The loop keeps its CPU" there);
+        with ``adaptive_idle`` each leaves idle priority while other work starves it.
         """
         if priorities < 3:
             raise ValueError(f"priorities must be >= 3, got {priorities}")
@@ -250,6 +253,7 @@ class WorkerPool:
             threads=threads,
             batch_cells=batch_cells,
             low_priority_workers=low_priority_workers,
+            adaptive_idle=adaptive_idle,
             state_factory=worker_state_factory,
             name=name,
         )
@@ -595,9 +599,11 @@ class WorkerPool:
         ``in_flight``, ``queue_depth`` (live circuits per class, most urgent first),
         ``cancelled`` (cells), ``discarded`` (replies of closed circuits), ``discarded_cells``,
         ``errors`` (batches that raised), ``errors_delivered``, ``lost_replies``,
-        ``low_priority_workers`` (running at idle priority), ``notifies``, ``idle_workers``
-        (waiting, not yet notified), ``pops``, ``queue_touches`` (run-queue work, see
-        :mod:`workers.runqueues`), ``worker_busy_s``, ``worker_cells``.
+        ``low_priority_workers`` (started at idle priority), ``idle_demotions`` and
+        ``idle_promotions`` (their moves out of and back to it, ``adaptive_idle``),
+        ``notifies``, ``idle_workers`` (waiting, not yet notified), ``pops``,
+        ``queue_touches`` (run-queue work, see :mod:`workers.runqueues`), ``worker_busy_s``,
+        ``worker_cells``.
         """
         depths, notifies, idle, pops, touches = self._scheduler.snapshot()
         workers = list(self._workers.records)
@@ -627,5 +633,7 @@ class WorkerPool:
             "queue_touches": touches,
             "worker_busy_s": [w.busy_ns / 1e9 for w in workers],
             "low_priority_workers": sum(1 for w in workers if w.low_priority),
+            "idle_demotions": sum(w.idle_demotions for w in workers),
+            "idle_promotions": sum(w.idle_promotions for w in workers),
             "worker_cells": [w.cells for w in workers],
         }

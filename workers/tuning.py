@@ -1,9 +1,10 @@
 """How the worker threads are scheduled by the OS, and how their memory is kept: small helpers.
 
 Nothing here takes the pool's lock or touches a circuit. The functions change process-wide or
-per-thread OS settings, once: :class:`workers.pool.WorkerPool` calls
-:func:`retain_freed_memory` from ``start()`` (loop thread) and each worker calls
-:func:`run_at_idle_priority` on itself when it starts (worker thread).
+per-thread OS settings: :class:`workers.pool.WorkerPool` calls :func:`retain_freed_memory`
+from ``start()`` (loop thread), each worker calls :func:`run_at_idle_priority` on itself when
+it starts, and an idle-priority worker's own :class:`IdleGovernor` may move it out of and back
+into idle priority after its turns (:func:`set_idle_priority`; worker threads).
 
 The loop keeps its CPU
 ----------------------
@@ -18,8 +19,7 @@ way at once when those wake. The loop plus the normal workers never outnumber th
 Measured on 2 CPUs with 2 workers, relay_forward: lateness p99 3-9 ms -> 0.2-0.9 ms and 1.5x
 the cells/s (the loop is what limits there); under two CPU-bound processes from elsewhere, the
 normal worker keeps its fair share (a pool of only idle-priority workers starved to ~1% of its
-speed). A worker cannot raise its priority back, so this is per worker thread for its whole
-life; nothing else in the process changes. ``0`` opts out.
+speed). This is per worker thread; nothing else in the process changes. ``0`` opts out.
 
 The cost under outside load, measured later (benchmarks.pipeline's pool design, relay_forward,
 200 circuits x 256 cells, runs back to back for 8-10 s, every result checked): an
@@ -30,7 +30,31 @@ wait between two results of a run was 0.27-0.95 s with the default (1 idle-prior
 against 33-36 ms with ``low_priority_workers=0``, and 4-6x fewer runs completed (a run
 includes starting and joining the workers). Pinned to one CPU with 1 and 3 such processes:
 0.45-0.56 s and 0.76 s against 26 and 20 ms. Nothing was lost (every cell arrived, in order),
-but on a host whose CPUs others keep busy, ``low_priority_workers=0`` is the better choice.
+but on a host whose CPUs others keep busy, ``low_priority_workers=0`` was the better choice.
+
+So an idle-priority worker now watches itself (``adaptive_idle``, on by default;
+:class:`IdleGovernor` holds the rule, :func:`set_idle_priority` applies it). After each turn
+that crypted something it compares the turn's wall time with its thread CPU time
+(``time.thread_time()``). A turn of at least :data:`STARVED_WALL_S` (30 ms) wall during which it
+ran less than :data:`STARVED_CPU_SHARE` (half) of that time means other runnable work kept it
+off the CPU: it moves itself back to SCHED_OTHER (a *demotion*, counted in ``pool.stats()``
+as ``idle_demotions``). It stays there until :data:`QUIET_PERIOD_S` (5 s) pass with no such
+turn, then returns to SCHED_IDLE (``idle_promotions``). The first starved turn is still paid
+for (the rule sees it only when it ends); after that a loaded host costs one starved turn per
+quiet period at most, while a quiet host keeps the gain above. Load is the host's, not a
+pool's: the time of the last starved turn is kept process-wide (:func:`note_starved`), and an
+idle-priority worker that starts within a quiet period of it is demoted at once. A ``process``
+that blocks (sleeps, waits on I/O) for 30 ms looks starved too and only costs the worker its
+idle priority for a while. Raising a thread back to SCHED_OTHER needs CAP_SYS_NICE or an
+RLIMIT_NICE of 20 or more; where that is refused the worker stays at idle priority for good.
+``adaptive_idle=False`` opts out of the rule (idle priority for the worker's life).
+Measured as above (2 CPUs, two CPU-bound processes, runs back to back for 10 s): longest wait
+between results 131-278 ms (almost every run's worker was demoted at its start, through the
+process-wide record; the worst waits are starved turns the rule saw only once they ended)
+against 723-776 ms without the rule and 10 ms with ``low_priority_workers=0``; 455-495 runs
+against 52-72 and 448. Quiet (benchmarks.pipeline, pool design, alternated with the rule
+off): no demotion, lateness p99 0.36-0.44 ms (relay_forward) and 1.0-1.1 ms (origin) against
+0.39-0.66 and 0.69-4.0 ms.
 
 The GIL's switch interval, by contrast, is left alone: with grouped turns and the idle-priority
 worker, 5, 1 and 0.5 ms gave the same cells/s and lateness within noise (benchmarks.tuning).
@@ -54,11 +78,18 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import Literal
 
 #: Freed memory glibc may keep per arena (``malloc_retain``); see "Memory handed across threads".
 DEFAULT_MALLOC_RETAIN = 32 << 20
 #: Blocks below this come from malloc's arenas, not mmap, once ``malloc_retain`` is applied.
 MALLOC_MMAP_THRESHOLD = 4 << 20
+#: A turn at least this long (wall seconds) may count as starved; see "The loop keeps its CPU".
+STARVED_WALL_S = 0.030
+#: ... if the worker's thread ran for less than this share of the turn's wall time.
+STARVED_CPU_SHARE = 0.5
+#: A demoted worker returns to idle priority after this long without a starved turn.
+QUIET_PERIOD_S = 5.0
 
 
 def retain_freed_memory(trim_threshold: int) -> bool:
@@ -93,8 +124,8 @@ def default_low_priority_workers(threads: int) -> int:
 def run_at_idle_priority() -> bool:
     """Put the calling thread in Linux's SCHED_IDLE class. Worker thread, at its start.
 
-    A thread may always lower its own priority; it cannot raise it back without privilege, so
-    this is done only by a worker for the rest of its life. Returns False where there is no
+    A thread may always lower its own priority; raising it back needs privilege (see
+    :func:`set_idle_priority`, used by ``adaptive_idle``). Returns False where there is no
     SCHED_IDLE (not Linux) or the call is refused; the worker then runs at normal priority.
     """
     policy = getattr(os, "SCHED_IDLE", None)
@@ -105,3 +136,81 @@ def run_at_idle_priority() -> bool:
     except OSError:
         return False
     return True
+
+# The end of the last starved turn of any worker in the process (time.monotonic()); written by
+# workers (a float store, atomic under the GIL), read by workers that start.
+_last_starved = float("-inf")
+
+
+def note_starved(now: float) -> None:
+    """Record that a worker's turn ending at ``now`` was starved. Worker thread."""
+    global _last_starved
+    if now > _last_starved:
+        _last_starved = now
+
+
+def last_starved() -> float:
+    """When (time.monotonic()) a worker of this process last saw a starved turn. Any thread."""
+    return _last_starved
+
+
+def set_idle_priority(idle: bool) -> bool:
+    """Move the calling thread to SCHED_IDLE (``idle``) or back to SCHED_OTHER. Worker thread.
+
+    Affects only the calling thread (Linux). Returns False where the policy does not exist or
+    the call is refused (raising back to SCHED_OTHER needs CAP_SYS_NICE or RLIMIT_NICE >= 20).
+    """
+    policy = getattr(os, "SCHED_IDLE" if idle else "SCHED_OTHER", None)
+    if policy is None or not hasattr(os, "sched_setscheduler"):
+        return False
+    try:
+        os.sched_setscheduler(0, policy, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
+class IdleGovernor:
+    """When an idle-priority worker should leave SCHED_IDLE and when it may return. Pure.
+
+    Owned and called by one worker thread (no lock, no clock of its own: the caller passes
+    the times). Starts idle, or normal with ``last_starved`` for a worker demoted at its start.
+    :meth:`observe` takes one turn's wall and thread CPU seconds and
+    the time at its end, and returns ``"demote"`` (go to SCHED_OTHER), ``"promote"`` (back to
+    SCHED_IDLE) or None (stay). The rule is in "The loop keeps its CPU" above.
+    """
+
+    __slots__ = ("idle", "last_starved", "quiet_period", "starved_share", "starved_wall")
+
+    def __init__(
+        self,
+        starved_wall: float = STARVED_WALL_S,
+        starved_share: float = STARVED_CPU_SHARE,
+        quiet_period: float = QUIET_PERIOD_S,
+        *,
+        idle: bool = True,
+        last_starved: float = float("-inf"),
+    ) -> None:
+        """Thresholds in seconds (``starved_share`` a fraction). Any thread, before use."""
+        self.starved_wall = starved_wall
+        self.starved_share = starved_share
+        self.quiet_period = quiet_period
+        self.idle = idle
+        self.last_starved = last_starved  # end of the last starved turn seen
+
+    def starved(self, wall: float, cpu: float) -> bool:
+        """Whether a turn of ``wall`` seconds with ``cpu`` seconds on the CPU was starved."""
+        return wall >= self.starved_wall and cpu < self.starved_share * wall
+
+    def observe(self, wall: float, cpu: float, now: float) -> Literal["demote", "promote"] | None:
+        """Take one turn's sample; the owning worker thread only."""
+        if self.starved(wall, cpu):
+            self.last_starved = now
+            if self.idle:
+                self.idle = False
+                return "demote"
+            return None
+        if not self.idle and now - self.last_starved >= self.quiet_period:
+            self.idle = True
+            return "promote"
+        return None

@@ -43,10 +43,11 @@ from collections.abc import Callable
 from time import perf_counter_ns
 from typing import Any, Protocol
 
+from workers import tuning
 from workers.batching import assemble, take_items, take_pieces
 from workers.circuit import Circuit, GroupFn, Reply
 from workers.scheduler import Scheduler, Update
-from workers.tuning import run_at_idle_priority
+from workers.tuning import IdleGovernor, run_at_idle_priority, set_idle_priority
 
 # The pool's logger: what workers log keeps the name users configure for the pool.
 log = logging.getLogger("workers.pool")
@@ -85,7 +86,10 @@ class WorkerRecord:
         "cancelled",
         "cells",
         "errors",
+        "governor",
         "groups",
+        "idle_demotions",
+        "idle_promotions",
         "inbox",
         "index",
         "lost_replies",
@@ -108,6 +112,9 @@ class WorkerRecord:
         self.busy_ns = 0
         self.lost_replies = 0
         self.low_priority = False  # written once by the worker, at its start
+        self.governor: IdleGovernor | None = None  # the worker's own, if adaptive_idle
+        self.idle_demotions = 0
+        self.idle_promotions = 0
 
 
 class WorkerThreads:
@@ -120,6 +127,7 @@ class WorkerThreads:
         threads: int,
         batch_cells: int,
         low_priority_workers: int,
+        adaptive_idle: bool = True,
         state_factory: Callable[[int], Any] | None,
         name: str,
     ) -> None:
@@ -128,6 +136,7 @@ class WorkerThreads:
         self._threads = threads
         self._batch_cells = batch_cells
         self._low_priority_workers = low_priority_workers
+        self._adaptive_idle = adaptive_idle
         self._state_factory = state_factory
         self._name = name
         self.records: list[WorkerRecord] = []  # filled by start(), then never changed
@@ -176,6 +185,8 @@ class WorkerThreads:
         self._local.worker = worker
         if worker.index >= self._threads - self._low_priority_workers:
             worker.low_priority = run_at_idle_priority()
+            if worker.low_priority and self._adaptive_idle:
+                self._start_governor(worker)
         if self._state_factory is not None:
             try:
                 worker.state = self._state_factory(worker.index)
@@ -193,10 +204,53 @@ class WorkerThreads:
             if not owned:
                 self._apply_updates(worker)
                 failed = []
-            elif len(owned) == 1 and owned[0].group is None:
+                continue
+            governor = worker.governor
+            wall = cpu = 0.0
+            if governor is not None:
+                wall, cpu = time.monotonic(), time.thread_time()
+            if len(owned) == 1 and owned[0].group is None:
                 failed = [self._serve(worker, owned[0])]
             else:
                 failed = self._serve_group(worker, owned)
+            if governor is not None:
+                now = time.monotonic()
+                self._govern(worker, governor, now - wall, time.thread_time() - cpu, now)
+
+    @staticmethod
+    def _start_governor(worker: WorkerRecord) -> None:
+        """Watch this idle-priority worker; demote it now if the host was starving workers
+        within a quiet period. Worker thread, at its start."""
+        governor = IdleGovernor()
+        last = tuning.last_starved()
+        if time.monotonic() - last < governor.quiet_period:
+            if not set_idle_priority(False):
+                return  # no privilege to leave SCHED_IDLE: no adaptation
+            governor = IdleGovernor(idle=False, last_starved=last)
+            worker.idle_demotions += 1
+        worker.governor = governor
+
+    @staticmethod
+    def _govern(
+        worker: WorkerRecord, governor: IdleGovernor, wall: float, cpu: float, now: float
+    ) -> None:
+        """Apply the governor's decision on one turn to this thread's policy. Worker thread.
+
+        See "The loop keeps its CPU" in :mod:`workers.tuning`. A refused change (no privilege
+        to leave SCHED_IDLE) ends the adaptation: the worker stays where it is.
+        """
+        decision = governor.observe(wall, cpu, now)
+        if governor.last_starved == now:
+            tuning.note_starved(now)
+        if decision is None:
+            return
+        if not set_idle_priority(decision == "promote"):
+            worker.governor = None
+            return
+        if decision == "demote":
+            worker.idle_demotions += 1
+        else:
+            worker.idle_promotions += 1
 
     def _serve_group(self, worker: WorkerRecord, circuits: list[Circuit]) -> list[bool]:
         """One grouped turn: each owned circuit's batches, crypted by one ``group`` call.
