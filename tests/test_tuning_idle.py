@@ -21,13 +21,7 @@ from test_pool_support import Collector, OrderedState, cell
 import workers.tuning
 import workers.worker
 from workers.pool import WorkerPool
-from workers.tuning import IdleGovernor, set_idle_priority
-
-
-@pytest.fixture(autouse=True)
-def host_never_starved(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each test starts with no starved turn on record (it is process-wide) and leaves none."""
-    monkeypatch.setattr(workers.tuning, "_last_starved", float("-inf"))
+from workers.tuning import IdleGovernor, StarvationRecord, set_idle_priority
 
 
 def test_governor_demotes_only_on_a_long_starved_turn() -> None:
@@ -71,7 +65,9 @@ def can_leave_idle_priority() -> bool:
     return result[0]
 
 
-def run_low_priority_pool(adaptive: bool, batches_on_low: int) -> tuple[list[int], dict]:
+def run_low_priority_pool(
+    adaptive: bool, batches_on_low: int, starvation: StarvationRecord | None = None
+) -> tuple[list[int], dict]:
     """Crypt until the idle-priority worker (index 1 of 2) has run ``batches_on_low`` batches;
     its first batch sleeps 50 ms. Returns the policies it saw, batch by batch, and the stats."""
     seen: list[int] = []
@@ -85,7 +81,7 @@ def run_low_priority_pool(adaptive: bool, batches_on_low: int) -> tuple[list[int
 
     replies = Collector()
     pool = WorkerPool(replies, threads=2, process=process, low_priority_workers=1,
-                      adaptive_idle=adaptive, name="gov")
+                      adaptive_idle=adaptive, starvation=starvation, name="gov")
     pool.start()
     circuits = [pool.open_circuit(OrderedState(i), on_result=lambda c, d, r: None)
                 for i in range(64)]
@@ -132,8 +128,9 @@ def test_demoted_worker_returns_to_idle_priority_after_the_quiet_period(
 
 @linux_privileged
 def test_worker_started_after_a_starved_turn_begins_at_normal_priority() -> None:
-    workers.tuning.note_starved(time.monotonic())
-    seen, stats = run_low_priority_pool(adaptive=True, batches_on_low=1)
+    shared = StarvationRecord()
+    shared.note(time.monotonic())  # another pool sharing this record was just starved
+    seen, stats = run_low_priority_pool(adaptive=True, batches_on_low=1, starvation=shared)
     assert seen[0] == os.SCHED_OTHER
     assert stats["idle_demotions"] >= 1
 

@@ -133,7 +133,7 @@ from workers.circuit import (
 from workers.pressure import Pressure
 from workers.runqueues import DEFAULT_STARVATION_PERIOD
 from workers.scheduler import Scheduler, Update
-from workers.tuning import DEFAULT_MALLOC_RETAIN, MALLOC_MMAP_THRESHOLD
+from workers.tuning import DEFAULT_MALLOC_RETAIN, MALLOC_MMAP_THRESHOLD, StarvationRecord
 from workers.worker import SupportsPut, WorkerThreads
 
 if TYPE_CHECKING:
@@ -200,6 +200,7 @@ class WorkerPool:
         malloc_retain: int | None = DEFAULT_MALLOC_RETAIN,
         low_priority_workers: int | None = None,
         adaptive_idle: bool = True,
+        starvation: StarvationRecord | None = None,
         name: str = "relaycrypt-worker",
     ) -> None:
         """Configure the pool; no thread starts before :meth:`start`. Loop thread only.
@@ -213,6 +214,9 @@ class WorkerPool:
         ``low_priority_workers`` of the workers run at idle CPU priority; None: as many as the
         workers exceed the CPUs available minus one (see "The loop keeps its CPU" there);
         with ``adaptive_idle`` each leaves idle priority while other work starves it.
+        ``starvation``: the record of starved turns this pool's workers share (default: the
+        pool's own); pass one :class:`workers.tuning.StarvationRecord` to several pools to
+        share it across them.
         """
         if priorities < 3:
             raise ValueError(f"priorities must be >= 3, got {priorities}")
@@ -254,6 +258,7 @@ class WorkerPool:
             batch_cells=batch_cells,
             low_priority_workers=low_priority_workers,
             adaptive_idle=adaptive_idle,
+            starvation=starvation,
             state_factory=worker_state_factory,
             name=name,
         )

@@ -41,16 +41,19 @@ off the CPU: it moves itself back to SCHED_OTHER (a *demotion*, counted in ``poo
 as ``idle_demotions``). It stays there until :data:`QUIET_PERIOD_S` (5 s) pass with no such
 turn, then returns to SCHED_IDLE (``idle_promotions``). The first starved turn is still paid
 for (the rule sees it only when it ends); after that a loaded host costs one starved turn per
-quiet period at most, while a quiet host keeps the gain above. Load is the host's, not a
-pool's: the time of the last starved turn is kept process-wide (:func:`note_starved`), and an
-idle-priority worker that starts within a quiet period of it is demoted at once. A ``process``
+quiet period at most, while a quiet host keeps the gain above. The time of the last starved
+turn is kept in a :class:`StarvationRecord` that a pool's workers share (a pool makes its own,
+or several pools share one: ``WorkerPool(starvation=...)``), and an idle-priority worker that
+starts within a quiet period of it is demoted at once. A ``process``
 that blocks (sleeps, waits on I/O) for 30 ms looks starved too and only costs the worker its
 idle priority for a while. Raising a thread back to SCHED_OTHER needs CAP_SYS_NICE or an
 RLIMIT_NICE of 20 or more; where that is refused the worker stays at idle priority for good.
 ``adaptive_idle=False`` opts out of the rule (idle priority for the worker's life).
 Measured as above (2 CPUs, two CPU-bound processes, runs back to back for 10 s): longest wait
-between results 131-278 ms (almost every run's worker was demoted at its start, through the
-process-wide record; the worst waits are starved turns the rule saw only once they ended)
+between results 131-278 ms (measured with the record shared by every run's pool: almost
+every run's worker was demoted at its start; a new pool with its own record pays one starved
+turn first, 140-360 ms measured that way; the worst waits are starved turns the rule saw
+only once they ended)
 against 723-776 ms without the rule and 10 ms with ``low_priority_workers=0``; 455-495 runs
 against 52-72 and 448. Quiet (benchmarks.pipeline, pool design, alternated with the rule
 off): no demotion, lateness p99 0.36-0.44 ms (relay_forward) and 1.0-1.1 ms (origin) against
@@ -137,21 +140,25 @@ def run_at_idle_priority() -> bool:
         return False
     return True
 
-# The end of the last starved turn of any worker in the process (time.monotonic()); written by
-# workers (a float store, atomic under the GIL), read by workers that start.
-_last_starved = float("-inf")
+class StarvationRecord:
+    """When a worker last saw a starved turn (``time.monotonic()``), shared by a pool's workers.
 
+    A pool makes its own; pass one record to several pools (``WorkerPool(starvation=...)``) to
+    let a new pool's idle-priority worker start at normal priority when another pool's worker
+    was starved within the quiet period. Written by worker threads (a float store, atomic under
+    the GIL; a lost race only keeps the later of two nearly equal times), read by any thread.
+    """
 
-def note_starved(now: float) -> None:
-    """Record that a worker's turn ending at ``now`` was starved. Worker thread."""
-    global _last_starved
-    if now > _last_starved:
-        _last_starved = now
+    __slots__ = ("last",)
 
+    def __init__(self) -> None:
+        """No starved turn on record. Any thread."""
+        self.last = float("-inf")
 
-def last_starved() -> float:
-    """When (time.monotonic()) a worker of this process last saw a starved turn. Any thread."""
-    return _last_starved
+    def note(self, now: float) -> None:
+        """Record that a worker's turn ending at ``now`` was starved. Worker thread."""
+        if now > self.last:
+            self.last = now
 
 
 def set_idle_priority(idle: bool) -> bool:

@@ -43,11 +43,15 @@ from collections.abc import Callable
 from time import perf_counter_ns
 from typing import Any, Protocol
 
-from workers import tuning
 from workers.batching import assemble, take_items, take_pieces
 from workers.circuit import Circuit, GroupFn, Reply
 from workers.scheduler import Scheduler, Update
-from workers.tuning import IdleGovernor, run_at_idle_priority, set_idle_priority
+from workers.tuning import (
+    IdleGovernor,
+    StarvationRecord,
+    run_at_idle_priority,
+    set_idle_priority,
+)
 
 # The pool's logger: what workers log keeps the name users configure for the pool.
 log = logging.getLogger("workers.pool")
@@ -128,6 +132,7 @@ class WorkerThreads:
         batch_cells: int,
         low_priority_workers: int,
         adaptive_idle: bool = True,
+        starvation: StarvationRecord | None = None,
         state_factory: Callable[[int], Any] | None,
         name: str,
     ) -> None:
@@ -137,6 +142,7 @@ class WorkerThreads:
         self._batch_cells = batch_cells
         self._low_priority_workers = low_priority_workers
         self._adaptive_idle = adaptive_idle
+        self._starvation = starvation if starvation is not None else StarvationRecord()
         self._state_factory = state_factory
         self._name = name
         self.records: list[WorkerRecord] = []  # filled by start(), then never changed
@@ -217,12 +223,11 @@ class WorkerThreads:
                 now = time.monotonic()
                 self._govern(worker, governor, now - wall, time.thread_time() - cpu, now)
 
-    @staticmethod
-    def _start_governor(worker: WorkerRecord) -> None:
+    def _start_governor(self, worker: WorkerRecord) -> None:
         """Watch this idle-priority worker; demote it now if the host was starving workers
         within a quiet period. Worker thread, at its start."""
         governor = IdleGovernor()
-        last = tuning.last_starved()
+        last = self._starvation.last
         if time.monotonic() - last < governor.quiet_period:
             if not set_idle_priority(False):
                 return  # no privilege to leave SCHED_IDLE: no adaptation
@@ -230,9 +235,8 @@ class WorkerThreads:
             worker.idle_demotions += 1
         worker.governor = governor
 
-    @staticmethod
     def _govern(
-        worker: WorkerRecord, governor: IdleGovernor, wall: float, cpu: float, now: float
+        self, worker: WorkerRecord, governor: IdleGovernor, wall: float, cpu: float, now: float
     ) -> None:
         """Apply the governor's decision on one turn to this thread's policy. Worker thread.
 
@@ -241,7 +245,7 @@ class WorkerThreads:
         """
         decision = governor.observe(wall, cpu, now)
         if governor.last_starved == now:
-            tuning.note_starved(now)
+            self._starvation.note(now)
         if decision is None:
             return
         if not set_idle_priority(decision == "promote"):
