@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from test_pool_support import Collector
+from test_pool_support import Collector, bare_circuit
 
 from workers.circuit import Circuit
 from workers.pool import WorkerPool
@@ -14,19 +14,7 @@ from workers.runqueues import RunQueues
 
 
 def make(cls: int, name: Any = None) -> Circuit:
-    return Circuit(
-        None,
-        lambda s, d, b: b,
-        lambda c, d, r: None,
-        None,
-        None,
-        directions=1,
-        priority=cls,
-        joined=False,
-        high_water=10,
-        low_water=5,
-        context=name,
-    )
+    return bare_circuit(cls, name)
 
 
 def test_round_robin_inside_a_class() -> None:

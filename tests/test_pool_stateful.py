@@ -20,7 +20,15 @@ import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from test_pool_support import CELL, Collector, OrderedState, OwnerGuard, cell, expected_stream
+from test_pool_support import (
+    CELL,
+    Collector,
+    OrderedState,
+    OwnerGuard,
+    bare_circuit,
+    cell,
+    expected_stream,
+)
 
 from workers.circuit import Circuit
 from workers.pool import WorkerPool
@@ -215,19 +223,7 @@ def run_random_interleavings(seed: int, *, grouped: bool) -> None:
 
 
 def make(cls: int, key: int) -> Circuit:
-    return Circuit(
-        None,
-        lambda s, d, b: b,
-        lambda c, d, r: None,
-        None,
-        None,
-        directions=1,
-        priority=cls,
-        joined=False,
-        high_water=10,
-        low_water=5,
-        context=key,
-    )
+    return bare_circuit(cls, key)
 
 
 class RunQueuesModel(RuleBasedStateMachine):

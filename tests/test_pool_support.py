@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from workers.circuit import Circuit
 from workers.pool import WorkerPool
 
 CELL = 509
@@ -125,3 +126,20 @@ def cell(tag: int, index: int) -> bytes:
     """A distinct 509-byte cell."""
     head = b"%d/%d;" % (tag, index)
     return head + bytes(CELL - len(head))
+
+
+def bare_circuit(cls: int, context: Any = None) -> Circuit:
+    """A one-direction circuit of priority class ``cls`` outside any pool, for run-queue tests."""
+    return Circuit(
+        None,
+        lambda s, d, b: b,
+        lambda c, d, r: None,
+        None,
+        None,
+        directions=1,
+        priority=cls,
+        joined=False,
+        high_water=10,
+        low_water=5,
+        context=context,
+    )

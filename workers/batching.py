@@ -88,14 +88,7 @@ def take_pieces(pending: list[tuple[Any, int]], budget: int) -> tuple[list[Any],
     Worker thread, owning the circuit. A buffer entry is one piece; a list (or tuple) entry
     contributes its cells, in order. Returns ``(pieces, cells)``.
     """
-    count = len(pending)
-    cells = 0
-    taken = 0
-    while taken < count and cells < budget:
-        cells += pending[taken][1]
-        taken += 1
-    items = pending[:taken]
-    del pending[:taken]
+    items, cells = take_items(pending, budget)
     pieces: list[Any] = []
     for payload, _ in items:
         if isinstance(payload, BUFFER_TYPES):
