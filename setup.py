@@ -1,7 +1,7 @@
-"""Build hook for the C batch kernel (workers/_kernel). Metadata lives in pyproject.toml.
+"""Build hook for the C batch kernel (tor1/_kernel). Metadata lives in pyproject.toml.
 
-The kernel's build description is loaded by file path, not imported as ``workers._kernel.build``:
-importing the package would run ``workers/_kernel/__init__.py``, which needs the very extension
+The kernel's build description is loaded by file path, not imported as ``tor1._kernel.build``:
+importing the package would run ``tor1/_kernel/__init__.py``, which needs the very extension
 this script is about to build.
 """
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from setuptools import setup
 
-BUILD_FILE = Path(__file__).resolve().parent / "workers" / "_kernel" / "build.py"
+BUILD_FILE = Path(__file__).resolve().parent / "tor1" / "_kernel" / "build.py"
 
 spec = importlib.util.spec_from_file_location("relaycrypt_kernel_build", BUILD_FILE)
 if spec is None or spec.loader is None:

@@ -1,4 +1,4 @@
-"""Single-thread throughput of the pure-Python tor1 reference (workers.relay_crypto).
+"""Single-thread throughput of the pure-Python tor1 reference (tor1.reference).
 
 Measures, in cells per second on the calling thread:
 
@@ -26,7 +26,8 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto, kdf_tor
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 
 HOPS = 3
 
@@ -36,7 +37,7 @@ def _circuit_keys(seed: int) -> list[HopKeys]:
 
 
 def _plain_payloads(count: int) -> list[bytes]:
-    body = os.urandom(PAYLOAD_LEN)
+    body = os.urandom(CELL_PAYLOAD_LEN)
     return [bytes([2, 0, 0]) + i.to_bytes(4, "big") + body[7:] for i in range(count)]
 
 

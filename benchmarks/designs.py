@@ -15,8 +15,8 @@ crypto runs and how work and results travel:
     :class:`workers.pool.WorkerPool` with 2 worker threads. Arrivals of one loop iteration go in
     with one ``submit_many`` (one lock round); a worker takes several circuits per lock round
     (the pool's grouped path) and crypts their pending chunks (up to the pool's batch cap per
-    circuit) in ONE kernel call with the GIL released (``workers._kernel.crypt_group`` through
-    :func:`workers.fastcrypto.relay_group` / ``origin_group``: the same kernel op as
+    circuit) in ONE kernel call with the GIL released (``tor1._kernel.crypt_group`` through
+    :func:`tor1.fast.relay_group` / ``origin_group``: the same kernel op as
     ``crypt_fn()``, checked byte for byte like every result); results come back through a
     :class:`reactor.ReplyQueue` (one ``uv.Async`` send per empty -> non-empty transition) to
     ``WorkerPool.deliver``.
@@ -53,17 +53,17 @@ import pyuv
 from benchmarks.driver import Arrival, ResultSink
 from benchmarks.workload import TARGET_HOP, CryptFn, Workload
 from reactor import Reactor, ReplyQueue
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.fast import OP_FORWARD, origin_group, relay_group
 from workers.circuit import Circuit, GroupFn
-from workers.fastcrypto import OP_FORWARD, origin_group, relay_group
 from workers.pool import WorkerPool
-from workers.relay_crypto import PAYLOAD_LEN
 
 DESIGNS = ("inline", "pool", "futures_per_cell", "cpuworker_socketpair")
 WORKER_THREADS = 2
 
 _CIRCUIT_ID_LEN = 4
-_REQUEST_LEN = _CIRCUIT_ID_LEN + PAYLOAD_LEN
-_REPLY_LEN = _CIRCUIT_ID_LEN + 1 + PAYLOAD_LEN
+_REQUEST_LEN = _CIRCUIT_ID_LEN + CELL_PAYLOAD_LEN
+_REPLY_LEN = _CIRCUIT_ID_LEN + 1 + CELL_PAYLOAD_LEN
 _RECV_SIZE = 1 << 16
 _NO_FLAG = b"\x00"
 _POOL_THREAD_NAME = "bench-pool"
@@ -196,6 +196,7 @@ class PoolDesign:
             threads=self.threads,
             process=process,
             joined=True,
+            cell_size=CELL_PAYLOAD_LEN,
             group=pool_group_fn(workload),
             circuit_high_water=1 << 40,
             pool_high_water=1 << 41,
@@ -219,7 +220,7 @@ class PoolDesign:
     def _on_result(self, circuit: Circuit, direction: int, result: tuple[bytes, bytes]) -> None:
         out, flags = result
         assert self._sink is not None
-        self._sink.result(circuit.context, out, flags, len(out) // PAYLOAD_LEN)
+        self._sink.result(circuit.context, out, flags, len(out) // CELL_PAYLOAD_LEN)
 
     def submit(self, arrivals: Sequence[Arrival]) -> None:
         """One ``submit_many`` (one lock round) for the iteration's arrivals. Loop thread."""
@@ -321,8 +322,8 @@ class FuturesPerCellDesign:
         task, done = self._crypt_next, self._done
         for circuit, cells, count in arrivals:
             queue = self._queues[circuit]
-            for offset in range(0, count * PAYLOAD_LEN, PAYLOAD_LEN):
-                queue.inbox.append(cells[offset : offset + PAYLOAD_LEN])
+            for offset in range(0, count * CELL_PAYLOAD_LEN, CELL_PAYLOAD_LEN):
+                queue.inbox.append(cells[offset : offset + CELL_PAYLOAD_LEN])
                 executor.submit(task, queue).add_done_callback(done)
 
     def _crypt_next(self, queue: _CellQueue) -> tuple[_CellQueue, int, bytes, bytes]:
@@ -451,9 +452,9 @@ class CpuworkerSocketpairDesign:
         for circuit, cells, count in arrivals:
             header = circuit.to_bytes(_CIRCUIT_ID_LEN, "big")
             out = parts[circuit % workers]
-            for offset in range(0, count * PAYLOAD_LEN, PAYLOAD_LEN):
+            for offset in range(0, count * CELL_PAYLOAD_LEN, CELL_PAYLOAD_LEN):
                 out.append(header)
-                out.append(cells[offset : offset + PAYLOAD_LEN])
+                out.append(cells[offset : offset + CELL_PAYLOAD_LEN])
         for pipe, chunks in zip(self._pipes, parts, strict=True):
             if chunks:
                 pipe.write(b"".join(chunks))

@@ -12,7 +12,7 @@ run down, so the best run is the least disturbed one; the load average is printe
   - ``origin_encrypt_3hops``: a client's digest set plus three AES layers,
   - ``origin_decrypt_3hops``: a client peeling three Kb layers per cell (per cell and hop),
     digest check where recognized,
-  each for ``reference`` (``workers.relay_crypto``, list form ``*_many``), ``kernel_list`` (the
+  each for ``reference`` (``tor1.reference``, list form ``*_many``), ``kernel_list`` (the
   kernel behind the same list API) and ``kernel_buf`` (the kernel's joined-buffer fast path);
 * two threads on two different circuits against one thread (kernel_buf, 128- and 512-cell
   batches for the relay, 128 for the origin): aggregate cells/s and the ratio (2.0 would be
@@ -42,9 +42,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from workers._kernel import OPENSSL_VERSION
-from workers.fastcrypto import FastOriginCrypto, FastRelayCrypto
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto
+from tor1 import CELL_PAYLOAD_LEN
+from tor1._kernel import OPENSSL_VERSION
+from tor1.fast import FastOriginCrypto, FastRelayCrypto
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto
 
 BATCH_SIZES = (32, 128, 512)
 EXIT_STREAM_CELLS = 1 << 14  # pre-encrypted cells for the exit workload (~8 MB)
@@ -67,14 +68,14 @@ def plain_cells(rng: random.Random, count: int) -> list[bytes]:
     """Relay payloads as a client builds them: recognized and digest fields zero."""
     cells = []
     for _ in range(count):
-        p = bytearray(rng.randbytes(PAYLOAD_LEN))
+        p = bytearray(rng.randbytes(CELL_PAYLOAD_LEN))
         p[1:9] = bytes(8)
         cells.append(bytes(p))
     return cells
 
 
 def split(joined: bytes) -> list[bytes]:
-    return [joined[i : i + PAYLOAD_LEN] for i in range(0, len(joined), PAYLOAD_LEN)]
+    return [joined[i : i + CELL_PAYLOAD_LEN] for i in range(0, len(joined), CELL_PAYLOAD_LEN)]
 
 
 def rate(make_step: Callable[[], Callable[[], int]], settings: Settings) -> float:
@@ -103,7 +104,7 @@ def relay_forward_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]]
     """A middle relay: random wire cells, none recognized."""
     keys = circuit_keys(1, 1)[0]
     rng = random.Random(2)
-    cells = [rng.randbytes(PAYLOAD_LEN) for _ in range(batch)]
+    cells = [rng.randbytes(CELL_PAYLOAD_LEN) for _ in range(batch)]
     joined = b"".join(cells)
 
     def reference() -> Callable[[], int]:
@@ -144,8 +145,8 @@ class Replay:
 
 def stream_batches(stream: bytes, batch: int) -> tuple[list[bytes], list[list[bytes]]]:
     """``stream`` cut into batches of ``batch`` cells: as joined buffers, and as cell lists."""
-    buf_batches = [stream[i : i + batch * PAYLOAD_LEN]
-                   for i in range(0, len(stream), batch * PAYLOAD_LEN)]
+    buf_batches = [stream[i : i + batch * CELL_PAYLOAD_LEN]
+                   for i in range(0, len(stream), batch * CELL_PAYLOAD_LEN)]
     return buf_batches, [split(b) for b in buf_batches]
 
 
@@ -208,7 +209,7 @@ def origin_encrypt_steps(batch: int) -> dict[str, Callable[[], Callable[[], int]
 
     def kernel_buf() -> Callable[[], int]:
         origin = FastOriginCrypto(keys)
-        return lambda: len(origin.encrypt_buf(joined, 2)) // PAYLOAD_LEN
+        return lambda: len(origin.encrypt_buf(joined, 2)) // CELL_PAYLOAD_LEN
 
     assert FastOriginCrypto(keys).encrypt_buf(joined, 2) == b"".join(
         OriginCrypto(keys).encrypt_many(cells, 2)
@@ -342,7 +343,7 @@ def openssl_ceiling() -> dict[str, float] | None:
         # machine-readable result line: +F:<index>:<cipher>:<bytes per second>
         if line.startswith("+F:"):
             bytes_per_s = float(line.rsplit(":", 1)[1])
-            return {"bytes_per_s": bytes_per_s, "cells_per_s": bytes_per_s / PAYLOAD_LEN}
+            return {"bytes_per_s": bytes_per_s, "cells_per_s": bytes_per_s / CELL_PAYLOAD_LEN}
     return None
 
 

@@ -18,7 +18,7 @@ How
 The loop thread (a :class:`reactor.Reactor`) is producer and consumer: it hands arrivals
 (chunks of 32 cells of one circuit) to the design from an Idle callback, ``burst`` arrivals per
 loop iteration, keeping at most ``window`` cells in flight, and checks every result against the
-pure-Python reference ``workers.relay_crypto`` as it comes back (a wrong byte fails the run).
+pure-Python reference ``tor1.reference`` as it comes back (a wrong byte fails the run).
 See :mod:`benchmarks.driver`. For each design and workload:
 
 * ``cells_per_s``: cells divided by the time from the first submit to the last result, both on
@@ -68,7 +68,7 @@ from typing import Any
 from benchmarks.designs import DESIGNS, WORKER_SCHED_CHOICES, make_design
 from benchmarks.driver import as_dict, idle_lateness, load_average, run_design
 from benchmarks.workload import WORKLOADS, Workload, build
-from workers.relay_crypto import PAYLOAD_LEN
+from tor1 import CELL_PAYLOAD_LEN
 
 #: Ratios reported, as (pool's key, other design).
 RATIO_KEYS = (
@@ -201,7 +201,7 @@ def openssl_cells_per_s(seconds: int = 2) -> float | None:
     match = re.search(r"^AES-128-CTR\s+([0-9.]+)k\s*$", done.stdout, re.MULTILINE | re.IGNORECASE)
     if match is None:
         return None
-    return float(match.group(1)) * 1000 / PAYLOAD_LEN
+    return float(match.group(1)) * 1000 / CELL_PAYLOAD_LEN
 
 
 # --------------------------------------------------------------------------- targets, report
@@ -401,7 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{config.window:,} cells, pool batch cap "
         f"{config.batch_cells if config.batch_cells is not None else 'default'}, "
         f"pool worker scheduling {config.worker_sched}, median of {config.repetitions}",
-        "every result checked byte for byte against workers.relay_crypto: passed",
+        "every result checked byte for byte against tor1.reference: passed",
         f"idle loop 1 ms timer lateness: p50 {idle_p50:.2f} ms, p99 {idle_p99:.2f} ms",
         f"load average before: {load_before}, after: {load_average()}; took {elapsed:.0f} s",
     ]

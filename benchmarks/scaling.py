@@ -7,7 +7,7 @@ A relay holds many circuits and few of them are busy at any moment. For each cir
 * **Throughput.** N circuits are open in a :class:`workers.pool.WorkerPool` (2 workers), each
   with its own kernel crypto state; a fixed busy set of ``--active`` (100) of them, spread
   evenly over the N, carries the pipeline benchmark's ``relay_forward`` traffic (same loop-side
-  driver, arrivals, window and per-result byte check against ``workers.relay_crypto``, see
+  driver, arrivals, window and per-result byte check against ``tor1.reference``, see
   :mod:`benchmarks.driver`). cells/s is the median of ``--repetitions`` (5) runs of 8,192
   cells per busy circuit (about 0.1 s each: short runs are at the mercy of the machine; the
   CPU other processes used meanwhile is reported too). The pool's work per cell must not
@@ -54,10 +54,11 @@ from benchmarks.designs import PoolDesign
 from benchmarks.driver import ResultSink, load_average, run_design
 from benchmarks.workload import Workload, build
 from reactor import Reactor
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.fast import FastRelayCrypto
+from tor1.reference import HopKeys
 from workers.circuit import Circuit
-from workers.fastcrypto import FastRelayCrypto
 from workers.pool import WorkerPool
-from workers.relay_crypto import HopKeys
 
 DEFAULT_COUNTS = "100,1000,10000,100000"
 TRACED_SAMPLE_MAX = 20_000
@@ -92,7 +93,8 @@ def _unstarted_pool() -> WorkerPool:
     def process(state: Any, direction: int, batch: bytes) -> Any:
         raise AssertionError("memory-only pool")
 
-    return WorkerPool(None, threads=2, process=process, joined=True)
+    return WorkerPool(None, threads=2, process=process, joined=True,
+                      cell_size=CELL_PAYLOAD_LEN)
 
 
 def measure_memory(count: int) -> dict[str, float]:

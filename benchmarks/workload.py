@@ -6,15 +6,15 @@ Two workloads, each a set of circuits with pre-generated input cells:
     A middle relay (hop 1 of a 3-hop circuit) receiving cells that travel away from the
     client and are meant for the exit: the relay decrypts with Kf, checks ``recognized`` and
     passes the cell on. The input is made the way a real one is: the client
-    (:class:`workers.relay_crypto.OriginCrypto`) encrypts relay payloads for hop 2 and the
-    guard (:class:`~workers.relay_crypto.RelayCrypto` of hop 0) peels its layer. No cell is
+    (:class:`tor1.reference.OriginCrypto`) encrypts relay payloads for hop 2 and the
+    guard (:class:`~tor1.reference.RelayCrypto` of hop 0) peels its layer. No cell is
     recognized at the middle; that is checked too.
 ``origin``
     A client sending relay payloads through its 3-hop circuit: for each cell, the digest is set
     with hop 2's running SHA-1, then Kf of hops 2, 1 and 0 are applied.
 
 Everything is generated and the expected output is computed with the pure-Python reference
-(``workers.relay_crypto``) before any timing starts, so the kernel the designs use is checked
+(``tor1.reference``) before any timing starts, so the kernel the designs use is checked
 against an independent implementation. Input arrives in *chunks*: ``chunk_cells`` cells of one
 circuit joined in one ``bytes`` object (what one read of a TLS record holds), delivered
 round-robin over the circuits, so every design sees exactly the same sequence of arrivals.
@@ -30,8 +30,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from workers.fastcrypto import FastOriginCrypto, FastRelayCrypto
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto, kdf_tor
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.fast import FastOriginCrypto, FastRelayCrypto
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 
 WORKLOADS = ("relay_forward", "origin")
 HOPS = 3
@@ -111,7 +112,7 @@ def circuit_keys(seed: int, circuit: int) -> tuple[HopKeys, ...]:
 
 def relay_payloads(count: int, stream_id: int) -> list[bytes]:
     """``count`` RELAY_DATA payloads (recognized 0, digest 0, 498 bytes of random data)."""
-    data_len = PAYLOAD_LEN - 11
+    data_len = CELL_PAYLOAD_LEN - 11
     header_tail = stream_id.to_bytes(2, "big") + bytes(4) + data_len.to_bytes(2, "big")
     body = os.urandom(count * data_len)
     return [
@@ -170,10 +171,10 @@ def build(
         inputs.append(data)
         expected_out.append(out)
         expected_flags.append(flags)
-    chunk_bytes = chunk_cells * PAYLOAD_LEN
+    chunk_bytes = chunk_cells * CELL_PAYLOAD_LEN
     arrivals = tuple(
         (c, inputs[c][offset : offset + chunk_bytes], chunk_cells)
-        for offset in range(0, cells_per_circuit * PAYLOAD_LEN, chunk_bytes)
+        for offset in range(0, cells_per_circuit * CELL_PAYLOAD_LEN, chunk_bytes)
         for c in range(circuits)
     )
     return Workload(
@@ -222,8 +223,8 @@ class OutputChecker:
         """The error for a result :meth:`check` refused: which cell of which circuit."""
         position = self._positions[circuit]
         want = self.workload.expected_out[circuit][position : position + len(out)]
-        first_cell = position // PAYLOAD_LEN
-        if len(out) % PAYLOAD_LEN or len(want) != len(out):
+        first_cell = position // CELL_PAYLOAD_LEN
+        if len(out) % CELL_PAYLOAD_LEN or len(want) != len(out):
             detail = f"{len(out)} bytes of output at cell {first_cell}, {len(want)} expected"
         elif out != want:
             detail = f"cell {first_cell + _first_difference(out, want)} differs from the reference"
@@ -238,13 +239,13 @@ class OutputChecker:
             if position != want:
                 raise OutputMismatch(
                     f"{design}/{self.workload.name}: circuit {circuit}: "
-                    f"{position // PAYLOAD_LEN} of {want // PAYLOAD_LEN} cells came back"
+                    f"{position // CELL_PAYLOAD_LEN} of {want // CELL_PAYLOAD_LEN} cells came back"
                 )
 
 
 def _first_difference(got: bytes, want: bytes) -> int:
     """Index of the first differing cell of two equally long joined buffers."""
-    for index in range(0, len(want), PAYLOAD_LEN):
-        if got[index : index + PAYLOAD_LEN] != want[index : index + PAYLOAD_LEN]:
-            return index // PAYLOAD_LEN
-    return len(want) // PAYLOAD_LEN
+    for index in range(0, len(want), CELL_PAYLOAD_LEN):
+        if got[index : index + CELL_PAYLOAD_LEN] != want[index : index + CELL_PAYLOAD_LEN]:
+            return index // CELL_PAYLOAD_LEN
+    return len(want) // CELL_PAYLOAD_LEN

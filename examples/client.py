@@ -48,7 +48,7 @@ from typing import Any
 from reactor import Reactor, TimerHandle
 from relay.client import Client, ClientStream, OriginCircuit
 from relay.directory import RelayDescriptor, read_directory
-from workers.cells import RELAY_DATA_MAX
+from tor1 import RELAY_DATA_MAX
 
 __all__ = ["EchoTransfer", "main", "parse_size", "percentile"]
 

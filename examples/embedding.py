@@ -8,7 +8,7 @@ that loop it plugs relaycrypt's core:
 * ``WorkerPool.attach(reactor, ...)`` starts the worker threads and the ``ReplyQueue`` whose
   ``uv.Async`` wakes the loop when results are ready;
 * ``pool.open_circuit(state, on_result=...)`` per circuit, with the circuit's tor1 relay crypto
-  state (``workers.crypto_backend.relay_crypto_for``: the C kernel unless RELAYCRYPT_PURE=1).
+  state (``tor1.backend.relay_crypto_for``: the C kernel unless RELAYCRYPT_PURE=1).
 
 The application's own timer feeds cells (joined buffers of 32 cells, as a relay would after
 reading a socket) to ``--circuits`` circuits, and ``on_result`` collects the decrypted cells on
@@ -33,10 +33,10 @@ from typing import Any
 import pyuv
 
 from reactor import Reactor, ReplyQueue
-from workers import crypto_backend
+from tor1 import backend as crypto_backend
+from tor1.reference import HopKeys, RelayCrypto, kdf_tor
 from workers.circuit import Circuit
 from workers.pool import WorkerPool
-from workers.relay_crypto import HopKeys, RelayCrypto, kdf_tor
 
 CELL = 509
 FORWARD = 0
@@ -59,14 +59,14 @@ class EmbeddingDemo:
         self.reactor = Reactor(self.loop)
         group = None
         if crypto_backend.backend_name() == "kernel":
-            from workers.fastcrypto import relay_group
+            from tor1.fast import relay_group
 
             group = relay_group()
         # WorkerPool.attach(reactor, ...) does these three steps in one call; spelled out here
         # to show the wiring: results travel worker -> ReplyQueue -> pool.deliver (loop thread)
         # -> on_result.
         self.pool = WorkerPool(None, threads=threads, process=crypt, group=group, joined=True,
-                               directions=1)
+                               cell_size=CELL, directions=1)
         self.replies = ReplyQueue(self.reactor, self.pool.deliver)
         self.pool.set_replies(self.replies, owned=True)  # pool.close() closes it
         self.pool.start()

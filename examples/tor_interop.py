@@ -18,7 +18,7 @@ What it does, in order, every step checked:
 6. destroys both circuits and closes the link.
 
 Every relay cell of both circuits is encrypted and decrypted by a ``workers.WorkerPool``:
-the loop thread submits payloads, worker threads run ``workers.crypto_backend`` (tor1), and
+the loop thread submits payloads, worker threads run ``tor1.backend`` (tor1), and
 the results come back through the pool's reply queue to the loop thread, which writes them to
 the link. The example's sequential steps are a generator driven by the loop's callbacks
 (:class:`Script`), so nothing blocks the loop thread.
@@ -46,6 +46,7 @@ from typing import Any
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
 from reactor import Reactor
+from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay, relay_body, wire_cells
 from relay.handshakes import (
     HTYPE_NTOR,
@@ -56,10 +57,10 @@ from relay.handshakes import (
 )
 from relay.link import Link
 from relay.torpeer import TorPeer, TorStartError, start_tor
-from workers.cells import CELL_PAYLOAD_LEN, CellCommand, DestroyReason, RelayCommand
-from workers.crypto_backend import OriginCryptoLike, backend_name, origin_crypto_for
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.backend import OriginCryptoLike, backend_name, origin_crypto_for
+from tor1.reference import HopKeys
 from workers.pool import WorkerPool
-from workers.relay_crypto import HopKeys
 
 log = logging.getLogger("examples.tor_interop")
 
@@ -495,7 +496,8 @@ def run(host: str, port: int, *, timeout: float, threads: int, fetch_retry_for: 
     """Run every step against ``host:port``; return the report (``report["ok"]``). Call from
     the thread that will be the loop thread."""
     reactor = Reactor()
-    pool = WorkerPool.attach(reactor, threads=threads, joined=True)
+    pool = WorkerPool.attach(reactor, threads=threads, joined=True,
+                             cell_size=CELL_PAYLOAD_LEN)
     interop = Interop(reactor, pool, host, port, fetch_retry_for=fetch_retry_for, say=say)
     outcome: list[BaseException | None] = []
 

@@ -3,7 +3,7 @@ wire-cell building, read gates, and the per-iteration flush.
 
 Relay payloads without per-cell objects
 ---------------------------------------
-``workers.cells.RelayPayload`` is the readable, validating form of the 509-byte plaintext. On the
+``relay.cells.RelayPayload`` is the readable, validating form of the 509-byte plaintext. On the
 data path (thousands of cells per second per circuit) the relay and client use the functions
 here instead: :func:`pack_relay` builds one payload with a single ``struct`` call (a full DATA
 cell has no padding to draw), :func:`pack_data_cells` cuts a byte string into DATA payloads,
@@ -55,7 +55,8 @@ import struct
 from collections.abc import Callable, Hashable
 from typing import Generic, Protocol, TypeVar
 
-from workers.cells import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN, RelayCommand
+from relay.cells import RelayCommand
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
 
 __all__ = [
     "CIRCWINDOW_INCREMENT",

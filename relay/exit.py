@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reactor import CloseReason, Reactor, Stream, connect
+from relay.cells import RelayCommand
 from relay.circuits import (
     CIRCWINDOW_INCREMENT,
     CIRCWINDOW_START,
@@ -57,7 +58,7 @@ from relay.circuits import (
     pack_data_cells,
     pack_relay,
 )
-from workers.cells import RELAY_DATA_MAX, RELAY_HEADER_LEN, RelayCommand
+from tor1 import RELAY_DATA_MAX, RELAY_HEADER_LEN
 
 __all__ = ["ExitEdge", "loopback_only", "parse_begin"]
 

@@ -12,10 +12,10 @@ Wire format (tor-spec 3, link protocol 4 and later: 4-byte circuit ids)::
     fixed cell     CIRCID (4) COMMAND (1) PAYLOAD (509, zero-padded)
     variable cell  CIRCID (4) COMMAND (1) LENGTH (2) PAYLOAD (LENGTH)   command 7 or >= 128
 
-Which commands are variable-length comes from ``workers.cells.is_var_length``; a command
+Which commands are variable-length comes from ``relay.cells.is_var_length``; a command
 framed as variable-length that the link version does not allow raises
-``workers.cells.CellFormatError`` (the link then closes). The handshake cells, whose format
-changes after VERSIONS, are framed by ``workers.cells.parse_cell`` in
+``relay.cells.CellFormatError`` (the link then closes). The handshake cells, whose format
+changes after VERSIONS, are framed by ``relay.cells.parse_cell`` in
 :mod:`relay.linkhandshake`, not here; both share the same ``pending`` bytes.
 
 Stopping: after each cell the framer checks ``running``, which its link clears when reading
@@ -30,7 +30,8 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable
 
-from workers.cells import CELL_PAYLOAD_LEN, CellFormatError, is_var_length
+from relay.cells import CellFormatError, is_var_length
+from tor1 import CELL_PAYLOAD_LEN
 
 __all__ = [
     "FIXED_CELL_LEN",

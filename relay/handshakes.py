@@ -1,7 +1,7 @@
 """Circuit handshakes: CREATE_FAST and ntor, and the CREATE2 / EXTEND2 family of cell bodies.
 
 Both handshakes end in the same thing: 72 bytes of hop key material ``Df | Db | Kf | Kb`` that
-``workers.relay_crypto.HopKeys.from_material`` turns into a hop's keys. They are plain
+``tor1.reference.HopKeys.from_material`` turns into a hop's keys. They are plain
 computations (no I/O, no shared state), split into a client object that keeps its ephemeral
 secret between "send the onionskin" and "got the reply", and a server function that answers an
 onionskin in one call.
@@ -49,7 +49,7 @@ from hashlib import sha256
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from workers.relay_crypto import HOP_MATERIAL_LEN, NTOR_PROTOID, kdf_ntor, kdf_tor
+from tor1.reference import HOP_MATERIAL_LEN, NTOR_PROTOID, kdf_ntor, kdf_tor
 
 __all__ = [
     "CREATED_FAST_LEN",

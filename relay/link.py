@@ -51,19 +51,14 @@ import logging
 from collections.abc import Callable, Sequence
 
 from reactor import CloseReason, Reactor, Stream, TimerHandle, connect
+from relay.cells import CellCommand, CellFormatError, DestroyReason, is_var_length
 from relay.framing import FIXED_CELL_LEN, CellFramer, CellHandler, fixed_cell, var_cell
 from relay.linkerrors import CloseKind, LinkError
 from relay.linkhandshake import HandshakeFailed, LinkHandshake, command_name
 from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
 from relay.tls import TlsClientSession, TlsError
 from relay.torcerts import RelayCerts
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    CellCommand,
-    CellFormatError,
-    DestroyReason,
-    is_var_length,
-)
+from tor1 import CELL_PAYLOAD_LEN
 
 __all__ = [
     "DEFAULT_VERSIONS",

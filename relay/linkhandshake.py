@@ -33,11 +33,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from relay.framing import fixed_cell
-from relay.linkerrors import CloseKind
-from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
-from relay.torcerts import CertsError, RelayCerts, parse_certs_cell
-from workers.cells import (
+from relay.cells import (
     AnyCell,
     CellCommand,
     CellFormatError,
@@ -46,6 +42,10 @@ from workers.cells import (
     parse_cell,
     parse_versions,
 )
+from relay.framing import fixed_cell
+from relay.linkerrors import CloseKind
+from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
+from relay.torcerts import CertsError, RelayCerts, parse_certs_cell
 
 __all__ = ["AWAITING_NETINFO", "AWAITING_VERSIONS", "DONE", "HandshakeFailed", "LinkHandshake"]
 

@@ -10,7 +10,7 @@
 
 :func:`encode_netinfo` writes the unpadded body (the link pads it to a fixed cell);
 :func:`decode_netinfo` reads one, ignoring trailing padding and skipping addresses of unknown
-types, and raises ``workers.cells.CellFormatError`` when the body is truncated. Used by the link
+types, and raises ``relay.cells.CellFormatError`` when the body is truncated. Used by the link
 handshake (:mod:`relay.linkhandshake`); ``relay.link`` re-exports the three names.
 
 Threads: pure functions and a frozen dataclass; any thread.
@@ -22,7 +22,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass, field
 
-from workers.cells import CellFormatError
+from relay.cells import CellFormatError
 
 __all__ = ["NetInfo", "decode_netinfo", "encode_netinfo"]
 

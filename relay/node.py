@@ -21,7 +21,7 @@ this project's relays) and opens links to other relays when a circuit asks to be
   ``Reactor.call_soon`` (``relay.circuits.IterationFlush``), which runs after every read
   callback of this loop iteration and does one pool submit per dirty circuit and direction.
 * **Pool.** ``WorkerPool`` with three directions (forward, backward, originate) over the fast
-  crypto backend (``workers.crypto_backend.relay_crypto_for``: the C kernel unless
+  crypto backend (``tor1.backend.relay_crypto_for``: the C kernel unless
   ``RELAYCRYPT_PURE=1``). A kernel circuit is opened with the node's one ``group`` function
   (``relay.orcircuit.new_relay_group``), so a worker crypts the batches of several circuits in
   one GIL-free ``crypt_group`` call (the pool's grouped path); a reference circuit gets
@@ -55,6 +55,7 @@ from typing import Any
 
 from reactor import Reactor, ReplyQueue, Stream, listen
 from reactor.net import Listener
+from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
 from relay.directory import RelayDescriptor, RelayKeys
 from relay.exit import ExitEdge, loopback_only
@@ -69,10 +70,9 @@ from relay.handshakes import (
 )
 from relay.link import Link, LinkError
 from relay.orcircuit import OrCircuit, Peer, crypt_batch, new_relay_group, relay_group_for
-from workers.cells import CellCommand, DestroyReason
-from workers.crypto_backend import backend_name, relay_crypto_for
+from tor1.backend import backend_name, relay_crypto_for
+from tor1.reference import HopKeys
 from workers.pool import DEFAULT_BATCH_CELLS, DEFAULT_CIRCUIT_HIGH_WATER, WorkerPool
-from workers.relay_crypto import HopKeys
 
 __all__ = ["RelayNode"]
 

@@ -14,9 +14,9 @@ pass and submitted together.
 
 The pool crypts each batch on a worker, with the same bytes either way:
 
-* on the kernel backend (:class:`workers.fastcrypto.FastRelayCrypto`, the default) the circuit
+* on the kernel backend (:class:`tor1.fast.FastRelayCrypto`, the default) the circuit
   is opened with the node's ``group`` function (:func:`relay_group_for`, built on
-  :func:`workers.fastcrypto.relay_group` with :data:`RELAY_DIRECTION_OPS`), so a worker crypts
+  :func:`tor1.fast.relay_group` with :data:`RELAY_DIRECTION_OPS`), so a worker crypts
   the batches of several circuits -- all three directions -- in ONE GIL-free
   ``crypt_group`` kernel call;
 * on the reference backend (``RELAYCRYPT_PURE=1``) there is no group and the pool calls
@@ -76,6 +76,7 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
+from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import ReadGate, pack_relay, relay_body, wire_cells
 from relay.exit import ExitEdge
 from relay.handshakes import (
@@ -85,7 +86,7 @@ from relay.handshakes import (
     encode_create2,
     encode_extended2,
 )
-from workers.cells import CELL_PAYLOAD_LEN, CellCommand, DestroyReason, RelayCommand
+from tor1 import CELL_PAYLOAD_LEN
 from workers.circuit import Circuit, GroupFn
 from workers.pool import PoolClosedError, WorkerPool
 
@@ -128,12 +129,12 @@ _CLOSED = "closed"
 
 _fast: ModuleType | None
 try:
-    from workers import fastcrypto as _fast
+    from tor1 import fast as _fast
 except ImportError:  # pragma: no cover - the C extension is not built: reference backend only
     _fast = None
 
 #: Kernel op per pool direction, indexed by FORWARD, BACKWARD, ORIGINATE: the ops that
-#: ``forward_buf``, ``backward_buf`` and ``originate_buf`` run (``workers.fastcrypto.RELAY_OPS``
+#: ``forward_buf``, ``backward_buf`` and ``originate_buf`` run (``tor1.fast.RELAY_OPS``
 #: is ordered the same way; tests/test_relay_group.py checks the bytes). Empty without the
 #: kernel.
 RELAY_DIRECTION_OPS: tuple[int, ...] = _fast.RELAY_OPS if _fast is not None else ()
@@ -150,7 +151,7 @@ def crypt_batch(state: Any, direction: int, batch: Any) -> Any:
 
 def relay_group_for(crypto: Any, shared: GroupFn | None) -> GroupFn | None:
     """The ``group`` function a circuit with ``crypto`` state is opened with: ``shared`` (one
-    :func:`workers.fastcrypto.relay_group` per node, so that the pool puts all the node's
+    :func:`tor1.fast.relay_group` per node, so that the pool puts all the node's
     circuits in the same ``crypt_group`` call) when ``crypto`` is the kernel's
     ``FastRelayCrypto``, else None (the reference backend has no group: ``crypt_batch`` per
     batch). Any thread."""

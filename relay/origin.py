@@ -21,7 +21,7 @@ the queued bytes.
 
 Crypto and batching
 -------------------
-The origin crypto (``workers.crypto_backend.origin_crypto_for``, the C kernel by default) runs
+The origin crypto (``tor1.backend.origin_crypto_for``, the C kernel by default) runs
 inline on the loop thread, in batches: the link handler only appends RELAY payloads, and at the
 end of the loop iteration (the owner calls :meth:`OriginCircuit.flush_in`) the circuit
 decrypts them with one ``decrypt_buf`` call and handles them in order. DATA takes a short path:
@@ -46,6 +46,8 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from reactor import TimerHandle
+from relay.cells import CellCommand
+from relay.cells import RelayCommand as RC
 from relay.circuits import (
     CIRCWINDOW_INCREMENT,
     CIRCWINDOW_START,
@@ -68,10 +70,9 @@ from relay.handshakes import (
     NtorClient,
     decode_extended2,
 )
-from workers.cells import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN, CellCommand
-from workers.cells import RelayCommand as RC
-from workers.crypto_backend import OriginCryptoLike, UnrecognizedCell, origin_crypto_for
-from workers.relay_crypto import HopKeys
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
+from tor1.backend import OriginCryptoLike, UnrecognizedCell, origin_crypto_for
+from tor1.reference import HopKeys
 
 if TYPE_CHECKING:
     from reactor import Reactor

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # before the pr
 
 import examples.relay
 import relay.node
-from workers.relay_crypto import HopKeys
+from tor1.reference import HopKeys
 
 
 class InjectedFault(RuntimeError):

@@ -7,7 +7,7 @@ for the relay to hang up. The tests' strangers build on it: ``test_relay_bad_inp
 socket), ``test_fuzz_relay.Stranger`` adds variable-length cells and per-circuit bookkeeping,
 ``test_faults_network.NonReader`` stops reading once its streams are connected.
 
-It is written with plain sockets, ``struct`` and the cell codec (``workers.cells``), not with
+It is written with plain sockets, ``struct`` and the cell codec (``relay.cells``), not with
 ``relay.link`` or ``relay.framing``: the relay is checked against a second implementation of the
 link handshake and of the cell framing.
 """
@@ -18,10 +18,11 @@ import socket
 import struct
 import time
 
+from relay.cells import CellCommand, encode_versions
 from relay.handshakes import CreateFastClient
 from relay.link import NetInfo, encode_netinfo
-from workers.cells import CELL_PAYLOAD_LEN, CellCommand, encode_versions
-from workers.relay_crypto import HopKeys, OriginCrypto
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.reference import HopKeys, OriginCrypto
 
 
 def fixed_cell(circ_id: int, command: int, payload: bytes = b"") -> bytes:

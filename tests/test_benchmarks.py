@@ -33,7 +33,8 @@ from benchmarks.designs import DESIGNS, InlineDesign, PoolDesign
 from benchmarks.driver import Arrival, ResultSink, RunFailed, run_design
 from benchmarks.workload import OutputMismatch, Workload, build
 from reactor import Reactor
-from workers.relay_crypto import PAYLOAD_LEN, OriginCrypto, RelayCrypto
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.reference import OriginCrypto, RelayCrypto
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOAD_NAMES = ("relay_forward", "origin")
@@ -124,11 +125,11 @@ class _Tamper:
             self.done = True
             if self.mode == "flip":
                 damaged = bytearray(out)
-                damaged[PAYLOAD_LEN + 100] ^= 0x01  # one bit of the second cell
+                damaged[CELL_PAYLOAD_LEN + 100] ^= 0x01  # one bit of the second cell
                 out = bytes(damaged)
             elif self.mode == "drop":
                 # Drop the first cell but count it: the stream now continues one cell early.
-                out, flags = out[PAYLOAD_LEN:], flags[1:]
+                out, flags = out[CELL_PAYLOAD_LEN:], flags[1:]
             elif self.mode == "flag":
                 flags = b"\x01" + flags[1:]
         self.sink.result(circuit, out, flags, cells)
@@ -201,7 +202,7 @@ def test_expected_bytes_are_the_reference(small_workload: Workload) -> None:
     """Recompute circuit 0 with the reference, cell by cell (no batch forms)."""
     keys = small_workload.keys[0]
     data = b"".join(cells for c, cells, _ in small_workload.arrivals if c == 0)
-    cells = [data[i : i + PAYLOAD_LEN] for i in range(0, len(data), PAYLOAD_LEN)]
+    cells = [data[i : i + CELL_PAYLOAD_LEN] for i in range(0, len(data), CELL_PAYLOAD_LEN)]
     if small_workload.name == "origin":
         client = OriginCrypto(list(keys))
         want = b"".join(client.encrypt(cell, 2) for cell in cells)

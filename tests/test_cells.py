@@ -1,4 +1,4 @@
-"""Tests for workers.cells: framing round trips, stream decoding, relay payloads, rejects, fuzz."""
+"""Tests for relay.cells: framing round trips, stream decoding, relay payloads, rejects, fuzz."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    RELAY_DATA_MAX,
+from relay.cells import (
     Cell,
     CellCommand,
     CellFormatError,
@@ -35,6 +33,7 @@ from workers.cells import (
     parse_cells,
     parse_versions,
 )
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 
 link_versions = st.sampled_from([3, 4, 5])
 

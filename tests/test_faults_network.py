@@ -39,15 +39,15 @@ from support_rawpeer import RawPeer, fixed_cell
 from examples.network import ChildProcess, LocalNetwork
 from examples.soak import process_sample
 from reactor import Reactor
-from relay.circuits import pack_relay
-from relay.directory import RelayDescriptor
-from relay.handshakes import CreateFastClient
-from workers.cells import (
+from relay.cells import (
     CellCommand,
     DestroyReason,
     RelayCommand,
 )
-from workers.relay_crypto import HopKeys, OriginCrypto
+from relay.circuits import pack_relay
+from relay.directory import RelayDescriptor
+from relay.handshakes import CreateFastClient
+from tor1.reference import HopKeys, OriginCrypto
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -43,10 +43,10 @@ import pytest
 from support_loop import run_polled, run_until
 
 from reactor import Reactor
+from tor1.backend import ReferenceRelayCrypto, relay_crypto_for
+from tor1.reference import HopKeys, kdf_tor
 from workers.circuit import Circuit
-from workers.crypto_backend import ReferenceRelayCrypto, relay_crypto_for
 from workers.pool import WorkerPool
-from workers.relay_crypto import HopKeys, kdf_tor
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -114,7 +114,8 @@ def test_random_closes_and_worker_exceptions_leave_every_other_circuit_intact(se
     loop_thread = threading.get_ident()
     callback_threads: set[int] = set()
     pool = WorkerPool.attach(reactor, threads=2, directions=2, process=crypt, joined=True,
-                             batch_cells=rng.choice([8, 32, 256]), name=WORKER_PREFIX)
+                             batch_cells=rng.choice([8, 32, 256]), name=WORKER_PREFIX,
+                             cell_size=CELL)
     tracks: dict[Circuit, Track] = {}
 
     def on_result(circuit: Circuit, direction: int, result: bytes) -> None:
@@ -213,7 +214,7 @@ def loaded_pool(reactor: Reactor, circuits: int, cells_each: int, *, threads: in
     queued (a per-cell digest check in Python: slow on purpose, so the workers are certainly
     busy when the test closes the pool)."""
     pool = WorkerPool.attach(reactor, threads=threads, directions=2, process=crypt, joined=True,
-                             batch_cells=64, name=WORKER_PREFIX)
+                             batch_cells=64, name=WORKER_PREFIX, cell_size=CELL)
     got: dict[Circuit, bytearray] = {}
     sent: dict[Circuit, bytes] = {}
 

@@ -41,6 +41,23 @@ from hypothesis import given
 from hypothesis import strategies as st
 from reliability_support import fuzz_settings, mutated_bytes
 
+from relay.cells import (
+    Cell,
+    CellFormatError,
+    PayloadSizeError,
+    RelayLengthError,
+    RelayPayload,
+    TrailingBytesError,
+    TruncatedCellError,
+    VarCell,
+    VersionsFormatError,
+    decode_cell,
+    encode_versions,
+    is_var_length,
+    parse_cell,
+    parse_cells,
+    parse_versions,
+)
 from relay.circuits import RELAY_HEADER, relay_body
 from relay.exit import parse_begin
 from relay.handshakes import (
@@ -61,26 +78,7 @@ from relay.handshakes import (
 )
 from relay.link import NetInfo, decode_netinfo, encode_netinfo
 from relay.torcerts import CertsError, parse_certs_cell
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    RELAY_DATA_MAX,
-    RELAY_HEADER_LEN,
-    Cell,
-    CellFormatError,
-    PayloadSizeError,
-    RelayLengthError,
-    RelayPayload,
-    TrailingBytesError,
-    TruncatedCellError,
-    VarCell,
-    VersionsFormatError,
-    decode_cell,
-    encode_versions,
-    is_var_length,
-    parse_cell,
-    parse_cells,
-    parse_versions,
-)
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
 
 # --------------------------------------------------------------------------- strategies
 

@@ -42,14 +42,10 @@ from reliability_support import LogRecorder, fuzz_settings, mutated_bytes, recor
 from support_loop import run_until
 
 from reactor import Reactor, Stream, listen
+from relay.cells import CellCommand, CellFormatError, encode_versions
 from relay.link import CloseKind, Link, LinkError, NetInfo, encode_netinfo
 from relay.torcerts import CertsError
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    CellCommand,
-    CellFormatError,
-    encode_versions,
-)
+from tor1 import CELL_PAYLOAD_LEN
 
 pytestmark = pytest.mark.timeout(300)
 

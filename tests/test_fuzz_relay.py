@@ -43,6 +43,7 @@ from support_loop import run_until
 from support_rawpeer import RawPeer
 
 from reactor import Reactor, Stream, listen
+from relay.cells import CellCommand, CellFormatError, RelayCommand
 from relay.circuits import pack_relay
 from relay.client import Client
 from relay.directory import RelayKeys
@@ -56,13 +57,8 @@ from relay.handshakes import (
 )
 from relay.node import RelayNode
 from relay.origin import ClientStream, OriginCircuit
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    CellCommand,
-    CellFormatError,
-    RelayCommand,
-)
-from workers.relay_crypto import HopKeys, OriginCrypto, UnrecognizedCell
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.reference import HopKeys, OriginCrypto, UnrecognizedCell
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -25,7 +25,7 @@ from relay.handshakes import (
     create_fast_server,
     ntor_server,
 )
-from workers.relay_crypto import HopKeys
+from tor1.reference import HopKeys
 
 PROTOID = b"ntor-curve25519-sha256-1"
 

@@ -1,4 +1,4 @@
-"""The C batch kernel (workers._kernel, workers.fastcrypto) gives the reference's exact bytes.
+"""The C batch kernel (tor1._kernel, tor1.fast) gives the reference's exact bytes.
 
 Layout: known answers straight from SPEC-tor1 (AES-CTR incl. the counter wrap, digest setting
 computed with hashlib + cryptography by hand), the hypothesis property test that drives a
@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from workers._kernel import OriginState, RelayState
-from workers.fastcrypto import FastOriginCrypto, FastRelayCrypto
-from workers.relay_crypto import (
-    PAYLOAD_LEN,
+from tor1 import CELL_PAYLOAD_LEN
+from tor1._kernel import OriginState, RelayState
+from tor1.fast import FastOriginCrypto, FastRelayCrypto
+from tor1.reference import (
     HopKeys,
     OriginCrypto,
     RelayCrypto,
@@ -47,7 +47,7 @@ def keys_from(rng: random.Random) -> HopKeys:
 
 def relay_payload(rng: random.Random) -> bytes:
     """A plausible plaintext relay payload: recognized zero, digest zero, random rest."""
-    p = bytearray(rng.randbytes(PAYLOAD_LEN))
+    p = bytearray(rng.randbytes(CELL_PAYLOAD_LEN))
     p[1:3] = b"\0\0"
     p[5:9] = b"\0\0\0\0"
     return bytes(p)
@@ -62,15 +62,15 @@ def kernel_relay(keys: HopKeys, iv: bytes | None = None) -> RelayState:
 
 def test_aes_ctr_known_answer_zero_iv() -> None:
     keys = HopKeys(df=bytes(20), db=bytes(20), kf=bytes(16), kb=KAT_KEY)
-    out = kernel_relay(keys).backward(bytes(PAYLOAD_LEN))
+    out = kernel_relay(keys).backward(bytes(CELL_PAYLOAD_LEN))
     assert out[:16] == KAT_ZERO_IV_16
 
 
 def test_aes_ctr_counter_wraps() -> None:
     keys = HopKeys(df=bytes(20), db=bytes(20), kf=KAT_KEY, kb=KAT_KEY)
     state = kernel_relay(keys, iv=ALL_ONES)
-    assert state.backward(bytes(PAYLOAD_LEN))[:64] == KAT_WRAP_64
-    out, _ = state.forward(bytes(PAYLOAD_LEN))
+    assert state.backward(bytes(CELL_PAYLOAD_LEN))[:64] == KAT_WRAP_64
+    out, _ = state.forward(bytes(CELL_PAYLOAD_LEN))
     assert out[:64] == KAT_WRAP_64
 
 
@@ -83,7 +83,7 @@ def test_keystream_position_carries_across_calls(start_block: int) -> None:
     reference = aes128_ctr_encryptor(KAT_KEY, start_block * 16)
     rng = random.Random(start_block)
     for _ in range(30):
-        buf = rng.randbytes(PAYLOAD_LEN * rng.randint(0, 5))
+        buf = rng.randbytes(CELL_PAYLOAD_LEN * rng.randint(0, 5))
         assert state.backward(buf) == reference(buf)
 
 
@@ -91,7 +91,7 @@ def test_originate_known_answer_by_hand() -> None:
     """Digest set and Kb encryption recomputed from the spec with hashlib and cryptography."""
     rng = random.Random(7)
     keys = keys_from(rng)
-    payloads = [rng.randbytes(PAYLOAD_LEN) for _ in range(3)]
+    payloads = [rng.randbytes(CELL_PAYLOAD_LEN) for _ in range(3)]
     running = hashlib.sha1(keys.db)
     expected_plain = b""
     for p in payloads:
@@ -177,7 +177,7 @@ def flip_some(rng: random.Random, cells: list[bytes], damage: bool) -> list[byte
     for cell in cells:
         if rng.random() < 0.3:
             b = bytearray(cell)
-            pos = rng.randrange(5, 9) if rng.random() < 0.5 else rng.randrange(PAYLOAD_LEN)
+            pos = rng.randrange(5, 9) if rng.random() < 0.5 else rng.randrange(CELL_PAYLOAD_LEN)
             b[pos] ^= 1 << rng.randrange(8)
             cell = bytes(b)
         out.append(cell)
@@ -185,12 +185,12 @@ def flip_some(rng: random.Random, cells: list[bytes], damage: bool) -> list[byte
 
 
 def pairs(joined: bytes, flags: bytes) -> list:
-    return [(bool(f), joined[i * PAYLOAD_LEN : (i + 1) * PAYLOAD_LEN])
+    return [(bool(f), joined[i * CELL_PAYLOAD_LEN : (i + 1) * CELL_PAYLOAD_LEN])
             for i, f in enumerate(flags)]
 
 
 def cells_of(joined: bytes, n: int) -> list[bytes]:
-    return [joined[i * PAYLOAD_LEN : (i + 1) * PAYLOAD_LEN] for i in range(n)]
+    return [joined[i * CELL_PAYLOAD_LEN : (i + 1) * CELL_PAYLOAD_LEN] for i in range(n)]
 
 
 def send_forward(
@@ -303,7 +303,7 @@ def test_kernel_equals_reference_on_random_circuits(seed: int, n_hops: int, n_op
         batch = rng.choice([0, 1, 1, 2, 3, 4, 5, 9, 17, 40])
         damage = rng.random() < 0.25
         if op == "junk":
-            cells = [rng.randbytes(PAYLOAD_LEN) for _ in range(batch)]
+            cells = [rng.randbytes(CELL_PAYLOAD_LEN) for _ in range(batch)]
             cells = [c[:1] + b"\0\0" + c[3:] if rng.random() < 0.3 else c for c in cells]
             junk_forward(w, rng, cells)
         else:
@@ -347,11 +347,11 @@ def test_unrecognized_cell_leaves_state_as_after_good_cells() -> None:
 
 def test_zero_hop_origin_behaves_like_reference() -> None:
     with pytest.raises(UnrecognizedCell):
-        OriginCrypto([]).decrypt(bytes(PAYLOAD_LEN))
+        OriginCrypto([]).decrypt(bytes(CELL_PAYLOAD_LEN))
     with pytest.raises(UnrecognizedCell):
-        FastOriginCrypto([]).decrypt(bytes(PAYLOAD_LEN))
+        FastOriginCrypto([]).decrypt(bytes(CELL_PAYLOAD_LEN))
     with pytest.raises(ValueError, match="out of range"):
-        FastOriginCrypto([]).encrypt(bytes(PAYLOAD_LEN), 0)
+        FastOriginCrypto([]).encrypt(bytes(CELL_PAYLOAD_LEN), 0)
     assert FastOriginCrypto([]).decrypt_many([]) == []
 
 
@@ -408,7 +408,7 @@ def test_buffer_lengths_and_hops_are_checked_without_state_change() -> None:
     origin = FastOriginCrypto([keys, second])
     for bad_hop in (-1, 2, 10**6):
         with pytest.raises(ValueError, match="out of range"):
-            origin.encrypt_buf(bytes(PAYLOAD_LEN), bad_hop)
+            origin.encrypt_buf(bytes(CELL_PAYLOAD_LEN), bad_hop)
     with pytest.raises(ValueError, match="multiple of 509"):
         origin.decrypt_buf(bytes(100))
     # Nothing above moved any state: the next calls still equal a fresh reference.

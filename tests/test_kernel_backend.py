@@ -1,4 +1,4 @@
-"""workers.crypto_backend: kernel by default, reference when forced or when the kernel is
+"""tor1.backend: kernel by default, reference when forced or when the kernel is
 missing, and the same joined-buffer API and bytes from both."""
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import textwrap
 
 import pytest
 
-from workers import crypto_backend
-from workers.crypto_backend import (
+from tor1 import CELL_PAYLOAD_LEN
+from tor1 import backend as crypto_backend
+from tor1.backend import (
     FORCE_PURE_ENV,
     ReferenceOriginCrypto,
     ReferenceRelayCrypto,
@@ -19,8 +20,8 @@ from workers.crypto_backend import (
     origin_crypto_for,
     relay_crypto_for,
 )
-from workers.fastcrypto import FastOriginCrypto, FastRelayCrypto
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys, UnrecognizedCell
+from tor1.fast import FastOriginCrypto, FastRelayCrypto
+from tor1.reference import HopKeys, UnrecognizedCell
 
 
 def hop_keys(rng: random.Random, n: int) -> list[HopKeys]:
@@ -28,9 +29,9 @@ def hop_keys(rng: random.Random, n: int) -> list[HopKeys]:
 
 
 def payloads(rng: random.Random, n: int) -> bytes:
-    cells = bytearray(rng.randbytes(n * PAYLOAD_LEN))
+    cells = bytearray(rng.randbytes(n * CELL_PAYLOAD_LEN))
     for i in range(n):
-        cells[i * PAYLOAD_LEN + 1 : i * PAYLOAD_LEN + 3] = b"\0\0"
+        cells[i * CELL_PAYLOAD_LEN + 1 : i * CELL_PAYLOAD_LEN + 3] = b"\0\0"
     return bytes(cells)
 
 
@@ -58,8 +59,8 @@ def test_missing_kernel_falls_back_to_the_reference() -> None:
     code = textwrap.dedent(
         """
         import sys
-        sys.modules["workers._kernel._tor1"] = None  # as if the extension was never built
-        from workers import crypto_backend as cb
+        sys.modules["tor1._kernel._tor1"] = None  # as if the extension was never built
+        from tor1 import backend as cb
         assert not cb.kernel_available()
         assert "_tor1" in cb.kernel_missing_reason()
         assert cb.backend_name() == "reference"
@@ -100,7 +101,7 @@ def test_unrecognized_buffer_raises_the_same_on_both(monkeypatch: pytest.MonkeyP
     relay = relay_crypto_for(keys[1])
     cells = bytearray(relay.originate_buf(payloads(rng, 4)))
     cells = bytearray(relay_crypto_for(keys[0]).backward_buf(cells))
-    cells[2 * PAYLOAD_LEN + 30] ^= 1
+    cells[2 * CELL_PAYLOAD_LEN + 30] ^= 1
     seen = []
     for force in ("0", "1"):
         monkeypatch.setenv(FORCE_PURE_ENV, force)

@@ -1,4 +1,4 @@
-"""``workers._kernel.crypt_group``: several circuits' batches in one call, one GIL release.
+"""``tor1._kernel.crypt_group``: several circuits' batches in one call, one GIL release.
 
 What is checked:
 
@@ -7,13 +7,13 @@ What is checked:
   hop counts) through the same random jobs -- every op, random batch sizes and piece splits,
   damaged cells, a state appearing several times in one group, invalid jobs mixed in -- one
   set by methods, the other by ``crypt_group``, and compares every result, every exception
-  type and the states afterwards; the reference (``workers.relay_crypto``) checks the relay
+  type and the states afterwards; the reference (``tor1.reference``) checks the relay
   forward path independently;
 * errors stay with their job (bad type, op, length or hop; a state in use elsewhere) and the
   failed job leaves its state untouched;
 * the GIL is released for the group (another thread runs Python while a group is inside);
 * the in-use guard: a state held by another thread's call fails only its own job;
-* the pool's group functions (``workers.fastcrypto.relay_group`` / ``origin_group``) return
+* the pool's group functions (``tor1.fast.relay_group`` / ``origin_group``) return
   what the ``*_buf`` methods return, UnrecognizedCell included.
 
 No timing assertions anywhere.
@@ -29,7 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support_kernel import Runner
 
-from workers._kernel import (
+from tor1 import CELL_PAYLOAD_LEN
+from tor1._kernel import (
     OP_BACKWARD,
     OP_DECRYPT,
     OP_ENCRYPT,
@@ -39,15 +40,15 @@ from workers._kernel import (
     RelayState,
     crypt_group,
 )
-from workers.fastcrypto import (
+from tor1.fast import (
     FastOriginCrypto,
     FastRelayCrypto,
     origin_group,
     relay_group,
 )
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
 
-BIG = bytes(16 * 1024 * 1024 // PAYLOAD_LEN * PAYLOAD_LEN)  # ~16 MB of whole cells
+BIG = bytes(16 * 1024 * 1024 // CELL_PAYLOAD_LEN * CELL_PAYLOAD_LEN)  # ~16 MB of whole cells
 
 
 def hop_keys(rng: random.Random) -> tuple[bytes, bytes, bytes, bytes]:
@@ -57,7 +58,7 @@ def hop_keys(rng: random.Random) -> tuple[bytes, bytes, bytes, bytes]:
 
 def payload(rng: random.Random, plausible: bool) -> bytes:
     """A cell: a plausible relay payload (recognized and digest zero) or random bytes."""
-    p = bytearray(rng.randbytes(PAYLOAD_LEN))
+    p = bytearray(rng.randbytes(CELL_PAYLOAD_LEN))
     if plausible:
         p[1:3] = b"\0\0"
         p[5:9] = b"\0\0\0\0"
@@ -243,7 +244,7 @@ def test_unrecognized_cell_in_a_group_decrypt() -> None:
     relays = [RelayCrypto(k) for k in keys]
     wire = [relays[0].backward(relays[1].originate(payload(rng, True))) for _ in range(6)]
     good_third = wire[3]
-    wire[3] = bytes(PAYLOAD_LEN)  # garbage: no hop recognizes it
+    wire[3] = bytes(CELL_PAYLOAD_LEN)  # garbage: no hop recognizes it
     joined = b"".join(wire)
     ref = FastOriginCrypto(keys)
     with pytest.raises(UnrecognizedCell) as caught:
@@ -307,15 +308,3 @@ def test_a_state_in_use_elsewhere_fails_only_its_job() -> None:
     assert runner.error is None
     assert refused is not None and "in use" in str(refused)
     assert not busy.in_use and not free.in_use
-
-
-def test_retain_freed_memory() -> None:
-    """The pool's malloc setting: applied on glibc (this project's platform), checked args."""
-    import platform
-
-    from workers._kernel import retain_freed_memory
-
-    applied = retain_freed_memory(32 << 20, 4 << 20)
-    assert applied is (platform.libc_ver()[0] == "glibc")
-    with pytest.raises(ValueError):
-        retain_freed_memory(-1, 0)

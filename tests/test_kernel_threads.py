@@ -11,11 +11,11 @@ import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from support_kernel import Runner
 
-from workers._kernel import OriginState, RelayState
-from workers.relay_crypto import PAYLOAD_LEN
+from tor1 import CELL_PAYLOAD_LEN
+from tor1._kernel import OriginState, RelayState
 
-BIG_CELLS = 32 * 1024 * 1024 // PAYLOAD_LEN  # a ~32 MB joined batch
-BIG = bytes(BIG_CELLS * PAYLOAD_LEN)
+BIG_CELLS = 32 * 1024 * 1024 // CELL_PAYLOAD_LEN  # a ~32 MB joined batch
+BIG = bytes(BIG_CELLS * CELL_PAYLOAD_LEN)
 
 
 def relay_state(tag: int) -> RelayState:
@@ -73,7 +73,7 @@ def test_concurrent_use_of_one_state_raises() -> None:
     assert refused is not None and "in use" in str(refused)
     # The guard did not disturb the stream: the worker's calls produced one continuous
     # keystream, so the next cell is at offset calls * len(BIG).
-    cell = bytes(PAYLOAD_LEN)
+    cell = bytes(CELL_PAYLOAD_LEN)
     offset = runner.calls * len(BIG)
     block, skip = divmod(offset, 16)
     ref = Cipher(algorithms.AES(bytes([6]) * 16),
@@ -106,14 +106,14 @@ def test_input_is_pinned_while_the_kernel_reads_it() -> None:
     so the kernel never reads freed memory; a list of pieces is pinned the same way."""
     state = relay_state(4)
     data = bytearray(BIG)
-    pieces = [bytes(PAYLOAD_LEN), data]
+    pieces = [bytes(CELL_PAYLOAD_LEN), data]
     runner = Runner(lambda: state.backward(pieces))
     runner.start()
     blocked = False
     while not blocked and runner.is_alive():
         if state.in_use:
             try:  # a whole cell, so a resize landing between two calls keeps the input valid
-                data.extend(bytes(PAYLOAD_LEN))
+                data.extend(bytes(CELL_PAYLOAD_LEN))
             except BufferError:
                 blocked = True
     runner.stop.set()

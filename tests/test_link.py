@@ -16,6 +16,13 @@ import pytest
 import support_loop
 
 from reactor import Reactor, Stream, listen
+from relay.cells import (
+    CellCommand,
+    CellFormatError,
+    DestroyReason,
+    VarCell,
+    encode_versions,
+)
 from relay.link import (
     CloseKind,
     Link,
@@ -23,13 +30,6 @@ from relay.link import (
     NetInfo,
     decode_netinfo,
     encode_netinfo,
-)
-from workers.cells import (
-    CellCommand,
-    CellFormatError,
-    DestroyReason,
-    VarCell,
-    encode_versions,
 )
 
 pytestmark = pytest.mark.timeout(60)

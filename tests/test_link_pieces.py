@@ -11,6 +11,7 @@ import random
 
 import pytest
 
+from relay.cells import CellCommand, CellFormatError, encode_versions
 from relay.framing import FIXED_CELL_LEN, CellFramer, fixed_cell, var_cell
 from relay.linkerrors import CloseKind
 from relay.linkhandshake import (
@@ -21,7 +22,6 @@ from relay.linkhandshake import (
     LinkHandshake,
 )
 from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
-from workers.cells import CellCommand, CellFormatError, encode_versions
 
 _ADDRS = {True: (("10.0.0.2", 9001), ("10.0.0.1", 5555)),
           False: (("10.0.0.1", 5555), ("10.0.0.2", 9001))}

@@ -26,8 +26,8 @@ from cryptography.x509.oid import NameOID
 from support_loop import run_until
 
 from reactor import Reactor
+from relay.cells import CellCommand, VarCell, encode_versions
 from relay.link import CloseKind, Link, NetInfo, encode_netinfo
-from workers.cells import CellCommand, VarCell, encode_versions
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -38,7 +38,8 @@ def test_order_kept_per_circuit_and_direction(joined: bool) -> None:
             got[key].extend(result)
 
     pool = WorkerPool(
-        replies, threads=3, joined=joined, process=crypt_joined if joined else crypt_list
+        replies, threads=3, joined=joined, process=crypt_joined if joined else crypt_list,
+        cell_size=CELL
     )
     pool.start()
     circuits = [
@@ -75,7 +76,8 @@ def test_one_reply_per_batch_and_cap_is_soft() -> None:
     replies = Collector()
     sizes: list[int] = []
     pool = WorkerPool(
-        replies, threads=1, batch_cells=10, joined=True, process=lambda s, d, b: len(b) // CELL
+        replies, threads=1, batch_cells=10, joined=True, process=lambda s, d, b: len(b) // CELL,
+        cell_size=CELL
     )
     c = pool.open_circuit(None, on_result=lambda c, d, r: sizes.append(r))
     # Queued before start, so the one worker finds all of it at once: items of 4 cells each.
@@ -98,7 +100,7 @@ def test_single_buffer_passes_through_without_copy() -> None:
         seen.append(batch is payload)
         return len(batch)
 
-    pool = WorkerPool(replies, threads=1, joined=True, process=process)
+    pool = WorkerPool(replies, threads=1, joined=True, process=process, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda c, d, r: None)
     pool.submit(c, 1, payload)
     pool.start()
@@ -110,7 +112,7 @@ def test_single_buffer_passes_through_without_copy() -> None:
 def test_count_given_for_cells_of_another_size() -> None:
     replies = Collector()
     got: list[list[bytes]] = []
-    pool = WorkerPool(replies, threads=2, process=lambda s, d, b: b)
+    pool = WorkerPool(replies, threads=2, process=lambda s, d, b: b, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
     pool.submit(c, 0, b"aaabbbccc", count=3)
     replies_expected = [b"aaa", b"bbb", b"ccc"]
@@ -124,7 +126,7 @@ def test_count_given_for_cells_of_another_size() -> None:
 def test_submit_many_takes_lock_once_and_schedules_each() -> None:
     replies = Collector()
     got: dict[int, list[bytes]] = defaultdict(list)
-    pool = WorkerPool(replies, threads=2, process=crypt_list)
+    pool = WorkerPool(replies, threads=2, process=crypt_list, cell_size=CELL)
     circuits = [
         pool.open_circuit(
             OrderedState(i), on_result=lambda c, d, r: got[c.context].extend(r), context=i
@@ -147,7 +149,7 @@ def test_submit_many_takes_lock_once_and_schedules_each() -> None:
 
 
 def test_submit_validation() -> None:
-    pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b)
+    pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda c, d, r: None)
     with pytest.raises(ValueError, match="direction"):
         pool.submit(c, 2, [b"x"])
@@ -160,9 +162,9 @@ def test_submit_validation() -> None:
     with pytest.raises(ValueError, match="priority class"):
         pool.set_priority(c, 3)
     with pytest.raises(ValueError, match="process"):
-        WorkerPool(Collector()).open_circuit(None)
+        WorkerPool(Collector(), cell_size=CELL).open_circuit(None)
     with pytest.raises(ValueError, match="priorities"):
-        WorkerPool(Collector(), priorities=2)
+        WorkerPool(Collector(), priorities=2, cell_size=CELL)
     assert pool.submit(c, 0, b"") is True  # nothing to do, nothing queued
     assert pool.in_flight == 0
     pool.close_circuit(c)
@@ -178,7 +180,7 @@ def test_submit_validation() -> None:
 
 
 def test_worker_state_only_on_workers() -> None:
-    pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b)
+    pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b, cell_size=CELL)
     with pytest.raises(RuntimeError, match="worker"):
         pool.worker_state()
     pool.close()
@@ -193,7 +195,7 @@ def test_close_from_worker_refused() -> None:
         holder[0].close()
         return batch
 
-    pool = WorkerPool(replies, threads=1, process=process)
+    pool = WorkerPool(replies, threads=1, process=process, cell_size=CELL)
     holder.append(pool)
     c = pool.open_circuit(
         None, on_result=lambda c, d, r: None, on_error=lambda c, d, e: errors.append(e)
@@ -209,7 +211,7 @@ def test_close_from_worker_refused() -> None:
 def test_submit_many_rejects_an_entry_but_keeps_the_ones_before() -> None:
     replies = Collector()
     got: list[Any] = []
-    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b)
+    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b, cell_size=CELL)
     good = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
     closed = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
     pool.close_circuit(closed)
@@ -229,7 +231,8 @@ def test_resume_signal_survives_a_raising_result_callback() -> None:
     def on_result(c: Circuit, d: int, r: Any) -> None:
         raise RuntimeError("application bug")
 
-    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b, circuit_high_water=2)
+    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b, circuit_high_water=2,
+                      cell_size=CELL)
     c = pool.open_circuit(
         None, on_result=on_result, on_pressure=lambda c, over: events.append(over)
     )
@@ -245,7 +248,7 @@ def test_resume_signal_survives_a_raising_result_callback() -> None:
 def test_context_manager_starts_and_drains() -> None:
     replies = Collector()
     got: list[Any] = []
-    with WorkerPool(replies, threads=2, process=lambda s, d, b: b) as pool:
+    with WorkerPool(replies, threads=2, process=lambda s, d, b: b, cell_size=CELL) as pool:
         c = pool.open_circuit(None, on_result=lambda c, d, r: got.append(r))
         pool.submit(c, 0, [b"a"])
         assert pool.stats()["alive_threads"] == 2
@@ -255,7 +258,7 @@ def test_context_manager_starts_and_drains() -> None:
 
 
 def test_attach_needs_replies_before_start() -> None:
-    pool = WorkerPool(None, threads=1, process=lambda s, d, b: b)
+    pool = WorkerPool(None, threads=1, process=lambda s, d, b: b, cell_size=CELL)
     with pytest.raises(RuntimeError, match="reply queue"):
         pool.start()
     pool.set_replies(Collector())

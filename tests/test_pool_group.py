@@ -25,10 +25,10 @@ from typing import Any
 import pytest
 from test_pool_support import CELL, Collector, OrderedState, OwnerGuard, cell, expected_stream
 
+from tor1.fast import FastRelayCrypto, relay_group
+from tor1.reference import HopKeys, RelayCrypto
 from workers.circuit import Circuit
-from workers.fastcrypto import FastRelayCrypto, relay_group
 from workers.pool import WorkerPool
-from workers.relay_crypto import HopKeys, RelayCrypto
 
 
 class ManyCollector(Collector):
@@ -90,7 +90,8 @@ def test_order_and_exclusivity_across_groups() -> None:
     def on_result(circuit: Circuit, direction: int, result: list[bytes]) -> None:
         got[(circuit.context, direction)].extend(result)
 
-    pool = WorkerPool(replies, threads=3, process=stream_process, group=group, batch_cells=7)
+    pool = WorkerPool(replies, threads=3, process=stream_process, group=group, batch_cells=7,
+                      cell_size=CELL)
     pool.start()
     circuits = [pool.open_circuit(OrderedState(i), on_result=on_result, context=i)
                 for i in range(40)]
@@ -133,7 +134,7 @@ def test_real_kernel_groups_give_the_reference_bytes() -> None:
         flags[circuit.context] += recognized
 
     pool = WorkerPool(replies, threads=2, process=lambda s, d, b: s.forward_buf(b), joined=True,
-                      group=relay_group(), batch_cells=64)
+                      group=relay_group(), batch_cells=64, cell_size=CELL)
     pool.start()
     keys = [HopKeys.from_material(rng.randbytes(72)) for _ in range(12)]
     circuits = [pool.open_circuit(FastRelayCrypto(k), on_result=on_result, context=i)
@@ -170,7 +171,7 @@ def test_close_while_its_batch_is_inside_a_group_call() -> None:
         return [state.crypt_list(d, cells_of(p)) for state, d, p in jobs]
 
     got: dict[int, list[bytes]] = defaultdict(list)
-    pool = WorkerPool(replies, threads=1, process=stream_process, group=group)
+    pool = WorkerPool(replies, threads=1, process=stream_process, group=group, cell_size=CELL)
     circuits = [pool.open_circuit(OrderedState(i), context=i,
                                   on_result=lambda c, d, r: got[c.context].extend(r))
                 for i in range(4)]
@@ -208,7 +209,7 @@ def test_errors_are_isolated_to_their_circuit() -> None:
         errors.append((circuit.context, exc))
         pool.close_circuit(circuit)
 
-    pool = WorkerPool(replies, threads=2, process=stream_process, group=group)
+    pool = WorkerPool(replies, threads=2, process=stream_process, group=group, cell_size=CELL)
     pool.start()
     circuits = [pool.open_circuit(OrderedState(i), context=i, on_error=on_error,
                                   on_result=lambda c, d, r: got[c.context].extend(r))
@@ -256,7 +257,7 @@ def test_a_raising_group_call_fails_its_circuits_only() -> None:
         failed.append(circuit.context)
         pool.close_circuit(circuit)
 
-    pool = WorkerPool(replies, threads=1, process=stream_process, group=group)
+    pool = WorkerPool(replies, threads=1, process=stream_process, group=group, cell_size=CELL)
     first = [pool.open_circuit(OrderedState(i), context=i, on_error=on_error,
                                on_result=lambda c, d, r: got[c.context].extend(r))
              for i in range(3)]
@@ -286,7 +287,7 @@ def test_grouped_and_ungrouped_circuits_share_a_pool() -> None:
     def on_result(circuit: Circuit, direction: int, result: list[bytes]) -> None:
         got[(circuit.context, direction)].extend(result)
 
-    pool = WorkerPool(replies, threads=2, process=stream_process, group=group)
+    pool = WorkerPool(replies, threads=2, process=stream_process, group=group, cell_size=CELL)
     pool.start()
     grouped = [pool.open_circuit(OrderedState(i), on_result=on_result, context=i)
                for i in range(10)]
@@ -317,7 +318,8 @@ def test_start_applies_malloc_retain_unless_opted_out(monkeypatch: Any) -> None:
     calls: list[int] = []
     monkeypatch.setattr(tuning_module, "retain_freed_memory", calls.append)
     for retain in (None, 1 << 20):
-        pool = WorkerPool(Collector(), threads=1, process=stream_process, malloc_retain=retain)
+        pool = WorkerPool(Collector(), threads=1, process=stream_process, malloc_retain=retain,
+                          cell_size=CELL)
         pool.start()
         pool.close()
     assert calls == [1 << 20]
@@ -342,7 +344,7 @@ def test_low_priority_workers_run_at_idle_priority() -> None:
         policies.clear()
         replies = Collector()
         pool = WorkerPool(replies, threads=2, process=process, low_priority_workers=low,
-                          adaptive_idle=False, name="prio")
+                          adaptive_idle=False, name="prio", cell_size=CELL)
         pool.start()
         circuits = [pool.open_circuit(OrderedState(i), on_result=lambda c, d, r: None)
                     for i in range(64)]
@@ -358,7 +360,7 @@ def test_low_priority_workers_run_at_idle_priority() -> None:
                 index = int(name.rsplit("-", 1)[1])
                 assert (policy == os.SCHED_IDLE) == (index >= 2 - low), (name, policy)
     with pytest.raises(ValueError):
-        WorkerPool(Collector(), threads=2, process=process, low_priority_workers=3)
+        WorkerPool(Collector(), threads=2, process=process, low_priority_workers=3, cell_size=CELL)
 
 
 def wait_until(condition: Any, what: str) -> None:
@@ -402,7 +404,8 @@ def test_circuits_a_group_requeues_wake_a_waiting_worker() -> None:
     got: dict[int, list[bytes]] = defaultdict(list)
     pool = WorkerPool(replies, threads=2, process=stream_process, group=group, batch_cells=1,
                       group_circuits=2, worker_state_factory=factory, name="wake",
-                      low_priority_workers=0)  # no idle-priority worker to starve on a busy host
+                      low_priority_workers=0,  # no idle-priority worker to starve on a busy host
+                      cell_size=CELL)
     g0, g1, g2 = (pool.open_circuit(OrderedState(i), context=i,
                                     on_result=lambda c, d, r: got[c.context].extend(r))
                   for i in range(3))

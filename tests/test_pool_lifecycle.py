@@ -7,7 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from test_pool_support import Collector, OrderedState, cell, expected_stream
+from test_pool_support import CELL, Collector, OrderedState, cell, expected_stream
 
 from workers.circuit import Circuit
 from workers.pool import PoolClosedError, WorkerPool
@@ -40,7 +40,7 @@ def test_close_circuit_while_its_batch_is_in_flight() -> None:
     replies = Collector()
     gate = Gate()
     results: dict[str, list[Any]] = defaultdict(list)
-    pool = WorkerPool(replies, threads=2, process=gate.process)
+    pool = WorkerPool(replies, threads=2, process=gate.process, cell_size=CELL)
 
     def on_result(c: Circuit, d: int, r: Any) -> None:
         results[c.context].append(r)
@@ -72,7 +72,7 @@ def test_close_circuit_while_its_batch_is_in_flight() -> None:
 def test_close_circuit_while_queued_removes_it() -> None:
     replies = Collector()
     order: list[str] = []
-    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b)
+    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b, cell_size=CELL)
     circuits = [
         pool.open_circuit(None, context=n, on_result=lambda c, d, r: order.append(c.context))
         for n in "abc"
@@ -103,7 +103,7 @@ def test_worker_error_reaches_the_loop_and_the_worker_lives_on() -> None:
             raise ValueError("bad cell")
         return batch
 
-    pool = WorkerPool(replies, threads=1, batch_cells=1, process=process)
+    pool = WorkerPool(replies, threads=1, batch_cells=1, process=process, cell_size=CELL)
 
     def on_error(c: Circuit, d: int, e: BaseException) -> None:
         errors.append((c.context, d, e))
@@ -140,7 +140,7 @@ def test_error_without_handler_closes_the_circuit() -> None:
     def process(state: Any, direction: int, batch: Any) -> Any:
         raise RuntimeError("kernel failure")
 
-    pool = WorkerPool(replies, threads=2, process=process)
+    pool = WorkerPool(replies, threads=2, process=process, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda c, d, r: None)
     pool.submit(c, 0, [b"x"])
     pool.start()
@@ -172,7 +172,7 @@ def test_high_and_low_water_signals_per_circuit_and_pool() -> None:
         circuit_low_water=4,
         pool_high_water=25,
         pool_low_water=10,
-        on_pool_pressure=on_pool_pressure,
+        on_pool_pressure=on_pool_pressure, cell_size=CELL
     )
     pool_holder.append(pool)
     a = pool.open_circuit(None, context="a", on_result=lambda *_: None, on_pressure=on_pressure)
@@ -210,7 +210,7 @@ def test_closing_a_circuit_can_resume_the_pool() -> None:
         threads=1,
         process=lambda s, d, b: b,
         pool_high_water=10,
-        on_pool_pressure=events.append,
+        on_pool_pressure=events.append, cell_size=CELL
     )
     c = pool.open_circuit(None, on_result=lambda *_: None)
     assert pool.submit(c, 0, [b"x"] * 12) is False
@@ -237,7 +237,7 @@ def test_worker_state_and_update_delivery() -> None:
         replies,
         threads=3,
         process=process,
-        worker_state_factory=lambda index: {"worker": index, "generation": 0},
+        worker_state_factory=lambda index: {"worker": index, "generation": 0}, cell_size=CELL
     )
     pool_holder.append(pool)
     circuits = [
@@ -308,7 +308,7 @@ def ordered_process(state: OrderedState, direction: int, batch: list[bytes]) -> 
 
 def test_close_with_drain_while_loaded_crypts_everything() -> None:
     replies = Collector()
-    pool = WorkerPool(replies, threads=2, batch_cells=8, process=ordered_process)
+    pool = WorkerPool(replies, threads=2, batch_cells=8, process=ordered_process, cell_size=CELL)
     pool.start()
     sent, got = load(pool, 100, 20)
     pool.close(drain=True)
@@ -323,7 +323,7 @@ def test_close_with_drain_while_loaded_crypts_everything() -> None:
 
 def test_close_without_drain_while_loaded_cancels_the_rest() -> None:
     replies = Collector()
-    pool = WorkerPool(replies, threads=2, batch_cells=8, process=ordered_process)
+    pool = WorkerPool(replies, threads=2, batch_cells=8, process=ordered_process, cell_size=CELL)
     pool.start()
     sent, got = load(pool, 100, 20)
     pool.close(drain=False)
@@ -340,7 +340,7 @@ def test_close_without_drain_while_loaded_cancels_the_rest() -> None:
 
 
 def test_close_never_started_pool_cancels() -> None:
-    pool = WorkerPool(Collector(), threads=2, process=ordered_process)
+    pool = WorkerPool(Collector(), threads=2, process=ordered_process, cell_size=CELL)
     load(pool, 5, 2)
     pool.close(drain=True)
     assert pool.stats()["cancelled"] == 40 and pool.in_flight == 0
@@ -351,7 +351,7 @@ def test_notify_sent_while_busy_is_not_lost() -> None:
     """close() runs while the only worker is inside a batch; the worker still sees the flag."""
     replies = Collector()
     gate = Gate()
-    pool = WorkerPool(replies, threads=1, process=gate.process)
+    pool = WorkerPool(replies, threads=1, process=gate.process, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda *_: None)
     pool.start()
     pool.submit(c, 0, [b"block"])
@@ -369,7 +369,7 @@ def test_notify_sent_while_busy_is_not_lost() -> None:
 
 
 def test_idle_workers_all_wake_and_exit() -> None:
-    pool = WorkerPool(Collector(), threads=4, process=ordered_process)
+    pool = WorkerPool(Collector(), threads=4, process=ordered_process, cell_size=CELL)
     pool.start()
     assert len(pool_threads()) == 4
     pool.close()
@@ -380,7 +380,7 @@ def test_idle_workers_all_wake_and_exit() -> None:
 def test_close_timeout_cancels_and_reports_a_stuck_worker() -> None:
     replies = Collector()
     gate = Gate()
-    pool = WorkerPool(replies, threads=1, process=gate.process)
+    pool = WorkerPool(replies, threads=1, process=gate.process, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda *_: None)
     pool.submit(c, 0, [b"block"])
     pool.start()
@@ -406,7 +406,7 @@ def test_notify_only_reaches_waiting_workers() -> None:
     """A notify is sent only for a newly queued circuit while some worker waits, never per cell."""
     replies = Collector()
     gate = Gate()
-    pool = WorkerPool(replies, threads=2, process=gate.process)
+    pool = WorkerPool(replies, threads=2, process=gate.process, cell_size=CELL)
     circuits = [pool.open_circuit(None, on_result=lambda *_: None) for _ in range(4)]
     a, b, c, d = circuits
     for _ in range(100):  # not started: nobody waits, nothing to notify

@@ -6,7 +6,7 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from test_pool_support import Collector, bare_circuit
+from test_pool_support import CELL, Collector, bare_circuit
 
 from workers.circuit import Circuit
 from workers.pool import WorkerPool
@@ -143,7 +143,7 @@ def test_pool_submit_and_pop_touch_constant_work() -> None:
     """At pool level: one submit touches the run queues once, whatever the circuit count."""
 
     def per_submit(n_circuits: int) -> int:
-        pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b)
+        pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b, cell_size=CELL)
         for _ in range(n_circuits):  # queued but never served: the pool is not started
             pool.submit(pool.open_circuit(None), 0, [b"x"])
         probe = pool.open_circuit(None)
@@ -161,7 +161,7 @@ def test_pool_submit_and_pop_touch_constant_work() -> None:
 def test_pool_serves_most_urgent_class_first() -> None:
     replies = Collector()
     order: list[str] = []
-    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b)
+    pool = WorkerPool(replies, threads=1, process=lambda s, d, b: b, cell_size=CELL)
     circuits = {}
     for name, cls in [("low", 2), ("mid", 1), ("high", 0), ("low2", 2), ("moved", 2)]:
         circuits[name] = pool.open_circuit(
@@ -181,7 +181,7 @@ def test_low_priority_progresses_under_a_flood() -> None:
     replies = Collector()
     flood_cells = 0
     low_done: list[int] = []
-    pool = WorkerPool(replies, threads=1, batch_cells=1, process=lambda s, d, b: b)
+    pool = WorkerPool(replies, threads=1, batch_cells=1, process=lambda s, d, b: b, cell_size=CELL)
 
     def refill(c: Circuit, d: int, r: Any) -> None:
         nonlocal flood_cells

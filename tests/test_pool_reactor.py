@@ -1,7 +1,7 @@
 """End to end: a real Reactor loop feeds the pool, replies come back through a ReplyQueue.
 
 Cells are submitted from loop callbacks in many small arrivals; results are applied on the loop
-thread; the ciphertext must equal calling ``workers.relay_crypto`` sequentially per circuit.
+thread; the ciphertext must equal calling ``tor1.reference`` sequentially per circuit.
 Both pool forms run: lists of cells through the reference ``RelayCrypto``/``OriginCrypto`` batch
 calls, and joined buffers through the backend the project uses by default (the C kernel when it
 is built, releasing the GIL for each batch).
@@ -17,10 +17,11 @@ from typing import Any
 import pytest
 
 from reactor import Reactor
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.backend import origin_crypto_for, relay_crypto_for
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 from workers.circuit import Circuit
-from workers.crypto_backend import origin_crypto_for, relay_crypto_for
 from workers.pool import WorkerPool
-from workers.relay_crypto import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 
 PAYLOAD = 509
 FORWARD, BACKWARD = 0, 1
@@ -118,7 +119,8 @@ def test_reactor_end_to_end_matches_sequential_relay_crypto(case: str) -> None:
         if arrivals_left == 0 and delivered_cells == expected_cells:
             reactor.stop()
 
-    pool = WorkerPool.attach(reactor, threads=2, process=process, joined=joined, batch_cells=64)
+    pool = WorkerPool.attach(reactor, threads=2, process=process, joined=joined, batch_cells=64,
+                             cell_size=CELL_PAYLOAD_LEN)
     circuits = [
         pool.open_circuit(make_state(i), on_result=on_result, context=i) for i in range(N_CIRCUITS)
     ]

@@ -119,7 +119,7 @@ def run_random_interleavings(seed: int, *, grouped: bool) -> None:
         batch_cells=rng.choice([1, 2, 5, 16, 64]),
         process=guarded_process,
         group=group,
-        group_circuits=rng.choice([2, 3, 8, 16]),
+        group_circuits=rng.choice([2, 3, 8, 16]), cell_size=CELL
     )
     sent: dict[tuple[int, int], list[bytes]] = defaultdict(list)
     got: dict[tuple[int, int], list[bytes]] = defaultdict(list)

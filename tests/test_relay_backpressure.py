@@ -23,12 +23,13 @@ from support_rawpeer import RawPeer
 from examples.client import EchoTransfer
 from examples.echo import EchoServer
 from reactor import Reactor
+from relay.cells import CellCommand, RelayCommand, encode_versions
 from relay.circuits import pack_relay, relay_body, wire_cells
 from relay.directory import RelayKeys
 from relay.handshakes import HTYPE_NTOR, Extend2Body, LinkSpecifier, encode_created2
 from relay.link import NetInfo, encode_netinfo
 from relay.node import RelayNode
-from workers.cells import CELL_PAYLOAD_LEN, CellCommand, RelayCommand, encode_versions
+from tor1 import CELL_PAYLOAD_LEN
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,9 @@ import pytest
 from support_rawpeer import RawPeer
 
 from examples.network import LocalNetwork
+from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay, relay_body
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    CellCommand,
-    DestroyReason,
-    RelayCommand,
-)
+from tor1 import CELL_PAYLOAD_LEN
 
 FIXED = 5 + CELL_PAYLOAD_LEN
 OUR_HALF = 0x80000000  # the initiator's half of the circuit id space

@@ -1,4 +1,4 @@
-"""Property tests for workers.relay_crypto: whole circuits of 1 to 8 hops, both directions.
+"""Property tests for tor1.reference: whole circuits of 1 to 8 hops, both directions.
 
 Each circuit is one OriginCrypto plus one RelayCrypto per hop, built from the same random key
 material; cells are moved through the relays by hand the way a network would.
@@ -10,14 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from workers.relay_crypto import (
-    PAYLOAD_LEN,
-    HopKeys,
-    OriginCrypto,
-    RelayCrypto,
-    UnrecognizedCell,
-    kdf_tor,
-)
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell, kdf_tor
 
 # Hop keys come from KDF-TOR of distinct seeds, as a handshake would give: hops with equal keys
 # are degenerate (two equal CTR layers at the same position cancel out), never a real circuit.
@@ -25,7 +19,7 @@ circuits = st.lists(st.binary(max_size=16), min_size=1, max_size=8, unique=True)
     lambda seeds: [HopKeys.from_material(kdf_tor(seed, 72)) for seed in seeds]
 )
 # A plaintext relay payload: any bytes with recognized (bytes 1..2) zero.
-payloads = st.binary(min_size=PAYLOAD_LEN, max_size=PAYLOAD_LEN).map(
+payloads = st.binary(min_size=CELL_PAYLOAD_LEN, max_size=CELL_PAYLOAD_LEN).map(
     lambda b: b[:1] + b"\x00\x00" + b[3:]
 )
 
@@ -56,7 +50,7 @@ class Circuit:
 
 
 def same_except_digest(plain: bytes, payload: bytes) -> bool:
-    return len(plain) == PAYLOAD_LEN and plain[:5] == payload[:5] and plain[9:] == payload[9:]
+    return len(plain) == CELL_PAYLOAD_LEN and plain[:5] == payload[:5] and plain[9:] == payload[9:]
 
 
 @settings(max_examples=150, deadline=None)
@@ -133,7 +127,7 @@ def test_flipped_bit_backward_is_unrecognized_and_state_restored(
 ) -> None:
     circuit = Circuit(keys)
     source = data.draw(st.integers(0, len(keys) - 1))
-    bit = data.draw(st.integers(0, PAYLOAD_LEN * 8 - 1))
+    bit = data.draw(st.integers(0, CELL_PAYLOAD_LEN * 8 - 1))
     first, second = data.draw(payloads), data.draw(payloads)
     wire = circuit.send_backward(first, source)
     corrupted = bytearray(wire)
@@ -155,7 +149,7 @@ def test_flipped_bit_forward_is_unrecognized_and_passed_on(
     and what comes out is the plaintext with exactly that bit flipped (CTR is a stream)."""
     circuit = Circuit(keys)
     target = data.draw(st.integers(0, len(keys) - 1))
-    bit = data.draw(st.integers(0, PAYLOAD_LEN * 8 - 1))
+    bit = data.draw(st.integers(0, CELL_PAYLOAD_LEN * 8 - 1))
     payload = data.draw(payloads)
     wire = bytearray(circuit.origin.encrypt(payload, target))
     wire[bit // 8] ^= 1 << (bit % 8)

@@ -1,4 +1,4 @@
-"""Known answers for workers.relay_crypto, and byte-exact checks against an independent model.
+"""Known answers for tor1.reference, and byte-exact checks against an independent model.
 
 The model below re-derives tor1 from the spec with nothing shared with the module: the CTR
 keystream is built from AES-ECB of the big-endian block counter, and digests are plain SHA-1
@@ -12,11 +12,9 @@ import hashlib
 import pytest
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from workers.relay_crypto import (
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
+from tor1.reference import (
     HOP_MATERIAL_LEN,
-    PAYLOAD_LEN,
-    RELAY_DATA_MAX,
-    RELAY_HEADER_LEN,
     HopKeys,
     OriginCrypto,
     RelayCrypto,
@@ -53,7 +51,8 @@ AES_WRAP_64 = (
 
 
 def test_constants() -> None:
-    assert (PAYLOAD_LEN, RELAY_HEADER_LEN, RELAY_DATA_MAX, HOP_MATERIAL_LEN) == (509, 11, 498, 72)
+    assert (CELL_PAYLOAD_LEN, RELAY_HEADER_LEN, RELAY_DATA_MAX, HOP_MATERIAL_LEN) == (
+        509, 11, 498, 72)
 
 
 def test_kdf_tor_known_answers() -> None:
@@ -95,8 +94,8 @@ def test_aes_ctr_known_answers_with_own_helper() -> None:
 
 def test_aes_ctr_helper_unaligned_offsets_continue_the_stream() -> None:
     key = bytes(range(16))
-    whole = aes128_ctr_encryptor(key)(bytes(3 * PAYLOAD_LEN))
-    for offset in (1, 15, 16, 17, PAYLOAD_LEN, 2 * PAYLOAD_LEN + 3):
+    whole = aes128_ctr_encryptor(key)(bytes(3 * CELL_PAYLOAD_LEN))
+    for offset in (1, 15, 16, 17, CELL_PAYLOAD_LEN, 2 * CELL_PAYLOAD_LEN + 3):
         assert aes128_ctr_encryptor(key, offset)(bytes(100)) == whole[offset : offset + 100]
     with pytest.raises(ValueError):
         aes128_ctr_encryptor(bytes(15))
@@ -157,7 +156,7 @@ class ModelDirection:
 
 def _payload(n: int) -> bytes:
     body = hashlib.sha256(n.to_bytes(4, "big")).digest() * 16
-    return bytes([2, 0, 0]) + body[: PAYLOAD_LEN - 3]
+    return bytes([2, 0, 0]) + body[: CELL_PAYLOAD_LEN - 3]
 
 
 def _keys(n: int) -> HopKeys:
@@ -220,7 +219,7 @@ def test_single_unrecognized_cell_raises_and_leaves_state() -> None:
     relays = [RelayCrypto(k) for k in hops]
     garbage = bytes(range(256)) * 2
     with pytest.raises(UnrecognizedCell) as info:
-        origin.decrypt(garbage[:PAYLOAD_LEN])
+        origin.decrypt(garbage[:CELL_PAYLOAD_LEN])
     assert info.value.index == 0 and info.value.results == []
     cell = relays[0].backward(relays[1].originate(_payload(5)))
     hop, plain = origin.decrypt(cell)

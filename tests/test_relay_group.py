@@ -33,8 +33,9 @@ from relay.orcircuit import (
     new_relay_group,
     relay_group_for,
 )
-from workers.crypto_backend import ReferenceRelayCrypto, kernel_available
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.backend import ReferenceRelayCrypto, kernel_available
+from tor1.reference import HopKeys
 
 pytestmark = pytest.mark.skipif(not kernel_available(), reason="the C kernel is not built")
 
@@ -44,8 +45,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def _cell(rng: random.Random) -> bytes:
     """A random payload, or one with recognized=0 and digest=0 (a plausible relay cell)."""
     if rng.random() < 0.5:
-        return rng.randbytes(PAYLOAD_LEN)
-    body = rng.randbytes(PAYLOAD_LEN)
+        return rng.randbytes(CELL_PAYLOAD_LEN)
+    body = rng.randbytes(CELL_PAYLOAD_LEN)
     return body[:1] + b"\0\0" + body[3:5] + b"\0\0\0\0" + body[9:]
 
 
@@ -58,7 +59,7 @@ def _pieces(rng: random.Random, joined: bytes) -> list[bytes]:
 
 @pytest.mark.parametrize("seed", range(12))
 def test_group_gives_crypt_batch_bytes_for_every_direction(seed: int) -> None:
-    from workers.fastcrypto import FastRelayCrypto
+    from tor1.fast import FastRelayCrypto
 
     rng = random.Random(seed)
     circuits = rng.randint(1, 5)
@@ -82,7 +83,7 @@ def test_group_gives_crypt_batch_bytes_for_every_direction(seed: int) -> None:
 
 
 def test_kernel_circuits_share_the_node_group_and_reference_circuits_get_none() -> None:
-    from workers.fastcrypto import FastRelayCrypto
+    from tor1.fast import FastRelayCrypto
 
     keys = HopKeys.from_material(bytes(range(72)))
     shared = new_relay_group()

@@ -13,6 +13,7 @@ import pytest
 from support_loop import run_until
 
 from reactor import Reactor, Stream, connect, listen
+from relay.cells import Cell, CellCommand, RelayCommand, RelayPayload, parse_cells
 from relay.circuits import ReadGate, pack_data_cells, pack_relay, relay_body, wire_cells
 from relay.directory import (
     DirectoryError,
@@ -22,15 +23,7 @@ from relay.directory import (
     write_directory,
 )
 from relay.exit import loopback_only, parse_begin
-from workers.cells import (
-    CELL_PAYLOAD_LEN,
-    RELAY_DATA_MAX,
-    Cell,
-    CellCommand,
-    RelayCommand,
-    RelayPayload,
-    parse_cells,
-)
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 
 
 @pytest.mark.parametrize("size", [0, 1, 100, RELAY_DATA_MAX - 4, RELAY_DATA_MAX - 1,

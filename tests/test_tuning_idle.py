@@ -16,7 +16,7 @@ import threading
 import time
 
 import pytest
-from test_pool_support import Collector, OrderedState, cell
+from test_pool_support import CELL, Collector, OrderedState, cell
 
 import workers.tuning
 import workers.worker
@@ -81,7 +81,7 @@ def run_low_priority_pool(
 
     replies = Collector()
     pool = WorkerPool(replies, threads=2, process=process, low_priority_workers=1,
-                      adaptive_idle=adaptive, starvation=starvation, name="gov")
+                      adaptive_idle=adaptive, starvation=starvation, name="gov", cell_size=CELL)
     pool.start()
     circuits = [pool.open_circuit(OrderedState(i), on_result=lambda c, d, r: None)
                 for i in range(64)]

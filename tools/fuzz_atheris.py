@@ -30,6 +30,7 @@ import atheris
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the project, before imports
 
 with atheris.instrument_imports():
+    from relay.cells import CellFormatError, RelayPayload, decode_cell, parse_cells, parse_versions
     from relay.circuits import relay_body
     from relay.exit import parse_begin
     from relay.handshakes import (
@@ -41,15 +42,7 @@ with atheris.instrument_imports():
     )
     from relay.link import decode_netinfo
     from relay.torcerts import CertsError, parse_certs_cell
-    from workers.cells import (
-        CELL_PAYLOAD_LEN,
-        RELAY_DATA_MAX,
-        CellFormatError,
-        RelayPayload,
-        decode_cell,
-        parse_cells,
-        parse_versions,
-    )
+    from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 
 
 def framing(data: bytes) -> None:

@@ -34,11 +34,8 @@ from typing import Any
 
 BUFFER_TYPES = (bytes, bytearray, memoryview)
 
-#: A Tor relay cell payload: what one tor1 crypto operation transforms.
-CELL_PAYLOAD_LEN = 509
 
-
-def count_cells(payload: Any, count: int | None, cell_size: int) -> int:
+def count_cells(payload: Any, count: int | None, cell_size: int | None) -> int:
     """Number of cells in a submitted item; raises ValueError when it cannot be told. Any thread.
 
     O(1): a buffer's count is its length divided by ``cell_size`` (or ``count`` when given), a
@@ -46,6 +43,8 @@ def count_cells(payload: Any, count: int | None, cell_size: int) -> int:
     """
     if isinstance(payload, BUFFER_TYPES):
         if count is None:
+            if not cell_size:
+                raise ValueError("a joined buffer needs count=, or a pool made with cell_size=")
             size = len(payload)
             count, rest = divmod(size, cell_size)
             if rest:

@@ -40,7 +40,7 @@ then, under the lock, the worker lets the circuit go, re-queuing it at the tail 
 and pops its next circuit in the same critical section (one lock round per turn).
 
 A circuit opened with a ``group`` function (:data:`workers.circuit.GroupFn`; the kernel's are
-:func:`workers.fastcrypto.relay_group` and :func:`~workers.fastcrypto.origin_group`) is served
+:func:`tor1.fast.relay_group` and :func:`~tor1.fast.origin_group`) is served
 in a *grouped* turn: the worker pops it together with up to ``group_circuits - 1`` more
 circuits in the same critical section (never more than its share, the queued circuits divided
 by the workers, so that one worker does not take the others' work) and crypts all their
@@ -119,7 +119,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from workers import tuning
-from workers.batching import CELL_PAYLOAD_LEN, count_cells
+from workers.batching import count_cells
 from workers.circuit import (
     Circuit,
     CircuitClosedError,
@@ -189,7 +189,7 @@ class WorkerPool:
         group: GroupFn | None = None,
         group_circuits: int = DEFAULT_GROUP_CIRCUITS,
         batch_cells: int = DEFAULT_BATCH_CELLS,
-        cell_size: int = CELL_PAYLOAD_LEN,
+        cell_size: int | None = None,
         worker_state_factory: Callable[[int], Any] | None = None,
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
         circuit_low_water: int | None = None,
@@ -220,7 +220,9 @@ class WorkerPool:
         """
         if priorities < 3:
             raise ValueError(f"priorities must be >= 3, got {priorities}")
-        if directions < 1 or batch_cells < 1 or cell_size < 1 or group_circuits < 1:
+        if directions < 1 or batch_cells < 1 or group_circuits < 1 or (
+            cell_size is not None and cell_size < 1
+        ):
             raise ValueError("directions, batch_cells, cell_size and group_circuits must be >= 1")
         threads = threads if threads is not None else max(2, os.cpu_count() or 2)
         if threads < 1:
@@ -412,7 +414,7 @@ class WorkerPool:
                     raise CircuitClosedError(f"{circuit!r} is closed")
                 if not 0 <= direction < directions:
                     raise ValueError(f"direction must be in [0, {directions}), got {direction!r}")
-                if cells.__class__ is bytes:
+                if cells.__class__ is bytes and size:
                     n, rest = divmod(len(cells), size)
                     if rest:
                         n = count_cells(cells, None, size)  # raises with the full message
@@ -439,7 +441,7 @@ class WorkerPool:
             raise CircuitClosedError(f"{circuit!r} is closed")
         if not 0 <= direction < self._directions:
             raise ValueError(f"direction must be in [0, {self._directions}), got {direction!r}")
-        if count is None and cells.__class__ is bytes:
+        if count is None and cells.__class__ is bytes and self._cell_size:
             n, rest = divmod(len(cells), self._cell_size)  # the hot case, inlined
             if rest:
                 n = count_cells(cells, None, self._cell_size)  # raises with the full message

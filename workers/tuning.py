@@ -71,14 +71,15 @@ back in: measured on relay_forward, page faults took about a quarter of the work
 much as the AES. So the pool's ``start()`` tells glibc, process-wide, to keep up to
 ``malloc_retain`` bytes (default :data:`DEFAULT_MALLOC_RETAIN`, 32 MiB) of freed memory per
 arena and to serve blocks below :data:`MALLOC_MMAP_THRESHOLD` (4 MiB) from its arenas
-(``workers._kernel.retain_freed_memory``, a ``mallopt``). The cost is that much RSS kept per
+(:func:`retain_freed_memory`, a ``mallopt``). The cost is that much RSS kept per
 arena at most, only after it was used. It is never undone (glibc cannot go back to its dynamic
 thresholds, and other pools in the process may rely on it); ``malloc_retain=None`` opts out.
-Without the kernel extension, or on another C library, nothing changes.
+On another C library nothing changes.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 from typing import Literal
@@ -87,6 +88,9 @@ from typing import Literal
 DEFAULT_MALLOC_RETAIN = 32 << 20
 #: Blocks below this come from malloc's arenas, not mmap, once ``malloc_retain`` is applied.
 MALLOC_MMAP_THRESHOLD = 4 << 20
+#: glibc's ``mallopt`` parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
 #: A turn at least this long (wall seconds) may count as starved; see "The loop keeps its CPU".
 STARVED_WALL_S = 0.030
 #: ... if the worker's thread ran for less than this share of the turn's wall time.
@@ -96,16 +100,31 @@ QUIET_PERIOD_S = 5.0
 
 
 def retain_freed_memory(trim_threshold: int) -> bool:
-    """Apply ``malloc_retain`` through the kernel (glibc only). Loop thread (any, really).
+    """Apply ``malloc_retain``: glibc's ``mallopt`` for the trim and mmap thresholds. Any thread.
 
     Process-wide and permanent: glibc cannot return to its dynamic thresholds. Returns False
-    when it could not be applied (no kernel extension, or not glibc).
+    (and changes nothing) when the C library is not glibc or a call fails.
     """
-    try:
-        from workers._kernel import retain_freed_memory as apply
-    except ImportError:
+    if trim_threshold < 0:
+        raise ValueError("trim_threshold must be >= 0")
+    if not os.confstr_names.get("CS_GNU_LIBC_VERSION") or not _glibc_version():
         return False
-    return bool(apply(trim_threshold, min(trim_threshold, MALLOC_MMAP_THRESHOLD)))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    mallopt.restype = ctypes.c_int
+    ok = mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
+    return mallopt(_M_MMAP_THRESHOLD, min(trim_threshold, MALLOC_MMAP_THRESHOLD)) == 1 and ok
+
+
+def _glibc_version() -> str | None:
+    try:
+        return os.confstr("CS_GNU_LIBC_VERSION")
+    except (ValueError, OSError):
+        return None
 
 
 def available_cpus() -> int:

@@ -3,10 +3,10 @@
 What this is
 ------------
 :class:`FastRelayCrypto` and :class:`FastOriginCrypto` are drop-in replacements for
-:class:`workers.relay_crypto.RelayCrypto` and :class:`~workers.relay_crypto.OriginCrypto`: the
+:class:`tor1.reference.RelayCrypto` and :class:`~tor1.reference.OriginCrypto`: the
 same method names, arguments, results and exceptions (``ValueError`` for a bad payload size or
-hop index, :class:`~workers.relay_crypto.UnrecognizedCell` at the origin), byte for byte. The
-state lives in a ``workers._kernel`` object (``RelayState`` / ``OriginState``), which crypts a
+hop index, :class:`~tor1.reference.UnrecognizedCell` at the origin), byte for byte. The
+state lives in a ``tor1._kernel`` object (``RelayState`` / ``OriginState``), which crypts a
 whole batch -- every AES layer and every SHA-1 digest -- in one C call that releases the GIL.
 
 The fast path: joined buffers
@@ -32,7 +32,7 @@ Several circuits in one call: group functions
 :func:`relay_group` and :func:`origin_group` build ``group`` functions for
 :class:`workers.pool.WorkerPool` (see :data:`workers.circuit.GroupFn`): given the jobs
 ``(crypto, direction, pieces)`` of several circuits a worker owns, they make ONE
-``workers._kernel.crypt_group`` call, which releases the GIL once for all of them, and return
+``tor1._kernel.crypt_group`` call, which releases the GIL once for all of them, and return
 per job exactly what the matching ``*_buf`` method returns (or raises, as an exception
 instance). Under the GIL, what a worker pays per kernel call -- taking the GIL back, the Python
 around the call -- is what limits a pool when the crypto itself is cheap (relay forward runs at
@@ -50,7 +50,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol, TypeAlias
 
-from workers._kernel import (
+from tor1 import CELL_PAYLOAD_LEN
+from tor1._kernel import (
     OP_BACKWARD,
     OP_DECRYPT,
     OP_ENCRYPT,
@@ -60,7 +61,7 @@ from workers._kernel import (
     RelayState,
     crypt_group,
 )
-from workers.relay_crypto import PAYLOAD_LEN, UnrecognizedCell
+from tor1.reference import UnrecognizedCell
 
 __all__ = [
     "RELAY_OPS",
@@ -83,7 +84,7 @@ CellBuffer: TypeAlias = Bytes | list[Bytes] | tuple[Bytes, ...]
 
 
 class HopKeysLike(Protocol):
-    """Anything with a hop's four key fields (``workers.relay_crypto.HopKeys`` is one)."""
+    """Anything with a hop's four key fields (``tor1.reference.HopKeys`` is one)."""
 
     @property
     def df(self) -> bytes: ...
@@ -96,8 +97,8 @@ class HopKeysLike(Protocol):
 
 
 def _check_payload(payload: bytes) -> None:
-    if len(payload) != PAYLOAD_LEN:
-        raise ValueError(f"relay payload must be {PAYLOAD_LEN} bytes, got {len(payload)}")
+    if len(payload) != CELL_PAYLOAD_LEN:
+        raise ValueError(f"relay payload must be {CELL_PAYLOAD_LEN} bytes, got {len(payload)}")
 
 
 def _join_checked(payloads: Sequence[bytes]) -> bytes:
@@ -108,7 +109,7 @@ def _join_checked(payloads: Sequence[bytes]) -> bytes:
 
 
 def _split(joined: bytes, count: int) -> list[bytes]:
-    return [joined[i * PAYLOAD_LEN : (i + 1) * PAYLOAD_LEN] for i in range(count)]
+    return [joined[i * CELL_PAYLOAD_LEN : (i + 1) * CELL_PAYLOAD_LEN] for i in range(count)]
 
 
 def _nbytes(buf: CellBuffer) -> int:
@@ -272,7 +273,7 @@ def origin_group(encrypt_hop: int) -> GroupFn:
     ``encrypt_buf(pieces, encrypt_hop)``, direction 1 is ``decrypt_buf(pieces)``.
 
     Each job's result is what that method returns, or the exception instance it raises
-    (:class:`~workers.relay_crypto.UnrecognizedCell` for decrypt, as ``decrypt_buf``). Any
+    (:class:`~tor1.reference.UnrecognizedCell` for decrypt, as ``decrypt_buf``). Any
     thread that owns every job's circuit.
     """
 

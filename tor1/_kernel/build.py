@@ -1,4 +1,4 @@
-"""Build description of the tor1 batch kernel (C extension ``workers._kernel._tor1``).
+"""Build description of the tor1 batch kernel (C extension ``tor1._kernel._tor1``).
 
 ``setup.py`` at the repository root calls :func:`extension`; ``make venv`` builds it in place
 with ``setup.py build_ext --inplace``. The kernel links against the system's libcrypto
@@ -18,9 +18,9 @@ SOURCE = Path(__file__).with_name("tor1kernel.c")
 
 
 def extension() -> Extension:
-    """Return the setuptools Extension for ``workers._kernel._tor1``."""
+    """Return the setuptools Extension for ``tor1._kernel._tor1``."""
     return Extension(
-        name="workers._kernel._tor1",
+        name="tor1._kernel._tor1",
         # setuptools wants source paths relative to where setup.py runs (the repository root).
         sources=[os.path.relpath(SOURCE)],
         libraries=["crypto"],

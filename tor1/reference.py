@@ -60,6 +60,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from tor1 import CELL_PAYLOAD_LEN
+
 __all__ = [
     "DIGEST_LEN",
     "HOP_MATERIAL_LEN",
@@ -67,9 +69,6 @@ __all__ = [
     "NTOR_M_EXPAND",
     "NTOR_PROTOID",
     "NTOR_T_KEY",
-    "PAYLOAD_LEN",
-    "RELAY_DATA_MAX",
-    "RELAY_HEADER_LEN",
     "HopKeys",
     "OriginCrypto",
     "RelayCrypto",
@@ -79,12 +78,6 @@ __all__ = [
     "kdf_tor",
 ]
 
-PAYLOAD_LEN = 509
-"""Bytes of a fixed-size cell's payload: the part relay crypto covers."""
-RELAY_HEADER_LEN = 11
-"""Relay header: command(1) recognized(2) stream_id(2) digest(4) length(2)."""
-RELAY_DATA_MAX = PAYLOAD_LEN - RELAY_HEADER_LEN
-"""At most 498 bytes of relay data per cell."""
 DIGEST_LEN = 20
 """Length of Df / Db (SHA-1 seeds)."""
 KEY_LEN = 16
@@ -209,8 +202,8 @@ class UnrecognizedCell(Exception):
 
 
 def _check_payload(payload: bytes) -> bytes:
-    if len(payload) != PAYLOAD_LEN:
-        raise ValueError(f"relay payload must be {PAYLOAD_LEN} bytes, got {len(payload)}")
+    if len(payload) != CELL_PAYLOAD_LEN:
+        raise ValueError(f"relay payload must be {CELL_PAYLOAD_LEN} bytes, got {len(payload)}")
     return payload
 
 
@@ -242,7 +235,7 @@ def _recognized(running: hashlib._Hash, plain: bytes) -> hashlib._Hash | None:
 
 
 def _split(joined: bytes, count: int) -> list[bytes]:
-    return [joined[i * PAYLOAD_LEN : (i + 1) * PAYLOAD_LEN] for i in range(count)]
+    return [joined[i * CELL_PAYLOAD_LEN : (i + 1) * CELL_PAYLOAD_LEN] for i in range(count)]
 
 
 def _join_checked(payloads: Sequence[bytes]) -> bytes:
@@ -355,7 +348,7 @@ class OriginCrypto:
         for i in range(touched):
             self._back_cells[i] -= 1
             self._back_ciphers[i] = aes128_ctr_encryptor(
-                self._keys[i].kb, self._back_cells[i] * PAYLOAD_LEN
+                self._keys[i].kb, self._back_cells[i] * CELL_PAYLOAD_LEN
             )
 
 

@@ -36,11 +36,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
+
 __all__ = [
-    "CELL_PAYLOAD_LEN",
     "MAX_VAR_PAYLOAD_LEN",
-    "RELAY_DATA_MAX",
-    "RELAY_HEADER_LEN",
     "Cell",
     "CellCommand",
     "CellFormatError",
@@ -66,10 +65,7 @@ __all__ = [
     "parse_versions",
 ]
 
-CELL_PAYLOAD_LEN = 509
 MAX_VAR_PAYLOAD_LEN = 0xFFFF
-RELAY_HEADER_LEN = 11
-RELAY_DATA_MAX = CELL_PAYLOAD_LEN - RELAY_HEADER_LEN
 _RELAY_PADDING_GAP = 4
 
 _HEADER_V3 = struct.Struct(">HB")

@@ -1,9 +1,9 @@
 """Which tor1 implementation a circuit gets: the C batch kernel, or the pure-Python reference.
 
 ``relay_crypto_for(keys)`` and ``origin_crypto_for(hops)`` are the one place the rest of the
-project builds a circuit's crypto state. They return :class:`workers.fastcrypto.FastRelayCrypto`
-/ :class:`~workers.fastcrypto.FastOriginCrypto` when the kernel extension is importable, and the
-reference :class:`workers.relay_crypto.RelayCrypto` / :class:`~workers.relay_crypto.OriginCrypto`
+project builds a circuit's crypto state. They return :class:`tor1.fast.FastRelayCrypto`
+/ :class:`~tor1.fast.FastOriginCrypto` when the kernel extension is importable, and the
+reference :class:`tor1.reference.RelayCrypto` / :class:`~tor1.reference.OriginCrypto`
 otherwise, or whenever the environment variable ``RELAYCRYPT_PURE`` is set to anything but
 ``""`` or ``"0"`` (read at each call, so a test or a benchmark can switch per circuit). Both
 backends give the same bytes and offer the same methods, including the joined-buffer forms
@@ -21,10 +21,11 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
-from workers.relay_crypto import PAYLOAD_LEN, HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
+from tor1 import CELL_PAYLOAD_LEN
+from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
 
 try:
-    from workers.fastcrypto import FastOriginCrypto, FastRelayCrypto
+    from tor1.fast import FastOriginCrypto, FastRelayCrypto
 except ImportError as exc:  # the extension is not built: only the reference is available
     _KERNEL_MISSING: str | None = f"{type(exc).__name__}: {exc}"
 else:
@@ -49,7 +50,7 @@ FORCE_PURE_ENV = "RELAYCRYPT_PURE"
 
 Buffer = bytes | bytearray | memoryview | list | tuple
 """Joined payloads: one bytes-like object, or a list/tuple of pieces read as their
-concatenation (see :mod:`workers.fastcrypto`)."""
+concatenation (see :mod:`tor1.fast`)."""
 
 
 class RelayCryptoLike(Protocol):
@@ -85,12 +86,12 @@ def _split_buf(buf: Buffer) -> list[bytes]:
     if isinstance(buf, list | tuple):
         buf = b"".join(buf)
     view = memoryview(buf).cast("B")
-    if len(view) % PAYLOAD_LEN:
+    if len(view) % CELL_PAYLOAD_LEN:
         raise ValueError(
-            f"buffer length must be a multiple of {PAYLOAD_LEN} (joined relay payloads), "
+            f"buffer length must be a multiple of {CELL_PAYLOAD_LEN} (joined relay payloads), "
             f"got {len(view)}"
         )
-    return [bytes(view[i : i + PAYLOAD_LEN]) for i in range(0, len(view), PAYLOAD_LEN)]
+    return [bytes(view[i : i + CELL_PAYLOAD_LEN]) for i in range(0, len(view), CELL_PAYLOAD_LEN)]
 
 
 class ReferenceRelayCrypto(RelayCrypto):

@@ -1,5 +1,5 @@
 /*
- * workers._kernel._tor1: the GIL-free batch kernel for Tor's "tor1" relay-cell crypto.
+ * tor1._kernel._tor1: the GIL-free batch kernel for Tor's "tor1" relay-cell crypto.
  *
  * Why this exists
  * ---------------
@@ -7,7 +7,7 @@
  * (shared/PERF-FACTS.md). This module runs a whole circuit batch -- every AES-128-CTR layer of
  * every cell and every cell's SHA-1 digest set or check -- in ONE call that releases the GIL for
  * all of it, on OpenSSL's libcrypto (the library `cryptography` and `hashlib` already use).
- * It must give byte-for-byte the results of the pure-Python reference workers.relay_crypto.
+ * It must give byte-for-byte the results of the pure-Python reference tor1.reference.
  *
  * Objects
  * -------
@@ -39,12 +39,10 @@
  *                                         taking it back after each call is what a worker pays
  *                                         per call; a group pays it once. Methods and groups
  *                                         run the same Job code (prepare / run / settle).
- * retain_freed_memory(trim, mmap)         process-wide glibc mallopt for the worker pool (see
- *                                         its docstring); not crypto, but C.
  * "Set a digest": feed the 509 bytes to the running SHA-1 with the digest field payload[5:9]
  * taken as zero, then write the first 4 bytes of a finalized copy there. "Check": only when
  * recognized (payload[1:3]) is zero; the same feeding on a copy of the running state, compared
- * in constant time; a match keeps the advanced copy. Exactly workers.relay_crypto's rules.
+ * in constant time; a match keeps the advanced copy. Exactly tor1.reference's rules.
  *
  * State layout, and why the cipher context is not kept
  * ----------------------------------------------------
@@ -91,7 +89,6 @@
 #include <stdatomic.h>
 #include <string.h>
 #ifdef __GLIBC__
-#include <malloc.h>
 #endif
 
 #include <openssl/crypto.h>
@@ -930,7 +927,7 @@ static PyType_Slot RelayState_slots[] = {
 };
 
 static PyType_Spec RelayState_spec = {
-    .name = "workers._kernel._tor1.RelayState",
+    .name = "tor1._kernel._tor1.RelayState",
     .basicsize = sizeof(RelayStateObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = RelayState_slots,
@@ -1134,7 +1131,7 @@ static PyType_Slot OriginState_slots[] = {
 };
 
 static PyType_Spec OriginState_spec = {
-    .name = "workers._kernel._tor1.OriginState",
+    .name = "tor1._kernel._tor1.OriginState",
     .basicsize = sizeof(OriginStateObject),
     .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_IMMUTABLETYPE,
     .slots = OriginState_slots,
@@ -1285,42 +1282,8 @@ tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
     return results;
 }
 
-/* ================================================================== allocator */
-
-PyDoc_STRVAR(retain_freed_memory_doc,
-"retain_freed_memory(trim_threshold, mmap_threshold) -> bool\n\n"
-"PROCESS-WIDE: tell glibc's malloc to keep up to trim_threshold bytes of freed memory at the\n"
-"top of each arena instead of returning it to the OS, and to serve blocks below\n"
-"mmap_threshold from the arenas instead of mmap. Returns False (and changes nothing) when\n"
-"the C library is not glibc. Why: a worker pool allocates each batch's output (hundreds of\n"
-"KB) in the worker's arena and the loop thread frees it; with glibc's defaults the arena\n"
-"is trimmed after such frees and every new output page-faults its memory back in, which\n"
-"costs about as much as the AES itself. glibc cannot go back to its dynamic thresholds once\n"
-"either is set. Any thread.");
-
-static PyObject *
-tor1_retain_freed_memory(PyObject *module, PyObject *args)
-{
-    int trim_threshold, mmap_threshold;
-    if (!PyArg_ParseTuple(args, "ii:retain_freed_memory", &trim_threshold, &mmap_threshold))
-        return NULL;
-    if (trim_threshold < 0 || mmap_threshold < 0) {
-        PyErr_SetString(PyExc_ValueError, "thresholds must be >= 0");
-        return NULL;
-    }
-#ifdef __GLIBC__
-    int ok = mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1;
-    ok = mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 && ok;
-    return PyBool_FromLong(ok);
-#else
-    Py_RETURN_FALSE;
-#endif
-}
-
 static PyMethodDef tor1_methods[] = {
     {"crypt_group", (PyCFunction)tor1_crypt_group, METH_O, crypt_group_doc},
-    {"retain_freed_memory", (PyCFunction)tor1_retain_freed_memory, METH_VARARGS,
-     retain_freed_memory_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1389,11 +1352,11 @@ static PyModuleDef_Slot tor1_slots[] = {
 
 PyDoc_STRVAR(tor1_doc,
 "GIL-free batch kernel for Tor's tor1 relay-cell crypto (RelayState, OriginState).\n"
-"Byte-for-byte the results of workers.relay_crypto; see tor1kernel.c for the design.");
+"Byte-for-byte the results of tor1.reference; see tor1kernel.c for the design.");
 
 static struct PyModuleDef tor1_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "workers._kernel._tor1",
+    .m_name = "tor1._kernel._tor1",
     .m_doc = tor1_doc,
     .m_size = sizeof(ModuleState),
     .m_methods = tor1_methods,

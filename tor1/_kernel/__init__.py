@@ -3,13 +3,13 @@
 ``_tor1`` (built from ``tor1kernel.c`` by ``setup.py build_ext --inplace``, which ``make venv``
 runs) provides ``RelayState`` and ``OriginState``, and ``crypt_group(jobs)``, which runs several
 circuits' batches (``(state, OP_*, buf[, hop])`` each) with one release of the GIL; see the C
-source's top comment for the design, and :mod:`workers.fastcrypto` for the reference-compatible
+source's top comment for the design, and :mod:`tor1.fast` for the reference-compatible
 wrappers and the pool's group functions. The types follow the usual rule of circuit crypto
 state: any thread, one thread at a time per object (a violation raises RuntimeError).
 
-Importing this package never fails: ``setup.py`` imports ``workers._kernel.build`` before the
+Importing this package never fails: ``setup.py`` imports ``tor1._kernel.build`` before the
 extension exists. The names below are loaded from ``_tor1`` on first access, which raises
-``ImportError`` when the extension is not built; :mod:`workers.crypto_backend` then falls back
+``ImportError`` when the extension is not built; :mod:`tor1.backend` then falls back
 to the pure-Python reference.
 """
 
@@ -31,7 +31,6 @@ __all__ = [
     "OriginState",
     "RelayState",
     "crypt_group",
-    "retain_freed_memory",
 ]
 
 
@@ -39,4 +38,4 @@ def __getattr__(name: str) -> Any:
     """Load the extension's public names lazily (PEP 562)."""
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module("workers._kernel._tor1"), name)
+    return getattr(importlib.import_module("tor1._kernel._tor1"), name)
