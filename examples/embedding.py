@@ -66,7 +66,7 @@ class EmbeddingDemo:
         # to show the wiring: results travel worker -> ReplyQueue -> pool.deliver (loop thread)
         # -> on_result.
         self.pool = WorkerPool(None, threads=threads, process=crypt, group=group, joined=True,
-                               cell_size=CELL, directions=1)
+                               cell_size=CELL, lanes=1)
         self.replies = ReplyQueue(self.reactor, self.pool.deliver)
         self.pool.set_replies(self.replies, owned=True)  # pool.close() closes it
         self.pool.start()

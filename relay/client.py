@@ -34,12 +34,12 @@ __all__ = ["Client", "ClientStream", "OriginCircuit"]
 class _GuardLink:
     """The client's view of one link to a guard."""
 
-    __slots__ = ("blocked", "congested", "link", "waiting")
+    __slots__ = ("blocked", "congested", "link", "open_waiters")
 
     def __init__(self, link: Link) -> None:
         """Wrap a guard link. Loop thread only."""
         self.link = link
-        self.waiting: list[OriginCircuit] = []
+        self.open_waiters: list[OriginCircuit] = []
         self.congested = False
         self.blocked: dict[OriginCircuit, None] = {}
 
@@ -75,7 +75,7 @@ class Client:
         if guard.link.is_open:
             circuit.start(guard.link, self.build_timeout)
         else:
-            guard.waiting.append(circuit)
+            guard.open_waiters.append(circuit)
         return circuit
 
     def close(self) -> None:
@@ -110,8 +110,8 @@ class Client:
         guard = self._by_link.get(link)
         if guard is None:
             return
-        waiting, guard.waiting = guard.waiting, []
-        for circuit in waiting:
+        open_waiters, guard.open_waiters = guard.open_waiters, []
+        for circuit in open_waiters:
             if circuit.state == "connecting":
                 circuit.start(link, self.build_timeout)
 
@@ -122,8 +122,8 @@ class Client:
         for address, known in list(self._guards.items()):
             if known is guard:
                 del self._guards[address]
-        waiting, guard.waiting = guard.waiting, []
-        for circuit in waiting:
+        open_waiters, guard.open_waiters = guard.open_waiters, []
+        for circuit in open_waiters:
             circuit.close(f"link to the guard failed: {reason}", send_destroy=False)
 
     def _on_write_high(self, guard: _GuardLink) -> None:

@@ -35,7 +35,8 @@ Back-pressure (three sources, combined per link by :class:`relay.circuits.ReadGa
 * one circuit over its mark: its circuit holds the gates of its own links (``OrCircuit``);
 * a link's write buffer above its high watermark: each source that writes into it (the link a
   forwarded batch came from, or an exit's targets) is paused and remembered in that link's
-  ``waiters``, and released when the buffer drains to the low watermark (or the link closes);
+  ``drain_waiters``, and released when the buffer drains to the low watermark (or the link
+  closes);
   a relay-to-relay link is not paused for another relay-to-relay link (see
   :mod:`relay.orcircuit`: that could deadlock a ring of relays).
 Each of these does work proportional to what it pauses, never to all circuits.
@@ -79,7 +80,7 @@ __all__ = ["RelayNode"]
 log = logging.getLogger("relay.node")
 
 _POOL = "pool"
-DEFAULT_POOL_HIGH_WATER = 32768
+RELAY_POOL_HIGH_WATER = 32768
 """Cells in flight on a relay's pool before its links stop reading (about 16 MB)."""
 DEFAULT_MAX_CIRCUITS_PER_LINK = 4096
 """Circuits one link may hold (created by the peer or extended through it) before CREATEs on
@@ -106,7 +107,7 @@ class RelayNode:
         batch_cells: int = DEFAULT_BATCH_CELLS,
         exit_policy: Callable[[str, int], bool] = loopback_only,
         handshake_timeout: float = 30.0,
-        pool_high_water: int = DEFAULT_POOL_HIGH_WATER,
+        pool_high_water: int = RELAY_POOL_HIGH_WATER,
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
         link_write_water: tuple[int, int] | None = None,
         max_circuits_per_link: int = DEFAULT_MAX_CIRCUITS_PER_LINK,
@@ -130,7 +131,7 @@ class RelayNode:
         self.pool = WorkerPool(
             None,
             threads=threads,
-            directions=3,
+            lanes=3,
             process=crypt_batch,
             joined=False,
             batch_cells=batch_cells,
@@ -242,8 +243,8 @@ class RelayNode:
         peer = self._peers.get(link)
         if peer is None:
             return
-        waiting, peer.waiting = peer.waiting, []
-        for circuit in waiting:
+        open_waiters, peer.open_waiters = peer.open_waiters, []
+        for circuit in open_waiters:
             circuit.attach_next(peer)
 
     def _on_link_closed(self, link: Link, reason: str) -> None:
@@ -253,11 +254,11 @@ class RelayNode:
             return
         if peer.address is not None and self._outgoing.get(peer.address) is peer:
             del self._outgoing[peer.address]
-        waiting, peer.waiting = peer.waiting, []
-        for circuit in waiting:
+        open_waiters, peer.open_waiters = peer.open_waiters, []
+        for circuit in open_waiters:
             circuit.extend_failed(reason)
-        waiters, peer.waiters = peer.waiters, {}
-        for gate in waiters:
+        drain_waiters, peer.drain_waiters = peer.drain_waiters, {}
+        for gate in drain_waiters:
             gate.release(peer)
         self._pool_paused.pop(peer.gate, None)
         peer.gate.clear()
@@ -268,8 +269,8 @@ class RelayNode:
 
     def _on_write_low(self, peer: Peer) -> None:
         peer.congested = False
-        waiters, peer.waiters = peer.waiters, {}
-        for gate in waiters:
+        drain_waiters, peer.drain_waiters = peer.drain_waiters, {}
+        for gate in drain_waiters:
             gate.release(peer)
 
     # ------------------------------------------------------------------ creating circuits
@@ -375,8 +376,8 @@ class RelayNode:
             return
         link.write_cells(data, count)
         self.cells_written += count
-        if peer.congested and source is not None and source not in peer.waiters:
-            peer.waiters[source] = None
+        if peer.congested and source is not None and source not in peer.drain_waiters:
+            peer.drain_waiters[source] = None
             source.hold(peer)
             self.write_pauses += 1
 
@@ -392,7 +393,7 @@ class RelayNode:
         if peer.link.is_open:
             circuit.attach_next(peer)
         else:
-            peer.waiting.append(circuit)
+            peer.open_waiters.append(circuit)
 
     def make_edge(self, circuit: OrCircuit) -> ExitEdge:
         """The exit edge of ``circuit``. Loop thread only."""

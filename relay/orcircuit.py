@@ -171,7 +171,9 @@ def new_relay_group() -> GroupFn | None:
 class Peer:
     """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
 
-    __slots__ = ("address", "congested", "gate", "link", "relay_link", "waiters", "waiting")
+    __slots__ = (
+        "address", "congested", "drain_waiters", "gate", "link", "open_waiters", "relay_link",
+    )
 
     def __init__(self, link: Link, address: tuple[str, int] | None = None) -> None:
         """Wrap ``link``. Loop thread only."""
@@ -182,8 +184,8 @@ class Peer:
         # Write congestion never pauses reading it for the sake of another relay link.
         self.relay_link = address is not None
         self.congested = False
-        self.waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
-        self.waiting: list[OrCircuit] = []  # circuits waiting for this link to open
+        self.drain_waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
+        self.open_waiters: list[OrCircuit] = []  # circuits waiting for this link to open
 
     def __repr__(self) -> str:
         return f"<Peer {self.link.name}>"
@@ -244,10 +246,10 @@ class OrCircuit:
         "host",
         "next",
         "next_id",
+        "pool_circuit",
         "prev",
         "prev_id",
         "state",
-        "work",
     )
 
     def __init__(
@@ -269,7 +271,7 @@ class OrCircuit:
         self.next: Peer | None = None
         self.next_id = 0
         self.state = _OPEN
-        self.work: Circuit = host.pool.open_circuit(
+        self.pool_circuit: Circuit = host.pool.open_circuit(
             crypto,
             process=crypt_batch,
             group=group,
@@ -350,7 +352,7 @@ class OrCircuit:
             if self._fwd:
                 cells, self._fwd = self._fwd, []
                 self._fwd_submitted += len(cells)
-                self.host.pool.submit(self.work, FORWARD, cells)
+                self.host.pool.submit(self.pool_circuit, FORWARD, cells)
             if self._bwd:
                 cells, self._bwd = self._bwd, []
                 self._submit_kb(BACKWARD, cells)
@@ -373,7 +375,7 @@ class OrCircuit:
             return
         self._kb_direction = direction
         self._kb_in_flight += len(cells)
-        self.host.pool.submit(self.work, direction, cells)
+        self.host.pool.submit(self.pool_circuit, direction, cells)
 
     def _kb_delivered(self, count: int) -> None:
         self._kb_in_flight -= count
@@ -385,11 +387,11 @@ class OrCircuit:
             _, cells = held.popleft()
             self._kb_direction = direction
             self._kb_in_flight += len(cells)
-            self.host.pool.submit(self.work, direction, cells)
+            self.host.pool.submit(self.pool_circuit, direction, cells)
 
     # ------------------------------------------------------------------ results
 
-    def _on_result(self, work: Circuit, direction: int, result: Any) -> None:
+    def _on_result(self, pool_circuit: Circuit, direction: int, result: Any) -> None:
         if direction == FORWARD:
             out, flags = result
             self._forward_done(out, flags)
@@ -511,11 +513,11 @@ class OrCircuit:
         """The next hop could not be reached. Loop thread only."""
         self.close(f"extend failed: {why}", DestroyReason.CONNECTFAILED)
 
-    def _on_error(self, work: Circuit, direction: int, exc: BaseException) -> None:
+    def _on_error(self, pool_circuit: Circuit, direction: int, exc: BaseException) -> None:
         log.error("%r: crypto failed on a worker: %r", self, exc)
         self.close(f"crypto error: {exc!r}", DestroyReason.INTERNAL)
 
-    def _on_pressure(self, work: Circuit, over: bool) -> None:
+    def _on_pressure(self, pool_circuit: Circuit, over: bool) -> None:
         self._pressure = over
         if over:
             self.host.circuit_pressure_pauses += 1
@@ -541,7 +543,7 @@ class OrCircuit:
         if self.state is _CLOSED:
             return
         self.state = _CLOSED
-        self.host.pool.close_circuit(self.work)
+        self.host.pool.close_circuit(self.pool_circuit)
         self._fwd.clear()
         self._bwd.clear()
         self._kb_held.clear()

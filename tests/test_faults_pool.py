@@ -113,7 +113,7 @@ def test_random_closes_and_worker_exceptions_leave_every_other_circuit_intact(se
     reactor = Reactor()
     loop_thread = threading.get_ident()
     callback_threads: set[int] = set()
-    pool = WorkerPool.attach(reactor, threads=2, directions=2, process=crypt, joined=True,
+    pool = WorkerPool.attach(reactor, threads=2, lanes=2, process=crypt, joined=True,
                              batch_cells=rng.choice([8, 32, 256]), name=WORKER_PREFIX,
                              cell_size=CELL)
     tracks: dict[Circuit, Track] = {}
@@ -213,7 +213,7 @@ def loaded_pool(reactor: Reactor, circuits: int, cells_each: int, *, threads: in
     """A pool whose workers have ``circuits * cells_each`` forward cells of pure-Python crypto
     queued (a per-cell digest check in Python: slow on purpose, so the workers are certainly
     busy when the test closes the pool)."""
-    pool = WorkerPool.attach(reactor, threads=threads, directions=2, process=crypt, joined=True,
+    pool = WorkerPool.attach(reactor, threads=threads, lanes=2, process=crypt, joined=True,
                              batch_cells=64, name=WORKER_PREFIX, cell_size=CELL)
     got: dict[Circuit, bytearray] = {}
     sent: dict[Circuit, bytes] = {}

@@ -151,14 +151,20 @@ def test_submit_many_takes_lock_once_and_schedules_each() -> None:
 def test_submit_validation() -> None:
     pool = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b, cell_size=CELL)
     c = pool.open_circuit(None, on_result=lambda c, d, r: None)
-    with pytest.raises(ValueError, match="direction"):
+    with pytest.raises(ValueError, match="lane"):
         pool.submit(c, 2, [b"x"])
-    with pytest.raises(ValueError, match="direction"):
+    with pytest.raises(ValueError, match="lane"):
         pool.submit(c, -1, [b"x"])
     with pytest.raises(ValueError, match="whole number"):
         pool.submit(c, 0, bytes(CELL + 1))
     with pytest.raises(TypeError):
         pool.submit(c, 0, "text")
+    sizeless = WorkerPool(Collector(), threads=1, process=lambda s, d, b: b)
+    anonymous = sizeless.open_circuit(None, on_result=lambda c, d, r: None)
+    with pytest.raises(ValueError, match="count="):
+        sizeless.submit(anonymous, 0, bytes(CELL))  # no cell_size: a buffer needs its count
+    sizeless.submit(anonymous, 0, bytes(3 * CELL), count=3)
+    assert sizeless.in_flight == 3
     with pytest.raises(ValueError, match="priority class"):
         pool.set_priority(c, 3)
     with pytest.raises(ValueError, match="process"):

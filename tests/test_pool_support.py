@@ -136,7 +136,7 @@ def bare_circuit(cls: int, context: Any = None) -> Circuit:
         lambda c, d, r: None,
         None,
         None,
-        directions=1,
+        lanes=1,
         priority=cls,
         joined=False,
         high_water=10,

@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol
 
-from tor1 import CELL_PAYLOAD_LEN
+from tor1.payloads import CellBuffer, split_buffer
 from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, UnrecognizedCell
 
 try:
@@ -48,9 +48,6 @@ __all__ = [
 FORCE_PURE_ENV = "RELAYCRYPT_PURE"
 """Environment variable: set to ``1`` to force the pure-Python reference backend."""
 
-Buffer = bytes | bytearray | memoryview | list | tuple
-"""Joined payloads: one bytes-like object, or a list/tuple of pieces read as their
-concatenation (see :mod:`tor1.fast`)."""
 
 
 class RelayCryptoLike(Protocol):
@@ -62,9 +59,9 @@ class RelayCryptoLike(Protocol):
     def backward_many(self, payloads: Sequence[bytes]) -> list[bytes]: ...
     def originate(self, payload: bytes) -> bytes: ...
     def originate_many(self, payloads: Sequence[bytes]) -> list[bytes]: ...
-    def forward_buf(self, buf: Buffer) -> tuple[bytes, bytes]: ...
-    def backward_buf(self, buf: Buffer) -> bytes: ...
-    def originate_buf(self, buf: Buffer) -> bytes: ...
+    def forward_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]: ...
+    def backward_buf(self, buf: CellBuffer) -> bytes: ...
+    def originate_buf(self, buf: CellBuffer) -> bytes: ...
 
 
 class OriginCryptoLike(Protocol):
@@ -77,21 +74,8 @@ class OriginCryptoLike(Protocol):
     def encrypt_many(self, payloads: Sequence[bytes], hop: int) -> list[bytes]: ...
     def decrypt(self, payload: bytes) -> tuple[int, bytes]: ...
     def decrypt_many(self, payloads: Sequence[bytes]) -> list[tuple[int, bytes]]: ...
-    def encrypt_buf(self, buf: Buffer, hop: int) -> bytes: ...
-    def decrypt_buf(self, buf: Buffer) -> tuple[bytes, bytes]: ...
-
-
-def _split_buf(buf: Buffer) -> list[bytes]:
-    """Split joined payloads into 509-byte ``bytes``; ``ValueError`` if the length is off."""
-    if isinstance(buf, list | tuple):
-        buf = b"".join(buf)
-    view = memoryview(buf).cast("B")
-    if len(view) % CELL_PAYLOAD_LEN:
-        raise ValueError(
-            f"buffer length must be a multiple of {CELL_PAYLOAD_LEN} (joined relay payloads), "
-            f"got {len(view)}"
-        )
-    return [bytes(view[i : i + CELL_PAYLOAD_LEN]) for i in range(0, len(view), CELL_PAYLOAD_LEN)]
+    def encrypt_buf(self, buf: CellBuffer, hop: int) -> bytes: ...
+    def decrypt_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]: ...
 
 
 class ReferenceRelayCrypto(RelayCrypto):
@@ -99,18 +83,18 @@ class ReferenceRelayCrypto(RelayCrypto):
 
     __slots__ = ()
 
-    def forward_buf(self, buf: Buffer) -> tuple[bytes, bytes]:
+    def forward_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
         """``forward_many`` on a joined buffer; ``(out, recognized flags as 0/1 bytes)``."""
-        results = self.forward_many(_split_buf(buf))
+        results = self.forward_many(split_buffer(buf))
         return b"".join(cell for _, cell in results), bytes(ok for ok, _ in results)
 
-    def backward_buf(self, buf: Buffer) -> bytes:
+    def backward_buf(self, buf: CellBuffer) -> bytes:
         """``backward_many`` on a joined buffer."""
-        return b"".join(self.backward_many(_split_buf(buf)))
+        return b"".join(self.backward_many(split_buffer(buf)))
 
-    def originate_buf(self, buf: Buffer) -> bytes:
+    def originate_buf(self, buf: CellBuffer) -> bytes:
         """``originate_many`` on a joined buffer."""
-        return b"".join(self.originate_many(_split_buf(buf)))
+        return b"".join(self.originate_many(split_buffer(buf)))
 
 
 class ReferenceOriginCrypto(OriginCrypto):
@@ -118,14 +102,14 @@ class ReferenceOriginCrypto(OriginCrypto):
 
     __slots__ = ()
 
-    def encrypt_buf(self, buf: Buffer, hop: int) -> bytes:
+    def encrypt_buf(self, buf: CellBuffer, hop: int) -> bytes:
         """``encrypt_many`` on a joined buffer."""
-        return b"".join(self.encrypt_many(_split_buf(buf), hop))
+        return b"".join(self.encrypt_many(split_buffer(buf), hop))
 
-    def decrypt_buf(self, buf: Buffer) -> tuple[bytes, bytes]:
+    def decrypt_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
         """``decrypt_many`` on a joined buffer; ``(out, hop index per cell)``. Raises
         :class:`UnrecognizedCell` like ``decrypt_many``."""
-        results = self.decrypt_many(_split_buf(buf))
+        results = self.decrypt_many(split_buffer(buf))
         return b"".join(cell for _, cell in results), bytes(hop for hop, _ in results)
 
 

@@ -47,10 +47,9 @@ one object concurrently get ``RuntimeError`` from the kernel instead of corrupt 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol, TypeAlias
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
-from tor1 import CELL_PAYLOAD_LEN
 from tor1._kernel import (
     OP_BACKWARD,
     OP_DECRYPT,
@@ -61,11 +60,14 @@ from tor1._kernel import (
     RelayState,
     crypt_group,
 )
+from tor1.payloads import CellBuffer, buffer_len, check_payload, join_checked, split_joined
 from tor1.reference import UnrecognizedCell
+
+if TYPE_CHECKING:
+    from workers.circuit import GroupFn
 
 __all__ = [
     "RELAY_OPS",
-    "CellBuffer",
     "FastOriginCrypto",
     "FastRelayCrypto",
     "HopKeysLike",
@@ -73,14 +75,9 @@ __all__ = [
     "relay_group",
 ]
 
-#: ``group(jobs) -> results`` with jobs ``(crypto, direction, pieces)``: see workers.circuit.
-GroupFn: TypeAlias = Callable[[list[tuple[Any, int, Any]]], list[Any]]
 #: Kernel op per pool direction for a relay: 0 forward (Kf), 1 backward (Kb), 2 originate.
 RELAY_OPS: tuple[int, ...] = (OP_FORWARD, OP_BACKWARD, OP_ORIGINATE)
 
-Bytes: TypeAlias = bytes | bytearray | memoryview
-CellBuffer: TypeAlias = Bytes | list[Bytes] | tuple[Bytes, ...]
-"""Joined payloads: one bytes-like object, or pieces read as their concatenation."""
 
 
 class HopKeysLike(Protocol):
@@ -94,28 +91,6 @@ class HopKeysLike(Protocol):
     def kf(self) -> bytes: ...
     @property
     def kb(self) -> bytes: ...
-
-
-def _check_payload(payload: bytes) -> None:
-    if len(payload) != CELL_PAYLOAD_LEN:
-        raise ValueError(f"relay payload must be {CELL_PAYLOAD_LEN} bytes, got {len(payload)}")
-
-
-def _join_checked(payloads: Sequence[bytes]) -> bytes:
-    """Join payloads after checking each one's size (a 508 and a 510 must not pass as two)."""
-    for payload in payloads:
-        _check_payload(payload)
-    return b"".join(payloads)
-
-
-def _split(joined: bytes, count: int) -> list[bytes]:
-    return [joined[i * CELL_PAYLOAD_LEN : (i + 1) * CELL_PAYLOAD_LEN] for i in range(count)]
-
-
-def _nbytes(buf: CellBuffer) -> int:
-    if isinstance(buf, list | tuple):
-        return sum(_nbytes(piece) for piece in buf)
-    return buf.nbytes if isinstance(buf, memoryview) else len(buf)
 
 
 def _key_tuple(keys: HopKeysLike) -> tuple[bytes, bytes, bytes, bytes]:
@@ -154,33 +129,33 @@ class FastRelayCrypto:
 
     def forward(self, payload: bytes) -> tuple[bool, bytes]:
         """Decrypt one cell moving away from the client; ``(recognized here, plaintext)``."""
-        _check_payload(payload)
+        check_payload(payload)
         out, recognized = self._state.forward(payload)
         return bool(recognized[0]), out
 
     def forward_many(self, payloads: Sequence[bytes]) -> list[tuple[bool, bytes]]:
         """``forward`` for each payload in order (one kernel call)."""
-        out, recognized = self._state.forward(_join_checked(payloads))
-        return [(bool(flag), cell) for flag, cell in zip(recognized, _split(out, len(payloads)),
-                                                         strict=True)]
+        out, recognized = self._state.forward(join_checked(payloads))
+        cells = split_joined(out, len(payloads))
+        return [(bool(flag), cell) for flag, cell in zip(recognized, cells, strict=True)]
 
     def backward(self, payload: bytes) -> bytes:
         """Encrypt one cell moving toward the client with Kb (no digest)."""
-        _check_payload(payload)
+        check_payload(payload)
         return self._state.backward(payload)
 
     def backward_many(self, payloads: Sequence[bytes]) -> list[bytes]:
         """``backward`` for each payload in order (one kernel call)."""
-        return _split(self._state.backward(_join_checked(payloads)), len(payloads))
+        return split_joined(self._state.backward(join_checked(payloads)), len(payloads))
 
     def originate(self, payload: bytes) -> bytes:
         """Set the digest with Db's running hash, then encrypt with Kb."""
-        _check_payload(payload)
+        check_payload(payload)
         return self._state.originate(payload)
 
     def originate_many(self, payloads: Sequence[bytes]) -> list[bytes]:
         """``originate`` for each payload in order (one kernel call)."""
-        return _split(self._state.originate(_join_checked(payloads)), len(payloads))
+        return split_joined(self._state.originate(join_checked(payloads)), len(payloads))
 
 
 class FastOriginCrypto:
@@ -217,8 +192,8 @@ class FastOriginCrypto:
         recognized cell ``i``. A cell no hop recognizes raises :class:`UnrecognizedCell`
         (``index``, ``results`` of the cells before it); the state is as after those cells."""
         out, hops = self._state.decrypt(buf)
-        if len(out) != _nbytes(buf):
-            raise UnrecognizedCell(len(hops), list(zip(hops, _split(out, len(hops)),
+        if len(out) != buffer_len(buf):
+            raise UnrecognizedCell(len(hops), list(zip(hops, split_joined(out, len(hops)),
                                                        strict=True)))
         return out, hops
 
@@ -226,17 +201,17 @@ class FastOriginCrypto:
 
     def encrypt(self, payload: bytes, hop: int) -> bytes:
         """Set the digest with ``hop``'s forward hash, then apply Kf of hop, hop-1, ..., 0."""
-        _check_payload(payload)
+        check_payload(payload)
         return self._state.encrypt(payload, hop)
 
     def encrypt_many(self, payloads: Sequence[bytes], hop: int) -> list[bytes]:
         """``encrypt`` for each payload in order (one kernel call, one AES call per layer)."""
-        return _split(self._state.encrypt(_join_checked(payloads), hop), len(payloads))
+        return split_joined(self._state.encrypt(join_checked(payloads), hop), len(payloads))
 
     def decrypt(self, payload: bytes) -> tuple[int, bytes]:
         """Peel Kb layers from hop 0 outward; ``(hop, plaintext)`` of the first hop that
         recognizes the cell. None does: :class:`UnrecognizedCell`, state unchanged."""
-        _check_payload(payload)
+        check_payload(payload)
         out, hops = self._state.decrypt(payload)
         if not hops:
             raise UnrecognizedCell(0, [])
@@ -245,8 +220,8 @@ class FastOriginCrypto:
     def decrypt_many(self, payloads: Sequence[bytes]) -> list[tuple[int, bytes]]:
         """``decrypt`` for each payload in order; on the first unrecognized cell raise
         :class:`UnrecognizedCell` with its ``index`` and the earlier ``results``."""
-        out, hops = self._state.decrypt(_join_checked(payloads))
-        results = list(zip(hops, _split(out, len(hops)), strict=True))
+        out, hops = self._state.decrypt(join_checked(payloads))
+        results = list(zip(hops, split_joined(out, len(hops)), strict=True))
         if len(hops) != len(payloads):
             raise UnrecognizedCell(len(hops), results)
         return results
@@ -287,9 +262,9 @@ def origin_group(encrypt_hop: int) -> GroupFn:
             result = results[index]
             if direction != 0 and isinstance(result, tuple):
                 out, hops = result
-                if len(out) != _nbytes(pieces):
+                if len(out) != buffer_len(pieces):
                     results[index] = UnrecognizedCell(
-                        len(hops), list(zip(hops, _split(out, len(hops)), strict=True)))
+                        len(hops), list(zip(hops, split_joined(out, len(hops)), strict=True)))
         return results
 
     return group

@@ -61,6 +61,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from tor1 import CELL_PAYLOAD_LEN
+from tor1.payloads import check_payload, join_checked, split_joined
 
 __all__ = [
     "DIGEST_LEN",
@@ -201,12 +202,6 @@ class UnrecognizedCell(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_payload(payload: bytes) -> bytes:
-    if len(payload) != CELL_PAYLOAD_LEN:
-        raise ValueError(f"relay payload must be {CELL_PAYLOAD_LEN} bytes, got {len(payload)}")
-    return payload
-
-
 def _set_digest(running: hashlib._Hash, payload: bytes) -> bytes:
     """Feed ``payload`` (digest field zeroed) to ``running``; return it with the digest set."""
     head = payload[:_DIGEST_SLICE_START]
@@ -232,16 +227,6 @@ def _recognized(running: hashlib._Hash, plain: bytes) -> hashlib._Hash | None:
     if hmac.compare_digest(trial.digest()[:4], plain[_DIGEST_SLICE_START:_DIGEST_SLICE_END]):
         return trial
     return None
-
-
-def _split(joined: bytes, count: int) -> list[bytes]:
-    return [joined[i * CELL_PAYLOAD_LEN : (i + 1) * CELL_PAYLOAD_LEN] for i in range(count)]
-
-
-def _join_checked(payloads: Sequence[bytes]) -> bytes:
-    for p in payloads:
-        _check_payload(p)
-    return b"".join(payloads)
 
 
 # --------------------------------------------------------------------------- origin
@@ -291,7 +276,7 @@ class OriginCrypto:
         (its digest field is overwritten). Returns the 509 bytes to send.
         """
         self._check_hop(hop)
-        cell = _set_digest(self._fwd_digests[hop], bytes(_check_payload(payload)))
+        cell = _set_digest(self._fwd_digests[hop], bytes(check_payload(payload)))
         ciphers = self._fwd_ciphers
         for i in range(hop, -1, -1):
             cell = ciphers[i](cell)
@@ -304,17 +289,17 @@ class OriginCrypto:
             return []
         running = self._fwd_digests[hop]
         joined = b"".join(
-            [_set_digest(running, bytes(p)) for p in (_check_payload(q) for q in payloads)]
+            [_set_digest(running, bytes(p)) for p in (check_payload(q) for q in payloads)]
         )
         ciphers = self._fwd_ciphers
         for i in range(hop, -1, -1):
             joined = ciphers[i](joined)
-        return _split(joined, len(payloads))
+        return split_joined(joined, len(payloads))
 
     def decrypt(self, payload: bytes) -> tuple[int, bytes]:
         """Peel Kb layers from hop 0 outward; return ``(hop, plaintext)`` of the first hop that
         recognizes the cell. None does: raise :class:`UnrecognizedCell`, state unchanged."""
-        cell = bytes(_check_payload(payload))
+        cell = bytes(check_payload(payload))
         ciphers = self._back_ciphers
         digests = self._back_digests
         counts = self._back_cells
@@ -376,7 +361,7 @@ class RelayCrypto:
         ``(True, plaintext)`` if it is recognized and its digest matches (forward digest state
         advances); ``(False, decrypted)`` to pass on otherwise (digest state untouched).
         """
-        plain = self._fwd_cipher(bytes(_check_payload(payload)))
+        plain = self._fwd_cipher(bytes(check_payload(payload)))
         advanced = _recognized(self._fwd_digest, plain)
         if advanced is None:
             return False, plain
@@ -387,7 +372,7 @@ class RelayCrypto:
         """``forward`` for each payload in order, with one AES call for the whole batch."""
         if not payloads:
             return []
-        plains = _split(self._fwd_cipher(_join_checked(payloads)), len(payloads))
+        plains = split_joined(self._fwd_cipher(join_checked(payloads)), len(payloads))
         results: list[tuple[bool, bytes]] = []
         append = results.append
         for plain in plains:
@@ -404,18 +389,18 @@ class RelayCrypto:
 
     def backward(self, payload: bytes) -> bytes:
         """Encrypt a cell moving toward the client with Kb (relaying; no digest)."""
-        return self._back_cipher(bytes(_check_payload(payload)))
+        return self._back_cipher(bytes(check_payload(payload)))
 
     def backward_many(self, payloads: Sequence[bytes]) -> list[bytes]:
         """``backward`` for each payload in order, in one AES call."""
         if not payloads:
             return []
-        return _split(self._back_cipher(_join_checked(payloads)), len(payloads))
+        return split_joined(self._back_cipher(join_checked(payloads)), len(payloads))
 
     def originate(self, payload: bytes) -> bytes:
         """Set the digest with Db's running hash, then encrypt with Kb (a cell this relay sends
         toward the client). ``recognized`` must be zero; the digest field is overwritten."""
-        cell = _set_digest(self._back_digest, bytes(_check_payload(payload)))
+        cell = _set_digest(self._back_digest, bytes(check_payload(payload)))
         return self._back_cipher(cell)
 
     def originate_many(self, payloads: Sequence[bytes]) -> list[bytes]:
@@ -424,6 +409,6 @@ class RelayCrypto:
             return []
         running = self._back_digest
         joined = b"".join(
-            [_set_digest(running, bytes(p)) for p in (_check_payload(q) for q in payloads)]
+            [_set_digest(running, bytes(p)) for p in (check_payload(q) for q in payloads)]
         )
-        return _split(self._back_cipher(joined), len(payloads))
+        return split_joined(self._back_cipher(joined), len(payloads))

@@ -1,9 +1,12 @@
-"""A circuit as the worker pool sees it: pending cells per direction, crypto state, flags.
+"""A circuit as the worker pool sees it: pending cells per lane, crypto state, flags.
 
 One :class:`Circuit` is the unit of work of :class:`workers.pool.WorkerPool` (the email's
-"circuits in need of getting some cells en/decrypted"). It holds:
+"circuits in need of getting some cells en/decrypted"). Its cells travel in ``lanes``: numbered,
+independent FIFOs, each crypted in the order submitted (a relay uses three: cells moving
+forward, cells moving backward, and cells it originates; what a lane means is the caller's).
+It holds:
 
-* ``pending``: one list per direction (the email's ``unencrypted_cell_queue_in/out``), used
+* ``pending``: one list per lane (the email's ``unencrypted_cell_queue_in/out``), used
   as a FIFO. Each entry is one *submitted item*, a pair ``(payload, cells)``: ``payload`` is
   either a joined buffer of ``cells`` cells (``bytes``, ``bytearray`` or ``memoryview``) or a
   list of cells. Who may touch it:
@@ -41,17 +44,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-#: ``process(state, direction, batch) -> result``: runs on a worker thread with the circuit owned.
+#: ``process(state, lane, batch) -> result``: runs on a worker thread with the circuit owned.
 ProcessFn = Callable[[Any, int, Any], Any]
-#: ``group(jobs) -> results``: ``jobs`` is a list of ``(state, direction, pieces)``, one per batch,
+#: ``group(jobs) -> results``: ``jobs`` is a list of ``(state, lane, pieces)``, one per batch,
 #: ``pieces`` a list of bytes-like objects whose concatenation is the batch (the cells in
-#: order). Returns one entry per job, in order: what ``process(state, direction, batch)`` would
+#: order). Returns one entry per job, in order: what ``process(state, lane, batch)`` would
 #: return, or the exception instance it would raise. Runs on a worker thread that owns every
 #: circuit of the jobs (one state may appear in several jobs: they run in list order).
 GroupFn = Callable[[list[tuple[Any, int, Any]]], list[Any]]
-#: ``on_result(circuit, direction, result)``: loop thread.
+#: ``on_result(circuit, lane, result)``: loop thread.
 ResultFn = Callable[["Circuit", int, Any], None]
-#: ``on_error(circuit, direction, exception)``: loop thread.
+#: ``on_error(circuit, lane, exception)``: loop thread.
 ErrorFn = Callable[["Circuit", int, BaseException], None]
 #: ``on_pressure(circuit, over_high_water)``: loop thread.
 CircuitPressureFn = Callable[["Circuit", bool], None]
@@ -71,7 +74,7 @@ class Reply(NamedTuple):
     """
 
     circuit: Circuit | None
-    direction: int
+    lane: int
     result: Any
     cells: int
     error: BaseException | None
@@ -115,7 +118,7 @@ class Circuit:
         on_error: ErrorFn | None,
         on_pressure: CircuitPressureFn | None,
         *,
-        directions: int,
+        lanes: int,
         priority: int,
         joined: bool,
         high_water: int,
@@ -124,7 +127,7 @@ class Circuit:
         group: GroupFn | None = None,
     ) -> None:
         """Build an idle circuit. Loop thread only (normally through ``open_circuit``)."""
-        self.pending: tuple[list[tuple[Any, int]], ...] = tuple([] for _ in range(directions))
+        self.pending: tuple[list[tuple[Any, int]], ...] = tuple([] for _ in range(lanes))
         self.state = state
         self.process = process
         self.group = group
@@ -148,7 +151,7 @@ class Circuit:
         self.low_water = low_water
 
     def has_pending(self) -> bool:
-        """True when some direction holds cells. Any thread (a snapshot)."""
+        """True when some lane holds cells. Any thread (a snapshot)."""
         for queue in self.pending:
             if queue:
                 return True

@@ -27,13 +27,13 @@ tuning, batching; nothing imports pool.
 
 The shape
 ---------
-The loop thread owns the circuits. ``submit(circuit, direction, cells)`` appends ONE entry (a
+The loop thread owns the circuits. ``submit(circuit, lane, cells)`` appends ONE entry (a
 joined buffer of many cells, or a list of cells) to the circuit's pending list for that
-direction and *schedules* the circuit: under the pool lock, if the circuit is neither queued nor
+lane and *schedules* the circuit: under the pool lock, if the circuit is neither queued nor
 busy, it goes to the tail of its priority class in :class:`~workers.runqueues.RunQueues`, and
 one idle worker is notified if any is waiting. A worker pops a circuit (marking it busy), takes
-the pending entries of each direction up to ``batch_cells`` cells, joins them into one batch,
-calls ``process(state, direction, batch)`` and puts ONE :class:`~workers.circuit.Reply` per
+the pending entries of each lane up to ``batch_cells`` cells, joins them into one batch,
+calls ``process(state, lane, batch)`` and puts ONE :class:`~workers.circuit.Reply` per
 batch on ``replies`` (normally a ``reactor.ReplyQueue``, whose handler calls :meth:`deliver` on
 the loop thread). Cells that arrived meanwhile are taken in the same turn while the cap allows;
 then, under the lock, the worker lets the circuit go, re-queuing it at the tail if cells remain,
@@ -69,7 +69,7 @@ batch (grouped: one lock round, one GIL round trip and one ``put_many`` per grou
 Priorities, fairness, starvation
 --------------------------------
 See :mod:`workers.runqueues`: round-robin inside a class (one turn of at most ``batch_cells``
-cells per direction, then back to the tail), and every 37th pop serves a less urgent class.
+cells per lane, then back to the tail), and every 37th pop serves a less urgent class.
 
 Back-pressure, counted on the loop thread only
 ----------------------------------------------
@@ -153,7 +153,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Cells per direction per turn (per circuit of a grouped turn). Each batch costs the loop one
+#: Cells per lane per turn (per circuit of a grouped turn). Each batch costs the loop one
 #: reply. Measured with the grouped path (benchmarks.tuning, 2 CPUs, 200 circuits): relay_forward
 #: 1.27x / 1.35x / 1.41x inline with caps 256 / 1024 / 4096, origin 1.81x / 1.90x / 1.88x. 1024
 #: keeps a circuit's share of a turn short (~45 us of AES relaying, ~0.4 ms at the origin).
@@ -170,7 +170,7 @@ class PoolClosedError(RuntimeError):
     """The pool was closed: it takes no more work."""
 
 
-def _no_result(circuit: Circuit, direction: int, result: Any) -> None:
+def _no_result(circuit: Circuit, lane: int, result: Any) -> None:
     raise RuntimeError(f"{circuit!r} has no on_result callback")
 
 
@@ -183,7 +183,7 @@ class WorkerPool:
         *,
         threads: int | None = None,
         priorities: int = 3,
-        directions: int = 2,
+        lanes: int = 2,
         process: ProcessFn | None = None,
         joined: bool = False,
         group: GroupFn | None = None,
@@ -220,16 +220,16 @@ class WorkerPool:
         """
         if priorities < 3:
             raise ValueError(f"priorities must be >= 3, got {priorities}")
-        if directions < 1 or batch_cells < 1 or group_circuits < 1 or (
+        if lanes < 1 or batch_cells < 1 or group_circuits < 1 or (
             cell_size is not None and cell_size < 1
         ):
-            raise ValueError("directions, batch_cells, cell_size and group_circuits must be >= 1")
+            raise ValueError("lanes, batch_cells, cell_size and group_circuits must be >= 1")
         threads = threads if threads is not None else max(2, os.cpu_count() or 2)
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self._replies = replies
         self._owns_replies = False
-        self._directions = directions
+        self._lanes = lanes
         self._process = process
         self._joined = joined
         self._group = group
@@ -334,11 +334,11 @@ class WorkerPool:
         low_water: int | None = None,
         context: Any = None,
     ) -> Circuit:
-        """Create a circuit whose batches run ``process(state, direction, batch)``.
+        """Create a circuit whose batches run ``process(state, lane, batch)``.
 
         Loop thread only.
-        ``on_result(circuit, direction, result)`` receives each batch's result on the loop thread
-        in submission order per direction. ``on_error(circuit, direction, exc)`` receives a
+        ``on_result(circuit, lane, result)`` receives each batch's result on the loop thread
+        in submission order per lane. ``on_error(circuit, lane, exc)`` receives a
         worker's exception (default: log it and close the circuit).
         ``group`` (see :data:`workers.circuit.GroupFn`) lets a worker crypt this circuit's
         batches together with other circuits' in one call; it must give exactly the results
@@ -358,16 +358,16 @@ class WorkerPool:
             low = low_water
         if low >= high:
             raise ValueError("low_water must be below high_water")
-        cls = self._default_priority if priority is None else priority
-        self._check_class(cls)
+        priority = self._default_priority if priority is None else priority
+        self._check_class(priority)
         return Circuit(
             state,
             process,
             on_result if on_result is not None else _no_result,
             on_error,
             on_pressure,
-            directions=self._directions,
-            priority=cls,
+            lanes=self._lanes,
+            priority=priority,
             joined=self._joined if joined is None else joined,
             high_water=high,
             low_water=low,
@@ -376,7 +376,7 @@ class WorkerPool:
         )
 
     def submit(
-        self, circuit: Circuit, direction: int, cells: Any, count: int | None = None
+        self, circuit: Circuit, lane: int, cells: Any, count: int | None = None
     ) -> bool:
         """Append cells (a joined buffer or a list) and schedule the circuit. Loop thread only.
 
@@ -385,7 +385,7 @@ class WorkerPool:
         """
         if self._scheduler.closing:
             raise PoolClosedError("the pool is closed: it takes no more work")
-        n = self._append(circuit, direction, cells, count)
+        n = self._append(circuit, lane, cells, count)
         if n == 0:
             return not (circuit.over_high_water or self._pressure.over_high_water)
         # Appended BEFORE the pool lock is taken to schedule: see "The lost-cell race" above.
@@ -393,9 +393,9 @@ class WorkerPool:
         return self._pressure.add(circuit, n)
 
     def submit_many(self, work: Iterable[tuple[Circuit, int, Any]]) -> bool:
-        """Submit ``(circuit, direction, cells)`` triples, taking the pool lock once.
+        """Submit ``(circuit, lane, cells)`` triples, taking the pool lock once.
 
-        Loop thread only. If an entry is rejected (closed circuit, bad direction or size), the
+        Loop thread only. If an entry is rejected (closed circuit, bad lane or size), the
         entries before it are accepted and scheduled, and the exception propagates. Returns False
         when some circuit or the pool is above its high-water mark afterwards.
         """
@@ -403,17 +403,17 @@ class WorkerPool:
             raise PoolClosedError("the pool is closed: it takes no more work")
         # The hot path of a loop that groups a read's cells by circuit: _append inlined (one
         # Python frame per call, not one per entry). Keep it in step with _append.
-        directions = self._directions
+        lanes = self._lanes
         size = self._cell_size
         appended: list[Circuit] = []
         counts: list[int] = []
         below = True
         try:
-            for circuit, direction, cells in work:
+            for circuit, lane, cells in work:
                 if circuit.closed:
                     raise CircuitClosedError(f"{circuit!r} is closed")
-                if not 0 <= direction < directions:
-                    raise ValueError(f"direction must be in [0, {directions}), got {direction!r}")
+                if not 0 <= lane < lanes:
+                    raise ValueError(f"lane must be in [0, {lanes}), got {lane!r}")
                 if cells.__class__ is bytes and size:
                     n, rest = divmod(len(cells), size)
                     if rest:
@@ -421,7 +421,7 @@ class WorkerPool:
                 else:
                     n = count_cells(cells, None, size)
                 if n:
-                    circuit.pending[direction].append((cells, n))
+                    circuit.pending[lane].append((cells, n))
                     appended.append(circuit)
                     counts.append(n)
         finally:
@@ -432,15 +432,15 @@ class WorkerPool:
                 below = self._pressure.add_many(appended, counts)
         return below
 
-    def _append(self, circuit: Circuit, direction: int, cells: Any, count: int | None) -> int:
+    def _append(self, circuit: Circuit, lane: int, cells: Any, count: int | None) -> int:
         """Validate, count and append one item to a pending list. Loop thread only.
 
         Returns its cell count (an empty item is not appended). The caller schedules.
         """
         if circuit.closed:
             raise CircuitClosedError(f"{circuit!r} is closed")
-        if not 0 <= direction < self._directions:
-            raise ValueError(f"direction must be in [0, {self._directions}), got {direction!r}")
+        if not 0 <= lane < self._lanes:
+            raise ValueError(f"lane must be in [0, {self._lanes}), got {lane!r}")
         if count is None and cells.__class__ is bytes and self._cell_size:
             n, rest = divmod(len(cells), self._cell_size)  # the hot case, inlined
             if rest:
@@ -448,13 +448,14 @@ class WorkerPool:
         else:
             n = count_cells(cells, count, self._cell_size)
         if n:
-            circuit.pending[direction].append((cells, n))
+            circuit.pending[lane].append((cells, n))
         return n
 
-    def set_priority(self, circuit: Circuit, cls: int) -> None:
-        """Move the circuit to priority class ``cls`` (0 = most urgent). Loop thread only. O(1)."""
-        self._check_class(cls)
-        self._scheduler.move(circuit, cls)
+    def set_priority(self, circuit: Circuit, priority: int) -> None:
+        """Move the circuit to priority class ``priority`` (0: most urgent). Loop thread only.
+        O(1)."""
+        self._check_class(priority)
+        self._scheduler.move(circuit, priority)
 
     def close_circuit(self, circuit: Circuit) -> None:
         """Close the circuit: cancel its queued cells, discard results in flight. Loop thread only.
@@ -471,10 +472,10 @@ class WorkerPool:
         # else: the owner empties them when it lets go, counting them.
         self._pressure.closed(circuit)
 
-    def _check_class(self, cls: int) -> None:
-        if not 0 <= cls < self._scheduler.queues.classes:
+    def _check_class(self, priority: int) -> None:
+        if not 0 <= priority < self._scheduler.queues.classes:
             raise ValueError(
-                f"priority class must be in [0, {self._scheduler.queues.classes}), got {cls}"
+                f"priority class must be in [0, {self._scheduler.queues.classes}), got {priority}"
             )
 
     # ----------------------------------------------------------------- loop side
@@ -485,7 +486,7 @@ class WorkerPool:
         Pass this as the ``reactor.ReplyQueue`` handler (``attach`` does). Replies of closed
         circuits are discarded and counted; no callback ever runs for them.
         """
-        circuit, direction, result, cells, error = reply
+        circuit, lane, result, cells, error = reply
         pressure = self._pressure
         if circuit is None:
             self._deliver_update(result)
@@ -497,11 +498,11 @@ class WorkerPool:
         pressure.delivered_cells(circuit, cells)
         try:
             if error is None:
-                circuit.on_result(circuit, direction, result)
+                circuit.on_result(circuit, lane, result)
             else:
                 pressure.errors_delivered += 1
                 if circuit.on_error is not None:
-                    circuit.on_error(circuit, direction, error)
+                    circuit.on_error(circuit, lane, error)
                 else:
                     log.error("closing %r after a worker error", circuit, exc_info=error)
                     self.close_circuit(circuit)

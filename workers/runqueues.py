@@ -87,12 +87,12 @@ class RunQueues:
 
         The caller has checked that the circuit is neither queued nor busy nor closed.
         """
-        cls = circuit.priority
+        priority = circuit.priority
         circuit.ticket += 1
         circuit.queued = True
-        circuit.queued_class = cls
-        self._queues[cls].append((circuit.ticket, circuit))
-        self._live[cls] += 1
+        circuit.queued_class = priority
+        self._queues[priority].append((circuit.ticket, circuit))
+        self._live[priority] += 1
         self.touches += 1
 
     def discard(self, circuit: Circuit) -> None:
@@ -102,26 +102,26 @@ class RunQueues:
         # The entry stays in the deque; bumping the ticket makes it stale for pop().
         circuit.ticket += 1
         circuit.queued = False
-        cls = circuit.queued_class
-        self._live[cls] -= 1
+        priority = circuit.queued_class
+        self._live[priority] -= 1
         self.touches += 1
-        if self._live[cls] == 0:
+        if self._live[priority] == 0:
             # Only stale entries remain: dropping them now keeps their memory bounded. Each was
             # appended once, so this is paid for by the pushes (amortized O(1)).
-            self.touches += len(self._queues[cls])
-            self._queues[cls].clear()
+            self.touches += len(self._queues[priority])
+            self._queues[priority].clear()
 
-    def move(self, circuit: Circuit, cls: int) -> None:
+    def move(self, circuit: Circuit, priority: int) -> None:
         """Set the circuit's class; a queued circuit goes to the tail of the new class.
 
         Pool lock held. O(1): the old entry is removed lazily.
         """
         if circuit.queued:
             self.discard(circuit)
-            circuit.priority = cls
+            circuit.priority = priority
             self.push(circuit)
         else:
-            circuit.priority = cls
+            circuit.priority = priority
 
     def pop(self) -> Circuit | None:
         """Take the next circuit to serve, or None when all classes are empty. Pool lock held.
@@ -132,10 +132,10 @@ class RunQueues:
         live = self._live
         classes = len(live)
         top = -1
-        for cls in range(classes):
+        for priority in range(classes):
             self.touches += 1
-            if live[cls]:
-                top = cls
+            if live[priority]:
+                top = priority
                 break
         if top < 0:
             return None
@@ -145,11 +145,11 @@ class RunQueues:
             # Bypass pop: the next non-empty class after the last one served this way, never
             # the top class (classes above the top one are empty, so they are skipped too).
             for step in range(1, classes + 1):
-                cls = (self._bypass + step) % classes
+                priority = (self._bypass + step) % classes
                 self.touches += 1
-                if cls != top and live[cls]:
-                    chosen = cls
-                    self._bypass = cls
+                if priority != top and live[priority]:
+                    chosen = priority
+                    self._bypass = priority
                     break
         queue = self._queues[chosen]
         while True:

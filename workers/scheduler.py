@@ -147,10 +147,10 @@ class Scheduler:
             self.notifies += 1
             self.cond.notify()
 
-    def move(self, circuit: Circuit, cls: int) -> None:
-        """Move a circuit to priority class ``cls`` (a queued one to that class's tail). Loop."""
+    def move(self, circuit: Circuit, priority: int) -> None:
+        """Move a circuit to priority class ``priority`` (a queued one to its tail). Loop thread."""
         with self.lock:
-            self.queues.move(circuit, cls)
+            self.queues.move(circuit, priority)
 
     def close_circuit(self, circuit: Circuit) -> bool:
         """Mark the circuit closed and take it off its run queue; return whether it is busy.

@@ -5,14 +5,14 @@ round (:meth:`workers.scheduler.Scheduler.turn`: let go of the last turn's circu
 the next ones) followed by work done WITHOUT the pool lock:
 
 * a single turn (:meth:`~WorkerThreads._serve`): one circuit, up to ``batch_cells`` cells per
-  direction, joined into one batch, ``process(state, direction, batch)``, ONE
+  lane, joined into one batch, ``process(state, lane, batch)``, ONE
   :class:`~workers.circuit.Reply` per batch put on the reply queue. Cells that arrived meanwhile
   are taken in the same turn while the cap allows;
 * a grouped turn (:meth:`~WorkerThreads._serve_group`), when the first circuit popped has a
   ``group`` function (:data:`workers.circuit.GroupFn`): up to ``group_circuits`` circuits, each
-  one's pending entries per direction up to ``batch_cells`` taken as a list of pieces (no
+  one's pending entries per lane up to ``batch_cells`` taken as a list of pieces (no
   join: the kernel gathers them with the GIL released), ALL crypted by ONE ``group`` call, and
-  the replies, one per circuit and direction as always, put with ONE ``put_many``. Under the
+  the replies, one per circuit and lane as always, put with ONE ``put_many``. Under the
   GIL this is what makes cheap crypto pay: when a batch's AES takes tens of microseconds,
   taking the GIL back, the Python around each call and the lock round cost as much as the
   crypto, and grouping pays them once per group instead of once per circuit.
@@ -20,7 +20,7 @@ the next ones) followed by work done WITHOUT the pool lock:
 Order and exclusivity: every circuit of a turn is owned by its worker (``busy``, set and
 cleared under the pool lock) from the pop to the release, and its replies are put before the
 release, so a circuit's replies reach the loop in the order its cells were taken. A circuit's
-directions run in order inside a group call. Crypto state is touched only by the owner, and the
+lanes run in order inside a group call. Crypto state is touched only by the owner, and the
 lock hand-over (busy set, busy cleared) orders those accesses between successive owners.
 
 Errors: an exception from ``process``, an exception instance a ``group`` returns for a job, or
@@ -259,8 +259,8 @@ class WorkerThreads:
     def _serve_group(self, worker: WorkerRecord, circuits: list[Circuit]) -> list[bool]:
         """One grouped turn: each owned circuit's batches, crypted by one ``group`` call.
 
-        Worker thread. Takes up to ``batch_cells`` cells per direction of each circuit as one
-        job ``(state, direction, pieces)`` (no join: the kernel gathers the pieces), runs the
+        Worker thread. Takes up to ``batch_cells`` cells per lane of each circuit as one
+        job ``(state, lane, pieces)`` (no join: the kernel gathers the pieces), runs the
         jobs of circuits sharing a ``group`` function in ONE call, and puts one Reply per job,
         all with one ``put_many``. A job whose result is an exception fails its circuit only;
         a ``group`` call that raises fails every circuit in it. Circuits without a ``group``
@@ -281,7 +281,7 @@ class WorkerThreads:
             # (closed) or which is crypted before the worker exits. True is never early.
             if circuit.closed or scheduler.exit:
                 continue
-            for direction, pending in enumerate(circuit.pending):
+            for lane, pending in enumerate(circuit.pending):
                 if not pending:
                     continue
                 pieces, cells = take_pieces(pending, budget)
@@ -290,8 +290,8 @@ class WorkerThreads:
                 call = calls.get(group)
                 if call is None:
                     call = calls[group] = ([], [])
-                call[0].append((circuit.state, direction, pieces))
-                call[1].append((index, circuit, direction, cells))
+                call[0].append((circuit.state, lane, pieces))
+                call[1].append((index, circuit, lane, cells))
         for group, (jobs, places) in calls.items():
             started = perf_counter_ns()
             try:
@@ -305,24 +305,24 @@ class WorkerThreads:
             worker.busy_ns += perf_counter_ns() - started
             worker.groups += 1
             replies: list[Reply] = []
-            for (index, circuit, direction, cells), result in zip(places, results, strict=True):
+            for (index, circuit, lane, cells), result in zip(places, results, strict=True):
                 if isinstance(result, BaseException):
                     worker.errors += 1
                     failed[index] = True
-                    replies.append(_new_reply(Reply, (circuit, direction, None, cells, result)))
+                    replies.append(_new_reply(Reply, (circuit, lane, None, cells, result)))
                 else:
                     worker.cells += cells
                     worker.batches += 1
-                    replies.append(_new_reply(Reply, (circuit, direction, result, cells, None)))
+                    replies.append(_new_reply(Reply, (circuit, lane, result, cells, None)))
             # Put before the release (the next turn() call): a later batch of these circuits,
             # taken by another worker after the release, cannot overtake these replies.
             self._put_many(worker, replies)
         return failed
 
     def _serve(self, worker: WorkerRecord, circuit: Circuit) -> bool:
-        """One turn: crypt up to ``batch_cells`` cells per direction. Worker thread.
+        """One turn: crypt up to ``batch_cells`` cells per lane. Worker thread.
 
-        Cells that arrive during the turn are taken while the direction's budget lasts. Returns
+        Cells that arrive during the turn are taken while the lane's budget lasts. Returns
         True when ``process`` raised (the circuit is then served no more).
         """
         queues = circuit.pending
@@ -331,8 +331,8 @@ class WorkerThreads:
         again = True
         while again:
             again = False
-            for direction, pending in enumerate(queues):
-                budget = budgets[direction]
+            for lane, pending in enumerate(queues):
+                budget = budgets[lane]
                 if budget <= 0 or not pending:
                     continue
                 # `closed` and `exit` are written by the loop thread without this worker holding
@@ -343,28 +343,28 @@ class WorkerThreads:
                 items, cells = take_items(pending, budget)
                 if not cells:
                     continue  # a closer took them first
-                budgets[direction] = budget - cells
-                if not self._run_batch(worker, circuit, direction, items, cells):
+                budgets[lane] = budget - cells
+                if not self._run_batch(worker, circuit, lane, items, cells):
                     return True
                 again = True
         return False
 
     def _run_batch(
-        self, worker: WorkerRecord, circuit: Circuit, direction: int, items: list[Any], cells: int
+        self, worker: WorkerRecord, circuit: Circuit, lane: int, items: list[Any], cells: int
     ) -> bool:
         """Crypt one batch and put its ONE reply. False if ``process`` raised. Worker thread."""
         started = perf_counter_ns()
         try:
-            result = circuit.process(circuit.state, direction, assemble(items, circuit.joined))
+            result = circuit.process(circuit.state, lane, assemble(items, circuit.joined))
         except Exception as exc:
             worker.busy_ns += perf_counter_ns() - started
             worker.errors += 1
-            self._put(worker, _new_reply(Reply, (circuit, direction, None, cells, exc)))
+            self._put(worker, _new_reply(Reply, (circuit, lane, None, cells, exc)))
             return False
         worker.busy_ns += perf_counter_ns() - started
         worker.cells += cells
         worker.batches += 1
-        self._put(worker, _new_reply(Reply, (circuit, direction, result, cells, None)))
+        self._put(worker, _new_reply(Reply, (circuit, lane, result, cells, None)))
         return True
 
     def _apply_updates(self, worker: WorkerRecord) -> None:
