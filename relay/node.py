@@ -73,7 +73,12 @@ from relay.link import Link, LinkError
 from relay.orcircuit import OrCircuit, Peer, crypt_batch, new_relay_group, relay_group_for
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
-from workers.pool import DEFAULT_BATCH_CELLS, DEFAULT_CIRCUIT_HIGH_WATER, WorkerPool
+from workers.pool import (
+    DEFAULT_BATCH_CELLS,
+    DEFAULT_CIRCUIT_HIGH_WATER,
+    PoolClosedError,
+    WorkerPool,
+)
 
 __all__ = ["RelayNode"]
 
@@ -345,14 +350,20 @@ class RelayNode:
 
     def _flush(self, dirty: list[OrCircuit]) -> None:
         self.flushes += 1
-        self.submits += len(dirty)
         now = time.perf_counter()
         if self._first_cell is None:
             self._first_cell = now
             self._cpu_at_first_cell = sum(os.times()[:2])
         self._last_cell = now
+        work: list[tuple[Any, int, Any]] = []
         for circuit in dirty:
-            circuit.flush()
+            circuit.take_submits(work)
+        if work:
+            self.submits += len(work)
+            try:
+                self.pool.submit_many(work)
+            except PoolClosedError:
+                return  # the relay is shutting down
         if self.pool.over_high_water and not self._closed:
             for circuit in dirty:
                 for peer in (circuit.prev, circuit.next):

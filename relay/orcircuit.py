@@ -88,7 +88,7 @@ from relay.handshakes import (
 )
 from tor1 import CELL_PAYLOAD_LEN
 from workers.circuit import Circuit, GroupFn
-from workers.pool import PoolClosedError, WorkerPool
+from workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from reactor import Reactor
@@ -199,7 +199,8 @@ class CircuitHost(Protocol):
     circuit_pressure_pauses: int
 
     def mark_dirty(self, circuit: OrCircuit) -> None:
-        """Call ``circuit.flush()`` at the end of this loop iteration. Loop thread only."""
+        """Call ``circuit.take_submits(work)`` at the end of this loop iteration. Loop thread
+        only."""
         ...
 
     def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None:
@@ -238,9 +239,10 @@ class OrCircuit:
         "_fwd",
         "_fwd_delivered",
         "_fwd_submitted",
-        "_kb_direction",
         "_kb_held",
         "_kb_in_flight",
+        "_kb_lane",
+        "_kb_ready",
         "_pressure",
         "edge",
         "host",
@@ -286,8 +288,9 @@ class OrCircuit:
         self._early: deque[int] = deque()
         self._fwd_submitted = 0
         self._fwd_delivered = 0
-        self._kb_direction = BACKWARD
+        self._kb_lane = BACKWARD
         self._kb_in_flight = 0
+        self._kb_ready: list[tuple[Circuit, int, list[bytes]]] = []
         self._kb_held: deque[tuple[int, list[bytes]]] = deque()
         self._extend: Extend2Body | None = None
         self._pressure = False
@@ -340,54 +343,62 @@ class OrCircuit:
             if self.host.unexpected_cell(self.next, self.next_id, command):
                 self.close(f"unexpected cell command {command} from the next hop")
 
-    def flush(self) -> None:
-        """Submit the cells gathered since the last flush: one submit per direction.
-        Loop thread only (the node calls it at the end of the loop iteration)."""
+    def take_submits(self, out: list[tuple[Circuit, int, Any]]) -> None:
+        """Move the batches gathered since the last flush to ``out`` as ``(pool circuit, lane,
+        cells)`` entries, at most one per lane, for the node's one ``submit_many``. Loop thread
+        only (the node calls it at the end of the loop iteration)."""
         self._dirty = False
         if self.state is _CLOSED:
             self._fwd.clear()
             self._bwd.clear()
+            self._kb_ready.clear()
             return
-        try:
-            if self._fwd:
-                cells, self._fwd = self._fwd, []
-                self._fwd_submitted += len(cells)
-                self.host.pool.submit(self.pool_circuit, FORWARD, cells)
-            if self._bwd:
-                cells, self._bwd = self._bwd, []
-                self._submit_kb(BACKWARD, cells)
-        except PoolClosedError:
-            pass  # the relay is shutting down
+        if self._fwd:
+            cells, self._fwd = self._fwd, []
+            self._fwd_submitted += len(cells)
+            out.append((self.pool_circuit, FORWARD, cells))
+        if self._bwd:
+            cells, self._bwd = self._bwd, []
+            self._queue_kb(BACKWARD, cells)
+        if self._kb_ready:
+            out.extend(self._kb_ready)
+            self._kb_ready.clear()
 
     def originate(self, payloads: list[bytes]) -> None:
-        """Send relay payloads from this relay toward the client (digest, Kb). Loop thread
-        only."""
+        """Send relay payloads from this relay toward the client (digest, Kb), with the next
+        flush. Loop thread only."""
         if self.state is _CLOSED or not payloads:
             return
-        try:
-            self._submit_kb(ORIGINATE, payloads)
-        except PoolClosedError:
-            pass
+        self._queue_kb(ORIGINATE, payloads)
+        self._mark_dirty()
 
-    def _submit_kb(self, direction: int, cells: list[bytes]) -> None:
-        if self._kb_held or (self._kb_in_flight and self._kb_direction != direction):
-            self._kb_held.append((direction, cells))
+    def _mark_dirty(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self.host.mark_dirty(self)
+
+    def _queue_kb(self, lane: int, cells: list[bytes]) -> None:
+        """Queue a Kb batch for the next flush, unless the other Kb lane has cells in flight
+        (then it is held until they are delivered: see "BACKWARD and ORIGINATE" above)."""
+        if self._kb_held or (self._kb_in_flight and self._kb_lane != lane):
+            self._kb_held.append((lane, cells))
             return
-        self._kb_direction = direction
+        self._kb_lane = lane
         self._kb_in_flight += len(cells)
-        self.host.pool.submit(self.pool_circuit, direction, cells)
+        self._kb_ready.append((self.pool_circuit, lane, cells))
 
     def _kb_delivered(self, count: int) -> None:
         self._kb_in_flight -= count
         held = self._kb_held
         if self._kb_in_flight or not held:
             return
-        direction = held[0][0]
-        while held and held[0][0] == direction:
+        lane = held[0][0]
+        while held and held[0][0] == lane:
             _, cells = held.popleft()
-            self._kb_direction = direction
+            self._kb_lane = lane
             self._kb_in_flight += len(cells)
-            self.host.pool.submit(self.pool_circuit, direction, cells)
+            self._kb_ready.append((self.pool_circuit, lane, cells))
+        self._mark_dirty()
 
     # ------------------------------------------------------------------ results
 
@@ -547,6 +558,7 @@ class OrCircuit:
         self._fwd.clear()
         self._bwd.clear()
         self._kb_held.clear()
+        self._kb_ready.clear()
         for peer, circ_id, tell in ((self.prev, self.prev_id, tell_prev),
                                     (self.next, self.next_id, tell_next)):
             if peer is None:

@@ -401,27 +401,13 @@ class WorkerPool:
         """
         if self._scheduler.closing:
             raise PoolClosedError("the pool is closed: it takes no more work")
-        # The hot path of a loop that groups a read's cells by circuit: _append inlined (one
-        # Python frame per call, not one per entry). Keep it in step with _append.
-        lanes = self._lanes
-        size = self._cell_size
         appended: list[Circuit] = []
         counts: list[int] = []
         below = True
         try:
             for circuit, lane, cells in work:
-                if circuit.closed:
-                    raise CircuitClosedError(f"{circuit!r} is closed")
-                if not 0 <= lane < lanes:
-                    raise ValueError(f"lane must be in [0, {lanes}), got {lane!r}")
-                if cells.__class__ is bytes and size:
-                    n, rest = divmod(len(cells), size)
-                    if rest:
-                        n = count_cells(cells, None, size)  # raises with the full message
-                else:
-                    n = count_cells(cells, None, size)
+                n = self._append(circuit, lane, cells, None)
                 if n:
-                    circuit.pending[lane].append((cells, n))
                     appended.append(circuit)
                     counts.append(n)
         finally:

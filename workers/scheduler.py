@@ -122,19 +122,10 @@ class Scheduler:
             self._schedule_locked(circuit)
 
     def schedule_all(self, circuits: list[Circuit]) -> None:
-        """:meth:`schedule` for several circuits in one critical section. Loop thread.
-
-        The hot path of ``submit_many``: :meth:`_schedule_locked` inlined (keep them in step).
-        """
-        queues = self.queues
+        """:meth:`schedule` for several circuits in one critical section. Loop thread."""
         with self.lock:
             for circuit in circuits:
-                if not (circuit.queued or circuit.busy or circuit.closed or circuit.failed):
-                    queues.push(circuit)
-                    if self.idle:
-                        self.idle -= 1
-                        self.notifies += 1
-                        self.cond.notify()
+                self._schedule_locked(circuit)
 
     def _schedule_locked(self, circuit: Circuit) -> None:
         """Queue a circuit that has work, unless queued, busy, closed or failed. Lock held."""
