@@ -117,12 +117,14 @@ def raw_async_channel(reactor: Reactor, handle: Handle) -> Channel:
         finally:
             release()
         send()
+        counts["sent"] += 1  # one producer thread: no lock needed for the count
 
     def close() -> None:
         on_async(wakeup)
         wakeup.close()
 
-    return Channel(post=post, signals=lambda: -1, passes=lambda: counts["passes"], close=close)
+    return Channel(post=post, signals=lambda: counts["sent"], passes=lambda: counts["passes"],
+                   close=close)
 
 
 def socketpair_channel(reactor: Reactor, handle: Handle) -> Channel:
@@ -131,7 +133,7 @@ def socketpair_channel(reactor: Reactor, handle: Handle) -> Channel:
     loop_sock.setblocking(False)
     lock = threading.Lock()
     items: deque[int] = deque()
-    counts = {"passes": 0}
+    counts = {"passes": 0, "sent": 0}
 
     def on_readable(poll: pyuv.Poll, events: int, error: int | None) -> None:
         counts["passes"] += 1
@@ -152,14 +154,15 @@ def socketpair_channel(reactor: Reactor, handle: Handle) -> Channel:
     def post(item: int) -> None:
         with lock:
             items.append(item)
-        send(b"\0")
+        counts["sent"] += send(b"\0")  # bytes written: one producer thread
 
     def close() -> None:
         poll.close()
         loop_sock.close()
         worker_sock.close()
 
-    return Channel(post=post, signals=lambda: -1, passes=lambda: counts["passes"], close=close)
+    return Channel(post=post, signals=lambda: counts["sent"], passes=lambda: counts["passes"],
+                   close=close)
 
 
 PYUV_CHANNELS: dict[str, Callable[[Reactor, Handle], Channel]] = {
@@ -317,10 +320,7 @@ def burst_pyuv(name: str, items: int) -> BurstResult:
     worker.start()
     reactor.run()
     worker.join()
-    signals = channel.signals()
-    if signals < 0:  # raw_async and socketpair signal once per item by construction
-        signals = items
-    result = counter.result(signals, channel.passes())
+    result = counter.result(channel.signals(), channel.passes())
     channel.close()
     reactor.close()
     return result
@@ -332,6 +332,16 @@ def burst_asyncio(items: int) -> BurstResult:
     counter = BurstCounter(items, loop.stop)
     handle = counter.handle
     call_soon_threadsafe = loop.call_soon_threadsafe
+    # Count the loop's real wake-up signals: call_soon_threadsafe writes to the loop's
+    # self-pipe through this (private, but stable since 3.4) method.
+    writes = [0]
+    write_to_self = loop._write_to_self  # type: ignore[attr-defined]
+
+    def counting_write_to_self() -> None:
+        writes[0] += 1
+        write_to_self()
+
+    loop._write_to_self = counting_write_to_self  # type: ignore[attr-defined]
 
     def post(item: int) -> None:
         call_soon_threadsafe(handle, item)
@@ -341,8 +351,7 @@ def burst_asyncio(items: int) -> BurstResult:
     loop.run_forever()
     worker.join()
     loop.close()
-    # One self-pipe write attempt and one loop callback per call.
-    return counter.result(items, items)
+    return counter.result(writes[0], items)  # one loop callback per call
 
 
 # --------------------------------------------------------------------------- the run

@@ -83,10 +83,14 @@ Cancellation and errors
 ``close_circuit`` marks the circuit closed, drops it from its run queue (lazily, O(1)) and
 cancels its pending cells (if a worker owns the circuit at that moment, the worker empties them
 when it lets go, so the lists never have two consumers); results of a batch that was in flight
-are discarded in ``deliver`` and counted. No callback ever runs for a closed circuit. An
-exception from ``process`` becomes a reply with ``error`` set for that circuit; the pool then
-crypts nothing more for it (its stream state is suspect) and the owner's ``on_error`` closes it.
-The worker thread lives on.
+are discarded in ``deliver`` and counted. No callback ever runs for a closed circuit. Any
+exception from ``process`` or ``group`` (any ``BaseException``) becomes a reply with ``error``
+set for that circuit; the pool then crypts nothing more for it (its stream state is suspect)
+and the owner's ``on_error`` closes it. The worker thread lives on, except after
+``SystemExit`` or ``KeyboardInterrupt``, which stop the whole pool as they ask: the worker puts
+the circuit's error reply, then stops intake and every worker (``Scheduler.abort``); the loop
+thread, delivering that reply, cancels the queued work, so ``submitted == delivered + cancelled
++ discarded`` still holds, and ``close()`` joins the threads.
 
 Per-worker state and updates (Tor's ``threadpool_queue_update``)
 -----------------------------------------------------------------
@@ -134,7 +138,7 @@ from workers.pressure import Pressure
 from workers.runqueues import DEFAULT_STARVATION_PERIOD
 from workers.scheduler import Scheduler, Update
 from workers.tuning import DEFAULT_MALLOC_RETAIN, MALLOC_MMAP_THRESHOLD, StarvationRecord
-from workers.worker import SupportsPut, WorkerThreads
+from workers.worker import SupportsPut, WorkerThreads, stops_pool
 
 if TYPE_CHECKING:
     from reactor import Reactor
@@ -267,6 +271,7 @@ class WorkerPool:
         # Loop thread only.
         self._started = False
         self._closed = False
+        self._stopped_by: BaseException | None = None
 
     # ----------------------------------------------------------------- set-up
 
@@ -487,6 +492,10 @@ class WorkerPool:
                 circuit.on_result(circuit, lane, result)
             else:
                 pressure.errors_delivered += 1
+                if stops_pool(error) and self._stopped_by is None:
+                    # The workers are stopping (Scheduler.abort): cancel what they set aside.
+                    self._stopped_by = error
+                    self._cancel(self._scheduler.take_abandoned())
                 if circuit.on_error is not None:
                     circuit.on_error(circuit, lane, error)
                 else:
@@ -597,7 +606,8 @@ class WorkerPool:
         ``idle_promotions`` (their moves out of and back to it, ``adaptive_idle``),
         ``notifies``, ``idle_workers`` (waiting, not yet notified), ``pops``,
         ``queue_touches`` (run-queue work, see :mod:`workers.runqueues`), ``worker_busy_s``,
-        ``worker_cells``.
+        ``worker_cells``, ``stopped_by`` (repr of the ``SystemExit``/``KeyboardInterrupt`` a job
+        raised to stop the pool, or None).
         """
         depths, notifies, idle, pops, touches = self._scheduler.snapshot()
         workers = list(self._workers.records)
@@ -630,4 +640,5 @@ class WorkerPool:
             "idle_demotions": sum(w.idle_demotions for w in workers),
             "idle_promotions": sum(w.idle_promotions for w in workers),
             "worker_cells": [w.cells for w in workers],
+            "stopped_by": repr(self._stopped_by) if self._stopped_by is not None else None,
         }

@@ -170,8 +170,20 @@ class Scheduler:
             self.cond.notify_all()
         return queued
 
+    def abort(self) -> None:
+        """Stop intake and every worker after its current batch; queued circuits are set aside
+        for ``close()`` to cancel. Worker thread (one whose job raised ``SystemExit`` or
+        ``KeyboardInterrupt``: the pool must stop, and only the loop thread may cancel)."""
+        with self.lock:
+            self.closing = True
+            self.exit = True
+            self.abandoned.extend(self.queues.pop_all())
+            self.idle = 0
+            self.cond.notify_all()
+
     def take_abandoned(self) -> list[Circuit]:
-        """The circuits workers left with cells when told to exit. Loop thread (at close)."""
+        """The circuits left with cells when the workers were told to exit (by their owners at
+        release, or by :meth:`abort`). Loop thread (at close)."""
         with self.lock:
             abandoned, self.abandoned = self.abandoned, []
         return abandoned
