@@ -301,7 +301,8 @@ class LocalNetwork:
 
     def stop(self, timeout: float = 10.0) -> dict[str, dict[str, Any] | None]:
         """Stop every child (SIGTERM, then SIGKILL after ``timeout``); return their STATS by
-        name. Idempotent; removes a temporary work directory. Owner thread."""
+        name. Idempotent; the temporary work directory stays until :meth:`cleanup` (or the
+        context manager's exit). Owner thread."""
         self.stopping = True
         stats: dict[str, dict[str, Any] | None] = {}
         children = self.children()

@@ -13,7 +13,7 @@ sent.
 On the loop thread the Async callback takes the whole shared list in one step: under the lock it
 swaps the list for a fresh empty one (O(1), no per-item pops under the lock), releases the lock
 and calls ``handler(item)`` for each item outside it. Taking the list under the same lock that
-producers test "was empty" under is what makes the wake-up impossible to lose (DESIGN.md,
+producers test "was empty" under is what makes the wake-up impossible to lose (docs/design.md,
 invariant 4): an item is either in the list the loop took, or it is in the new list and then
 some producer found that new list empty and sent the Async after the swap.
 

@@ -47,19 +47,16 @@ by the workers, so that one worker does not take the others' work) and crypts al
 batches with ONE ``group`` call and one ``put_many`` (see :mod:`workers.worker`). Order and
 exclusivity are those of single turns; a job's exception fails only its circuit.
 
-The lost-cell race, and why it cannot happen
---------------------------------------------
-The loop thread appends *before* it takes the lock to schedule; the worker decides whether
-anything is left *while holding* the lock, at the moment it clears ``busy``. If the append came
-first, the worker sees it and re-queues the circuit; otherwise the loop thread takes the lock
-after the worker let go, finds the circuit idle, and queues it. There is no third order. (The
-two sides: :meth:`WorkerPool.submit` here, ``Scheduler._release_locked`` in
-:mod:`workers.scheduler`, which also explains the wake-ups: no queued circuit waits for a busy
-worker while another worker sleeps.)
+The lost-cell race
+------------------
+Cells are appended *before* the pool lock is taken to schedule the circuit, and the owner
+decides whether anything is left while holding it: docs/design.md, "The lost-cell race", has
+the argument; the two sides are :meth:`WorkerPool.submit` / :meth:`WorkerPool.submit_many` here
+and ``Scheduler._release_locked``.
 
 The hot path
 ------------
-Per-cell Python is what makes a pool slower than crypting inline (PERF-FACTS.md), so nothing
+Per-cell Python is what makes a pool slower than crypting inline (docs/tuning.md), so nothing
 here runs per cell: ``submit`` costs one append and one lock round per call whatever the number
 of cells, ``submit_many`` one lock round per call, a worker one lock round and one reply per
 batch (grouped: one lock round, one GIL round trip and one ``put_many`` per group),
@@ -157,14 +154,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Cells per lane per turn (per circuit of a grouped turn). Each batch costs the loop one
-#: reply. Measured with the grouped path (benchmarks.tuning, 2 CPUs, 200 circuits): relay_forward
-#: 1.27x / 1.35x / 1.41x inline with caps 256 / 1024 / 4096, origin 1.81x / 1.90x / 1.88x. 1024
-#: keeps a circuit's share of a turn short (~45 us of AES relaying, ~0.4 ms at the origin).
+#: Cells per lane per turn (per circuit of a grouped turn): each batch costs the loop one reply,
+#: and a circuit's share of a turn stays short (docs/tuning.md has the measurements).
 DEFAULT_BATCH_CELLS = 1024
 #: Most circuits a worker pops in one lock round for one ``group`` call (grouped path only).
-#: Measured on relay_forward (2 CPUs): 1 / 4 / 16 / 64 circuits gave 0.98x / 1.18x / 1.46x /
-#: 1.27x inline; origin 1.69x / 1.83x / 1.89x / 1.88x.
 DEFAULT_GROUP_CIRCUITS = 16
 DEFAULT_CIRCUIT_HIGH_WATER = 4096
 DEFAULT_POOL_HIGH_WATER = 1 << 20

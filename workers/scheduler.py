@@ -22,14 +22,6 @@ circuits and take the next ones, in one critical section) and
 :meth:`~Scheduler.update_applied`; any thread may call :meth:`~Scheduler.post_update` and
 :meth:`~Scheduler.snapshot`.
 
-The lost-cell race
-------------------
-Pending lists are appended by the loop thread *before* it takes the lock to schedule
-(:meth:`~Scheduler.schedule`); the owner decides whether anything is left *while holding* the
-lock, at the moment it clears ``busy`` (:meth:`~Scheduler.turn`). If the append came first,
-the owner sees it and re-queues the circuit; otherwise the loop thread takes the lock after the
-owner let go, finds the circuit idle, and queues it. There is no third order.
-
 Wake-ups
 --------
 Workers ``wait()`` only after re-checking the exit flag, their inbox and the run queues under

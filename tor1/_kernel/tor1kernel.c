@@ -4,7 +4,7 @@
  * Why this exists
  * ---------------
  * Under CPython's GIL, per-cell Python work in worker threads serializes with the event loop
- * (shared/PERF-FACTS.md). This module runs a whole circuit batch -- every AES-128-CTR layer of
+ * (docs/tuning.md). This module runs a whole circuit batch -- every AES-128-CTR layer of
  * every cell and every cell's SHA-1 digest set or check -- in ONE call that releases the GIL for
  * all of it, on OpenSSL's libcrypto (the library `cryptography` and `hashlib` already use).
  * It must give byte-for-byte the results of the pure-Python reference tor1.reference.
