@@ -25,7 +25,7 @@ key shares for P-256, and ECDHE suites for TLS 1.2: the server context's setting
 
 :class:`TlsServerContext` holds the certificate and key a relay's server sessions present and
 caches the ``SSL.Context`` built from them. :meth:`TlsServerContext.rotate` builds a new one
-(link certificates are rotated, tor does it every few hours or days): sessions created afterwards
+(tor makes a new link key and certificate every two hours): sessions created afterwards
 use the new certificate, sessions already running keep the one they started with, because each
 pyOpenSSL ``Connection`` holds a reference to the ``Context`` it was made from. A context is never
 changed after a session was made from it (pyOpenSSL warns about that, and OpenSSL's contexts are

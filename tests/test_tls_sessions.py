@@ -340,11 +340,14 @@ def _echo(session: TlsServerSession, send: Callable[[bytes], None], plain: bytes
     return False
 
 
-def test_python_ssl_client_over_loopback(server_context: TlsServerContext) -> None:
+def test_python_ssl_client_over_loopback(server_context: TlsServerContext,
+                                         tmp_path: Path) -> None:
     server = SocketServer(server_context, _echo)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
+    # A client that has a certificate sends it only when asked: our server never asks.
+    context.load_cert_chain(*write_pem(tmp_path, *credentials("www.client-cert.org")))
     message = os.urandom((1 << 20) + 12345)
     with socket.create_connection(("127.0.0.1", server.port), timeout=20) as raw, \
             context.wrap_socket(raw, server_hostname="www.python-client.org") as tls:
@@ -368,6 +371,7 @@ def test_python_ssl_client_over_loopback(server_context: TlsServerContext) -> No
     assert server.peer_closed_at_end
     assert bytes(server.received) == message
     assert server.session.server_name() == "www.python-client.org"
+    assert server.session.peer_certificate_der() is None
 
 
 def test_python_ssl_client_limited_to_tls11_is_refused(server_context: TlsServerContext) -> None:
