@@ -10,6 +10,7 @@ tests/test_tor_interop.py.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -17,6 +18,7 @@ import shutil
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import warnings
 from collections.abc import Callable
@@ -480,3 +482,21 @@ def test_our_client_against_openssl_s_server(tmp_path: Path, version: str) -> No
     assert client.version() == ("TLSv1.3" if version == "-tls1_3" else "TLSv1.2")
     assert client.peer_certificate_der() == cert.public_bytes(serialization.Encoding.DER)
     assert _keying_material(out) == ours
+
+
+# ------------------------------------------------------------------ the benchmark runs
+
+def test_tls_benchmark_runs_and_checks_bytes() -> None:
+    """``python -m benchmarks.tls_sessions`` exits 0 with its keys (figures are not checked:
+    this machine is shared)."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-m", "benchmarks.tls_sessions", "--mib", "1",
+                             "--repeat", "1", "--json"], cwd=root, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    for name in ("pyopenssl", "ssl_module"):
+        assert report[name]["version"] == "TLSv1.3"
+        assert report[name]["encrypt_us_per_cell"] > 0 and report[name]["feed_us_per_cell"] > 0
+    assert set(report["threads"]) == {"mib_per_thread", "one_thread_s", "two_threads_s",
+                                      "speedup", "cpu_per_wall"}
