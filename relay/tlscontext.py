@@ -14,14 +14,18 @@ these contexts do about it:
   in-protocol with AUTHENTICATE, which binds the TLS session through the RFC 5705 exporter. The
   server context asks for none, the client context has none.
 * The server: forward-secret ECDHE suites for TLS 1.2 in the server's order of preference, no
-  session tickets, no session cache, no compression (tor sets the same options). OpenSSL 3 also
-  refuses client-initiated renegotiation by default; TLS 1.3 has none.
+  session tickets, no session cache, no compression (tor sets the same options). OpenSSL (3.0
+  and later) also refuses client-initiated renegotiation by default; TLS 1.3 has none.
 * SNI: tor's *client* sends a random ``www.<random>.com`` host name (a disguise, never checked);
   a tor server ignores whatever arrives. Our server accepts any or none; our client sends one
   only when asked to.
 
 A tor client's ClientHello (tor 0.4.9 on OpenSSL 3) offers TLS 1.3 with the usual suites and
 key shares for P-256, and ECDHE suites for TLS 1.2: the server context's settings accept it.
+
+pyOpenSSL runs on the OpenSSL that the ``cryptography`` wheel carries inside it, not on the
+system's libssl (which tor, Python's ``ssl`` and the C kernel use); the two need not be the same
+version, and only standard TLS passes between them.
 
 :class:`TlsServerContext` holds the certificate and key a relay's server sessions present and
 caches the ``SSL.Context`` built from them. :meth:`TlsServerContext.rotate` builds a new one
