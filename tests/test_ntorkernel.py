@@ -226,6 +226,28 @@ def test_every_refusal_matches_python_and_stays_with_its_job() -> None:
     assert key.in_use == 0
 
 
+HOSTILE_SERVER = NtorServerKey(b"\x0b" * 20, X25519PrivateKey.from_private_bytes(b"\x0c" * 32))
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=st.one_of(st.binary(min_size=32, max_size=32), st.sampled_from(LOW_ORDER_POINTS)),
+       y=secrets32)
+def test_any_x_gets_the_python_answer(x: bytes, y: bytes) -> None:
+    """Any 32 bytes as X (non-canonical and low-order points included): the kernel answers
+    exactly as ntor_server does, reply and keys or the same refusal."""
+    server = HOSTILE_SERVER
+    skin = server.identity_digest + server.onion_key_public + x
+    [result] = ntor_server_batch([(kernel_key(server), skin, y)])
+    try:
+        expected = ntor_server(server, skin, ephemeral=X25519PrivateKey.from_private_bytes(y))
+    except HandshakeError as exc:
+        assert isinstance(result, HandshakeError)
+        assert str(result) == str(exc)
+        return
+    reply, material = result
+    assert (reply, material[:HOP_MATERIAL_LEN]) == expected
+
+
 def test_malformed_jobs_fail_alone() -> None:
     server = NtorServerKey.generate(b"\x03" * 20)
     key = kernel_key(server)

@@ -363,7 +363,7 @@ enum {
 };
 
 typedef struct {
-    NtorKeyObject *key;             /* borrowed (the job list snapshot holds it); NULL: failed */
+    NtorKeyObject *key;             /* borrowed from the snapshot of the jobs; NULL: failed */
     unsigned char skin[ONIONSKIN_LEN];
     unsigned char y[KEY_LEN];
     int have_y;                     /* the test hook gave y */
@@ -561,12 +561,18 @@ static PyObject *
 run_batch(PyObject *module, PyObject *jobs_obj, const BatchKind *kind, const char *what)
 {
     const ModuleState *st = PyModule_GetState(module);
-    /* A snapshot: the items (and so every key and buffer) stay alive for the whole call. */
-    PyObject *seq = PySequence_Fast(jobs_obj, what);
+    /* A real snapshot (a new tuple even when given a list, which another thread could change
+     * while the GIL is released): its job tuples, and so the keys phase 2 borrows from them,
+     * stay alive for the whole call. */
+    if (!PyList_Check(jobs_obj) && !PyTuple_Check(jobs_obj)) {
+        PyErr_SetString(PyExc_TypeError, what);
+        return NULL;
+    }
+    PyObject *seq = PySequence_Tuple(jobs_obj);
     if (seq == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t n = PyTuple_GET_SIZE(seq);
+    PyObject **items = ((PyTupleObject *)seq)->ob_item;
     PyObject *results = PyList_New(n);
     unsigned char *jobs = PyMem_Calloc(n > 0 ? (size_t)n : 1, kind->job_size);
     if (results == NULL || jobs == NULL) {
