@@ -1,7 +1,7 @@
 """The handshake kernel (relay._ntor) gives relay.handshakes' exact bytes, and errors per job.
 
-Layout: known answers (SPEC-tor1's HKDF and KDF-TOR vectors, and Arti's full ntor handshake
-vector: fixed b, x, y, ID -> the exact CREATED2 reply and keys), the hypothesis property tests
+Layout: known answers (Tor's own test-suite vectors for HKDF and KDF-TOR, and Arti's full ntor
+handshake vector: fixed b, x, y, ID -> the exact CREATED2 reply and keys), the property tests
 against :func:`relay.handshakes.ntor_server` / :func:`create_fast_server` with the same
 ephemeral secret, clients completing the handshake with the kernel's reply, every error case
 compared message for message with the Python server, onion key rotation, and the threads
@@ -42,7 +42,7 @@ from tor1.reference import HOP_MATERIAL_LEN, NTOR_PROTOID, kdf_ntor
 H = bytes.fromhex
 KH_LEN = 20
 
-# SPEC-tor1 "Known answers" (from Tor's own test suite), 100 bytes each.
+# Known answers from Tor's own test suite (test_crypto.c), 100 bytes each.
 KDF_TOR_EMPTY = H(
     "5ba93c9db0cff93f52b521d7420e43f6eda2784fbf8b4530d8d246dd74ac53a13471bba17941dff7c4ea21bb365b"
     "beeaf5f2c654883e56d11e43c44e9842926af7ca0a8cca12604f945414f07b01e13da42c6cf1de3abfdea9b95f34"
