@@ -1208,8 +1208,14 @@ static PyObject *
 tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
 {
     ModuleState *st = PyModule_GetState(module);
-    /* A snapshot: the items (and so every state and buffer) stay alive for the whole call. */
-    PyObject *seq = PySequence_Fast(jobs_obj, "crypt_group() takes a list or tuple of jobs");
+    /* A snapshot: the items (and so every state and buffer) stay alive for the whole call.
+     * PySequence_Fast would return a list itself, which another thread could clear while the
+     * GIL is released; a tuple copy cannot change. */
+    if (!PyList_Check(jobs_obj) && !PyTuple_Check(jobs_obj)) {
+        PyErr_SetString(PyExc_TypeError, "crypt_group() takes a list or tuple of jobs");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Tuple(jobs_obj);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
