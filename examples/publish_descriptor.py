@@ -10,7 +10,12 @@ What it does, in order, every step checked:
 2. with ``--start-authority``, starts a private tor 0.4.9 directory authority on loopback
    (``relay.torauthority``; its relay keys are also made by ``relay.identity``), fetches the
    authority's own descriptor and checks, with this project's parser, that tor signed it with
-   the keys written here (fingerprint, Ed25519 identity, ntor key);
+   the keys written here (fingerprint, Ed25519 identity, ntor key); then, since every
+   signature in a descriptor is deterministic, re-makes each of tor's signatures and
+   certificates with this project's code and those keys and requires the same bytes: the
+   type 4 certificate, the TAP and ntor cross-certificates (the latter proves the
+   curve25519 -> Ed25519 derivation, nonce half included, is tor's), router-sig-ed25519 and
+   router-signature;
 3. builds and signs the relay's descriptor, parses it back, and uploads it (``POST /tor/``);
    the authority must answer ``200`` without ``X-Descriptor-Not-New``;
 4. fetches ``/tor/server/fp/FINGERPRINT`` and requires the very bytes it uploaded (tor 0.4.9
@@ -35,11 +40,20 @@ import shutil
 import sys
 import tempfile
 import time
+from hashlib import sha1, sha256
 from typing import Any
 
-from relay.identity.descparse import DescriptorError, parse_server_descriptor
-from relay.identity.descriptor import RouterInfo
+from relay.identity.curve_ed import ed25519_from_curve25519
+from relay.identity.descparse import (
+    DescriptorError,
+    ServerDescriptor,
+    parse_server_descriptor,
+    signed_portions,
+)
+from relay.identity.descriptor import ED_SIGNATURE_PREFIX, RouterInfo, tap_crosscert
+from relay.identity.edcert import CERT_TYPE_NTOR_ONION_ID, make_ed_cert
 from relay.identity.keys import RelayIdentity
+from relay.identity.rsaraw import rsa_sign_raw
 from relay.torauthority import Authority, http_get, http_post, start_authority
 from relay.torpeer import TorStartError
 
@@ -61,6 +75,26 @@ def _flip_ntor_sign_bit(descriptor: str) -> str:
     raise ValueError("no ntor-onion-key-crosscert line")
 
 
+def same_signatures_as_tor(theirs: ServerDescriptor, keys: RelayIdentity) -> dict[str, bool]:
+    """For a descriptor tor signed with ``keys``: whether this project's code, given the same
+    keys and data, makes byte-identical certificates and signatures. Main thread."""
+    ed_part, rsa_part = signed_portions(theirs.text.encode("ascii"))
+    derived, sign_bit = ed25519_from_curve25519(keys.onion.ntor_secret)
+    ntor_cc = make_ed_cert(derived, CERT_TYPE_NTOR_ONION_ID, keys.ed25519_identity,
+                           theirs.ntor_crosscert.expires_at)
+    return {
+        "identity-ed25519": theirs.signing_cert.encoded == keys.signing_cert.encoded,
+        "onion-key-crosscert": theirs.tap_crosscert == tap_crosscert(
+            keys.onion.tap, keys.identity_digest, keys.ed25519_identity),
+        "ntor-onion-key-crosscert": (ntor_cc.encoded == theirs.ntor_crosscert.encoded
+                                     and sign_bit == theirs.ntor_sign_bit),
+        "router-sig-ed25519": theirs.ed_signature == keys.signing_key.sign(
+            sha256(ED_SIGNATURE_PREFIX + ed_part).digest()),
+        "router-signature": theirs.rsa_signature == rsa_sign_raw(
+            keys.identity_key, sha1(rsa_part).digest()),
+    }
+
+
 def run(args: argparse.Namespace, report: dict[str, Any]) -> Authority | None:
     """The steps of the module docstring, filling ``report``. Main thread."""
     datadir = args.datadir or report["temporary_datadir"]
@@ -79,6 +113,7 @@ def run(args: argparse.Namespace, report: dict[str, Any]) -> Authority | None:
             and theirs.ed25519_identity == authority.identity.ed25519_identity
             and theirs.ntor_onion_key == authority.identity.ntor_onion_key)
         report["authority_platform"] = theirs.platform
+        report["same_signatures_as_tor"] = same_signatures_as_tor(theirs, authority.identity)
     info = RouterInfo(args.nickname, "127.0.0.1", args.orport, contact="relaycrypt test relay")
     descriptor = identity.server_descriptor(info, time.time())
     mine = parse_server_descriptor(descriptor, now=time.time())
@@ -129,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                         and report["parsed_back"] is True
                         and (authority is None
                              or (report["authority_uses_our_keys"] is True
+                                 and all(report["same_signatures_as_tor"].values())
                                  and report["tampered_refused"] is True
                                  and bool(report["tampered_log"])
                                  and bool(report["authority_log"]))))

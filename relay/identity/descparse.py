@@ -41,11 +41,12 @@ from relay.identity.edcert import (
     CERT_TYPE_ID_SIGNING,
     CERT_TYPE_NTOR_ONION_ID,
     CertError,
+    Ed25519Cert,
     parse_ed_cert,
 )
 from relay.identity.rsaraw import rsa_digest, rsa_recover_raw
 
-__all__ = ["DescriptorError", "ServerDescriptor", "parse_server_descriptor"]
+__all__ = ["DescriptorError", "ServerDescriptor", "parse_server_descriptor", "signed_portions"]
 
 _ONCE = ("router", "identity-ed25519", "master-key-ed25519", "platform", "proto", "published",
          "fingerprint", "uptime", "bandwidth", "onion-key", "signing-key",
@@ -95,6 +96,12 @@ class ServerDescriptor:
     hidden_service_dir: bool
     tunnelled_dir_server: bool
     certs_expire_at: int
+    signing_cert: Ed25519Cert
+    ntor_crosscert: Ed25519Cert
+    ntor_sign_bit: int
+    tap_crosscert: bytes | None
+    ed_signature: bytes
+    rsa_signature: bytes
     text: str
 
     @property
@@ -174,6 +181,20 @@ def _ints(item: _Item, count: int) -> tuple[int, ...]:
         raise DescriptorError(f"{item.keyword}: {item.args!r} are not numbers") from exc
 
 
+_ED_END = b"\nrouter-sig-ed25519 "
+_RSA_END = b"\nrouter-signature\n"
+
+
+def signed_portions(raw: bytes) -> tuple[bytes, bytes]:
+    """The bytes ``router-sig-ed25519`` covers (through ``"router-sig-ed25519 "``, before the
+    prefix is added) and those ``router-signature`` covers (through ``"router-signature\\n"``).
+    Raises :class:`DescriptorError` if either keyword is missing. Any thread (pure)."""
+    ed_at, rsa_at = raw.find(_ED_END), raw.find(_RSA_END)
+    if ed_at < 0 or rsa_at < 0:
+        raise DescriptorError("no router-sig-ed25519 or router-signature line")
+    return raw[: ed_at + len(_ED_END)], raw[: rsa_at + len(_RSA_END)]
+
+
 def parse_server_descriptor(text: str, now: float | None = None) -> ServerDescriptor:
     """Parse ``text`` and verify every signature and cross-certificate in it (see the module
     docstring); with ``now``, also refuse expired certificates. Raises
@@ -208,12 +229,13 @@ def parse_server_descriptor(text: str, now: float | None = None) -> ServerDescri
 
     identity_key = _rsa_key(by_kw["signing-key"])
     identity_digest = rsa_digest(identity_key)
-    rsa_end = raw.find(b"\nrouter-signature\n") + len(b"\nrouter-signature\n")
+    ed_part, rsa_part = signed_portions(raw)
+    rsa_signature = _object(by_kw["router-signature"], "SIGNATURE")
     try:
-        signed = rsa_recover_raw(identity_key, _object(by_kw["router-signature"], "SIGNATURE"))
+        signed = rsa_recover_raw(identity_key, rsa_signature)
     except ValueError as exc:
         raise DescriptorError("router-signature does not verify under signing-key") from exc
-    if not hmac.compare_digest(signed[:20], sha1(raw[:rsa_end]).digest()):
+    if not hmac.compare_digest(signed[:20], sha1(rsa_part).digest()):
         raise DescriptorError("router-signature signs another text")
     if "fingerprint" in by_kw:
         claimed = "".join(by_kw["fingerprint"].args)
@@ -231,10 +253,9 @@ def parse_server_descriptor(text: str, now: float | None = None) -> ServerDescri
     if "master-key-ed25519" in by_kw and _unb64(
             "".join(by_kw["master-key-ed25519"].args[:1]), "master-key-ed25519") != master:
         raise DescriptorError("master-key-ed25519 does not match identity-ed25519")
-    ed_end = raw.find(b"\nrouter-sig-ed25519 ") + len(b"\nrouter-sig-ed25519 ")
     ed_sig = _unb64("".join(by_kw["router-sig-ed25519"].args[:1]), "router-sig-ed25519")
     if not ed25519_verify(cert.certified_key, ed_sig,
-                          sha256(ED_SIGNATURE_PREFIX + raw[:ed_end]).digest()):
+                          sha256(ED_SIGNATURE_PREFIX + ed_part).digest()):
         raise DescriptorError("router-sig-ed25519 does not verify under the signing key")
 
     ntor_key = _unb64("".join(by_kw["ntor-onion-key"].args[:1]), "ntor-onion-key")
@@ -252,14 +273,14 @@ def parse_server_descriptor(text: str, now: float | None = None) -> ServerDescri
     except CertError as exc:
         raise DescriptorError(str(exc)) from exc
 
-    onion_key = None
+    onion_key, tap_cc = None, None
     if ("onion-key" in by_kw) != ("onion-key-crosscert" in by_kw):
         raise DescriptorError("descriptor has only one of onion-key, onion-key-crosscert")
     if "onion-key" in by_kw:
         onion_key = _rsa_key(by_kw["onion-key"])
+        tap_cc = _object(by_kw["onion-key-crosscert"], "CROSSCERT")
         try:
-            crossed = rsa_recover_raw(onion_key,
-                                      _object(by_kw["onion-key-crosscert"], "CROSSCERT"))
+            crossed = rsa_recover_raw(onion_key, tap_cc)
         except ValueError as exc:
             raise DescriptorError("onion-key-crosscert does not verify under onion-key") from exc
         if not hmac.compare_digest(crossed[:52], identity_digest + master):
@@ -282,4 +303,6 @@ def parse_server_descriptor(text: str, now: float | None = None) -> ServerDescri
         family=by_kw["family"].args if "family" in by_kw else (),
         hidden_service_dir="hidden-service-dir" in by_kw,
         tunnelled_dir_server="tunnelled-dir-server" in by_kw,
-        certs_expire_at=min(cert.expires_at, ntor_cert.expires_at), text=text)
+        certs_expire_at=min(cert.expires_at, ntor_cert.expires_at), signing_cert=cert,
+        ntor_crosscert=ntor_cert, ntor_sign_bit=int(ntor_item.args[0]), tap_crosscert=tap_cc,
+        ed_signature=ed_sig, rsa_signature=rsa_signature, text=text)
