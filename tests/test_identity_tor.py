@@ -137,3 +137,26 @@ def test_a_tor_authority_accepts_our_descriptor(tor: str) -> None:
     assert report["authority_log"] and "Descriptor accepted" in report["authority_log"][0], context
     assert report["tampered_refused"] is True, context
     assert report["tampered_log"] == ["Incorrect ed25519 signature(s)"], context
+
+
+def test_a_tor_relay_accepts_our_authenticate(tor: str) -> None:
+    """tests/support_tor_authenticate.py: tor keeps a link authenticated with our CERTS and
+    AUTHENTICATE (CREATE_FAST answered) and drops one whose TLSSECRETS used tor-spec's
+    exporter context instead of tor's (CID)."""
+    pytest.importorskip("OpenSSL")
+    command = [*_namespace_prefix(), sys.executable, str(ROOT / "tests" /
+                                                         "support_tor_authenticate.py")]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    context = (f"\ncommand: {command}\nexit status: {result.returncode}\n--- stdout ---\n"
+               f"{result.stdout}\n--- stderr (tor's log on failure) ---\n{result.stderr}")
+    assert result.returncode == 0, "authenticating failed" + context
+    report = json.loads(result.stdout)
+    good, bad = report["cid_context"], report["ed25519_context"]
+    assert good["responder_bindings"] == ["rsa-link", "ed25519-link"], context
+    assert good["created_fast"] is True, context
+    assert report["warnings_after_cid_context"] == [], context
+    assert bad["created_fast"] is False, context
+    assert len(report["warnings"]) == 1, context
+    assert "bad AUTHENTICATE cell" in report["warnings"][0], context
+    assert "Some field in the AUTHENTICATE cell body was not as expected" in (
+        report["warnings"][0]), context
