@@ -21,12 +21,12 @@ from relay.identity.edcert import (
 )
 from relay.identity.keys import RelayIdentity
 from relay.identity.linkcerts import (
-    DAY,
     make_tls_link_certs,
     make_x509,
     pick_tls_cert_lifetime,
     random_hostname,
 )
+from relay.identity.periods import DAY
 
 NOW = 1_800_000_000
 

@@ -5,6 +5,7 @@ module                 what it does
 =====================  ===========================================================================
 ``keys``               :class:`~relay.identity.keys.RelayIdentity`: every key of a relay, loaded
                        from or created in ``DATADIR/keys`` with tor's file names, and rotated
+``periods``            tor's key lifetimes and renewal margins (:class:`KeyPeriods`)
 ``keyfiles``           tor's key file formats (PEM, tagged ``== type: tag ==`` files), 0600 writes
 ``curve_ed``           Ed25519 signing from an expanded secret key; curve25519 -> Ed25519
 ``rsaraw``             tor's RSA signatures (PKCS#1 v1.5 without DigestInfo); identity digests

@@ -20,7 +20,7 @@ directory written here and :meth:`RelayIdentity.load_or_create` reads one tor wr
 ``DATADIR/fingerprint`` holds ``"Nickname FINGERPRINT\\n"`` and ``DATADIR/fingerprint-ed25519``
 ``"Nickname BASE64-ED25519-ID\\n"``; directories are mode 0700, files 0600.
 
-Rotation (tor's defaults, :class:`KeyPeriods`)
+Rotation (tor's defaults, :class:`relay.identity.periods.KeyPeriods`)
 ----------------------------------------------
 * signing key: a new key and type 4 certificate valid ``signing_key_lifetime`` (30 days) once
   the current one expires within ``signing_key_slop`` (1 day); a new signing key also renews
@@ -77,15 +77,19 @@ from relay.identity.linkcerts import (
     make_tls_link_certs,
     responder_certs_body,
 )
+from relay.identity.periods import (
+    ROTATE_AUTH_KEY,
+    ROTATE_LINK_CERT,
+    ROTATE_OLD_ONION_KEYS,
+    ROTATE_ONION_KEYS,
+    ROTATE_RSA_CROSSCERT,
+    ROTATE_SIGNING_KEY,
+    ROTATE_TLS,
+    KeyPeriods,
+)
 from relay.identity.rsaraw import rsa_digest, rsa_digest256
 
 __all__ = [
-    "AUTH_KEY_LIFETIME",
-    "AUTH_KEY_SLOP",
-    "LINK_CERT_LIFETIME",
-    "LINK_KEY_SLOP",
-    "ONION_KEY_GRACE_PERIOD",
-    "ONION_KEY_LIFETIME",
     "ROTATE_AUTH_KEY",
     "ROTATE_LINK_CERT",
     "ROTATE_OLD_ONION_KEYS",
@@ -93,37 +97,10 @@ __all__ = [
     "ROTATE_RSA_CROSSCERT",
     "ROTATE_SIGNING_KEY",
     "ROTATE_TLS",
-    "RSA_CROSSCERT_LIFETIME",
-    "RSA_CROSSCERT_SLOP",
-    "SIGNING_KEY_LIFETIME",
-    "SIGNING_KEY_SLOP",
-    "TLS_ROTATION_INTERVAL",
     "KeyPeriods",
     "OnionKeys",
     "RelayIdentity",
 ]
-
-HOUR = 3600
-DAY = 24 * HOUR
-SIGNING_KEY_LIFETIME = 30 * DAY  # SigningKeyLifetime
-SIGNING_KEY_SLOP = 1 * DAY  # TestingSigningKeySlop
-LINK_CERT_LIFETIME = 2 * DAY  # TestingLinkCertLifetime
-LINK_KEY_SLOP = 3 * HOUR  # TestingLinkKeySlop
-AUTH_KEY_LIFETIME = 2 * DAY  # TestingAuthKeyLifetime
-AUTH_KEY_SLOP = 3 * HOUR  # TestingAuthKeySlop
-RSA_CROSSCERT_LIFETIME = 6 * 30 * DAY
-RSA_CROSSCERT_SLOP = 30 * DAY
-ONION_KEY_LIFETIME = 28 * DAY  # DEFAULT_ONION_KEY_LIFETIME_DAYS
-ONION_KEY_GRACE_PERIOD = 7 * DAY  # DEFAULT_ONION_KEY_GRACE_PERIOD_DAYS
-TLS_ROTATION_INTERVAL = 2 * HOUR  # MAX_SSL_KEY_LIFETIME_INTERNAL
-
-ROTATE_SIGNING_KEY = "signing-key"
-ROTATE_AUTH_KEY = "auth-key"
-ROTATE_LINK_CERT = "link-cert"
-ROTATE_TLS = "tls"
-ROTATE_RSA_CROSSCERT = "rsa-crosscert"
-ROTATE_ONION_KEYS = "onion-keys"
-ROTATE_OLD_ONION_KEYS = "old-onion-keys"
 
 _IDENTITY_BITS = 1024
 _MASTER_TAG = "type0"
@@ -131,42 +108,10 @@ _SIGNING_TAG = f"type{CERT_TYPE_ID_SIGNING}"
 
 
 @dataclass(frozen=True)
-class KeyPeriods:
-    """Lifetimes and renewal margins, in seconds; the defaults are tor's. A testing network
-    may shorten them (tor's ``Testing*`` options); each lifetime must exceed twice its slop,
-    as tor requires."""
-
-    signing_key_lifetime: int = SIGNING_KEY_LIFETIME
-    signing_key_slop: int = SIGNING_KEY_SLOP
-    link_cert_lifetime: int = LINK_CERT_LIFETIME
-    link_key_slop: int = LINK_KEY_SLOP
-    auth_key_lifetime: int = AUTH_KEY_LIFETIME
-    auth_key_slop: int = AUTH_KEY_SLOP
-    rsa_crosscert_lifetime: int = RSA_CROSSCERT_LIFETIME
-    rsa_crosscert_slop: int = RSA_CROSSCERT_SLOP
-    onion_key_lifetime: int = ONION_KEY_LIFETIME
-    onion_key_grace_period: int = ONION_KEY_GRACE_PERIOD
-    tls_rotation_interval: int = TLS_ROTATION_INTERVAL
-    tls_cert_lifetime: int | None = None  # None: random 5-365 days, as tor
-
-    def __post_init__(self) -> None:
-        for lifetime, slop in ((self.signing_key_lifetime, self.signing_key_slop),
-                               (self.link_cert_lifetime, self.link_key_slop),
-                               (self.auth_key_lifetime, self.auth_key_slop),
-                               (self.rsa_crosscert_lifetime, self.rsa_crosscert_slop)):
-            if slop <= 0 or lifetime < 2 * slop:
-                raise ValueError(f"a lifetime of {lifetime} s needs a positive slop of at "
-                                 f"most half of it, got {slop} s")
-        if not 0 < self.onion_key_grace_period <= self.onion_key_lifetime:
-            raise ValueError("the onion key grace period must be positive and at most the "
-                             "onion key lifetime")
-        if self.tls_rotation_interval <= 0:
-            raise ValueError("the TLS rotation interval must be positive")
-
-
-@dataclass(frozen=True)
 class OnionKeys:
-    """One generation of onion keys: TAP (RSA-1024) and ntor (clamped curve25519 secret)."""
+    """One generation of onion keys: TAP (RSA-1024) and ntor (clamped curve25519 secret), and
+    when it became current (0 for a previous generation loaded from ``*.old`` files, whose
+    validity is counted from the current generation's ``set_at``)."""
 
     tap: rsa.RSAPrivateKey
     ntor_secret: bytes

@@ -52,6 +52,7 @@ from relay.identity.certscell import (
     encode_certs_body,
 )
 from relay.identity.edcert import Ed25519Cert
+from relay.identity.periods import DAY
 
 __all__ = [
     "IDENTITY_CERT_LIFETIME",
@@ -68,7 +69,6 @@ __all__ = [
     "responder_certs_body",
 ]
 
-DAY = 24 * 3600
 LINK_KEY_BITS = 2048
 IDENTITY_CERT_LIFETIME = 365 * DAY
 MIN_TLS_CERT_LIFETIME = 5 * DAY
