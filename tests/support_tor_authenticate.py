@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -139,9 +140,9 @@ def main() -> int:
     """Run both links against one tor; print the report. Main thread."""
     report: dict[str, Any] = {"ok": False, "error": None}
     peer = start_tor()
+    datadir = tempfile.mkdtemp(prefix="relaycrypt-auth-id-")
     try:
-        identity = RelayIdentity.load_or_create(tempfile.mkdtemp(prefix="relaycrypt-auth-id-"),
-                                                "AuthTest")
+        identity = RelayIdentity.load_or_create(datadir, "AuthTest")
         report["cid_context"] = authenticate_once(peer, identity, spec_context=False)
         time.sleep(0.5)
         report["warnings_after_cid_context"] = peer.unexpected_warnings()
@@ -154,6 +155,7 @@ def main() -> int:
         print(peer.log_text(), file=sys.stderr)
     finally:
         peer.stop()
+        shutil.rmtree(datadir, ignore_errors=True)
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 
