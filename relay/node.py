@@ -58,18 +58,24 @@ from reactor import Reactor, ReplyQueue, Stream, listen
 from reactor.net import Listener
 from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
-from relay.directory import RelayDescriptor, RelayKeys
+from relay.config import RelayConfig
+from relay.directory import RelayDescriptor
 from relay.exit import ExitEdge, loopback_only
 from relay.handshakes import (
     HTYPE_NTOR,
+    NTOR_ONIONSKIN_LEN,
     BodyError,
+    Extend2Body,
     HandshakeError,
+    NtorServerKey,
     create_fast_server,
     decode_create2,
     encode_created2,
     ntor_server,
 )
+from relay.identity.keys import RelayIdentity
 from relay.link import Link, LinkError
+from relay.linkauth import LinkCredentials, ServerCredentials
 from relay.orcircuit import OrCircuit, Peer, crypt_batch, new_relay_group, relay_group_for
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
@@ -97,20 +103,22 @@ _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
 
 
+def _refuse_every_exit(host: str, port: int) -> bool:
+    """The exit policy of a relay that is not an exit. Any thread (pure)."""
+    return False
+
+
 class RelayNode:
     """One relay on the loop thread. See the module docstring."""
 
     def __init__(
         self,
         reactor: Reactor,
-        keys: RelayKeys,
+        identity: RelayIdentity,
+        config: RelayConfig,
         *,
-        nickname: str = "relay",
-        host: str = "127.0.0.1",
-        port: int = 0,
-        threads: int = 2,
         batch_cells: int = DEFAULT_BATCH_CELLS,
-        exit_policy: Callable[[str, int], bool] = loopback_only,
+        exit_policy: Callable[[str, int], bool] | None = None,
         handshake_timeout: float = 30.0,
         pool_high_water: int = RELAY_POOL_HIGH_WATER,
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
@@ -119,23 +127,29 @@ class RelayNode:
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
-        ``pool_high_water`` / ``circuit_high_water``: cells in flight on the pool (all
-        circuits / one circuit) at which reading pauses (it resumes at half).
+        ``identity`` holds the relay's keys (``RelayIdentity.load_or_create``); ``config`` its
+        options (:class:`relay.config.RelayConfig`). ``exit_policy(host, port)`` overrides the
+        one ``config`` describes. ``pool_high_water`` / ``circuit_high_water``: cells in flight
+        on the pool (all circuits / one circuit) at which reading pauses (it resumes at half).
         ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
         (default: the reactor's). ``max_circuits_per_link``: CREATEs beyond it get DESTROY
         (RESOURCELIMIT)."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
-        self.keys = keys
-        self.nickname = nickname
-        self.exit_policy = exit_policy
-        self._host = host
-        self._port = port
+        self.identity = identity
+        self.config = config
+        self.nickname = nickname = config.nickname
+        self.exit_policy = exit_policy if exit_policy is not None else (
+            loopback_only if config.is_exit else _refuse_every_exit)
+        self._host = config.or_host
+        self._port = config.or_port
+        self._server: ServerCredentials | None = (
+            None if config.plain_links else ServerCredentials.of(identity))
         self._handshake_timeout = handshake_timeout
         self._link_write_water = link_write_water
         self.pool = WorkerPool(
             None,
-            threads=threads,
+            threads=config.threads,
             lanes=3,
             process=crypt_batch,
             joined=False,
@@ -151,7 +165,8 @@ class RelayNode:
         self._replies: ReplyQueue[Any] | None = None
         self._listener: Listener | None = None
         self._peers: dict[Link, Peer] = {}
-        self._outgoing: dict[tuple[str, int], Peer] = {}
+        # Links we opened, by the relay they are to: (address, RSA identity digest).
+        self._outgoing: dict[tuple[tuple[str, int], bytes], Peer] = {}
         self._dirty: IterationFlush[OrCircuit] = IterationFlush(reactor.call_soon, self._flush)
         self._pool_paused: dict[ReadGate, None] = {}
         self._closed = False
@@ -194,9 +209,11 @@ class RelayNode:
         return self._listener.address
 
     def descriptor(self) -> RelayDescriptor:
-        """The public descriptor a directory lists for this relay. Loop thread only."""
-        host, port = self.address
-        return self.keys.descriptor(self.nickname, host, port)
+        """What a client of the local demo network needs of this relay (its directory file
+        entry: address, RSA identity, ntor onion key). Loop thread only."""
+        _, port = self.address
+        return RelayDescriptor(self.nickname, self.config.published_address, port,
+                               self.identity.identity_digest, self.identity.ntor_onion_key)
 
     def close(self) -> None:
         """Stop listening, close every link (which destroys every circuit), stop the pool.
@@ -222,24 +239,27 @@ class RelayNode:
         address = stream.peer_address
         name = f"{self.nickname}<-{address[0]}:{address[1]}" if address else self.nickname
         link = Link.accept(
-            self.reactor, stream, handshake_timeout=self._handshake_timeout, name=name,
-            on_close=self._on_link_closed, on_cell=self._on_unrouted,
+            self.reactor, stream, server=self._server, handshake_timeout=self._handshake_timeout,
+            name=name, on_close=self._on_link_closed, on_cell=self._on_unrouted,
         )
         peer = Peer(link)
         self._peers[link] = peer
         self._watch_writes(peer, stream)
         self.links_accepted += 1
 
-    def _connect(self, address: tuple[str, int]) -> Peer:
+    def _connect(self, address: tuple[str, int], identity: bytes) -> Peer:
         host, port = address
+        plain = self.config.plain_links
         link = Link.connect(
-            self.reactor, host, port, handshake_timeout=self._handshake_timeout,
+            self.reactor, host, port, tls=not plain,
+            credentials=None if plain else LinkCredentials.of(self.identity),
+            handshake_timeout=self._handshake_timeout,
             name=f"{self.nickname}->{host}:{port}", on_open=self._on_link_open,
             on_close=self._on_link_closed, on_cell=self._on_unrouted,
         )
-        peer = Peer(link, address)
+        peer = Peer(link, address, identity)
         self._peers[link] = peer
-        self._outgoing[address] = peer
+        self._outgoing[(address, identity)] = peer
         self._watch_writes(peer, link.stream)
         self.links_opened += 1
         return peer
@@ -248,17 +268,43 @@ class RelayNode:
         peer = self._peers.get(link)
         if peer is None:
             return
+        wrong = self._wrong_identity(peer)
+        if wrong is not None:
+            open_waiters, peer.open_waiters = peer.open_waiters, []
+            for circuit in open_waiters:
+                circuit.extend_failed(wrong, DestroyReason.OR_IDENTITY)
+            link.close(wrong)
+            return
         open_waiters, peer.open_waiters = peer.open_waiters, []
         for circuit in open_waiters:
-            circuit.attach_next(peer)
+            request = circuit.extend_request
+            mismatch = self._ed25519_mismatch(peer, request) if request is not None else None
+            if mismatch is None:
+                circuit.attach_next(peer)
+            else:
+                circuit.extend_failed(mismatch, DestroyReason.OR_IDENTITY)
+
+    def _wrong_identity(self, peer: Peer) -> str | None:
+        """Why the relay at the other end of an outgoing link is not the one we dialed (tor:
+        "identity key was not as expected"), or None. Plain demo links prove nothing and are
+        taken at their word. Loop thread only."""
+        if self.config.plain_links or peer.identity is None:
+            return None
+        got = peer.link.peer_identity
+        if got is None or got.rsa_digest != peer.identity:
+            return (f"wrong identity at {peer.address}: wanted {peer.identity.hex().upper()}, "
+                    f"got {got.fingerprint if got else 'none'}")
+        return None
 
     def _on_link_closed(self, link: Link, reason: str) -> None:
         peer = self._peers.pop(link, None)
         self.link_closes[link.close_kind.value if link.close_kind else "unknown"] += 1
         if peer is None:
             return
-        if peer.address is not None and self._outgoing.get(peer.address) is peer:
-            del self._outgoing[peer.address]
+        if peer.address is not None and peer.identity is not None:
+            key = (peer.address, peer.identity)
+            if self._outgoing.get(key) is peer:
+                del self._outgoing[key]
         open_waiters, peer.open_waiters = peer.open_waiters, []
         for circuit in open_waiters:
             circuit.extend_failed(reason)
@@ -302,11 +348,12 @@ class RelayNode:
                 link.send_cell(circ_id, CellCommand.CREATED_FAST, reply)
                 return
             if command == CellCommand.CREATE2:
-                peer.relay_link = True  # only relays extend with CREATE2 in this network
+                if self.config.plain_links:
+                    peer.claimed_relay = True  # in the demo network only relays send CREATE2
                 body = decode_create2(payload)
                 if body.htype != HTYPE_NTOR:
                     raise HandshakeError(f"CREATE2 handshake type {body.htype} unsupported")
-                reply, material = ntor_server(self.keys.ntor, body.hdata)
+                reply, material = ntor_server(self._ntor_key(body.hdata), body.hdata)
                 self._new_circuit(peer, circ_id, material)
                 link.send_cell(circ_id, CellCommand.CREATED2, encode_created2(reply))
                 return
@@ -329,6 +376,15 @@ class RelayNode:
                 "(max_circuits_per_link); %d refused so far", link.name, circ_id,
                 link.circuit_count, refused)
         link.destroy_circuit(circ_id, DestroyReason.RESOURCELIMIT)
+
+    def _ntor_key(self, onionskin: bytes) -> NtorServerKey:
+        """The onion key an ntor onionskin names (``ID | B | X``): the current one or, during
+        its grace period after a rotation, the previous one. Loop thread only."""
+        wanted = bytes(onionskin[20:52]) if len(onionskin) >= NTOR_ONIONSKIN_LEN else b""
+        key = self.identity.ntor_key_for(wanted, time.time())
+        if key is None:
+            raise HandshakeError("ntor: onionskin names an onion key we do not have")
+        return NtorServerKey(self.identity.identity_digest, key)
 
     def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
         crypto = relay_crypto_for(HopKeys.from_material(material))
@@ -392,19 +448,57 @@ class RelayNode:
             source.hold(peer)
             self.write_pauses += 1
 
-    def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None:
-        """Get an open link to ``address`` for ``circuit`` (reuse or connect). Loop thread
-        only."""
+    def extend(self, circuit: OrCircuit, extend: Extend2Body) -> None:
+        """Get an open link to the relay ``extend`` names for ``circuit``: an open link whose
+        peer proved that identity, else a new one to the given address (checked when it
+        opens). Refused extends close the circuit, with the reason logged. Loop thread only."""
         if self._closed:
             circuit.extend_failed("relay shutting down")
             return
-        peer = self._outgoing.get(address)
+        refusal = self._extend_refusal(circuit, extend)
+        if refusal is not None:
+            log.info("%r: refusing EXTEND2: %s", circuit, refusal)
+            circuit.extend_failed(refusal, DestroyReason.PROTOCOL)
+            return
+        address = extend.address()
+        identity = extend.legacy_id()
+        assert address is not None and identity is not None  # checked by _extend_refusal
+        peer = self._outgoing.get((address, identity))
         if peer is None or peer.link.closed:
-            peer = self._connect(address)
-        if peer.link.is_open:
+            peer = self._connect(address, identity)
+        if not peer.link.is_open:
+            peer.open_waiters.append(circuit)
+        elif self._ed25519_mismatch(peer, extend) is None:
             circuit.attach_next(peer)
         else:
-            peer.open_waiters.append(circuit)
+            circuit.extend_failed(self._ed25519_mismatch(peer, extend) or "",
+                                  DestroyReason.OR_IDENTITY)
+
+    def _extend_refusal(self, circuit: OrCircuit, extend: Extend2Body) -> str | None:
+        """Why ``extend`` must not be dialed (tor's checks before it extends), or None.
+        Loop thread only."""
+        address, identity = extend.address(), extend.legacy_id()
+        if address is None:
+            return "EXTEND2 has no IPv4/IPv6 link specifier"
+        if identity is None:
+            return "EXTEND2 names no RSA identity (legacy id link specifier)"
+        if identity == self.identity.identity_digest:
+            return "EXTEND2 to ourselves"
+        previous = circuit.prev.link.peer_identity
+        if previous is not None and previous.rsa_digest == identity:
+            return "EXTEND2 back to the previous hop"
+        return None
+
+    @staticmethod
+    def _ed25519_mismatch(peer: Peer, extend: Extend2Body) -> str | None:
+        """Why the link's peer is not the Ed25519 identity ``extend`` names, or None (also
+        when it names none, or the link proves none). Loop thread only."""
+        wanted = extend.ed25519_id()
+        got = peer.link.peer_identity
+        if wanted is None or got is None or got.ed25519 is None or got.ed25519 == wanted:
+            return None
+        return (f"wrong Ed25519 identity at {peer.address}: wanted {wanted.hex()}, "
+                f"got {got.ed25519.hex()}")
 
     def make_edge(self, circuit: OrCircuit) -> ExitEdge:
         """The exit edge of ``circuit``. Loop thread only."""

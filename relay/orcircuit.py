@@ -172,20 +172,32 @@ class Peer:
     """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
 
     __slots__ = (
-        "address", "congested", "drain_waiters", "gate", "link", "open_waiters", "relay_link",
+        "address", "claimed_relay", "congested", "drain_waiters", "gate", "identity", "link",
+        "open_waiters",
     )
 
-    def __init__(self, link: Link, address: tuple[str, int] | None = None) -> None:
-        """Wrap ``link``. Loop thread only."""
+    def __init__(self, link: Link, address: tuple[str, int] | None = None,
+                 identity: bytes | None = None) -> None:
+        """Wrap ``link``; ``address`` and ``identity`` (RSA digest) name the relay a link we
+        opened was dialed for. Loop thread only."""
         self.link = link
         self.gate = ReadGate(link)
         self.address = address  # set for links this relay opened (reused by EXTEND2)
-        # A link to another relay: one we opened, or one a relay extended over (CREATE2).
-        # Write congestion never pauses reading it for the sake of another relay link.
-        self.relay_link = address is not None
+        self.identity = identity
+        self.claimed_relay = False  # a plain demo link that carried CREATE2 (proves nothing)
         self.congested = False
         self.drain_waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
         self.open_waiters: list[OrCircuit] = []  # circuits waiting for this link to open
+
+    @property
+    def relay_link(self) -> bool:
+        """A link to another relay: one we opened, or one whose initiator authenticated as a
+        relay. Write congestion never pauses reading it for the sake of another relay link.
+        Loop thread only."""
+        if self.address is not None or self.claimed_relay:
+            return True
+        peer = self.link.peer_identity
+        return peer is not None and peer.authenticated
 
     def __repr__(self) -> str:
         return f"<Peer {self.link.name}>"
@@ -208,9 +220,9 @@ class CircuitHost(Protocol):
         congested. Loop thread only."""
         ...
 
-    def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None:
-        """Get an open link to ``address``, then ``circuit.attach_next(peer)`` (or
-        ``circuit.extend_failed(why)``). Loop thread only."""
+    def extend(self, circuit: OrCircuit, extend: Extend2Body) -> None:
+        """Get an open link to the relay ``extend`` names, then ``circuit.attach_next(peer)``
+        (or ``circuit.extend_failed(why, reason)``). Loop thread only."""
         ...
 
     def make_edge(self, circuit: OrCircuit) -> ExitEdge:
@@ -497,15 +509,17 @@ class OrCircuit:
         try:
             _, _, body = relay_body(out, offset)
             extend = Extend2Body.decode(body)
-            address = extend.address()
-            if address is None:
-                raise BodyError("EXTEND2 has no IPv4/IPv6 link specifier")
         except (BodyError, ValueError) as exc:
             self.close(f"bad EXTEND2: {exc}", DestroyReason.PROTOCOL)
             return
         self.state = _EXTENDING
         self._extend = extend
-        self.host.extend(self, address)
+        self.host.extend(self, extend)
+
+    @property
+    def extend_request(self) -> Extend2Body | None:
+        """The EXTEND2 this circuit is waiting to carry out, if any. Loop thread only."""
+        return self._extend if self.state is _EXTENDING else None
 
     def attach_next(self, peer: Peer) -> None:
         """The link to the next hop is open: register there and send CREATE2. Loop thread
@@ -520,9 +534,9 @@ class OrCircuit:
         peer.link.send_cell(self.next_id, CellCommand.CREATE2,
                             encode_create2(extend.htype, extend.hdata))
 
-    def extend_failed(self, why: str) -> None:
-        """The next hop could not be reached. Loop thread only."""
-        self.close(f"extend failed: {why}", DestroyReason.CONNECTFAILED)
+    def extend_failed(self, why: str, reason: int = DestroyReason.CONNECTFAILED) -> None:
+        """The next hop could not be reached (or must not be). Loop thread only."""
+        self.close(f"extend failed: {why}", reason)
 
     def _on_error(self, pool_circuit: Circuit, direction: int, exc: BaseException) -> None:
         log.error("%r: crypto failed on a worker: %r", self, exc)
