@@ -8,8 +8,9 @@ out and in, CREATE_FAST, and waiting for the relay to hang up. :meth:`RawPeer.se
 responding relay on an accepted socket, with a real identity's TLS certificate and CERTS (so a
 relay extending to it accepts it), without checking the initiator. The tests' strangers
 build on it: ``test_relay_bad_input`` and ``test_relay_backpressure`` use it as it is (the
-latter also as a fake next relay), ``test_fuzz_relay.Stranger`` adds variable-length cells and per-circuit bookkeeping,
-``test_faults_network.NonReader`` stops reading once its streams are connected.
+latter also as a fake next relay), ``test_fuzz_relay.Stranger`` adds variable-length cells
+and per-circuit bookkeeping, ``test_faults_network.NonReader`` stops reading once its
+streams are connected.
 
 It is written with plain sockets, ``struct`` and the cell codec (``relay.cells``), not with
 ``relay.link`` or ``relay.framing``: the relay is checked against a second implementation of the
