@@ -222,7 +222,6 @@ def _parse_pattern(item: str, pattern: str, accept: bool, six_only: bool) -> lis
         ports = rest[1:]
     elif rest:
         raise AddrPolicyError(item, f"unexpected {rest!r} after the address")
-    port_min, port_max = _parse_ports(item, ports)
 
     wildcard: tuple[int, ...] = ()
     if not bracketed and address_text == "*":
@@ -232,6 +231,7 @@ def _parse_pattern(item: str, pattern: str, accept: bool, six_only: bool) -> lis
     if wildcard:
         if mask is not None:
             raise AddrPolicyError(item, "bit prefix with a wildcard address")
+        port_min, port_max = _parse_ports(item, ports)
         return [PolicyRule(accept, ipaddress.ip_address("0.0.0.0" if v == 4 else "::"), 0,
                            port_min, port_max) for v in wildcard]
     try:
@@ -249,6 +249,7 @@ def _parse_pattern(item: str, pattern: str, accept: bool, six_only: bool) -> lis
             if 32 < bits < 96:
                 raise AddrPolicyError(item, f"bad mask bits {bits} for a v4-mapped address")
             bits = 96 + bits % 32
+    port_min, port_max = _parse_ports(item, ports)
     return [PolicyRule(accept, address, bits, port_min, port_max)]
 
 
