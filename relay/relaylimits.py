@@ -161,12 +161,12 @@ def compute_max_mem_in_queues(configured: int = 0, *, is_server: bool = True,
     """tor's ``compute_real_max_mem_in_queues``: the MaxMemInQueues in force.
 
     ``configured`` 0 picks the default from ``total_ram`` (read from ``/proc/meminfo`` when
-    None). Any thread."""
+    None; 0 means unknown, as for tor). Any thread."""
     if is_64bit is None:
         is_64bit = sys.maxsize > 2**32
     if configured == 0:
         ram = total_system_memory() if total_ram is None else total_ram
-        if ram is None:
+        if not ram:
             return 8 * _GIB if is_64bit else _GIB
         avail = (ram // 5) * 2 if (is_64bit and ram >= 8 * _GIB) else (ram // 4) * 3
         ceiling = 8 * _GIB if is_64bit else 2 * _GIB
