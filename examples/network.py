@@ -275,9 +275,10 @@ class LocalNetwork:
                     "--nickname", name,
                     "--data-dir", str(self.workdir / name),
                     "--threads", str(self.threads),
-                    # exits to the echo service, which is on loopback: allowed explicitly
+                    # a private network on loopback: extends to 127.0.0.1 allowed, and exits
+                    # to the echo service there (TestingTorNetwork's relaxations)
+                    "--testing-network",
                     "--exit-policy", "accept 127.0.0.1:*, reject *:*",
-                    "--exit-policy-reject-private", "0",
                     *(["--plain-links"] if self.plain_links else []),
                     *self.relay_args,
                 ]

@@ -104,8 +104,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--exit-policy", default="",
                         help='ExitPolicy, e.g. "accept 127.0.0.1:7777, reject *:*" '
                              "(default: not an exit)")
-    parser.add_argument("--exit-policy-reject-private", type=_flag, default=True,
-                        metavar="0|1", help="ExitPolicyRejectPrivate (default 1)")
+    parser.add_argument("--exit-policy-reject-private", type=_flag, default=None,
+                        metavar="0|1",
+                        help="ExitPolicyRejectPrivate (default 1; 0 with --testing-network)")
+    parser.add_argument("--extend-allow-private-addresses", type=_flag, default=None,
+                        metavar="0|1", help="ExtendAllowPrivateAddresses (default 0; 1 with "
+                                            "--testing-network)")
     parser.add_argument("--bridge", action="store_true", help="BridgeRelay 1")
     parser.add_argument("--testing-network", action="store_true", help="TestingTorNetwork 1")
     parser.add_argument("--plain-links", action="store_true",
@@ -131,7 +135,8 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
     return RelayConfig(
         nickname=args.nickname, or_host=host, or_port=port, address=args.address,
         dir_authorities=tuple(args.dirauth), exit_policy=split_policy(args.exit_policy),
-        exit_policy_reject_private=args.exit_policy_reject_private, bridge=args.bridge,
+        reject_private_exits=args.exit_policy_reject_private,
+        allow_private_extends=args.extend_allow_private_addresses, bridge=args.bridge,
         testing_network=args.testing_network, contact=args.contact,
         plain_links=args.plain_links, threads=args.threads,
     )

@@ -13,16 +13,17 @@ What each option means follows tor:
 
 * ``exit_policy`` empty means not an exit (tor's ``ExitRelay auto`` with no ``ExitPolicy``):
   every BEGIN is refused. Given, it is parsed with tor's syntax, preceded by tor's private-net
-  and own-address rejections unless ``exit_policy_reject_private`` is off
-  (``ExitPolicyRejectPrivate``, default 1), and by every local interface address when
-  ``exit_policy_reject_local_interfaces`` is on (default 0).
+  and own-address rejections unless ``reject_private_exits`` is off
+  (``ExitPolicyRejectPrivate``, default 1, 0 in a testing network), and by every local
+  interface address when ``exit_policy_reject_local_interfaces`` is on (default 0).
 * ``bridge`` (``BridgeRelay 1``): the descriptor is not uploaded to the directory authorities
   (there is no bridge authority in a private network; clients name the bridge in their
   ``Bridge`` line), and the relay serves the directory documents a bridge client bootstraps
   with.
 * ``testing_network`` (``TestingTorNetwork 1``): the short intervals of a private test network
   (descriptor uploads, key rotation checks) and tor's testing relaxations
-  (``ExtendAllowPrivateAddresses 1``, ``AssumeReachable 1``).
+  (``ExtendAllowPrivateAddresses 1``, ``ExitPolicyRejectPrivate 0``, ``AssumeReachable 1``).
+  ``allow_private_extends`` sets ``ExtendAllowPrivateAddresses`` on its own.
 * ``plain_links``: links without TLS and without certificates, for the in-process demos only;
   never the default, and refused by every tor.
 
@@ -119,10 +120,11 @@ class RelayConfig:
     address: str | None = None  # published address (tor's ``Address``); default: or_host
     dir_authorities: tuple[DirAuthority, ...] = ()
     exit_policy: tuple[str, ...] = ()  # empty: not an exit
-    exit_policy_reject_private: bool = True
+    reject_private_exits: bool | None = None  # ExitPolicyRejectPrivate; None: not testing
     exit_policy_reject_local_interfaces: bool = False
     bridge: bool = False
     testing_network: bool = False
+    allow_private_extends: bool | None = None  # ExtendAllowPrivateAddresses; None: as testing
     contact: str | None = None
     bandwidth_rate: int = 1 << 30  # bytes/s (tor's BandwidthRate default 1 GByte)
     bandwidth_burst: int = 1 << 30
@@ -133,6 +135,20 @@ class RelayConfig:
     def published_address(self) -> str:
         """The IPv4 address the descriptor and NETINFO give. Any thread."""
         return self.address or self.or_host
+
+    @property
+    def exit_policy_reject_private(self) -> bool:
+        """``ExitPolicyRejectPrivate``: default 1, 0 in a testing network. Any thread."""
+        if self.reject_private_exits is not None:
+            return self.reject_private_exits
+        return not self.testing_network
+
+    @property
+    def extend_allow_private_addresses(self) -> bool:
+        """``ExtendAllowPrivateAddresses``: default 0, 1 in a testing network. Any thread."""
+        if self.allow_private_extends is not None:
+            return self.allow_private_extends
+        return self.testing_network
 
     @property
     def is_exit(self) -> bool:

@@ -47,8 +47,10 @@ Threads: everything is loop thread only; the pool's workers only run the group f
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -60,7 +62,9 @@ from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
 from relay.config import RelayConfig
 from relay.directory import RelayDescriptor
-from relay.exit import ExitEdge, loopback_only
+from relay.exit import ExitEdge
+from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
+from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
 from relay.handshakes import (
     HTYPE_NTOR,
     NTOR_ONIONSKIN_LEN,
@@ -76,7 +80,14 @@ from relay.handshakes import (
 from relay.identity.keys import RelayIdentity
 from relay.link import Link, LinkError
 from relay.linkauth import LinkCredentials, ServerCredentials
-from relay.orcircuit import OrCircuit, Peer, crypt_batch, new_relay_group, relay_group_for
+from relay.orcircuit import (
+    ExtendRequest,
+    OrCircuit,
+    Peer,
+    crypt_batch,
+    new_relay_group,
+    relay_group_for,
+)
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
 from workers.pool import (
@@ -139,13 +150,18 @@ class RelayNode:
         self.identity = identity
         self.config = config
         self.nickname = nickname = config.nickname
-        self.exit_policy = exit_policy if exit_policy is not None else (
-            loopback_only if config.is_exit else _refuse_every_exit)
+        self._exit_override = exit_policy
+        self.exit_policy: Callable[[str, int], bool] = exit_policy or _refuse_every_exit
+        self.exit_rules: ExitPolicy | None = None  # built by start(): it needs our address
         self._host = config.or_host
         self._port = config.or_port
         self._server: ServerCredentials | None = (
             None if config.plain_links else ServerCredentials.of(identity))
         self._handshake_timeout = handshake_timeout
+        self._extend_config = ExtendConfig(
+            extend_allow_private_addresses=config.extend_allow_private_addresses)
+        self._ours = OurRelay(identity.identity_digest, identity.ed25519_identity)
+        self._rng = random.Random()
         self._link_write_water = link_write_water
         self.pool = WorkerPool(
             None,
@@ -200,6 +216,26 @@ class RelayNode:
         self.pool.set_replies(self._replies, owned=True)
         self.pool.start()
         self._listener = listen(self.reactor, self._host, self._port, self._on_accept)
+        port = self._listener.address[1]
+        self._ours = OurRelay(self.identity.identity_digest, self.identity.ed25519_identity,
+                              {(ipaddress.ip_address(self.config.published_address), port)})
+        self.exit_rules = self._build_exit_policy()
+        if self._exit_override is None:
+            self.exit_policy = self.exit_rules.allows
+        log.info("%s: %s", self.nickname, self.exit_rules.describe())
+
+    def _build_exit_policy(self) -> ExitPolicy:
+        """tor's exit policy from the configuration (``relay.exitpolicy``). Loop thread only."""
+        config = self.config
+        return build_exit_policy(
+            ExitPolicyConfig(
+                exit_policy=config.exit_policy,
+                exit_policy_reject_private=config.exit_policy_reject_private,
+                exit_policy_reject_local_interfaces=config.exit_policy_reject_local_interfaces,
+            ),
+            published_addresses=[config.published_address],
+            port_addresses=[config.or_host],
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -448,52 +484,54 @@ class RelayNode:
             source.hold(peer)
             self.write_pauses += 1
 
-    def extend(self, circuit: OrCircuit, extend: Extend2Body) -> None:
-        """Get an open link to the relay ``extend`` names for ``circuit``: an open link whose
-        peer proved that identity, else a new one to the given address (checked when it
-        opens). Refused extends close the circuit, with the reason logged. Loop thread only."""
+    def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
+                     stream_id: int) -> ExtendRequest | None:
+        """tor's checks of an EXTEND2 body (``relay.extendpolicy``): dropped cells are only
+        logged; refused ones close the circuit with tor's reason. Loop thread only."""
+        previous = circuit.prev.link.peer_identity
+        decision = check_extend2(
+            body, via_relay_early=early, stream_id=stream_id, already_extended=circuit.extended,
+            previous_rsa_id=previous.rsa_digest if previous else None,
+            previous_ed_id=previous.ed25519 if previous else None,
+            ours=self._ours, config=self._extend_config,
+        )
+        if decision.action is ExtendAction.DROP:
+            log.info("%r: dropping EXTEND2: %s", circuit, decision.why)
+            return None
+        if decision.action is ExtendAction.DESTROY:
+            log.info("%r: refusing EXTEND2: %s", circuit, decision.why)
+            circuit.close(f"refused EXTEND2: {decision.why}",
+                          decision.reason or DestroyReason.PROTOCOL)
+            return None
+        host, port = decision.choose(self._rng)
+        return ExtendRequest(Extend2Body.decode(body), (str(host), port), decision.rsa_id,
+                             decision.ed_id)
+
+    def extend(self, circuit: OrCircuit, request: ExtendRequest) -> None:
+        """Get an open link to the relay ``request`` names for ``circuit``: a link we opened to
+        that address and identity, else a new one (its identity checked when it opens).
+        Loop thread only."""
         if self._closed:
             circuit.extend_failed("relay shutting down")
             return
-        refusal = self._extend_refusal(circuit, extend)
-        if refusal is not None:
-            log.info("%r: refusing EXTEND2: %s", circuit, refusal)
-            circuit.extend_failed(refusal, DestroyReason.PROTOCOL)
-            return
-        address = extend.address()
-        identity = extend.legacy_id()
-        assert address is not None and identity is not None  # checked by _extend_refusal
-        peer = self._outgoing.get((address, identity))
+        key = (request.address, request.rsa_id)
+        peer = self._outgoing.get(key)
         if peer is None or peer.link.closed:
-            peer = self._connect(address, identity)
+            peer = self._connect(request.address, request.rsa_id)
         if not peer.link.is_open:
             peer.open_waiters.append(circuit)
-        elif self._ed25519_mismatch(peer, extend) is None:
+            return
+        mismatch = self._ed25519_mismatch(peer, request)
+        if mismatch is None:
             circuit.attach_next(peer)
         else:
-            circuit.extend_failed(self._ed25519_mismatch(peer, extend) or "",
-                                  DestroyReason.OR_IDENTITY)
-
-    def _extend_refusal(self, circuit: OrCircuit, extend: Extend2Body) -> str | None:
-        """Why ``extend`` must not be dialed (tor's checks before it extends), or None.
-        Loop thread only."""
-        address, identity = extend.address(), extend.legacy_id()
-        if address is None:
-            return "EXTEND2 has no IPv4/IPv6 link specifier"
-        if identity is None:
-            return "EXTEND2 names no RSA identity (legacy id link specifier)"
-        if identity == self.identity.identity_digest:
-            return "EXTEND2 to ourselves"
-        previous = circuit.prev.link.peer_identity
-        if previous is not None and previous.rsa_digest == identity:
-            return "EXTEND2 back to the previous hop"
-        return None
+            circuit.extend_failed(mismatch, DestroyReason.OR_IDENTITY)
 
     @staticmethod
-    def _ed25519_mismatch(peer: Peer, extend: Extend2Body) -> str | None:
-        """Why the link's peer is not the Ed25519 identity ``extend`` names, or None (also
+    def _ed25519_mismatch(peer: Peer, request: ExtendRequest) -> str | None:
+        """Why the link's peer is not the Ed25519 identity ``request`` names, or None (also
         when it names none, or the link proves none). Loop thread only."""
-        wanted = extend.ed25519_id()
+        wanted = request.ed25519_id
         got = peer.link.peer_identity
         if wanted is None or got is None or got.ed25519 is None or got.ed25519 == wanted:
             return None

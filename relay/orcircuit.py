@@ -73,6 +73,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -100,6 +101,7 @@ __all__ = [
     "ORIGINATE",
     "RELAY_DIRECTION_OPS",
     "CircuitHost",
+    "ExtendRequest",
     "OrCircuit",
     "Peer",
     "crypt_batch",
@@ -203,6 +205,17 @@ class Peer:
         return f"<Peer {self.link.name}>"
 
 
+@dataclass(frozen=True)
+class ExtendRequest:
+    """An EXTEND2 that passed tor's checks: the body (its handshake goes on in CREATE2), the
+    address chosen to dial, and the identities the next hop must prove."""
+
+    body: Extend2Body
+    address: tuple[str, int]
+    rsa_id: bytes
+    ed25519_id: bytes | None
+
+
 class CircuitHost(Protocol):
     """What a circuit needs from its relay node."""
 
@@ -220,8 +233,14 @@ class CircuitHost(Protocol):
         congested. Loop thread only."""
         ...
 
-    def extend(self, circuit: OrCircuit, extend: Extend2Body) -> None:
-        """Get an open link to the relay ``extend`` names, then ``circuit.attach_next(peer)``
+    def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
+                     stream_id: int) -> ExtendRequest | None:
+        """tor's checks of an EXTEND2 body: the request to carry out, or None when the cell is
+        dropped or the circuit was closed for it. Loop thread only."""
+        ...
+
+    def extend(self, circuit: OrCircuit, request: ExtendRequest) -> None:
+        """Get an open link to the relay ``request`` names, then ``circuit.attach_next(peer)``
         (or ``circuit.extend_failed(why, reason)``). Loop thread only."""
         ...
 
@@ -304,7 +323,7 @@ class OrCircuit:
         self._kb_in_flight = 0
         self._kb_ready: list[tuple[Circuit, int, list[bytes]]] = []
         self._kb_held: deque[tuple[int, list[bytes]]] = deque()
-        self._extend: Extend2Body | None = None
+        self._extend: ExtendRequest | None = None
         self._pressure = False
         self.edge: ExitEdge | None = None
         self._edge_gate: ReadGate | None = None
@@ -500,24 +519,26 @@ class OrCircuit:
         self.edge.handle(out, offsets)
 
     def _on_extend2(self, out: bytes, offset: int, early: bool) -> None:
-        if not early:
-            self.close("EXTEND2 outside a RELAY_EARLY cell", DestroyReason.PROTOCOL)
-            return
-        if self.next is not None or self.state is not _OPEN or self.edge is not None:
-            self.close("EXTEND2 on a circuit that is already extended", DestroyReason.PROTOCOL)
-            return
         try:
-            _, _, body = relay_body(out, offset)
-            extend = Extend2Body.decode(body)
-        except (BodyError, ValueError) as exc:
+            _, stream_id, body = relay_body(out, offset)
+        except ValueError as exc:
             self.close(f"bad EXTEND2: {exc}", DestroyReason.PROTOCOL)
             return
+        request = self.host.check_extend(self, body, early=early, stream_id=stream_id)
+        if request is None or self.state is _CLOSED:
+            return  # dropped, or refused (the host closed the circuit)
         self.state = _EXTENDING
-        self._extend = extend
-        self.host.extend(self, extend)
+        self._extend = request
+        self.host.extend(self, request)
 
     @property
-    def extend_request(self) -> Extend2Body | None:
+    def extended(self) -> bool:
+        """True once the circuit has, or is getting, a next hop, or carries exit streams: an
+        EXTEND2 now is a protocol violation. Loop thread only."""
+        return self.next is not None or self.state is not _OPEN or self.edge is not None
+
+    @property
+    def extend_request(self) -> ExtendRequest | None:
         """The EXTEND2 this circuit is waiting to carry out, if any. Loop thread only."""
         return self._extend if self.state is _EXTENDING else None
 
@@ -526,7 +547,8 @@ class OrCircuit:
         only (the node calls it)."""
         if self.state is not _EXTENDING or self._extend is None:
             return
-        extend, self._extend = self._extend, None
+        request, self._extend = self._extend, None
+        extend = request.body
         self.next = peer
         self.next_id = peer.link.add_circuit(self._from_next)
         if self._pressure:

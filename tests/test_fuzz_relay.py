@@ -361,7 +361,7 @@ class RelayBench:
         self.log = log
         self.keys = RelayIdentity.load_or_create(keys_dir, "fuzzed")
         config = RelayConfig(nickname="fuzzed", exit_policy=("accept 127.0.0.1:*", "reject *:*"),
-                             exit_policy_reject_private=False)
+                             testing_network=True)
         self.node = RelayNode(reactor, self.keys, config, handshake_timeout=5.0)
         self.node.start()
         self.echo = listen(reactor, "127.0.0.1", 0, self._echo)

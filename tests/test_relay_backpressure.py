@@ -41,7 +41,7 @@ def config(nickname: str, threads: int = 2) -> RelayConfig:
     """An exit to the loopback echo service, as the demos run."""
     return RelayConfig(nickname=nickname, threads=threads,
                        exit_policy=("accept 127.0.0.1:*", "reject *:*"),
-                       exit_policy_reject_private=False)
+                       testing_network=True)
 
 
 @pytest.fixture
