@@ -1,10 +1,11 @@
 """The C batch kernel (tor1._kernel, tor1.fast) gives the reference's exact bytes.
 
 Layout: known answers straight from SPEC-tor1 (AES-CTR incl. the counter wrap, digest setting
-computed with hashlib + cryptography by hand), the hypothesis property test that drives a
-reference circuit and a kernel circuit through the same random interleaving of both directions
-(random hop counts, payloads, bit flips, batch sizes and splits, all API forms) and compares every
-byte and every exception, and the error cases. Thread behaviour lives in test_kernel_threads.py.
+and SENDME tags computed with hashlib + cryptography by hand), the hypothesis property test that
+drives a reference circuit and a kernel circuit through the same random interleaving of both
+directions (random hop counts, payloads, bit flips, batch sizes and splits, all API forms, the
+SENDME-tagged forms with random marks) and compares every byte, every tag and every exception,
+and the error cases. Thread behaviour lives in test_kernel_threads.py.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tor1 import CELL_PAYLOAD_LEN
-from tor1._kernel import OriginState, RelayState
+from tor1._kernel import OP_BACKWARD, OP_FORWARD, OP_TAGS, OriginState, RelayState, crypt_group
 from tor1.fast import FastOriginCrypto, FastRelayCrypto
 from tor1.reference import (
     HopKeys,
@@ -55,6 +56,25 @@ def relay_payload(rng: random.Random) -> bytes:
 
 def kernel_relay(keys: HopKeys, iv: bytes | None = None) -> RelayState:
     return RelayState(keys.df, keys.db, keys.kf, keys.kb, _iv=iv)
+
+
+def mark(cell: bytes, rng: random.Random) -> bytes:
+    """``cell`` with a random non-zero digest field: the caller asks for its SENDME tag."""
+    field = rng.randbytes(4)
+    while field == bytes(4):
+        field = rng.randbytes(4)
+    return cell[:5] + field + cell[9:]
+
+
+def running_digests(seed: bytes, cells: list[bytes]) -> list[bytes]:
+    """By hand: SHA-1 seeded with ``seed`` over each cell (digest field zero), the whole
+    digest after each one."""
+    running = hashlib.sha1(seed)
+    out = []
+    for cell in cells:
+        running.update(cell[:5] + bytes(4) + cell[9:])
+        out.append(running.copy().digest())
+    return out
 
 
 # --------------------------------------------------------------------------- known answers
@@ -113,6 +133,64 @@ def test_forward_recognizes_by_hand_digest() -> None:
     assert (out, recognized) == (bytes(plain), b"\x01")
 
 
+def test_sendme_tags_known_answers_by_hand() -> None:
+    """Tags are the whole running digest after the chosen cells: marked cells at a sender,
+    recognized cells at a receiver, in order, hop by hop; a mark changes no output byte."""
+    rng = random.Random(10)
+    hops = [keys_from(rng) for _ in range(2)]
+    cells = [relay_payload(rng) for _ in range(6)]
+    marked = [mark(c, rng) if i in (1, 4, 5) else c for i, c in enumerate(cells)]
+    forward = running_digests(hops[1].df, cells)
+    backward = running_digests(hops[1].db, cells)
+
+    origin = FastOriginCrypto(hops)
+    wire, tags = origin.encrypt_tagged_buf(b"".join(marked), 1)
+    assert wire == FastOriginCrypto(hops).encrypt_buf(b"".join(cells), 1)
+    assert tags == forward[1] + forward[4] + forward[5]
+    middle, last = FastRelayCrypto(hops[0]), FastRelayCrypto(hops[1])
+    passed, flags, none = middle.forward_tagged_buf(wire)
+    assert flags == bytes(6) and none == b""
+    plain, flags, tags = last.forward_tagged_buf(passed)
+    assert flags == b"\x01" * 6 and tags == b"".join(forward)
+    # each cell's 4-byte digest field is the start of its tag
+    assert [c[5:9] for c in cells_of(plain, 6)] == [t[:4] for t in forward]
+
+    back, tags = last.originate_tagged_buf(b"".join(marked))
+    assert back == FastRelayCrypto(hops[1]).originate_buf(b"".join(cells))
+    assert tags == backward[1] + backward[4] + backward[5]
+    out, who, tags = origin.decrypt_tagged_buf(middle.backward_buf(back))
+    assert who == b"\x01" * 6 and tags == b"".join(backward)
+    assert [c[5:9] for c in cells_of(out, 6)] == [t[:4] for t in backward]
+
+    # The reference gives the same, list by list.
+    ref_origin = OriginCrypto(hops)
+    _, tags = ref_origin.encrypt_tagged_many(marked, 1)
+    assert tags == forward[1] + forward[4] + forward[5]
+    ref_last = RelayCrypto(hops[1])
+    _, tags = ref_last.originate_tagged_many(marked)
+    assert tags == backward[1] + backward[4] + backward[5]
+
+
+def test_tagged_forms_refuse_backward_and_handle_empty_batches() -> None:
+    keys = keys_from(random.Random(11))
+    state = kernel_relay(keys)
+    (error,) = crypt_group([(state, OP_BACKWARD | OP_TAGS, bytes(CELL_PAYLOAD_LEN))])
+    assert isinstance(error, ValueError) and "no tags" in str(error)
+    (error,) = crypt_group([(state, OP_TAGS | 7, b"")])
+    assert isinstance(error, ValueError) and "unknown op" in str(error)
+    assert state.forward_tagged(b"") == (b"", b"", b"")
+    assert state.originate_tagged(b"") == (b"", b"")
+    assert crypt_group([(state, OP_FORWARD | OP_TAGS, b"")]) == [(b"", b"", b"")]
+    origin = OriginState([(keys.df, keys.db, keys.kf, keys.kb)])
+    assert origin.encrypt_tagged(b"", 0) == (b"", b"")
+    assert origin.decrypt_tagged(b"") == (b"", b"", b"")
+    # A cell no hop recognizes stops the batch: no plaintext, no hop, no tag.
+    assert origin.decrypt_tagged(bytes(CELL_PAYLOAD_LEN)) == (b"", b"", b"")
+    with pytest.raises(UnrecognizedCell) as info:
+        FastOriginCrypto([keys]).decrypt_tagged_buf(bytes(CELL_PAYLOAD_LEN))
+    assert info.value.index == 0
+
+
 # --------------------------------------------------------------------------- property test
 
 
@@ -160,6 +238,26 @@ def fast_call_list(
     return results
 
 
+def fast_tagged_chunks(rng: random.Random, cells: list[bytes],
+                       call: Callable[[object], tuple]) -> tuple[bytes, ...]:
+    """Run ``cells`` through a kernel ``*_tagged_buf`` form, chunked at random and in random
+    buffer shapes; every item of the results (out, flags or hops, tags) joined across chunks."""
+    parts: list[list[bytes]] = []
+    for lo, hi in split_points(rng, len(cells)):
+        joined = b"".join(cells[lo:hi])
+        arg = rng.choice([joined, bytearray(joined), memoryview(joined), byte_pieces(rng, joined)])
+        result = call(arg)
+        if not parts:
+            parts = [[] for _ in result]
+        for items, item in zip(parts, result, strict=True):
+            items.append(item)
+    return tuple(b"".join(items) for items in parts)
+
+
+def tags_at(tags: bytes, indices: list[int]) -> bytes:
+    return b"".join(tags[i * 20 : (i + 1) * 20] for i in indices)
+
+
 def byte_pieces(rng: random.Random, joined: bytes) -> list | tuple:
     """The same bytes as a list or tuple of pieces cut anywhere (not on cell boundaries)."""
     cuts = sorted(rng.randint(0, len(joined)) for _ in range(rng.randint(0, 4)))
@@ -196,7 +294,13 @@ def cells_of(joined: bytes, n: int) -> list[bytes]:
 def send_forward(
     w: Worlds, rng: random.Random, hop: int, cells: list[bytes], damage: bool
 ) -> None:
-    """Origin encrypts for ``hop``; some cells are damaged; every relay in turn handles them."""
+    """Origin encrypts for ``hop``; some cells are damaged; relays 0..hop in turn handle them
+    (as in a network: the cells stop at their hop). Half the time in the SENDME-tagged forms,
+    some cells marked: tags compared too, and the sender's tag of each marked cell must be the
+    receiving hop's tag of it."""
+    if rng.random() < 0.5:
+        send_forward_tagged(w, rng, hop, cells, damage)
+        return
     ref_wire = w.ref_origin.encrypt_many(cells, hop)
     fast_wire = fast_call_list(
         rng, cells,
@@ -207,7 +311,8 @@ def send_forward(
     )
     assert fast_wire == ref_wire
     wire = flip_some(rng, ref_wire, damage)
-    for ref_relay, fast_relay in zip(w.ref_relays, w.fast_relays, strict=True):
+    for ref_relay, fast_relay in zip(w.ref_relays[: hop + 1], w.fast_relays[: hop + 1],
+                                     strict=True):
         ref_out = ref_relay.forward_many(wire)
         fast_out = fast_call_list(
             rng, wire, fast_relay.forward, fast_relay.forward_many,
@@ -217,17 +322,50 @@ def send_forward(
         wire = [cell for _, cell in ref_out]
 
 
+def send_forward_tagged(
+    w: Worlds, rng: random.Random, hop: int, cells: list[bytes], damage: bool
+) -> None:
+    chosen = [i for i in range(len(cells)) if rng.random() < 0.3]
+    marked = [mark(c, rng) if i in chosen else c for i, c in enumerate(cells)]
+    ref_wire, sent_tags = w.ref_origin.encrypt_tagged_many(marked, hop)
+    assert len(sent_tags) == 20 * len(chosen)
+    fast = fast_tagged_chunks(rng, marked, lambda b: w.fast_origin.encrypt_tagged_buf(b, hop))
+    assert fast == (b"".join(ref_wire), sent_tags)
+    wire = flip_some(rng, ref_wire, damage)
+    for k, (ref_relay, fast_relay) in enumerate(zip(w.ref_relays[: hop + 1],
+                                                     w.fast_relays[: hop + 1], strict=True)):
+        ref_out, ref_tags = ref_relay.forward_tagged_many(wire)
+        fast = fast_tagged_chunks(rng, wire, fast_relay.forward_tagged_buf)
+        flags = bytes(ok for ok, _ in ref_out)
+        assert fast == (b"".join(c for _, c in ref_out), flags, ref_tags)
+        assert len(ref_tags) == 20 * flags.count(1)
+        if k == hop and not damage:  # every cell recognized here: the SENDME property
+            assert flags == b"\x01" * len(cells)
+            assert tags_at(ref_tags, chosen) == sent_tags
+        wire = [cell for _, cell in ref_out]
+
+
 def send_backward(
     w: Worlds, rng: random.Random, hop: int, cells: list[bytes], damage: bool
 ) -> None:
-    """Relay ``hop`` originates; relays hop-1..0 pass the cells back; the origin decrypts."""
-    ref_wire = w.ref_relays[hop].originate_many(cells)
+    """Relay ``hop`` originates; relays hop-1..0 pass the cells back; the origin decrypts.
+    Half the time in the SENDME-tagged forms, as in :func:`send_forward`."""
     fast_relay = w.fast_relays[hop]
-    fast_wire = fast_call_list(
-        rng, cells, fast_relay.originate, fast_relay.originate_many, fast_relay.originate_buf,
-        cells_of,
-    )
-    assert fast_wire == ref_wire
+    sent: tuple[list[int], bytes] | None = None
+    if rng.random() < 0.5:
+        chosen = [i for i in range(len(cells)) if rng.random() < 0.3]
+        marked = [mark(c, rng) if i in chosen else c for i, c in enumerate(cells)]
+        ref_wire, sent_tags = w.ref_relays[hop].originate_tagged_many(marked)
+        assert fast_tagged_chunks(rng, marked, fast_relay.originate_tagged_buf) == (
+            b"".join(ref_wire), sent_tags)
+        sent = (chosen, sent_tags)
+    else:
+        ref_wire = w.ref_relays[hop].originate_many(cells)
+        fast_wire = fast_call_list(
+            rng, cells, fast_relay.originate, fast_relay.originate_many,
+            fast_relay.originate_buf, cells_of,
+        )
+        assert fast_wire == ref_wire
     for k in range(hop - 1, -1, -1):
         ref_next = w.ref_relays[k].backward_many(ref_wire)
         fast_relay = w.fast_relays[k]
@@ -238,7 +376,21 @@ def send_backward(
         assert fast_next == ref_next
         ref_wire = ref_next
     wire = flip_some(rng, ref_wire, damage)
+    if sent is not None and not damage:
+        origin_decrypt_tagged_both(w, rng, wire, hop, *sent)
+        return
     origin_decrypt_both(w, rng, wire)
+
+
+def origin_decrypt_tagged_both(w: Worlds, rng: random.Random, wire: list[bytes], hop: int,
+                               chosen: list[int], sent_tags: bytes) -> None:
+    """Undamaged cells from ``hop``: tagged decrypt on both sides, the same bytes and tags,
+    and the sender's tags of the marked cells are the origin's tags of them."""
+    results, tags = w.ref_origin.decrypt_tagged_many(wire)
+    assert [h for h, _ in results] == [hop] * len(wire)
+    fast = fast_tagged_chunks(rng, wire, w.fast_origin.decrypt_tagged_buf)
+    assert fast == (b"".join(p for _, p in results), bytes(h for h, _ in results), tags)
+    assert tags_at(tags, chosen) == sent_tags
 
 
 def origin_decrypt_both(w: Worlds, rng: random.Random, wire: list[bytes]) -> None:

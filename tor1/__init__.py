@@ -8,6 +8,11 @@
 * :mod:`tor1.backend`: which of the two a circuit gets (``relay_crypto_for``,
   ``origin_crypto_for``).
 
+Every batch operation that sets or checks digests also comes in a *tagged* form that returns
+the SENDME tags of chosen cells (:data:`SENDME_TAG_LEN` bytes each, joined): the running digest
+as it stands after the cell, which is what tor's SENDME v1 carries (see
+:mod:`tor1.reference` for which cells are chosen).
+
 This package knows nothing of links, sockets, the loop or the worker pool: a circuit's crypto
 state is a plain object used by one thread at a time.
 """
@@ -18,3 +23,5 @@ RELAY_HEADER_LEN = 11
 """Relay header inside the payload: command(1) recognized(2) stream_id(2) digest(4) length(2)."""
 RELAY_DATA_MAX = CELL_PAYLOAD_LEN - RELAY_HEADER_LEN
 """At most 498 bytes of relay data per cell."""
+SENDME_TAG_LEN = 20
+"""A cell's SENDME tag (flow control v1): the whole SHA-1 running digest after that cell."""

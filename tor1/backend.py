@@ -7,8 +7,9 @@ reference :class:`tor1.reference.RelayCrypto` / :class:`~tor1.reference.OriginCr
 otherwise, or whenever the environment variable ``RELAYCRYPT_PURE`` is set to anything but
 ``""`` or ``"0"`` (read at each call, so a test or a benchmark can switch per circuit). Both
 backends give the same bytes and offer the same methods, including the joined-buffer forms
-(``forward_buf``, ``backward_buf``, ``originate_buf``, ``encrypt_buf``, ``decrypt_buf``): for the
-reference they are the thin adapters below, which split the buffer, call the list form and join.
+(``forward_buf``, ``backward_buf``, ``originate_buf``, ``encrypt_buf``, ``decrypt_buf``) and their
+SENDME-tagged forms (``*_tagged_buf``): for the reference they are the thin adapters below,
+which split the buffer, call the list form and join.
 
 Threads: the factories may be called from any thread; the objects they return are one
 circuit's state, used by one thread at a time. No global mutable state: whether the kernel
@@ -62,6 +63,8 @@ class RelayCryptoLike(Protocol):
     def forward_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]: ...
     def backward_buf(self, buf: CellBuffer) -> bytes: ...
     def originate_buf(self, buf: CellBuffer) -> bytes: ...
+    def forward_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]: ...
+    def originate_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]: ...
 
 
 class OriginCryptoLike(Protocol):
@@ -76,6 +79,8 @@ class OriginCryptoLike(Protocol):
     def decrypt_many(self, payloads: Sequence[bytes]) -> list[tuple[int, bytes]]: ...
     def encrypt_buf(self, buf: CellBuffer, hop: int) -> bytes: ...
     def decrypt_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]: ...
+    def encrypt_tagged_buf(self, buf: CellBuffer, hop: int) -> tuple[bytes, bytes]: ...
+    def decrypt_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]: ...
 
 
 class ReferenceRelayCrypto(RelayCrypto):
@@ -96,6 +101,16 @@ class ReferenceRelayCrypto(RelayCrypto):
         """``originate_many`` on a joined buffer."""
         return b"".join(self.originate_many(split_buffer(buf)))
 
+    def forward_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]:
+        """``forward_tagged_many`` on a joined buffer; ``(out, recognized flags, tags)``."""
+        results, tags = self.forward_tagged_many(split_buffer(buf))
+        return b"".join(cell for _, cell in results), bytes(ok for ok, _ in results), tags
+
+    def originate_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
+        """``originate_tagged_many`` on a joined buffer; ``(out, tags)``."""
+        cells, tags = self.originate_tagged_many(split_buffer(buf))
+        return b"".join(cells), tags
+
 
 class ReferenceOriginCrypto(OriginCrypto):
     """The reference ``OriginCrypto`` plus joined-buffer adapters (split, list form, join)."""
@@ -111,6 +126,17 @@ class ReferenceOriginCrypto(OriginCrypto):
         :class:`UnrecognizedCell` like ``decrypt_many``."""
         results = self.decrypt_many(split_buffer(buf))
         return b"".join(cell for _, cell in results), bytes(hop for hop, _ in results)
+
+    def encrypt_tagged_buf(self, buf: CellBuffer, hop: int) -> tuple[bytes, bytes]:
+        """``encrypt_tagged_many`` on a joined buffer; ``(out, tags)``."""
+        cells, tags = self.encrypt_tagged_many(split_buffer(buf), hop)
+        return b"".join(cells), tags
+
+    def decrypt_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]:
+        """``decrypt_tagged_many`` on a joined buffer; ``(out, hops, tags)``. Raises
+        :class:`UnrecognizedCell` like ``decrypt_many``."""
+        results, tags = self.decrypt_tagged_many(split_buffer(buf))
+        return (b"".join(cell for _, cell in results), bytes(hop for hop, _ in results), tags)
 
 
 def kernel_available() -> bool:

@@ -27,6 +27,12 @@ holding several chunks of one circuit need not ``b"".join`` them first.
   and the earlier ``results``, as the reference's ``decrypt_many``); the state is then exactly
   as after the cells before it.
 
+Each but ``backward_buf`` has a ``*_tagged_buf`` form that returns one more item, ``tags``:
+the SENDME tags (20 bytes each, joined) of the recognized cells (``forward_tagged_buf``,
+``decrypt_tagged_buf``) or of the marked cells (``originate_tagged_buf``,
+``encrypt_tagged_buf``), exactly as the reference's ``*_tagged_many`` (see
+:mod:`tor1.reference`, "SENDME tags"). The untagged forms do no tag work at all.
+
 Several circuits in one call: group functions
 ---------------------------------------------
 :func:`relay_group` and :func:`origin_group` build ``group`` functions for
@@ -56,6 +62,7 @@ from tor1._kernel import (
     OP_ENCRYPT,
     OP_FORWARD,
     OP_ORIGINATE,
+    OP_TAGS,
     OriginState,
     RelayState,
     crypt_group,
@@ -68,6 +75,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RELAY_OPS",
+    "RELAY_TAGGED_OPS",
     "FastOriginCrypto",
     "FastRelayCrypto",
     "HopKeysLike",
@@ -77,6 +85,9 @@ __all__ = [
 
 #: Kernel op per pool direction for a relay: 0 forward (Kf), 1 backward (Kb), 2 originate.
 RELAY_OPS: tuple[int, ...] = (OP_FORWARD, OP_BACKWARD, OP_ORIGINATE)
+#: The same with SENDME tags where there are digests: ``forward_tagged_buf``, ``backward_buf``,
+#: ``originate_tagged_buf``.
+RELAY_TAGGED_OPS: tuple[int, ...] = (OP_FORWARD | OP_TAGS, OP_BACKWARD, OP_ORIGINATE | OP_TAGS)
 
 
 
@@ -124,6 +135,14 @@ class FastRelayCrypto:
     def originate_buf(self, buf: CellBuffer) -> bytes:
         """Set each payload's digest from Db's running hash, in order; encrypt with Kb."""
         return self._state.originate(buf)
+
+    def forward_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]:
+        """``forward_buf``, and the tags of the recognized cells: ``(out, recognized, tags)``."""
+        return self._state.forward_tagged(buf)
+
+    def originate_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
+        """``originate_buf``, and the tags of the marked cells: ``(out, tags)``."""
+        return self._state.originate_tagged(buf)
 
     # ---- the reference's one-cell and list forms
 
@@ -193,9 +212,20 @@ class FastOriginCrypto:
         (``index``, ``results`` of the cells before it); the state is as after those cells."""
         out, hops = self._state.decrypt(buf)
         if len(out) != buffer_len(buf):
-            raise UnrecognizedCell(len(hops), list(zip(hops, split_joined(out, len(hops)),
-                                                       strict=True)))
+            raise _unrecognized(out, hops)
         return out, hops
+
+    def encrypt_tagged_buf(self, buf: CellBuffer, hop: int) -> tuple[bytes, bytes]:
+        """``encrypt_buf``, and the tags of the marked cells: ``(out, tags)``."""
+        return self._state.encrypt_tagged(buf, hop)
+
+    def decrypt_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]:
+        """``decrypt_buf``, and the tag of every cell: ``(out, hops, tags)``. Raises like
+        ``decrypt_buf`` (the tags of the cells before a bad one are not reported)."""
+        out, hops, tags = self._state.decrypt_tagged(buf)
+        if len(out) != buffer_len(buf):
+            raise _unrecognized(out, hops)
+        return out, hops, tags
 
     # ---- the reference's one-cell and list forms
 
@@ -227,12 +257,19 @@ class FastOriginCrypto:
         return results
 
 
+def _unrecognized(out: bytes, hops: bytes) -> UnrecognizedCell:
+    """The exception for a decrypt that stopped at cell ``len(hops)``. Any thread."""
+    return UnrecognizedCell(len(hops), list(zip(hops, split_joined(out, len(hops)), strict=True)))
+
+
 def relay_group(ops: Sequence[int] = RELAY_OPS) -> GroupFn:
     """A pool ``group`` function for :class:`FastRelayCrypto` circuits; direction ``d`` runs
-    kernel op ``ops[d]`` (``OP_FORWARD``, ``OP_BACKWARD`` or ``OP_ORIGINATE``).
+    kernel op ``ops[d]`` (``OP_FORWARD``, ``OP_BACKWARD`` or ``OP_ORIGINATE``, the first and
+    the last optionally with ``OP_TAGS``: see :data:`RELAY_TAGGED_OPS`).
 
-    Each job's result is what ``forward_buf`` / ``backward_buf`` / ``originate_buf`` returns,
-    or the exception instance it raises. Any thread that owns every job's circuit.
+    Each job's result is what ``forward_buf`` / ``backward_buf`` / ``originate_buf`` (or their
+    ``*_tagged_buf`` forms) returns, or the exception instance it raises. Any thread that owns
+    every job's circuit.
     """
     table = tuple(ops)
 
@@ -263,8 +300,7 @@ def origin_group(encrypt_hop: int) -> GroupFn:
             if direction != 0 and isinstance(result, tuple):
                 out, hops = result
                 if len(out) != buffer_len(pieces):
-                    results[index] = UnrecognizedCell(
-                        len(hops), list(zip(hops, split_joined(out, len(hops)), strict=True)))
+                    results[index] = _unrecognized(out, hops)
         return results
 
     return group

@@ -32,6 +32,20 @@ it (one call per hop layer for ``encrypt_many``, one call in total for ``forward
 ``backward_many`` and ``originate_many``). Calls of 2048 bytes or more let ``cryptography``
 release the GIL for the cipher work.
 
+SENDME tags (flow control v1)
+-----------------------------
+tor authenticates a circuit-level SENDME with the *tag* of the DATA cell that triggered it:
+the whole 20-byte running digest as it stands after that cell (tor's ``sendme_digest``,
+``relay_crypto_get_sendme_tag``), kept by the cell's sender and sent back by its receiver. The
+*tagged* batch forms return it next to the usual result, for chosen cells, joined in order:
+
+* ``RelayCrypto.forward_tagged_many`` / ``OriginCrypto.decrypt_tagged_many``: every cell
+  recognized (the recognizing hop's digest);
+* ``RelayCrypto.originate_tagged_many`` / ``OriginCrypto.encrypt_tagged_many``: every *marked*
+  cell, one whose digest field (``payload[5:9]``) is not zero on input. That field is taken as
+  zero and overwritten in any case, so marking changes no output byte: it only says "remember
+  this one", in the payload itself, so the mark survives any joining of batches.
+
 Unrecognized cells at the origin
 --------------------------------
 ``OriginCrypto.decrypt`` raises :class:`UnrecognizedCell` when no hop recognizes a cell; the
@@ -202,18 +216,21 @@ class UnrecognizedCell(Exception):
 # --------------------------------------------------------------------------- helpers
 
 
-def _set_digest(running: hashlib._Hash, payload: bytes) -> bytes:
-    """Feed ``payload`` (digest field zeroed) to ``running``; return it with the digest set."""
+def _set_digest(running: hashlib._Hash, payload: bytes) -> tuple[bytes, bytes]:
+    """Feed ``payload`` (digest field zeroed) to ``running``; return it with the digest set,
+    and the whole 20-byte digest (the cell's SENDME tag)."""
     head = payload[:_DIGEST_SLICE_START]
     tail = payload[_DIGEST_SLICE_END:]
     running.update(head)
     running.update(_ZERO_DIGEST)
     running.update(tail)
-    return head + running.copy().digest()[:4] + tail
+    digest = running.copy().digest()
+    return head + digest[:4] + tail, digest
 
 
-def _recognized(running: hashlib._Hash, plain: bytes) -> hashlib._Hash | None:
-    """Return the advanced digest state if ``plain`` is recognized by ``running``, else None.
+def _recognized(running: hashlib._Hash, plain: bytes) -> tuple[hashlib._Hash, bytes] | None:
+    """The advanced digest state and the whole 20-byte digest (the cell's SENDME tag) if
+    ``plain`` is recognized by ``running``, else None.
 
     ``running`` itself is never modified: on a match the caller swaps in the returned copy,
     which is the "checkpoint and restore" of the spec without a restore step.
@@ -224,9 +241,29 @@ def _recognized(running: hashlib._Hash, plain: bytes) -> hashlib._Hash | None:
     trial.update(plain[:_DIGEST_SLICE_START])
     trial.update(_ZERO_DIGEST)
     trial.update(plain[_DIGEST_SLICE_END:])
-    if hmac.compare_digest(trial.digest()[:4], plain[_DIGEST_SLICE_START:_DIGEST_SLICE_END]):
-        return trial
+    digest = trial.digest()
+    if hmac.compare_digest(digest[:4], plain[_DIGEST_SLICE_START:_DIGEST_SLICE_END]):
+        return trial, digest
     return None
+
+
+def _marked(payload: bytes) -> bool:
+    """True when the caller asks for this plaintext's tag: its digest field is not zero."""
+    return payload[_DIGEST_SLICE_START:_DIGEST_SLICE_END] != _ZERO_DIGEST
+
+
+def _set_digests(running: hashlib._Hash, payloads: Sequence[bytes],
+                 tags: list[bytes] | None) -> bytes:
+    """Set the digest of each payload in order and join them; with ``tags``, append the tag
+    of every marked payload to it. Every size is checked before any digest moves."""
+    checked = [bytes(check_payload(payload)) for payload in payloads]
+    cells: list[bytes] = []
+    for payload in checked:
+        cell, digest = _set_digest(running, payload)
+        if tags is not None and _marked(payload):
+            tags.append(digest)
+        cells.append(cell)
+    return b"".join(cells)
 
 
 # --------------------------------------------------------------------------- origin
@@ -276,7 +313,7 @@ class OriginCrypto:
         (its digest field is overwritten). Returns the 509 bytes to send.
         """
         self._check_hop(hop)
-        cell = _set_digest(self._fwd_digests[hop], bytes(check_payload(payload)))
+        cell, _ = _set_digest(self._fwd_digests[hop], bytes(check_payload(payload)))
         ciphers = self._fwd_ciphers
         for i in range(hop, -1, -1):
             cell = ciphers[i](cell)
@@ -284,13 +321,22 @@ class OriginCrypto:
 
     def encrypt_many(self, payloads: Sequence[bytes], hop: int) -> list[bytes]:
         """``encrypt`` for each payload in order, with one AES call per hop layer."""
+        return self._encrypt_all(payloads, hop, None)
+
+    def encrypt_tagged_many(self, payloads: Sequence[bytes], hop: int
+                            ) -> tuple[list[bytes], bytes]:
+        """``encrypt_many``, and the tags of the marked payloads joined: ``hop``'s forward
+        digest after each (see "SENDME tags" above)."""
+        tags: list[bytes] = []
+        cells = self._encrypt_all(payloads, hop, tags)
+        return cells, b"".join(tags)
+
+    def _encrypt_all(self, payloads: Sequence[bytes], hop: int,
+                     tags: list[bytes] | None) -> list[bytes]:
         self._check_hop(hop)
         if not payloads:
             return []
-        running = self._fwd_digests[hop]
-        joined = b"".join(
-            [_set_digest(running, bytes(p)) for p in (check_payload(q) for q in payloads)]
-        )
+        joined = _set_digests(self._fwd_digests[hop], payloads, tags)
         ciphers = self._fwd_ciphers
         for i in range(hop, -1, -1):
             joined = ciphers[i](joined)
@@ -299,6 +345,11 @@ class OriginCrypto:
     def decrypt(self, payload: bytes) -> tuple[int, bytes]:
         """Peel Kb layers from hop 0 outward; return ``(hop, plaintext)`` of the first hop that
         recognizes the cell. None does: raise :class:`UnrecognizedCell`, state unchanged."""
+        hop, cell, _ = self._decrypt_one(payload)
+        return hop, cell
+
+    def _decrypt_one(self, payload: bytes) -> tuple[int, bytes, bytes]:
+        """``decrypt``, plus the cell's tag (the recognizing hop's backward digest after it)."""
         cell = bytes(check_payload(payload))
         ciphers = self._back_ciphers
         digests = self._back_digests
@@ -306,10 +357,10 @@ class OriginCrypto:
         for i in range(len(ciphers)):
             cell = ciphers[i](cell)
             counts[i] += 1
-            advanced = _recognized(digests[i], cell)
-            if advanced is not None:
-                digests[i] = advanced
-                return i, cell
+            match = _recognized(digests[i], cell)
+            if match is not None:
+                digests[i] = match[0]
+                return i, cell, match[1]
         self._rewind_backward(len(ciphers))
         raise UnrecognizedCell(0, [])
 
@@ -320,12 +371,28 @@ class OriginCrypto:
         its position and ``results`` holding the results of the cells before it; the state is
         exactly as after those cells.
         """
+        return self._decrypt_all(payloads, None)
+
+    def decrypt_tagged_many(self, payloads: Sequence[bytes]
+                            ) -> tuple[list[tuple[int, bytes]], bytes]:
+        """``decrypt_many``, and the tag of every cell joined: the backward digest of the hop
+        that recognized it, after it. An unrecognized cell raises as ``decrypt_many`` does (the
+        tags of the cells before it are not reported)."""
+        tags: list[bytes] = []
+        results = self._decrypt_all(payloads, tags)
+        return results, b"".join(tags)
+
+    def _decrypt_all(self, payloads: Sequence[bytes],
+                     tags: list[bytes] | None) -> list[tuple[int, bytes]]:
         results: list[tuple[int, bytes]] = []
         for index, payload in enumerate(payloads):
             try:
-                results.append(self.decrypt(payload))
+                hop, cell, tag = self._decrypt_one(payload)
             except UnrecognizedCell:
                 raise UnrecognizedCell(index, results) from None
+            results.append((hop, cell))
+            if tags is not None:
+                tags.append(tag)
         return results
 
     def _rewind_backward(self, touched: int) -> None:
@@ -362,14 +429,26 @@ class RelayCrypto:
         advances); ``(False, decrypted)`` to pass on otherwise (digest state untouched).
         """
         plain = self._fwd_cipher(bytes(check_payload(payload)))
-        advanced = _recognized(self._fwd_digest, plain)
-        if advanced is None:
+        match = _recognized(self._fwd_digest, plain)
+        if match is None:
             return False, plain
-        self._fwd_digest = advanced
+        self._fwd_digest = match[0]
         return True, plain
 
     def forward_many(self, payloads: Sequence[bytes]) -> list[tuple[bool, bytes]]:
         """``forward`` for each payload in order, with one AES call for the whole batch."""
+        return self._forward_all(payloads, None)
+
+    def forward_tagged_many(self, payloads: Sequence[bytes]
+                            ) -> tuple[list[tuple[bool, bytes]], bytes]:
+        """``forward_many``, and the tag of every recognized cell joined: the forward digest
+        after it (see "SENDME tags" above)."""
+        tags: list[bytes] = []
+        results = self._forward_all(payloads, tags)
+        return results, b"".join(tags)
+
+    def _forward_all(self, payloads: Sequence[bytes],
+                     tags: list[bytes] | None) -> list[tuple[bool, bytes]]:
         if not payloads:
             return []
         plains = split_joined(self._fwd_cipher(join_checked(payloads)), len(payloads))
@@ -379,11 +458,13 @@ class RelayCrypto:
             if plain[1] or plain[2]:
                 append((False, plain))
                 continue
-            advanced = _recognized(self._fwd_digest, plain)
-            if advanced is None:
+            match = _recognized(self._fwd_digest, plain)
+            if match is None:
                 append((False, plain))
             else:
-                self._fwd_digest = advanced
+                self._fwd_digest = match[0]
+                if tags is not None:
+                    tags.append(match[1])
                 append((True, plain))
         return results
 
@@ -400,15 +481,23 @@ class RelayCrypto:
     def originate(self, payload: bytes) -> bytes:
         """Set the digest with Db's running hash, then encrypt with Kb (a cell this relay sends
         toward the client). ``recognized`` must be zero; the digest field is overwritten."""
-        cell = _set_digest(self._back_digest, bytes(check_payload(payload)))
+        cell, _ = _set_digest(self._back_digest, bytes(check_payload(payload)))
         return self._back_cipher(cell)
 
     def originate_many(self, payloads: Sequence[bytes]) -> list[bytes]:
         """``originate`` for each payload in order, in one AES call."""
+        return self._originate_all(payloads, None)
+
+    def originate_tagged_many(self, payloads: Sequence[bytes]) -> tuple[list[bytes], bytes]:
+        """``originate_many``, and the tags of the marked payloads joined: the backward digest
+        after each (see "SENDME tags" above)."""
+        tags: list[bytes] = []
+        cells = self._originate_all(payloads, tags)
+        return cells, b"".join(tags)
+
+    def _originate_all(self, payloads: Sequence[bytes],
+                       tags: list[bytes] | None) -> list[bytes]:
         if not payloads:
             return []
-        running = self._back_digest
-        joined = b"".join(
-            [_set_digest(running, bytes(p)) for p in (check_payload(q) for q in payloads)]
-        )
+        joined = _set_digests(self._back_digest, payloads, tags)
         return split_joined(self._back_cipher(joined), len(payloads))

@@ -1,8 +1,10 @@
 """The tor1 batch kernel: a C extension that crypts a whole circuit batch with the GIL released.
 
 ``_tor1`` (built from ``tor1kernel.c`` by ``setup.py build_ext --inplace``, which ``make venv``
-runs) provides ``RelayState`` and ``OriginState``, and ``crypt_group(jobs)``, which runs several
-circuits' batches (``(state, OP_*, buf[, hop])`` each) with one release of the GIL; see the C
+runs) provides ``RelayState`` and ``OriginState`` (each method also in a ``*_tagged`` form that
+returns the SENDME tags of chosen cells, ``TAG_LEN`` bytes each), and ``crypt_group(jobs)``,
+which runs several circuits' batches (``(state, OP_*, buf[, hop])`` each, ``OP_TAGS`` or'ed in
+for a tagged form) with one release of the GIL; see the C
 source's top comment for the design, and :mod:`tor1.fast` for the reference-compatible
 wrappers and the pool's group functions. The types follow the usual rule of circuit crypto
 state: any thread, one thread at a time per object (a violation raises RuntimeError).
@@ -28,6 +30,8 @@ __all__ = [
     "OP_ENCRYPT",
     "OP_FORWARD",
     "OP_ORIGINATE",
+    "OP_TAGS",
+    "TAG_LEN",
     "OriginState",
     "RelayState",
     "crypt_group",

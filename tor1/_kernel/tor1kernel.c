@@ -31,9 +31,18 @@
  *                                         it, and the state is exactly as after them (the
  *                                         reference's UnrecognizedCell contract).
  *     add_hop(df, db, kf, kb)             append a hop (after EXTENDED2).
+ * The *_tagged forms (forward_tagged, originate_tagged, encrypt_tagged, decrypt_tagged) return
+ * the same and one more item: `tags`, the SENDME tags of chosen cells joined, 20 bytes each
+ * (TAG_LEN): the whole running digest as it stands after the cell, the value tor keeps as
+ * the cell's SENDME tag (flow control v1). Chosen: a recognized cell (forward, decrypt; the
+ * recognizing hop's digest), a *marked* cell (originate, encrypt): one whose digest field
+ * payload[5:9] is not zero on input. The field is overwritten either way, so marking changes
+ * no output byte; a sender marks the cells it must remember (one DATA cell in 100) in the
+ * payload itself, and the mark travels with the cell however batches are joined.
  * crypt_group(jobs) -> list               several circuits' batches with ONE release of the GIL:
  *                                         jobs are (state, OP_*, buf[, hop]) standing for the
- *                                         methods above; one result per job, in order: what
+ *                                         methods above (OP_* | OP_TAGS: the tagged forms);
+ *                                         one result per job, in order: what
  *                                         the method returns, or the exception instance it
  *                                         raises (errors stay with their job). Under the GIL,
  *                                         taking it back after each call is what a worker pays
@@ -101,6 +110,7 @@
 #define AES_BLOCK 16
 #define DIGEST_OFFSET 5 /* the relay header's 4-byte digest field is payload[5:9] */
 #define DIGEST_FIELD_LEN 4
+#define TAG_LEN SHA_DIGEST_LENGTH /* a SENDME tag: the whole 20-byte running digest */
 #define MAX_HOPS 255 /* hop indices must fit in one byte of decrypt()'s result */
 #define GIL_RELEASE_MIN_CELLS 4
 /* EVP_EncryptUpdate takes an int length: longer buffers are fed in chunks of this size. */
@@ -229,38 +239,53 @@ digest_feed_cell(SHA_CTX *running, const unsigned char *cell)
                 CELL_LEN - DIGEST_OFFSET - DIGEST_FIELD_LEN);
 }
 
-/* First 4 bytes of the digest of a finalized copy of `running`. */
+/* The 20-byte digest of a finalized copy of `running` (the running state is not touched). */
 static void
-digest_peek(const SHA_CTX *running, unsigned char field[DIGEST_FIELD_LEN])
+digest_peek(const SHA_CTX *running, unsigned char md[SHA_DIGEST_LENGTH])
 {
     SHA_CTX copy = *running; /* SHA_CTX is plain data: a struct copy is a checkpoint */
-    unsigned char md[SHA_DIGEST_LENGTH];
     SHA1_Final(md, &copy);
-    memcpy(field, md, DIGEST_FIELD_LEN);
 }
 
-/* Originate: feed the cell (digest field as zero) and write the digest at payload[5:9]. */
+/* Originate: feed the cell (digest field as zero) and write the digest at payload[5:9]. When
+ * `tag` is not NULL it receives the whole 20-byte digest (the cell's SENDME tag). */
 static void
-digest_set(SHA_CTX *running, unsigned char *cell)
+digest_set(SHA_CTX *running, unsigned char *cell, unsigned char *tag)
 {
+    unsigned char md[SHA_DIGEST_LENGTH];
     digest_feed_cell(running, cell);
-    digest_peek(running, cell + DIGEST_OFFSET);
+    digest_peek(running, md);
+    memcpy(cell + DIGEST_OFFSET, md, DIGEST_FIELD_LEN);
+    if (tag != NULL)
+        memcpy(tag, md, TAG_LEN);
 }
 
-/* Check: recognized == 0 and the digest matches -> 1, running advanced; else 0, untouched. */
+/* Check: recognized == 0 and the digest matches -> 1, running advanced; else 0, untouched.
+ * On a match, `tag` (when not NULL) receives the whole 20-byte digest. */
 static int
-digest_check(SHA_CTX *running, const unsigned char *cell)
+digest_check(SHA_CTX *running, const unsigned char *cell, unsigned char *tag)
 {
     if (cell[1] != 0 || cell[2] != 0)
         return 0;
     SHA_CTX trial = *running;
-    unsigned char expect[DIGEST_FIELD_LEN];
+    unsigned char md[SHA_DIGEST_LENGTH];
     digest_feed_cell(&trial, cell);
-    digest_peek(&trial, expect);
-    if (CRYPTO_memcmp(expect, cell + DIGEST_OFFSET, DIGEST_FIELD_LEN) != 0)
+    digest_peek(&trial, md);
+    if (CRYPTO_memcmp(md, cell + DIGEST_OFFSET, DIGEST_FIELD_LEN) != 0)
         return 0;
     *running = trial;
+    if (tag != NULL)
+        memcpy(tag, md, TAG_LEN);
     return 1;
+}
+
+/* True when the caller marked this plaintext cell for a tag: its digest field is not zero on
+ * input (the field is overwritten anyway, so the mark never reaches the wire). */
+static int
+tag_marked(const unsigned char *cell)
+{
+    const unsigned char *f = cell + DIGEST_OFFSET;
+    return (f[0] | f[1] | f[2] | f[3]) != 0;
 }
 
 /* ------------------------------------------------------------------ one hop's state */
@@ -491,10 +516,16 @@ typedef struct {
  *                 state, so a group unclaims all its states before building any result.
  *
  * The methods and crypt_group share these functions, so the two give the same bytes by
- * construction (and the tests check it). */
+ * construction (and the tests check it).
+ *
+ * OP_TAGS, or'ed into OP_FORWARD, OP_ORIGINATE, OP_ENCRYPT or OP_DECRYPT, asks for the
+ * SENDME tags as well (the *_tagged methods): the whole 20-byte running digest after chosen
+ * cells, gathered in a PyMem buffer while the GIL is released and returned as one bytes
+ * object. Without it the loops pass a NULL tag pointer and nothing else changes. */
 
 enum { OP_FORWARD = 0, OP_BACKWARD = 1, OP_ORIGINATE = 2, OP_ENCRYPT = 3, OP_DECRYPT = 4 };
 #define N_OPS 5
+#define OP_TAGS 8
 
 typedef struct {
     PyObject *state;    /* borrowed: the caller keeps it alive for the whole call */
@@ -502,13 +533,16 @@ typedef struct {
     int *broken;        /* the state's broken flag: written only while claimed */
     HopState *hops;     /* relay: its one hop; origin: the hop array (stable while claimed) */
     Py_ssize_t n_hops;
-    int op;
+    int op;             /* one of OP_FORWARD .. OP_DECRYPT (OP_TAGS is in `tagged`) */
+    int tagged;         /* OP_TAGS was asked for */
     int owns_claim;     /* 0: an earlier job of the same group holds the claim */
     Py_ssize_t hop;     /* encrypt: the target hop */
     CellInput in;       /* points into itself: a Job is never copied once prepared */
     Py_ssize_t ncells;
     PyObject *out;      /* output bytes (all ops) */
     PyObject *aux;      /* forward: recognized flags; decrypt: hop indices; else NULL */
+    unsigned char *tags; /* tagged: TAG_LEN bytes per cell at most (NULL for no cells) */
+    Py_ssize_t ntags;   /* tagged: tags written (decrypt: one per cell processed) */
     HopState *snapshot; /* decrypt: the hops on entry */
     size_t snapshot_slots;
     Py_ssize_t done;    /* decrypt: cells processed (-1: OpenSSL failure) */
@@ -525,9 +559,15 @@ job_prepare(Job *job, ModuleState *st, PyObject *state, int op, PyObject *buf, P
     memset(job, 0, sizeof(*job));
     job->in.pieces = &job->in.one;
     job->state = state;
+    job->tagged = (op & OP_TAGS) != 0;
+    op &= ~OP_TAGS;
     job->op = op;
     job->hop = hop;
     const char *type_name;
+    if (job->tagged && op == OP_BACKWARD) {
+        PyErr_SetString(PyExc_ValueError, "OP_BACKWARD has no tags (it sets no digest)");
+        return -1;
+    }
     if (op == OP_FORWARD || op == OP_BACKWARD || op == OP_ORIGINATE) {
         if (!Py_IS_TYPE(state, st->relay_type)) {
             PyErr_Format(PyExc_TypeError, "op %d needs a RelayState, got %.100s", op,
@@ -591,9 +631,17 @@ job_prepare(Job *job, ModuleState *st, PyObject *state, int op, PyObject *buf, P
         if (job->aux == NULL)
             goto fail_outputs;
     }
+    if (job->tagged && job->ncells > 0) {
+        job->tags = PyMem_Malloc((size_t)job->ncells * TAG_LEN);
+        if (job->tags == NULL) {
+            PyErr_NoMemory();
+            goto fail_outputs;
+        }
+    }
     return 0;
 fail_outputs:
     Py_CLEAR(job->out);
+    Py_CLEAR(job->aux);
     if (job->snapshot != NULL) {
         PyMem_Free(job->snapshot);
         job->snapshot = NULL;
@@ -613,13 +661,14 @@ fail:
 /* One layer of decrypt: XOR hop h's Kb keystream into every cell still pending, in order,
  * one EVP call per run of consecutive pending cells (usually the whole batch), and check
  * each such cell against hop h's backward digest. 1 on success, 0 on an OpenSSL failure.
+ * When `tags` is not NULL, a cell i recognized here gets its tag at tags + i * TAG_LEN.
  *
  * Layer by layer gives the bytes of the cell-by-cell definition: hop h's keystream and
  * digest see exactly the cells that reach hop h, in order, whichever order the passes run
  * in, and no hop's state depends on another's. No GIL. */
 static int
 decrypt_layer(const EVP_CIPHER *aes, HopState *hop, unsigned char h, unsigned char *out,
-              unsigned char *which, Py_ssize_t ncells)
+              unsigned char *which, unsigned char *tags, Py_ssize_t ncells)
 {
     EVP_CIPHER_CTX *ctx = NULL;
     size_t used = 0;
@@ -640,7 +689,8 @@ decrypt_layer(const EVP_CIPHER *aes, HopState *hop, unsigned char h, unsigned ch
         ok = keystream_xor(ctx, out + i * CELL_LEN, out + i * CELL_LEN, run);
         used += run;
         for (; ok && i < end; i++) {
-            if (digest_check(&hop->bwd_digest, out + i * CELL_LEN))
+            if (digest_check(&hop->bwd_digest, out + i * CELL_LEN,
+                             tags != NULL ? tags + i * TAG_LEN : NULL))
                 which[i] = h;
         }
     }
@@ -659,7 +709,7 @@ decrypt_layer(const EVP_CIPHER *aes, HopState *hop, unsigned char h, unsigned ch
 static Py_ssize_t
 origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, HopState *snapshot,
                      Py_ssize_t n_hops, const CellInput *in, unsigned char *out,
-                     unsigned char *which, Py_ssize_t ncells)
+                     unsigned char *which, unsigned char *tags, Py_ssize_t ncells)
 {
     Py_ssize_t todo = ncells;
     if (n_hops > 0)
@@ -669,7 +719,7 @@ origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, HopState *snapshot,
         if (todo > 0)
             memset(which, HOP_PENDING, (size_t)todo);
         for (Py_ssize_t h = 0; h < n_hops; h++) {
-            if (!decrypt_layer(aes, &hops[h], (unsigned char)h, out, which, todo))
+            if (!decrypt_layer(aes, &hops[h], (unsigned char)h, out, which, tags, todo))
                 return -1;
         }
         Py_ssize_t first_bad = 0;
@@ -683,7 +733,23 @@ origin_decrypt_cells(const EVP_CIPHER *aes, HopState *hops, HopState *snapshot,
     }
     return todo;
 }
-
+/* Set the digest of each of `ncells` joined cells, in order. With `tags`, each marked cell
+ * (tag_marked, checked before its field is overwritten) gets its tag at the next slot; returns
+ * the number of tags written. No GIL. */
+static Py_ssize_t
+digest_set_cells(SHA_CTX *running, unsigned char *cells, Py_ssize_t ncells,
+                 unsigned char *tags)
+{
+    Py_ssize_t ntags = 0;
+    for (Py_ssize_t i = 0; i < ncells; i++) {
+        unsigned char *cell = cells + i * CELL_LEN;
+        unsigned char *tag = NULL;
+        if (tags != NULL && tag_marked(cell))
+            tag = tags + ntags++ * TAG_LEN;
+        digest_set(running, cell, tag);
+    }
+    return ntags;
+}
 
 /* Run a prepared job. NO GIL: only the claimed state, the pinned input and the outputs. */
 static void
@@ -703,10 +769,18 @@ job_run(const EVP_CIPHER *aes, Job *job)
     switch (job->op) {
     case OP_FORWARD: {
         unsigned char *r = (unsigned char *)PyBytes_AS_STRING(job->aux);
+        unsigned char *tags = job->tags;
         ok = keystream_apply_input(aes, &hops[0].fwd_stream, o, &job->in);
-        if (ok) {
+        if (ok && tags == NULL) {
             for (Py_ssize_t i = 0; i < ncells; i++)
-                r[i] = (unsigned char)digest_check(&hops[0].fwd_digest, o + i * CELL_LEN);
+                r[i] = (unsigned char)digest_check(&hops[0].fwd_digest, o + i * CELL_LEN, NULL);
+        }
+        else if (ok) { /* tags of the recognized cells, in order */
+            for (Py_ssize_t i = 0; i < ncells; i++) {
+                r[i] = (unsigned char)digest_check(&hops[0].fwd_digest, o + i * CELL_LEN,
+                                                   tags + job->ntags * TAG_LEN);
+                job->ntags += r[i];
+            }
         }
         break;
     }
@@ -718,14 +792,12 @@ job_run(const EVP_CIPHER *aes, Job *job)
          * then encrypt the whole buffer in one AES call. If that call fails, the digest has
          * advanced without the cipher: the state is marked broken below. */
         input_copy(&job->in, o);
-        for (Py_ssize_t i = 0; i < ncells; i++)
-            digest_set(&hops[0].bwd_digest, o + i * CELL_LEN);
+        job->ntags = digest_set_cells(&hops[0].bwd_digest, o, ncells, job->tags);
         ok = keystream_apply(aes, &hops[0].bwd_stream, o, o, len);
         break;
     case OP_ENCRYPT:
         input_copy(&job->in, o);
-        for (Py_ssize_t i = 0; i < ncells; i++)
-            digest_set(&hops[job->hop].fwd_digest, o + i * CELL_LEN);
+        job->ntags = digest_set_cells(&hops[job->hop].fwd_digest, o, ncells, job->tags);
         /* CTR layers are XORs, so each layer can cover the whole batch; each hop's keystream
          * still sees the cells in order. */
         for (Py_ssize_t h = job->hop; h >= 0 && ok; h--)
@@ -733,8 +805,10 @@ job_run(const EVP_CIPHER *aes, Job *job)
         break;
     case OP_DECRYPT:
         job->done = origin_decrypt_cells(aes, hops, job->snapshot, job->n_hops, &job->in, o,
-                                         (unsigned char *)PyBytes_AS_STRING(job->aux), ncells);
+                                         (unsigned char *)PyBytes_AS_STRING(job->aux),
+                                         job->tags, ncells);
         ok = job->done >= 0; /* on failure some layers advanced and others did not */
+        job->ntags = job->tags != NULL && ok ? job->done : 0; /* every processed cell */
         break;
     }
     job->ok = ok;
@@ -765,27 +839,32 @@ static PyObject *
 job_result(Job *job)
 {
     PyObject *result = NULL;
+    PyObject *tags = NULL;
     if (!job->ok) {
         raise_crypto_failure();
+        goto done;
     }
-    else if (job->op == OP_FORWARD) {
-        result = PyTuple_Pack(2, job->out, job->aux);
+    if (job->op == OP_DECRYPT && job->done < job->ncells &&
+        (_PyBytes_Resize(&job->out, job->done * CELL_LEN) < 0 ||
+         _PyBytes_Resize(&job->aux, job->done) < 0))
+        goto done; /* _PyBytes_Resize set the pointer to NULL and raised */
+    if (job->tagged) {
+        /* no tags: the shared empty bytes object (job->tags may be NULL then) */
+        tags = PyBytes_FromStringAndSize((const char *)job->tags, job->ntags * TAG_LEN);
+        if (tags == NULL)
+            goto done;
     }
-    else if (job->op == OP_DECRYPT) {
-        if (job->done < job->ncells &&
-            (_PyBytes_Resize(&job->out, job->done * CELL_LEN) < 0 ||
-             _PyBytes_Resize(&job->aux, job->done) < 0)) {
-            /* _PyBytes_Resize set the pointer to NULL and raised */
-        }
-        else {
-            result = PyTuple_Pack(2, job->out, job->aux);
-        }
-    }
-    else {
-        result = Py_NewRef(job->out);
-    }
+    if (job->aux != NULL) /* forward, decrypt: (out, aux[, tags]) */
+        result = tags != NULL ? PyTuple_Pack(3, job->out, job->aux, tags)
+                              : PyTuple_Pack(2, job->out, job->aux);
+    else /* backward, originate, encrypt: out, or (out, tags) */
+        result = tags != NULL ? PyTuple_Pack(2, job->out, tags) : Py_NewRef(job->out);
+done:
+    Py_XDECREF(tags);
     Py_CLEAR(job->out);
     Py_CLEAR(job->aux);
+    PyMem_Free(job->tags); /* NULL is fine */
+    job->tags = NULL;
     if (job->snapshot != NULL) {
         OPENSSL_cleanse(job->snapshot, job->snapshot_slots * sizeof(HopState));
         PyMem_Free(job->snapshot);
@@ -883,6 +962,31 @@ RelayState_originate(PyObject *self, PyObject *buf)
     return job_call(self, OP_ORIGINATE, buf, 0);
 }
 
+PyDoc_STRVAR(RelayState_forward_tagged_doc,
+"forward_tagged(buf) -> (out: bytes, recognized: bytes, tags: bytes)\n\n"
+"forward(buf), and the SENDME tag of every recognized cell, in order: the whole 20-byte\n"
+"forward digest as it stands after that cell (len(tags) == 20 * recognized.count(1)).\n"
+"Releases the GIL. One thread at a time per object.");
+
+static PyObject *
+RelayState_forward_tagged(PyObject *self, PyObject *buf)
+{
+    return job_call(self, OP_FORWARD | OP_TAGS, buf, 0);
+}
+
+PyDoc_STRVAR(RelayState_originate_tagged_doc,
+"originate_tagged(buf) -> (out: bytes, tags: bytes)\n\n"
+"originate(buf), and the SENDME tag of every marked cell, in order: a cell whose digest\n"
+"field (payload[5:9]) is not zero on input is marked (the field is taken as zero and\n"
+"overwritten as always, so out is what originate gives); its tag is the whole 20-byte\n"
+"backward digest after it. Releases the GIL. One thread at a time per object.");
+
+static PyObject *
+RelayState_originate_tagged(PyObject *self, PyObject *buf)
+{
+    return job_call(self, OP_ORIGINATE | OP_TAGS, buf, 0);
+}
+
 static PyObject *
 RelayState_get_in_use(RelayStateObject *self, void *closure)
 {
@@ -901,6 +1005,10 @@ static PyMethodDef RelayState_methods[] = {
     {"forward", (PyCFunction)RelayState_forward, METH_O, RelayState_forward_doc},
     {"backward", (PyCFunction)RelayState_backward, METH_O, RelayState_backward_doc},
     {"originate", (PyCFunction)RelayState_originate, METH_O, RelayState_originate_doc},
+    {"forward_tagged", (PyCFunction)RelayState_forward_tagged, METH_O,
+     RelayState_forward_tagged_doc},
+    {"originate_tagged", (PyCFunction)RelayState_originate_tagged, METH_O,
+     RelayState_originate_tagged_doc},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1079,6 +1187,35 @@ OriginState_decrypt(PyObject *self, PyObject *buf)
     return job_call(self, OP_DECRYPT, buf, 0);
 }
 
+PyDoc_STRVAR(OriginState_encrypt_tagged_doc,
+"encrypt_tagged(buf, hop) -> (out: bytes, tags: bytes)\n\n"
+"encrypt(buf, hop), and the SENDME tag of every marked cell, in order: a cell whose digest\n"
+"field (payload[5:9]) is not zero on input is marked (out is what encrypt gives); its tag\n"
+"is the whole 20-byte forward digest of hop `hop` after it. Releases the GIL.\n"
+"One thread at a time per object.");
+
+static PyObject *
+OriginState_encrypt_tagged(PyObject *self, PyObject *args)
+{
+    PyObject *buf;
+    Py_ssize_t hop;
+    if (!PyArg_ParseTuple(args, "On:encrypt_tagged", &buf, &hop))
+        return NULL;
+    return job_call(self, OP_ENCRYPT | OP_TAGS, buf, hop);
+}
+
+PyDoc_STRVAR(OriginState_decrypt_tagged_doc,
+"decrypt_tagged(buf) -> (out: bytes, hops: bytes, tags: bytes)\n\n"
+"decrypt(buf), and the SENDME tag of every cell processed: the whole 20-byte backward\n"
+"digest of the hop that recognized it, after it (len(tags) == 20 * len(hops)).\n"
+"Releases the GIL. One thread at a time per object.");
+
+static PyObject *
+OriginState_decrypt_tagged(PyObject *self, PyObject *buf)
+{
+    return job_call(self, OP_DECRYPT | OP_TAGS, buf, 0);
+}
+
 static PyObject *
 OriginState_get_n_hops(OriginStateObject *self, void *closure)
 {
@@ -1103,6 +1240,10 @@ static PyMethodDef OriginState_methods[] = {
      "Bytes used by this state, its per-hop array included."},
     {"encrypt", (PyCFunction)OriginState_encrypt, METH_VARARGS, OriginState_encrypt_doc},
     {"decrypt", (PyCFunction)OriginState_decrypt, METH_O, OriginState_decrypt_doc},
+    {"encrypt_tagged", (PyCFunction)OriginState_encrypt_tagged, METH_VARARGS,
+     OriginState_encrypt_tagged_doc},
+    {"decrypt_tagged", (PyCFunction)OriginState_decrypt_tagged, METH_O,
+     OriginState_decrypt_tagged_doc},
     {"add_hop", (PyCFunction)OriginState_add_hop, METH_VARARGS, OriginState_add_hop_doc},
     {NULL, NULL, 0, NULL},
 };
@@ -1170,7 +1311,7 @@ parse_job(PyObject *item, PyObject **state, int *op, PyObject **buf, Py_ssize_t 
     long value = PyLong_AsLong(PyTuple_GET_ITEM(item, 1));
     if (value == -1 && PyErr_Occurred())
         return -1;
-    if (value < 0 || value >= N_OPS) {
+    if (value < 0 || (value & ~(long)OP_TAGS) >= N_OPS) {
         PyErr_Format(PyExc_ValueError, "unknown op %ld", value);
         return -1;
     }
@@ -1178,7 +1319,7 @@ parse_job(PyObject *item, PyObject **state, int *op, PyObject **buf, Py_ssize_t 
     *op = (int)value;
     *buf = PyTuple_GET_ITEM(item, 2);
     *hop = 0;
-    if ((*op == OP_ENCRYPT) != (size == 4)) {
+    if (((*op & ~OP_TAGS) == OP_ENCRYPT) != (size == 4)) {
         PyErr_SetString(PyExc_TypeError, "an OP_ENCRYPT job, and only that, takes a hop");
         return -1;
     }
@@ -1195,7 +1336,8 @@ PyDoc_STRVAR(crypt_group_doc,
 "Run several circuits' batches with ONE release of the GIL. jobs is a list (or tuple) of\n"
 "tuples (state, op, buf) or, for OP_ENCRYPT, (state, OP_ENCRYPT, buf, hop):\n"
 "  OP_FORWARD / OP_BACKWARD / OP_ORIGINATE on a RelayState (its forward / backward /\n"
-"  originate), OP_ENCRYPT / OP_DECRYPT on an OriginState (its encrypt / decrypt).\n"
+"  originate), OP_ENCRYPT / OP_DECRYPT on an OriginState (its encrypt / decrypt); any of\n"
+"  them but OP_BACKWARD or'ed with OP_TAGS is the *_tagged method.\n"
 "buf is what the method takes (a bytes-like object or a list/tuple of pieces). The result\n"
 "has one entry per job, in order: what that method would have returned, or, if the job\n"
 "failed, the exception instance it would have raised (errors stay with their job; the\n"
@@ -1318,6 +1460,8 @@ tor1_exec(PyObject *module)
         PyModule_AddIntConstant(module, "OP_ORIGINATE", OP_ORIGINATE) < 0 ||
         PyModule_AddIntConstant(module, "OP_ENCRYPT", OP_ENCRYPT) < 0 ||
         PyModule_AddIntConstant(module, "OP_DECRYPT", OP_DECRYPT) < 0 ||
+        PyModule_AddIntConstant(module, "OP_TAGS", OP_TAGS) < 0 ||
+        PyModule_AddIntConstant(module, "TAG_LEN", TAG_LEN) < 0 ||
         PyModule_AddStringConstant(module, "OPENSSL_VERSION",
                                    OpenSSL_version(OPENSSL_VERSION)) < 0)
         return -1;
