@@ -3,8 +3,9 @@
 What it does
 ------------
 An :class:`ExitEdge` belongs to one relay circuit whose cells are recognized at this relay. The
-circuit hands it the plaintext of those cells (one joined buffer and the offsets of the cells,
-in order) through :meth:`ExitEdge.handle`; the edge answers by *originating* relay payloads
+circuit hands it the plaintext of those cells (one joined buffer, the offsets of the cells, in
+order, and a lookup of each cell's SENDME tag) through :meth:`ExitEdge.handle`; the edge
+answers by *originating* relay payloads
 toward the client through the ``originate`` callback it was given, once per call (the circuit
 joins them, has the worker pool set the digest and encrypt them, and writes them to the
 previous hop).
@@ -26,6 +27,15 @@ Flow control (see :mod:`relay.circuits`): deliver windows of 1000 (circuit) and 
 cells; a circuit SENDME every 100 DATA cells received and a stream SENDME every 50, the latter
 withheld while the target's write buffer is above its high watermark and sent when it drains.
 A client that sends DATA beyond a deliver window breaks the protocol: the circuit is closed.
+
+Circuit SENDMEs are version 1 both ways (:mod:`relay.sendme`): the edge marks its 100th, 200th,
+... DATA cell when it packages it, the circuit hands back the tags of the marked cells once
+they are crypted (:meth:`ExitEdge.record_tags`, before the cells leave), and each circuit
+SENDME from the client must carry the oldest of them; a version-0, unparseable, unexpected or
+mismatching SENDME closes the circuit (DESTROY, PROTOCOL) with the reason logged. The edge's
+own circuit SENDMEs carry the tag of the client's DATA cell that triggered them. The client
+that never reads cannot answer with a valid SENDME, so the package window (1000 cells) is all
+the exit ever reads from the target for it. Stream SENDMEs stay empty and unchecked, as tor's.
 
 Back-pressure toward the client's link: :meth:`pause_reading` / :meth:`resume_reading` stop and
 restart reading from every target of this circuit while the previous hop's write buffer is full.
@@ -58,9 +68,13 @@ from relay.circuits import (
     pack_data_cells,
     pack_relay,
 )
+from relay.sendme import SendmeTags, encode_sendme_v1, mark_cell, sendme_due
 from tor1 import RELAY_DATA_MAX, RELAY_HEADER_LEN
 
-__all__ = ["ExitEdge", "loopback_only", "parse_begin"]
+__all__ = ["ExitEdge", "TagLookup", "loopback_only", "parse_begin"]
+
+TagLookup = Callable[[int], bytes]
+"""``tag_of(offset)``: the SENDME tag of the recognized cell at ``offset`` of a handed batch."""
 
 log = logging.getLogger("relay.exit")
 
@@ -151,6 +165,8 @@ class ExitEdge:
         self._targets_paused = False
         self.package_window = CIRCWINDOW_START
         self.deliver_window = CIRCWINDOW_START
+        self._sendme = SendmeTags()  # tags of our DATA cells that SENDMEs must acknowledge
+        self.sendmes_sent = 0
         self.data_cells_in = 0
         self.data_cells_out = 0
         self.bytes_to_targets = 0
@@ -159,9 +175,10 @@ class ExitEdge:
 
     # ------------------------------------------------------------------ cells from the client
 
-    def handle(self, plain: bytes, offsets: Sequence[int]) -> None:
+    def handle(self, plain: bytes, offsets: Sequence[int], tag_of: TagLookup) -> None:
         """Handle the relay cells at ``offsets`` of the joined plaintext ``plain`` (recognized
-        here, in circuit order), then originate the answers in one call. Loop thread only."""
+        here, in circuit order; ``tag_of(offset)`` is a cell's SENDME tag, asked for one DATA
+        cell in 100), then originate the answers in one call. Loop thread only."""
         writes: dict[_ExitStream, list[bytes]] = {}
         try:
             for offset in offsets:
@@ -174,8 +191,10 @@ class ExitEdge:
                 start = offset + RELAY_HEADER_LEN
                 if command == _DATA:
                     self._on_data(stream_id, plain[start : start + length], writes)
+                    if self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
+                        self._send_circuit_sendme(tag_of(offset))
                 elif command == _SENDME:
-                    self._on_sendme(stream_id)
+                    self._on_sendme(stream_id, plain[start : start + length])
                 elif command == _BEGIN:
                     self._on_begin(stream_id, plain[start : start + length])
                 elif command == _END:
@@ -193,9 +212,6 @@ class ExitEdge:
         if self.deliver_window < 0:
             self._violation("DATA beyond the circuit deliver window")
             return
-        if self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
-            self.deliver_window += CIRCWINDOW_INCREMENT
-            self._out.append(pack_relay(_SENDME, 0))
         stream = self._streams.get(stream_id)
         if stream is None:
             return  # a stream we ended: its late DATA counts for the circuit only
@@ -212,6 +228,20 @@ class ExitEdge:
             else:
                 batch.append(data)
         self.bytes_to_targets += len(data)
+
+    def _send_circuit_sendme(self, tag: bytes) -> None:
+        """The DATA cell whose tag this is took the deliver window to 900: acknowledge it."""
+        if self._closed:
+            return
+        self.deliver_window += CIRCWINDOW_INCREMENT
+        self._out.append(pack_relay(_SENDME, 0, encode_sendme_v1(tag)))
+        self.sendmes_sent += 1
+
+    def record_tags(self, tags: bytes) -> None:
+        """The tags of our marked DATA cells, crypted and about to be written (in order).
+        Loop thread only (the circuit calls it with the originate results)."""
+        if not self._closed:
+            self._sendme.record(tags)
 
     def _flush_writes(self, writes: dict[_ExitStream, list[bytes]]) -> None:
         """Write the DATA gathered per stream, one ``writelines`` each, then consider SENDMEs."""
@@ -231,8 +261,12 @@ class ExitEdge:
             self._out.append(pack_relay(_SENDME, stream.stream_id))
         stream.withheld = False
 
-    def _on_sendme(self, stream_id: int) -> None:
+    def _on_sendme(self, stream_id: int, body: bytes) -> None:
         if stream_id == 0:
+            why = self._sendme.check(body)
+            if why is not None:
+                self._violation(f"circuit {why}")
+                return
             self.package_window += CIRCWINDOW_INCREMENT
             if self.package_window > CIRCWINDOW_START:
                 self._violation("circuit SENDME beyond the package window")
@@ -346,7 +380,11 @@ class ExitEdge:
         )
         if cells > 0:
             end = min(size, cells * RELAY_DATA_MAX)
-            self._out.extend(pack_data_cells(stream_id, pending[:end]))
+            out = self._out
+            first = len(out)
+            out.extend(pack_data_cells(stream_id, pending[:end]))
+            for index in sendme_due(self.data_cells_out, cells):  # one cell in 100
+                out[first + index] = mark_cell(out[first + index])
             offset = end
             self.package_window -= cells
             stream.package_window -= cells
@@ -409,6 +447,9 @@ class ExitEdge:
             "data_cells_out": self.data_cells_out,
             "bytes_to_targets": self.bytes_to_targets,
             "bytes_from_targets": self.bytes_from_targets,
+            "sendmes_sent": self.sendmes_sent,
+            "sendmes_accepted": self._sendme.accepted,
+            "sendme_tags_recorded": self._sendme.recorded,
         }
 
     def _violation(self, what: str) -> None:

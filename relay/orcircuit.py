@@ -24,17 +24,21 @@ The pool crypts each batch on a worker, with the same bytes either way:
 
 Per direction the work is:
 
-* ``FORWARD`` (cells from the client side): ``forward_buf`` decrypts with Kf and flags the cells
-  recognized here. The reply comes back as ``(plaintext, flags)``. If no flag is set (a middle
-  relay's every cell) the whole batch goes to the next hop as one ``bytes`` built by
-  :func:`relay.circuits.wire_cells` and one ``write``, without looking at any payload. Cells that
-  are recognized are handled here: EXTEND2 by this circuit, BEGIN/DATA/END/SENDME by its
-  :class:`relay.exit.ExitEdge`. A cell that is not recognized and has no next hop fails the
-  digest check at the last hop: the circuit is destroyed (``PROTOCOL``).
+* ``FORWARD`` (cells from the client side): ``forward_tagged_buf`` decrypts with Kf and flags
+  the cells recognized here. The reply comes back as ``(plaintext, flags, tags)``, ``tags``
+  holding the SENDME tag of each recognized cell (:mod:`relay.sendme`; nothing at a middle
+  relay). If no flag is set (a middle relay's every cell) the whole batch goes to the next hop
+  as one ``bytes`` built by :func:`relay.circuits.wire_cells` and one ``write``, without looking
+  at any payload. Cells that are recognized are handled here: EXTEND2 by this circuit,
+  BEGIN/DATA/END/SENDME by its :class:`relay.exit.ExitEdge`, which looks up the tag of one
+  DATA cell in 100. A cell that is not recognized and has no next hop fails the digest check at
+  the last hop: the circuit is destroyed (``PROTOCOL``).
 * ``BACKWARD`` (cells from the next hop): ``backward_buf`` adds our Kb layer; written to the
   previous hop in one ``write``.
 * ``ORIGINATE`` (cells this relay sends toward the client: EXTENDED2, the exit's CONNECTED,
-  DATA, END, SENDME): ``originate_buf`` sets the digest with Db and encrypts with Kb.
+  DATA, END, SENDME): ``originate_tagged_buf`` sets the digest with Db and encrypts with Kb,
+  and returns the tags of the DATA cells the exit marked (one in 100), which go to the edge's
+  record before the cells are written.
 
 BACKWARD and ORIGINATE both advance the one Kb keystream, and the pool serves directions
 independently, so their relative order is kept here: a batch of one waits in ``_kb_held`` while
@@ -71,6 +75,7 @@ worker that owns the circuit(s); :func:`relay_group_for` may be called from any 
 from __future__ import annotations
 
 import logging
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -79,7 +84,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import ReadGate, pack_relay, relay_body, wire_cells
-from relay.exit import ExitEdge
+from relay.exit import ExitEdge, TagLookup
 from relay.handshakes import (
     BodyError,
     Extend2Body,
@@ -87,7 +92,7 @@ from relay.handshakes import (
     encode_create2,
     encode_extended2,
 )
-from tor1 import CELL_PAYLOAD_LEN
+from tor1 import CELL_PAYLOAD_LEN, SENDME_TAG_LEN
 from workers.circuit import Circuit, GroupFn
 from workers.pool import WorkerPool
 
@@ -136,19 +141,20 @@ except ImportError:  # pragma: no cover - the C extension is not built: referenc
     _fast = None
 
 #: Kernel op per pool direction, indexed by FORWARD, BACKWARD, ORIGINATE: the ops that
-#: ``forward_buf``, ``backward_buf`` and ``originate_buf`` run (``tor1.fast.RELAY_OPS``
-#: is ordered the same way; tests/test_relay_group.py checks the bytes). Empty without the
-#: kernel.
-RELAY_DIRECTION_OPS: tuple[int, ...] = _fast.RELAY_OPS if _fast is not None else ()
+#: ``forward_tagged_buf``, ``backward_buf`` and ``originate_tagged_buf`` run
+#: (``tor1.fast.RELAY_TAGGED_OPS`` is ordered the same way; tests/test_relay_group.py checks
+#: the bytes). Empty without the kernel.
+RELAY_DIRECTION_OPS: tuple[int, ...] = _fast.RELAY_TAGGED_OPS if _fast is not None else ()
 
 
 def crypt_batch(state: Any, direction: int, batch: Any) -> Any:
-    """The pool's process function: one kernel call for the whole batch. Worker thread."""
+    """The pool's process function: one kernel call for the whole batch, with the SENDME
+    tags where there are digests. Worker thread."""
     if direction == FORWARD:
-        return state.forward_buf(batch)
+        return state.forward_tagged_buf(batch)
     if direction == BACKWARD:
         return state.backward_buf(batch)
-    return state.originate_buf(batch)
+    return state.originate_tagged_buf(batch)
 
 
 def relay_group_for(crypto: Any, shared: GroupFn | None) -> GroupFn | None:
@@ -435,23 +441,27 @@ class OrCircuit:
 
     def _on_result(self, pool_circuit: Circuit, direction: int, result: Any) -> None:
         if direction == FORWARD:
-            out, flags = result
-            self._forward_done(out, flags)
-            return
-        count = len(result) // _SIZE
-        self._kb_delivered(count)
-        if self.state is _CLOSED:
+            out, flags, tags = result
+            self._forward_done(out, flags, tags)
             return
         if direction == BACKWARD:
+            out = result
             # Pausing a relay-to-relay link for another relay link could close a cycle of
             # waits around a ring of relays; toward a client link it cannot (a client reads).
             source = (self.next.gate if self.next is not None and not self.prev.relay_link
                       else None)
         else:
+            out, tags = result
+            if tags and self.edge is not None and self.state is not _CLOSED:
+                self.edge.record_tags(tags)  # before the cells leave: a SENDME can follow
             source = self._edge_gate
-        self.host.send(self.prev, wire_cells(self.prev_id, _RELAY, result), count, source)
+        count = len(out) // _SIZE
+        self._kb_delivered(count)
+        if self.state is _CLOSED:
+            return
+        self.host.send(self.prev, wire_cells(self.prev_id, _RELAY, out), count, source)
 
-    def _forward_done(self, out: bytes, flags: bytes) -> None:
+    def _forward_done(self, out: bytes, flags: bytes, tags: bytes) -> None:
         count = len(flags)
         base = self._fwd_delivered
         self._fwd_delivered = base + count
@@ -461,16 +471,19 @@ class OrCircuit:
         if 1 not in flags:
             self._pass_on(out, count, early)
             return
-        local: list[int] = []
-        passing: list[int] = []
-        for index, flag in enumerate(flags):
-            (local if flag else passing).append(index)
-        if passing:
+        local: Sequence[int]
+        if 0 not in flags:  # an exit's usual batch: every cell is for this relay
+            local = range(count)
+        else:
+            local = []
+            passing: list[int] = []
+            for index, flag in enumerate(flags):
+                (local if flag else passing).append(index)
             joined = b"".join(out[i * _SIZE : (i + 1) * _SIZE] for i in passing)
             self._pass_on(joined, len(passing), {passing.index(i) for i in early if i in passing})
             if self.state is _CLOSED:
                 return
-        self._handle_local(out, local, early)
+        self._handle_local(out, local, early, _tag_lookup(tags, local))
 
     def _pass_on(self, out: bytes, count: int, early: set[int]) -> None:
         """Send unrecognized forward cells to the next hop (RELAY_EARLY kept as such)."""
@@ -492,7 +505,8 @@ class OrCircuit:
             data = wire_cells(self.next_id, _RELAY, out)
         self.host.send(nxt, data, count, None if self.prev.relay_link else self.prev.gate)
 
-    def _handle_local(self, out: bytes, indices: Sequence[int], early: set[int]) -> None:
+    def _handle_local(self, out: bytes, indices: Sequence[int], early: set[int],
+                      tag_of: TagLookup) -> None:
         """Handle the forward cells recognized here, in order."""
         edge_offsets: list[int] = []
         for index in indices:
@@ -500,7 +514,7 @@ class OrCircuit:
             command = out[offset]
             if command == _EXTEND2:
                 if edge_offsets:
-                    self._to_edge(out, edge_offsets)
+                    self._to_edge(out, edge_offsets, tag_of)
                     edge_offsets = []
                 self._on_extend2(out, offset, index in early)
             elif command == _EXTEND:
@@ -510,13 +524,13 @@ class OrCircuit:
             if self.state is _CLOSED:
                 return
         if edge_offsets:
-            self._to_edge(out, edge_offsets)
+            self._to_edge(out, edge_offsets, tag_of)
 
-    def _to_edge(self, out: bytes, offsets: list[int]) -> None:
+    def _to_edge(self, out: bytes, offsets: list[int], tag_of: TagLookup) -> None:
         if self.edge is None:
             self.edge = self.host.make_edge(self)
             self._edge_gate = ReadGate(self.edge)
-        self.edge.handle(out, offsets)
+        self.edge.handle(out, offsets, tag_of)
 
     def _on_extend2(self, out: bytes, offset: int, early: bool) -> None:
         try:
@@ -611,3 +625,14 @@ class OrCircuit:
 
 def _reason(payload: bytes) -> int:
     return payload[0] if payload else int(DestroyReason.NONE)
+
+
+def _tag_lookup(tags: bytes, local: Sequence[int]) -> TagLookup:
+    """``tag_of(offset)`` for a forward batch: ``tags`` holds one tag per recognized cell, in
+    order, and ``local`` is the (sorted) indices of those cells. Asked once per SENDME."""
+
+    def tag_of(offset: int) -> bytes:
+        rank = bisect_left(local, offset // _SIZE)
+        return tags[rank * SENDME_TAG_LEN : (rank + 1) * SENDME_TAG_LEN]
+
+    return tag_of

@@ -11,13 +11,22 @@ failed (a build timeout included).
 
 Streams and flow control
 ------------------------
-:meth:`OriginCircuit.open_stream` sends BEGIN to the last hop; ``on_connected`` follows
-CONNECTED. :meth:`ClientStream.write` queues bytes; they leave as RELAY_DATA cells while the
-circuit's package window (1000 cells) and the stream's (500) allow and the guard link's write
-buffer is below its high watermark; SENDMEs from the exit reopen the windows. Received DATA is
-handed to ``on_data`` at once, so the circuit sends a circuit SENDME every 100 DATA cells and a
-stream SENDME every 50 (see :mod:`relay.circuits`). :meth:`ClientStream.end` sends END after
-the queued bytes.
+:meth:`OriginCircuit.open_stream` sends BEGIN to the last hop (:meth:`OriginCircuit.open_dir_stream`
+BEGIN_DIR, for the relay's directory); ``on_connected`` follows CONNECTED.
+:meth:`ClientStream.write` queues bytes; they leave as RELAY_DATA cells while the circuit's
+package window (1000 cells) and the stream's (500) allow and the guard link's write buffer is
+below its high watermark; SENDMEs from the exit reopen the windows. Received DATA is handed to
+``on_data`` at once, so the circuit sends a circuit SENDME every 100 DATA cells and a stream
+SENDME every 50 (see :mod:`relay.circuits`). :meth:`ClientStream.end` sends END after the
+queued bytes.
+
+Circuit SENDMEs are version 1 both ways, as tor 0.4.9 requires (:mod:`relay.sendme`): the
+circuit marks its 100th, 200th, ... DATA cell to the exit, keeps the tags the encryption
+returns for them, and checks every circuit SENDME from the exit against the oldest (a
+version-0, unparseable, unexpected or mismatching one, or one from another hop, closes the
+circuit: DESTROY, PROTOCOL); its own circuit SENDMEs carry the tag of the exit's DATA cell that
+triggered them (the exit hop's backward digest after that cell). Stream SENDMEs stay empty,
+and one that would raise a stream's package window above 500 closes the circuit, as in tor.
 
 Crypto and batching
 -------------------
@@ -46,7 +55,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from reactor import TimerHandle
-from relay.cells import CellCommand
+from relay.cells import CellCommand, DestroyReason
 from relay.cells import RelayCommand as RC
 from relay.circuits import (
     CIRCWINDOW_INCREMENT,
@@ -70,7 +79,8 @@ from relay.handshakes import (
     NtorClient,
     decode_extended2,
 )
-from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
+from relay.sendme import SendmeTags, encode_sendme_v1, mark_cell, sendme_due
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN, SENDME_TAG_LEN
 from tor1.backend import OriginCryptoLike, UnrecognizedCell, origin_crypto_for
 from tor1.reference import HopKeys
 
@@ -206,6 +216,9 @@ class OriginCircuit:
         self.streams: dict[int, ClientStream] = {}
         self.cells_sent = 0
         self.cells_received = 0
+        self.data_cells_sent = 0
+        self.sendmes_sent = 0
+        self._sendme = SendmeTags()  # tags of our DATA cells the exit's SENDMEs must carry
         self._next_stream_id = 1
         self._handshake: CreateFastClient | NtorClient | None = None
         self._incoming: list[bytes] = []
@@ -318,19 +331,26 @@ class OriginCircuit:
             self.close("RELAY cell before the circuit was created")
             return
         try:
-            plain, hops = self.crypto.decrypt_buf(b"".join(cells))
+            plain, hops, tags = self.crypto.decrypt_tagged_buf(b"".join(cells))
         except UnrecognizedCell:
-            self.close("a relay cell no hop recognized (digest mismatch)")
+            self.close("a relay cell no hop recognized (digest mismatch)",
+                       destroy_reason=DestroyReason.PROTOCOL)
             return
         self.cells_received += len(cells)
         unpack = RELAY_HEADER.unpack_from
         gathered: dict[int, list[bytes]] = {}
         data_cells = 0
+        # The DATA cell that takes the deliver window to 900 gets a SENDME with its tag.
+        due = self.deliver_window - (CIRCWINDOW_START - CIRCWINDOW_INCREMENT)
+        triggers: list[int] = []
         offset = 0
         for hop in hops:
             command, _, stream_id, _, length = unpack(plain, offset)
             if command == _DATA and length <= RELAY_DATA_MAX:
                 data_cells += 1
+                if data_cells == due:  # one DATA cell in 100
+                    triggers.append(offset)
+                    due += CIRCWINDOW_INCREMENT
                 start = offset + RELAY_HEADER_LEN
                 chunks = gathered.get(stream_id)
                 if chunks is None:
@@ -350,11 +370,15 @@ class OriginCircuit:
         if data_cells and self.state != "closed":
             self.deliver_window -= data_cells
             if self.deliver_window < 0:
-                self.close("DATA beyond the circuit deliver window")
+                self.close("DATA beyond the circuit deliver window",
+                           destroy_reason=DestroyReason.PROTOCOL)
                 return
-            while self.deliver_window <= CIRCWINDOW_START - CIRCWINDOW_INCREMENT:
+            for offset in triggers:
+                rank = offset // _SIZE  # every decrypted cell has a tag
+                tag = tags[rank * SENDME_TAG_LEN : (rank + 1) * SENDME_TAG_LEN]
                 self.deliver_window += CIRCWINDOW_INCREMENT
-                self._out.append(pack_relay(RC.SENDME, 0))
+                self._out.append(pack_relay(RC.SENDME, 0, encode_sendme_v1(tag)))
+                self.sendmes_sent += 1
         self._send_out()
 
     def _deliver(self, gathered: dict[int, list[bytes]]) -> None:
@@ -385,7 +409,7 @@ class OriginCircuit:
             return
         start = offset + RELAY_HEADER_LEN
         if command == RC.SENDME:
-            self._on_sendme(stream_id)
+            self._on_sendme(stream_id, plain[start : start + length], hop)
         elif command == RC.CONNECTED:
             stream = self.streams.get(stream_id)
             if stream is not None and not stream.connected:
@@ -410,8 +434,22 @@ class OriginCircuit:
         elif command != RC.DROP:
             log.info("%r: ignoring relay command %d from hop %d", self, command, hop)
 
-    def _on_sendme(self, stream_id: int) -> None:
+    def _on_sendme(self, stream_id: int, body: bytes, hop: int) -> None:
         if stream_id == 0:
+            why: str | None
+            if hop != self.exit_hop:
+                why = f"circuit SENDME from hop {hop}, which gets no DATA from us"
+            else:
+                why = self._sendme.check(body)
+                if why is None and (self.package_window + CIRCWINDOW_INCREMENT
+                                    > CIRCWINDOW_START):
+                    why = "unexpected SENDME: beyond the package window"
+                elif why is not None:
+                    why = f"circuit {why}"
+            if why is not None:
+                log.warning("%r: %s; closing the circuit", self, why)
+                self.close(why, destroy_reason=DestroyReason.PROTOCOL)
+                return
             self.package_window += CIRCWINDOW_INCREMENT
             blocked, self._blocked = self._blocked, {}
             for stream in blocked:
@@ -419,8 +457,17 @@ class OriginCircuit:
             return
         stream = self.streams.get(stream_id)
         if stream is not None:
+            if stream.package_window + STREAMWINDOW_INCREMENT > STREAMWINDOW_START:
+                self.close(f"stream {stream_id} SENDME beyond the package window",
+                           destroy_reason=DestroyReason.PROTOCOL)
+                return
             stream.package_window += STREAMWINDOW_INCREMENT
             self._package(stream)
+
+    @property
+    def sendmes_accepted(self) -> int:
+        """Circuit SENDMEs from the exit whose tag matched. Loop thread only."""
+        return self._sendme.accepted
 
     # ------------------------------------------------------------------ cells out
 
@@ -434,14 +481,37 @@ class OriginCircuit:
         on_end: Callable[[ClientStream, str], None] | None = None,
     ) -> ClientStream:
         """Send BEGIN ``host:port`` to the last hop. Loop thread only."""
+        target = f"[{host}]" if ":" in host else host
+        return self._open(RC.BEGIN, f"{target}:{port}".encode() + b"\0", on_connected,
+                          on_data, on_end)
+
+    def open_dir_stream(
+        self,
+        *,
+        on_connected: Callable[[ClientStream], None] | None = None,
+        on_data: Callable[[ClientStream, bytes], None] | None = None,
+        on_end: Callable[[ClientStream, str], None] | None = None,
+    ) -> ClientStream:
+        """Send BEGIN_DIR to the last hop: a stream to that relay's own directory server
+        (HTTP/1.0 requests for directory documents; tor serves them on a one-hop circuit).
+        Loop thread only."""
+        return self._open(RC.BEGIN_DIR, b"", on_connected, on_data, on_end)
+
+    def _open(
+        self,
+        command: int,
+        body: bytes,
+        on_connected: Callable[[ClientStream], None] | None,
+        on_data: Callable[[ClientStream, bytes], None] | None,
+        on_end: Callable[[ClientStream, str], None] | None,
+    ) -> ClientStream:
         if not self.is_open:
             raise RuntimeError(f"{self!r} is not open")
         stream_id = self._next_stream_id
         self._next_stream_id = stream_id % 0xFFFF + 1
         stream = ClientStream(self, stream_id, on_connected, on_data, on_end)
         self.streams[stream_id] = stream
-        target = f"[{host}]" if ":" in host else host
-        self._out.append(pack_relay(RC.BEGIN, stream_id, f"{target}:{port}".encode() + b"\0"))
+        self._out.append(pack_relay(command, stream_id, body))
         self._send_out()
         return stream
 
@@ -459,7 +529,12 @@ class OriginCircuit:
                         stream.package_window)
             if cells > 0:
                 end = min(len(pending), cells * RELAY_DATA_MAX)
-                self._out.extend(pack_data_cells(stream.stream_id, pending[:end]))
+                out = self._out
+                first = len(out)
+                out.extend(pack_data_cells(stream.stream_id, pending[:end]))
+                for index in sendme_due(self.data_cells_sent, cells):  # one cell in 100
+                    out[first + index] = mark_cell(out[first + index])
+                self.data_cells_sent += cells
                 del pending[:end]
                 self.package_window -= cells
                 stream.package_window -= cells
@@ -492,7 +567,9 @@ class OriginCircuit:
         assert self.crypto is not None and self.link is not None
         if not self.link.is_open:
             return
-        encrypted = self.crypto.encrypt_buf(payloads, hop)
+        encrypted, tags = self.crypto.encrypt_tagged_buf(payloads, hop)
+        if tags:  # marked DATA cells: their SENDMEs may come as soon as they leave
+            self._sendme.record(tags)
         self.link.write_cells(wire_cells(self.circ_id, command, encrypted), len(payloads))
         self.cells_sent += len(payloads)
 
@@ -506,9 +583,11 @@ class OriginCircuit:
         if stream.on_end is not None:
             stream.on_end(stream, why)
 
-    def close(self, reason: str = "closed by the client", *, send_destroy: bool = True) -> None:
-        """Close the circuit (DESTROY to the guard unless it sent one); every open stream
-        ends with ``reason``; ``on_close`` runs once. Idempotent. Loop thread only."""
+    def close(self, reason: str = "closed by the client", *, send_destroy: bool = True,
+              destroy_reason: int = DestroyReason.REQUESTED) -> None:
+        """Close the circuit (DESTROY with ``destroy_reason`` to the guard unless it sent one);
+        every open stream ends with ``reason``; ``on_close`` runs once. Idempotent. Loop
+        thread only."""
         if self.state == "closed":
             return
         self.state = "closed"
@@ -520,7 +599,7 @@ class OriginCircuit:
         self._out.clear()
         if self.link is not None and self.circ_id:
             if send_destroy:
-                self.link.destroy_circuit(self.circ_id)
+                self.link.destroy_circuit(self.circ_id, destroy_reason)
             else:
                 self.link.remove_circuit(self.circ_id)
         streams, self.streams = self.streams, {}

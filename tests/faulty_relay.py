@@ -39,17 +39,17 @@ class FaultyCrypto:
         if self._batches == self._fail_batch:
             raise InjectedFault(f"injected on batch {self._batches}")
 
-    def forward_buf(self, batch: Any) -> Any:
+    def forward_tagged_buf(self, batch: Any) -> Any:
         self._count()
-        return self._inner.forward_buf(batch)
+        return self._inner.forward_tagged_buf(batch)
 
     def backward_buf(self, batch: Any) -> Any:
         self._count()
         return self._inner.backward_buf(batch)
 
-    def originate_buf(self, batch: Any) -> Any:
+    def originate_tagged_buf(self, batch: Any) -> Any:
         self._count()
-        return self._inner.originate_buf(batch)
+        return self._inner.originate_tagged_buf(batch)
 
 
 def main() -> int:

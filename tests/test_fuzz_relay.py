@@ -461,8 +461,9 @@ def test_fuzzed_scripts_against_a_running_relay(
 
 def test_an_encrypted_begin_reaches_the_exit(bench: RelayBench) -> None:
     """The stranger's keys are real: a BEGIN to the echo service is answered with CONNECTED,
-    then a SENDME flood beyond the window is a protocol violation that DESTROYs the circuit
-    (so the fuzz above reaches the exit's parser, not only the digest check)."""
+    then blind circuit SENDMEs (version 0: an empty body) are a protocol violation that
+    DESTROYs the circuit, since flow control v1 is required (so the fuzz above reaches the
+    exit's parser, not only the digest check)."""
     script = [Step("create", slot=0),
               Step("relay", slot=0, command=RelayCommand.BEGIN, stream_id=1,
                    target=Target("echo")),
@@ -473,7 +474,7 @@ def test_an_encrypted_begin_reaches_the_exit(bench: RelayBench) -> None:
     assert FIRST_ID in report.created
     assert RelayCommand.CONNECTED in report.relay_commands
     assert report.destroys.get(FIRST_ID) is not None
-    assert any("SENDME beyond the package window" in m for m in bench.log.messages())
+    assert any("circuit SENDME version 0 refused" in m for m in bench.log.messages())
     bench.check_logs()
     bench.check_no_leak()
     bench.check_healthy(random.Random(1))
