@@ -217,6 +217,7 @@ class OriginCircuit:
         self.cells_sent = 0
         self.cells_received = 0
         self.data_cells_sent = 0
+        self.data_cells_received = 0
         self.sendmes_sent = 0
         self._sendme = SendmeTags()  # tags of our DATA cells the exit's SENDMEs must carry
         self._next_stream_id = 1
@@ -367,6 +368,7 @@ class OriginCircuit:
             offset += _SIZE
         if gathered:
             self._deliver(gathered)
+        self.data_cells_received += data_cells
         if data_cells and self.state != "closed":
             self.deliver_window -= data_cells
             if self.deliver_window < 0:

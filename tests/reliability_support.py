@@ -11,6 +11,8 @@
   relay network and check every byte that comes back (the fault tests choose which circuits
   cross the relay they kill, stall or break). Data is written a little at a time, so a thousand
   circuits do not each queue their whole payload on the client.
+* :class:`EndlessSource`: a loopback service that writes to every connection as fast as it is
+  read (a download that never ends), counting what the kernel accepted.
 * :func:`relay_stats`: a live ``STATS`` snapshot of a relay process (SIGUSR1);
   ``process_sample`` (RSS, threads, fds from ``/proc``) comes from ``examples.soak``.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -239,3 +243,46 @@ def stop_cleanly(net: LocalNetwork, killed: frozenset[str] = frozenset()) -> Non
         assert child.popen.returncode == 0, (child.name, child.popen.returncode,
                                              child.log_tail(20))
         assert not tracebacks_in_log(child), child.log_tail(40)
+
+
+class EndlessSource:
+    """A loopback service that writes to every connection as fast as it is read."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.address = self.server.getsockname()[:2]
+        self.sent = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        threading.Thread(target=self._accept, name="source-accept", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            thread = threading.Thread(target=self._pump, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _pump(self, conn: socket.socket) -> None:
+        chunk = bytes(16384)
+        conn.settimeout(0.2)
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    n = conn.send(chunk)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                with self._lock:
+                    self.sent += n
+
+    def close(self) -> None:
+        self._stop.set()
+        self.server.close()
+        for thread in self._threads:
+            thread.join(5)

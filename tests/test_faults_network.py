@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import random
 import signal
-import socket
 import sys
 import threading
 import time
@@ -29,6 +28,7 @@ import pytest
 from reliability_support import (
     EchoJob,
     EchoJobs,
+    EndlessSource,
     relay_stats,
     stop_cleanly,
     tracebacks_in_log,
@@ -234,49 +234,6 @@ def test_peer_opening_circuits_without_limit_gets_destroy(reactor: Reactor) -> N
 
 
 # --------------------------------------------------------------------------- stops reading
-
-
-class EndlessSource:
-    """A loopback service that writes to every connection as fast as it is read."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.address = self.server.getsockname()[:2]
-        self.sent = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, name="source-accept", daemon=True).start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._pump, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _pump(self, conn: socket.socket) -> None:
-        chunk = bytes(16384)
-        conn.settimeout(0.2)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    n = conn.send(chunk)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    return
-                with self._lock:
-                    self.sent += n
-
-    def close(self) -> None:
-        self._stop.set()
-        self.server.close()
-        for thread in self._threads:
-            thread.join(5)
 
 
 class NonReader(RawPeer):
