@@ -15,7 +15,16 @@ What it does, in order, every step checked:
    ``signing-key`` must hash to it), and its ``ntor-onion-key`` is the curve25519 key for ntor;
 5. builds a second circuit with CREATE2 / ntor using that identity and onion key, and fetches
    the descriptor again over it;
-6. destroys both circuits and closes the link.
+6. flow control v1 (authenticated SENDMEs, both ways): a third circuit, built by the client's own
+   circuit code (``relay.origin``), fetches the descriptor a few hundred times over BEGIN_DIR
+   streams (:mod:`examples.tor_flowcontrol`; no document of a consensus-less tor is bigger than
+   100 cells, but SENDME windows are per circuit): tor sends more than its 1000-cell window, so
+   it must have accepted our version-1 SENDMEs, and every circuit SENDME it sends us (one per
+   100 of our request cells) is version 1 and its tag checks out;
+7. tor checks those tags: on a fourth circuit, once tor has sent 100 DATA cells, a version-1
+   SENDME with a made-up tag makes tor destroy the circuit (reason PROTOCOL; the warning it logs
+   for it is the one expected);
+8. destroys the circuits and closes the link.
 
 Every relay cell of both circuits is encrypted and decrypted by a ``workers.WorkerPool``:
 the loop thread submits payloads, worker threads run ``tor1.backend`` (tor1), and
@@ -45,9 +54,11 @@ from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_public_key
 
+from examples.tor_flowcontrol import BulkDirFetch, OneLinkOwner, flow_control_report
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay, relay_body, wire_cells
+from relay.directory import RelayDescriptor
 from relay.handshakes import (
     HTYPE_NTOR,
     CreateFastClient,
@@ -56,6 +67,8 @@ from relay.handshakes import (
     encode_create2,
 )
 from relay.link import Link
+from relay.origin import OriginCircuit as ClientCircuit
+from relay.sendme import encode_sendme_v1
 from relay.torpeer import TorPeer, TorStartError, start_tor
 from tor1 import CELL_PAYLOAD_LEN
 from tor1.backend import OriginCryptoLike, backend_name, origin_crypto_for
@@ -67,6 +80,11 @@ log = logging.getLogger("examples.tor_interop")
 FORWARD, BACKWARD = 0, 1
 DESCRIPTOR_REQUEST = b"GET /tor/server/authority HTTP/1.0\r\n\r\n"
 END_REASON_DONE = 6
+DIR_FETCHES = 300  # ~1500 DATA cells from tor, 300 from us: SENDMEs due both ways
+PARALLEL_FETCHES = 16
+FORGED_SENDME_WARNINGS = ("SENDME v1 cell digest do not match",
+                          "connection_edge_process_relay_cell (away from origin) failed")
+"""What tor logs (protocol warnings) when step 7's made-up tag reaches it, once each."""
 
 
 class StepError(Exception):
@@ -177,6 +195,8 @@ class OriginCircuit:
         self.closed_reason: str | None = None
         self.cells_sent = 0
         self.cells_received = 0
+        self.data_cells_received = 0
+        self.destroyed = Pending()  # resolved with the reason of a DESTROY from the relay
 
     # ---- building
 
@@ -241,6 +261,8 @@ class OriginCircuit:
         for offset in range(0, len(plain), CELL_PAYLOAD_LEN):
             self.cells_received += 1
             command, stream_id, data = relay_body(plain, offset)
+            if command == RelayCommand.DATA:
+                self.data_cells_received += 1
             handler = self._streams.get(stream_id)
             if handler is not None:
                 handler(command, data)
@@ -258,6 +280,7 @@ class OriginCircuit:
         elif command in (CellCommand.RELAY, CellCommand.RELAY_EARLY) and self._pool_circuit:
             self.pool.submit(self._pool_circuit, BACKWARD, payload)
         elif command == CellCommand.DESTROY:
+            self.destroyed.resolve(payload[0])
             self._fail(f"relay destroyed the circuit (reason {payload[0]})", send_destroy=False)
         else:
             self._fail(f"unexpected cell command {command}")
@@ -405,6 +428,7 @@ class Interop:
             "ed25519_identity_matches": None, "create_fast": False, "ntor": False,
             "descriptor_bytes": 0, "ntor_descriptor_bytes": 0, "descriptor_fetch_attempts": 0,
             "relay_cells_sent": 0, "relay_cells_received": 0, "crypto_backend": backend_name(),
+            "flow_control_v1": None, "tor_refused_forged_sendme": False,
             "closed_cleanly": False, "error": None,
         }
         self.link: Link | None = None
@@ -460,7 +484,10 @@ class Interop:
         report["ntor_descriptor_bytes"] = len(again)
         self.say(f"descriptor fetched again over the ntor circuit ({len(again)} bytes)")
 
-        for circuit in (fast, ntor):
+        yield from self._flow_control_v1(link, descriptor, response)
+        forged = yield from self._forged_sendme(link)
+
+        for circuit in (fast, ntor, forged):
             report["relay_cells_sent"] += circuit.cells_sent
             report["relay_cells_received"] += circuit.cells_received
             circuit.destroy()
@@ -468,6 +495,51 @@ class Interop:
         yield self._link_closed
         report["closed_cleanly"] = True
         self.say("circuits destroyed, link closed")
+
+    def _flow_control_v1(self, link: Link, descriptor: Descriptor,
+                         body: bytes) -> Generator[Pending, Any, None]:
+        """Step 6: :data:`DIR_FETCHES` fetches on one circuit of ``relay.origin``."""
+        owner = OneLinkOwner(self.reactor)
+        relay = RelayDescriptor(descriptor.nickname, self.host, self.port,
+                                bytes.fromhex(descriptor.fingerprint), descriptor.ntor_onion_key)
+        opened, fetched = Pending(), Pending()
+        circuit = ClientCircuit(
+            owner, [relay], on_open=lambda c: opened.resolve(),
+            on_close=lambda c, why: opened.reject(StepError(f"flow control circuit: {why}")))
+        circuit.start(link, 30.0)
+        yield opened
+        fetch = BulkDirFetch(
+            circuit, DESCRIPTOR_REQUEST, body, count=DIR_FETCHES, parallel=PARALLEL_FETCHES,
+            on_done=lambda error: fetched.resolve() if error is None
+            else fetched.reject(StepError(error)))
+        fetch.start()
+        yield fetched
+        flow, problem = flow_control_report(circuit, fetch)
+        self.report["flow_control_v1"] = flow
+        if problem is not None:
+            raise StepError(f"flow control v1: {problem}")
+        circuit.close("done")
+        self.say(f"flow control v1: {flow['dir_fetches']} fetches on one circuit, "
+                 f"{flow['data_cells_from_tor']} DATA cells from tor for our "
+                 f"{flow['sendmes_to_tor']} v1 SENDMEs; tor's {flow['sendmes_from_tor_checked']} "
+                 f"v1 SENDMEs checked")
+
+    def _forged_sendme(self, link: Link) -> Generator[Pending, Any, OriginCircuit]:
+        """Step 7: a made-up tag, once tor has recorded the tag of its 100th DATA cell."""
+        circuit = OriginCircuit(link, self.pool, "forged-SENDME circuit")
+        yield circuit.create_fast()
+        while circuit.data_cells_received < 100:
+            status, _ = http_body((yield fetch_directory(circuit, DESCRIPTOR_REQUEST)))
+            if status != 200:
+                raise StepError(f"GET /tor/server/authority answered HTTP {status}")
+        circuit.send_relay(RelayCommand.SENDME, 0, encode_sendme_v1(bytes(20)))
+        reason = yield circuit.destroyed
+        if reason != DestroyReason.PROTOCOL:
+            raise StepError(f"tor answered a forged SENDME tag with DESTROY reason {reason}")
+        self.report["tor_refused_forged_sendme"] = True
+        self.say(f"tor destroyed the circuit for a forged SENDME v1 tag after "
+                 f"{circuit.data_cells_received} DATA cells (reason PROTOCOL)")
+        return circuit
 
     def _fetch_with_retry(self, circuit: OriginCircuit) -> Generator[Pending, Any, bytes]:
         waited = 0.0
@@ -569,6 +641,13 @@ def main(argv: list[str] | None = None) -> int:
         if tor is not None:
             time.sleep(0.3)  # let tor log anything it had to say about our DESTROYs and close
             warnings = tor.unexpected_warnings()
+            expected = [next((line for line in warnings if text in line), None)
+                        for text in FORGED_SENDME_WARNINGS]
+            report["tor_logged_forged_sendme"] = None not in expected
+            if report["tor_refused_forged_sendme"]:  # step 7's warnings are the expected ones
+                for line in expected:
+                    if line is not None:
+                        warnings.remove(line)
             report["tor_pid"] = tor.pid
             report["tor_warnings"] = warnings
             if warnings and report["ok"]:

@@ -1,4 +1,5 @@
-"""A real tor relay accepts our link, CREATE_FAST and ntor circuits, and relay crypto.
+"""A real tor relay accepts our link, CREATE_FAST and ntor circuits, relay crypto and our
+authenticated (v1) SENDMEs, and sends us v1 SENDMEs our client checks.
 
 The test runs ``python -m examples.tor_interop --start-tor --json`` as a subprocess: the example
 starts a private tor (``relay.torpeer``) on a free loopback port, talks to it through the
@@ -85,6 +86,19 @@ def test_example_talks_to_a_real_tor(tor_available: str) -> None:
     assert report["relay_cells_received"] >= 4, context
     assert report["pool_cells"] == report["relay_cells_sent"] + report["relay_cells_received"], (
         context)
+    # Flow control v1 with tor (step 6): more than a window from tor, so tor accepted our v1
+    # SENDMEs (one per 100 of its DATA cells); tor's own, one per 100 of our request cells,
+    # were version 1 and their tags checked out.
+    flow = report["flow_control_v1"]
+    assert flow["dir_fetches"] == 300, context
+    assert flow["data_cells_from_tor"] > 1000, context
+    assert flow["sendmes_to_tor"] == flow["data_cells_from_tor"] // 100, context
+    assert flow["data_cells_to_tor"] == 300, context
+    assert flow["sendmes_from_tor_checked"] == 3, context
+    # Step 7: tor checks the tags; a made-up one gets the circuit destroyed, and the warning
+    # tor logs for it is the only one.
+    assert report["tor_refused_forged_sendme"] is True, context
+    assert report["tor_logged_forged_sendme"] is True, context
     assert report["closed_cleanly"] is True, context
     assert report["tor_warnings"] == [], context
     assert report["tor_pid"] > 0, context
