@@ -26,8 +26,9 @@ when a circuit's deliver window has dropped by 100 (a stream's by 50) it sends a
 id 0 for the circuit) and adds the increment back; the sender adds it to its package window. A
 stream-level SENDME is withheld while the receiving application is not keeping up (its TCP
 write buffer is above the high watermark), which is what stops a fast sender from flooding a
-slow reader. A DATA cell beyond a deliver window is a protocol violation. Here SENDMEs are
-version 0 (empty body).
+slow reader. A DATA cell beyond a deliver window is a protocol violation. Circuit SENDMEs are
+version 1, authenticated with the tag of the DATA cell they acknowledge (:mod:`relay.sendme`,
+which states tor's rules); stream SENDMEs are version 0 (empty body), as tor's.
 
 Read gates
 ----------

@@ -629,7 +629,8 @@ def _reason(payload: bytes) -> int:
 
 def _tag_lookup(tags: bytes, local: Sequence[int]) -> TagLookup:
     """``tag_of(offset)`` for a forward batch: ``tags`` holds one tag per recognized cell, in
-    order, and ``local`` is the (sorted) indices of those cells. Asked once per SENDME."""
+    order, and ``local`` is the (sorted) indices of those cells. Asked once per SENDME. Any
+    thread (pure)."""
 
     def tag_of(offset: int) -> bytes:
         rank = bisect_left(local, offset // _SIZE)
