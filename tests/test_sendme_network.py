@@ -432,8 +432,7 @@ def test_our_client_refuses_an_exits_bad_sendme(network: LocalNetwork, reactor: 
         "forging", [sys.executable, str(FORGING_RELAY), "--sendme", mode, "--",
                     "--listen", "127.0.0.1:0", "--nickname", "forging",
                     "--data-dir", str(tmp_path / "forging"), "--log-level", "INFO",
-                    "--exit-policy", "accept 127.0.0.1:*, reject *:*",
-                    "--exit-policy-reject-private", "0"],
+                    "--testing-network", "--exit-policy", "accept 127.0.0.1:*, reject *:*"],
         tmp_path / "forging.log", env=network._env())
     try:
         exit_ = RelayDescriptor.from_json(forging.wait_ready(30)["descriptor"])
