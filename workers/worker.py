@@ -321,12 +321,12 @@ class WorkerThreads:
                     worker.cells += cells
                     worker.batches += 1
                     replies.append(_new_reply(Reply, (circuit, lane, result, cells, None)))
+            fatal = next((r for r in results if stops_pool(r)), None)
+            if fatal is not None:
+                self._abort(worker, fatal)  # before its reply: the loop sees the pool stopped
             # Put before the release (the next turn() call): a later batch of these circuits,
             # taken by another worker after the release, cannot overtake these replies.
             self._put_many(worker, replies)
-            fatal = next((r for r in results if stops_pool(r)), None)
-            if fatal is not None:
-                self._abort(worker, fatal)
         return failed
 
     def _serve(self, worker: WorkerRecord, circuit: Circuit) -> bool:
@@ -369,9 +369,9 @@ class WorkerThreads:
         except BaseException as exc:  # fails the circuit; see stops_pool
             worker.busy_ns += perf_counter_ns() - started
             worker.errors += 1
-            self._put(worker, _new_reply(Reply, (circuit, lane, None, cells, exc)))
             if stops_pool(exc):
-                self._abort(worker, exc)
+                self._abort(worker, exc)  # before its reply: the loop sees the pool stopped
+            self._put(worker, _new_reply(Reply, (circuit, lane, None, cells, exc)))
             return False
         worker.busy_ns += perf_counter_ns() - started
         worker.cells += cells
