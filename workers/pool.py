@@ -137,7 +137,7 @@ from workers.tuning import DEFAULT_MALLOC_RETAIN, MALLOC_MMAP_THRESHOLD, Starvat
 from workers.worker import SupportsPut, WorkerThreads
 
 if TYPE_CHECKING:
-    from reactor import Reactor
+    from reactor.wakers import LoopLike
 
 __all__ = [
     "DEFAULT_BATCH_CELLS",
@@ -267,22 +267,28 @@ class WorkerPool:
         # Loop thread only.
         self._started = False
         self._closed = False
+        self._drained_callbacks: list[Callable[[], object]] = []
 
     # ----------------------------------------------------------------- set-up
 
     @classmethod
     def attach(
-        cls, reactor: Reactor, *, max_batch: int | None = None, start: bool = True, **kwargs: Any
+        cls, loop: LoopLike, *, max_batch: int | None = None, start: bool = True, **kwargs: Any
     ) -> WorkerPool:
         """Build a pool whose replies go through a new ``reactor.ReplyQueue`` to :meth:`deliver`.
 
-        Loop thread only. The pool owns that queue: :meth:`close` closes it after the workers
-        are joined, which delivers every reply already put.
+        ``loop``: a ``reactor.Reactor`` (pyuv), a running asyncio or uvloop event loop, or a
+        trio ``TrioToken`` (the queue's waker is picked from it: :mod:`reactor.wakers`);
+        :meth:`deliver`, and so every ``on_result``, then runs on that loop's thread.
+        Loop thread only (that loop's: checked). The pool owns the queue: :meth:`close` closes
+        it after the workers are joined, which delivers every reply already put. For asyncio and
+        trio applications, :mod:`workers.on_asyncio` and :mod:`workers.on_trio` wrap this in an
+        ``async with`` and add awaitable results.
         """
-        from reactor import ReplyQueue  # the one interface workers/ takes from reactor/
+        from reactor.replyqueue import ReplyQueue  # the one interface workers/ takes from reactor/
 
         pool = cls(None, **kwargs)
-        pool.set_replies(ReplyQueue(reactor, pool.deliver, max_batch=max_batch), owned=True)
+        pool.set_replies(ReplyQueue(loop, pool.deliver, max_batch=max_batch), owned=True)
         if start:
             pool.start()
         return pool
@@ -471,6 +477,8 @@ class WorkerPool:
             self._pressure.cancelled += circuit.drop_pending()
         # else: the owner empties them when it lets go, counting them.
         self._pressure.closed(circuit)
+        if self._drained_callbacks and self._pressure.in_flight == 0:
+            self._run_drained_callbacks()
 
     def _check_class(self, priority: int) -> None:
         if not 0 <= priority < self._scheduler.queues.classes:
@@ -510,6 +518,8 @@ class WorkerPool:
             # Even if the callback raised (the ReplyQueue logs it), a resume is never missed.
             pressure.check_circuit_low_water(circuit)
             pressure.check_pool_low_water()
+            if self._drained_callbacks and pressure.in_flight == 0:
+                self._run_drained_callbacks()
 
     @property
     def in_flight(self) -> int:
@@ -520,6 +530,28 @@ class WorkerPool:
     def over_high_water(self) -> bool:
         """True between the pool's high-water signal and its low-water signal. Loop thread only."""
         return self._pressure.over_high_water
+
+    def call_when_drained(self, fn: Callable[[], object]) -> None:
+        """Run ``fn()`` once no cell is in flight: at once if none is, else on the loop thread
+        right after the delivery (or cancellation) that brings :attr:`in_flight` to 0.
+
+        Loop thread only. What an event loop awaits instead of blocking in :meth:`close`: after
+        :meth:`stop_intake`, in-flight reaches 0 exactly when every reply of a live circuit has
+        been delivered, so the following :meth:`close` only joins idle threads.
+        """
+        if self._pressure.in_flight == 0:
+            fn()
+        else:
+            self._drained_callbacks.append(fn)
+
+    def _run_drained_callbacks(self) -> None:
+        """Run (and forget) the :meth:`call_when_drained` callbacks. Loop thread only."""
+        callbacks, self._drained_callbacks = self._drained_callbacks, []
+        for fn in callbacks:
+            try:
+                fn()
+            except Exception:
+                log.exception("call_when_drained callback %r raised", fn)
 
     def _deliver_update(self, update: Update) -> None:
         """Run an update's acknowledgement callback. Loop thread only."""
@@ -556,6 +588,21 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- shutdown
 
+    def stop_intake(self, drain: bool = True) -> None:
+        """Take no more work; crypt (``drain``) or cancel what is queued; join nothing.
+
+        Loop thread only. Idempotent; ``drain=False`` after ``drain=True`` still cancels what
+        is left. The first half of :meth:`close`, for an event loop that must not block: the
+        workers finish on their own, the loop awaits :meth:`call_when_drained`, then calls
+        :meth:`close`, which joins threads that are already done.
+        """
+        scheduler = self._scheduler
+        if scheduler.exit:
+            return
+        if scheduler.closing and drain:
+            return
+        self._cancel(scheduler.stop_intake(cancel=not drain or not self._started))
+
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop intake, drain or cancel queued work, wake and join every worker. Loop thread only.
 
@@ -573,7 +620,7 @@ class WorkerPool:
             return
         scheduler = self._scheduler
         if not scheduler.closing:
-            self._cancel(scheduler.stop_intake(cancel=not drain or not self._started))
+            self.stop_intake(drain)
         alive = self._workers.join(timeout)
         if alive and not scheduler.exit:
             self._cancel(scheduler.stop_intake(cancel=True))
@@ -595,6 +642,8 @@ class WorkerPool:
         """Drop the pending cells of circuits no worker will serve again. Loop thread only."""
         for circuit in circuits:
             self._pressure.cancel(circuit, circuit.drop_pending())
+        if circuits and self._drained_callbacks and self._pressure.in_flight == 0:
+            self._run_drained_callbacks()
 
     # ----------------------------------------------------------------- stats
 
