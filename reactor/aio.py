@@ -43,8 +43,8 @@ def check_asyncio_thread(loop: asyncio.AbstractEventLoop, last_thread: int, what
     if running is None and not loop.is_running() and me == last_thread:
         return me
     raise RuntimeError(
-        f"{what} may only be called on the asyncio loop's thread (the thread running "
-        f"{loop!r}, or the one that last ran it), but was called from "
+        f"{what} may only be called on the loop thread of {loop!r} (the thread running it, "
+        "or while it does not run, the one that last ran it), but was called from "
         f"{threading.current_thread().name!r}; from other threads use "
         "loop.call_soon_threadsafe() or a ReplyQueue"
     )

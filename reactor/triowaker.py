@@ -35,8 +35,9 @@ def check_trio_thread(token: trio.lowlevel.TrioToken, run_thread: int, what: str
     if current is token or (current is None and threading.get_ident() == run_thread):
         return
     raise RuntimeError(
-        f"{what} may only be called in the trio run it belongs to (thread id {run_thread}), "
-        f"but was called from {threading.current_thread().name!r}; from other threads use "
+        f"{what} may only be called on the loop thread: inside the trio run it belongs to "
+        f"(thread id {run_thread}), or on that thread after the run; it was called from "
+        f"{threading.current_thread().name!r}; from other threads use "
         "TrioToken.run_sync_soon() or a ReplyQueue"
     )
 
@@ -55,7 +56,10 @@ class TrioWaker:
         except RuntimeError:
             inside = False
         if not inside:
-            raise RuntimeError("a trio ReplyQueue must be made inside the trio run it serves")
+            raise RuntimeError(
+                "ReplyQueue() on a trio token may only be called on the loop thread, inside "
+                "the trio run it serves"
+            )
         self._closed = False
         self.ref = False  # trio counts no handles: kept for the Waker interface only
         self.send: Callable[[], object] = functools.partial(token.run_sync_soon, callback)

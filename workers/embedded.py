@@ -10,7 +10,8 @@ the library is here, once:
   then its error or its end. The pool's callbacks fill it on the loop thread; a task takes from
   it. The subclasses add only how a task waits (an asyncio future, a trio parking lot).
 * :class:`EmbeddedPool`: the pool, the buffers of the circuits it opened, and the shutdown
-  sequence: stop intake, wait (asynchronously) until nothing is in flight, then ``close()``,
+  sequence: stop intake, await a helper thread that joins the workers (they exit once their
+  work is done or cancelled; the loop keeps delivering replies meanwhile), then ``close()``,
   which only joins threads that are already done and hands over the replies already put.
 
 Buffered results are not counted by the pool's back-pressure (a delivered batch has left
@@ -24,7 +25,6 @@ run); the worker threads reach it only through the reply queue.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from workers.circuit import Circuit, CircuitClosedError
@@ -179,18 +179,18 @@ class EmbeddedPool:
         stats["replies"] = self.replies.stats()
         return stats
 
-    def _begin_close(self, drain: bool, on_drained: Callable[[], object]) -> None:
-        """Stop intake (draining or cancelling) and ask for ``on_drained()`` once nothing is in
-        flight. Loop thread only."""
+    def _begin_close(self, drain: bool) -> None:
+        """Stop intake, draining or cancelling what is queued; the workers then exit on their
+        own (the subclass awaits ``pool.wait_for_workers`` on a helper thread). Loop thread
+        only."""
         self._closing = True
         self.pool.stop_intake(drain)
-        self.pool.call_when_drained(on_drained)
 
-    def _finish_close(self, drained: bool) -> None:
-        """Join the workers (cancelling what is queued unless ``drained``), deliver the
-        replies already put, end every circuit's results. Loop thread only."""
+    def _finish_close(self, workers_done: bool) -> None:
+        """Join the workers (first cancelling what is queued unless they are done), deliver
+        the replies already put, end every circuit's results. Loop thread only."""
         self._closing = True
-        if not drained:
+        if not workers_done:
             self.pool.stop_intake(drain=False)
         try:
             self.pool.close()

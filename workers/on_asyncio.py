@@ -12,10 +12,10 @@
 queue wakes the loop with ``call_soon_threadsafe`` once per empty -> non-empty transition
 (:mod:`reactor.aio`), and every ``on_result`` runs on the loop's thread, as on pyuv. Leaving the
 ``async with`` stops intake, waits (without blocking the loop) until every queued cell is
-crypted and delivered, then joins the workers; an exception or a cancellation inside the block
-cancels the queued cells instead. :func:`attach` is the same without the context manager
-(``await pool.aclose()`` at the end); ``WorkerPool.attach(loop, ...)`` is the bare pool with your
-own callbacks.
+crypted and the workers have exited, and hands over the last replies; an exception or a
+cancellation inside the block cancels the queued cells instead. :func:`attach` is the same
+without the context manager (``await pool.aclose()`` at the end); ``WorkerPool.attach(loop,
+...)`` is the bare pool with your own callbacks.
 
 Thread rules: everything here is loop thread only (the thread running the loop), checked where
 the reply queue is made and closed; worker threads reach the loop only through the queue.
@@ -111,25 +111,19 @@ class AsyncioPool(EmbeddedPool):
         """Stop intake; crypt (``drain``) or cancel what is queued; await the last delivery
         without blocking the loop; join the workers; end every circuit's results.
 
-        Loop thread only. If this is cancelled while it waits, what is still queued is
-        cancelled and the workers are joined before the cancellation propagates (at most one
-        batch per worker is still running then). Idempotent.
+        Loop thread only. The workers are joined by a helper thread (``asyncio.to_thread``)
+        while the loop goes on delivering replies. If this is cancelled while it waits, what is
+        still queued is cancelled and the workers are joined before the cancellation
+        propagates (at most one batch per worker is still running then). Idempotent.
         """
         if self.closed:
             return
-        drained = self.loop.create_future()
-
-        def on_drained() -> None:
-            if not drained.done():
-                drained.set_result(None)
-
-        finished = False
+        done = False
         try:
-            self._begin_close(drain, on_drained)
-            await drained
-            finished = True
+            self._begin_close(drain)
+            done = await asyncio.to_thread(self.pool.wait_for_workers)
         finally:
-            self._finish_close(drained=finished)
+            self._finish_close(workers_done=done)
 
 
 def attach(

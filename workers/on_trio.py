@@ -12,8 +12,8 @@
 queue wakes the run with ``TrioToken.run_sync_soon`` once per empty -> non-empty transition
 (:mod:`reactor.triowaker`), and every ``on_result`` runs on the run's thread (inside trio's
 system task for such calls: it must not block, and may wake tasks but not await). Leaving the
-``async with`` stops intake, waits (a checkpoint, the loop keeps running) until every queued
-cell is crypted and delivered, then joins the workers; an exception or a cancellation inside
+``async with`` stops intake, waits (the run keeps going) until every queued cell is crypted
+and the workers have exited, hands over the last replies; an exception or a cancellation inside
 the block cancels the queued cells instead (the join then waits for at most one running batch
 per worker, shielded, so no thread outlives the block).
 
@@ -101,22 +101,22 @@ class TrioPool(EmbeddedPool):
         return results
 
     async def aclose(self, drain: bool = True) -> None:
-        """Stop intake; crypt (``drain``) or cancel what is queued; wait for the last delivery
-        (a checkpoint); join the workers; end every circuit's results.
+        """Stop intake; crypt (``drain``) or cancel what is queued; wait for the workers to exit
+        (joined by ``trio.to_thread``, while the run goes on delivering replies); hand over the
+        last replies; end every circuit's results.
 
         Loop thread only. If this is cancelled while it waits, what is still queued is
         cancelled and the workers are joined before the cancellation propagates. Idempotent.
         """
         if self.closed:
             return
-        drained = trio.Event()
-        finished = False
+        done = False
         try:
-            self._begin_close(drain, drained.set)
-            await drained.wait()
-            finished = True
+            self._begin_close(drain)
+            done = await trio.to_thread.run_sync(self.pool.wait_for_workers,
+                                                 abandon_on_cancel=True)
         finally:
-            self._finish_close(drained=finished)
+            self._finish_close(workers_done=done)
 
 
 @asynccontextmanager

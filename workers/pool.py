@@ -267,7 +267,6 @@ class WorkerPool:
         # Loop thread only.
         self._started = False
         self._closed = False
-        self._drained_callbacks: list[Callable[[], object]] = []
 
     # ----------------------------------------------------------------- set-up
 
@@ -477,8 +476,6 @@ class WorkerPool:
             self._pressure.cancelled += circuit.drop_pending()
         # else: the owner empties them when it lets go, counting them.
         self._pressure.closed(circuit)
-        if self._drained_callbacks and self._pressure.in_flight == 0:
-            self._run_drained_callbacks()
 
     def _check_class(self, priority: int) -> None:
         if not 0 <= priority < self._scheduler.queues.classes:
@@ -518,8 +515,6 @@ class WorkerPool:
             # Even if the callback raised (the ReplyQueue logs it), a resume is never missed.
             pressure.check_circuit_low_water(circuit)
             pressure.check_pool_low_water()
-            if self._drained_callbacks and pressure.in_flight == 0:
-                self._run_drained_callbacks()
 
     @property
     def in_flight(self) -> int:
@@ -530,28 +525,6 @@ class WorkerPool:
     def over_high_water(self) -> bool:
         """True between the pool's high-water signal and its low-water signal. Loop thread only."""
         return self._pressure.over_high_water
-
-    def call_when_drained(self, fn: Callable[[], object]) -> None:
-        """Run ``fn()`` once no cell is in flight: at once if none is, else on the loop thread
-        right after the delivery (or cancellation) that brings :attr:`in_flight` to 0.
-
-        Loop thread only. What an event loop awaits instead of blocking in :meth:`close`: after
-        :meth:`stop_intake`, in-flight reaches 0 exactly when every reply of a live circuit has
-        been delivered, so the following :meth:`close` only joins idle threads.
-        """
-        if self._pressure.in_flight == 0:
-            fn()
-        else:
-            self._drained_callbacks.append(fn)
-
-    def _run_drained_callbacks(self) -> None:
-        """Run (and forget) the :meth:`call_when_drained` callbacks. Loop thread only."""
-        callbacks, self._drained_callbacks = self._drained_callbacks, []
-        for fn in callbacks:
-            try:
-                fn()
-            except Exception:
-                log.exception("call_when_drained callback %r raised", fn)
 
     def _deliver_update(self, update: Update) -> None:
         """Run an update's acknowledgement callback. Loop thread only."""
@@ -593,8 +566,8 @@ class WorkerPool:
 
         Loop thread only. Idempotent; ``drain=False`` after ``drain=True`` still cancels what
         is left. The first half of :meth:`close`, for an event loop that must not block: the
-        workers finish on their own, the loop awaits :meth:`call_when_drained`, then calls
-        :meth:`close`, which joins threads that are already done.
+        workers finish on their own and exit, the loop awaits :meth:`wait_for_workers` run on a
+        helper thread, then calls :meth:`close`, which joins threads that are already done.
         """
         scheduler = self._scheduler
         if scheduler.exit:
@@ -602,6 +575,17 @@ class WorkerPool:
         if scheduler.closing and drain:
             return
         self._cancel(scheduler.stop_intake(cancel=not drain or not self._started))
+
+    def wait_for_workers(self, timeout: float | None = None) -> bool:
+        """Block until every worker thread has exited (they do once :meth:`stop_intake` or
+        :meth:`close` was called and their work is done or cancelled); True if all have.
+
+        Any thread: it only joins threads, and is meant for a helper thread of an event loop
+        that must not block (``asyncio.to_thread``, ``trio.to_thread.run_sync``).
+        """
+        if not self._started:
+            return True
+        return not self._workers.join(timeout)
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop intake, drain or cancel queued work, wake and join every worker. Loop thread only.
@@ -642,8 +626,6 @@ class WorkerPool:
         """Drop the pending cells of circuits no worker will serve again. Loop thread only."""
         for circuit in circuits:
             self._pressure.cancel(circuit, circuit.drop_pending())
-        if circuits and self._drained_callbacks and self._pressure.in_flight == 0:
-            self._run_drained_callbacks()
 
     # ----------------------------------------------------------------- stats
 
