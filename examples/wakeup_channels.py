@@ -1,0 +1,319 @@
+"""The wake-up mechanisms that ``examples.wakeup_latency`` compares, on four loop kinds.
+
+Each mechanism carries an item from a worker thread to ``handle(item)`` on a loop thread and is
+built by a factory ``(ctx, handle) -> Channel`` on that loop's thread. :func:`run_loop` makes a
+loop of one kind, lets a ``setup(ctx)`` start things on its thread, runs it until ``ctx.stop()``
+and then calls the cleanup ``setup`` returned, still on that thread.
+
+pyuv (one :class:`reactor.Reactor`):
+
+``replyqueue``   ours: ``ReplyQueue.put``, ``uv.Async.send`` on empty -> non-empty only;
+``raw_async``    a locked deque (the same lean locking as ``put``), ``Async.send()`` per item;
+``socketpair``   cpuworker style: locked deque plus one byte per item down a socketpair.
+
+asyncio and uvloop (the same code, two loops):
+
+``replyqueue_<loop>``          ours: ``ReplyQueue`` with ``call_soon_threadsafe`` per transition;
+``<loop>``                     the loop's own ``call_soon_threadsafe(handle, item)`` per item;
+``replyqueue_<loop>_eventfd``  ours, woken instead through an eventfd + ``loop.add_reader``
+                               (:class:`EventfdWakers`; the alternative measured for
+                               :mod:`reactor.aio`, not a library waker).
+
+trio:
+
+``replyqueue_trio``   ours: ``ReplyQueue`` with ``TrioToken.run_sync_soon`` per transition;
+``trio``              ``run_sync_soon(handle, item)`` per item.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pyuv
+
+from reactor import Reactor, ReplyQueue
+from reactor.aio import check_asyncio_thread
+
+Post = Callable[[int], object]
+Handle = Callable[[int], None]
+
+#: The mechanisms of each loop kind, ours first.
+LOOPS: dict[str, tuple[str, ...]] = {
+    "pyuv": ("replyqueue", "raw_async", "socketpair"),
+    "asyncio": ("replyqueue_asyncio", "asyncio", "replyqueue_asyncio_eventfd"),
+    "uvloop": ("replyqueue_uvloop", "uvloop", "replyqueue_uvloop_eventfd"),
+    "trio": ("replyqueue_trio", "trio"),
+}
+
+
+def available_loops() -> tuple[str, ...]:
+    """The loop kinds importable here (uvloop and trio are optional). Any thread."""
+    kinds = ["pyuv", "asyncio"]
+    for optional in ("uvloop", "trio"):
+        try:
+            __import__(optional)
+        except ImportError:
+            continue
+        kinds.append(optional)
+    return tuple(kinds)
+
+
+@dataclass
+class LoopCtx:
+    """One running loop, as the mechanisms and the recorders see it. Loop thread only."""
+
+    kind: str
+    loop: Any  # a Reactor, an asyncio loop, or a trio TrioToken
+    call_soon: Callable[..., object]
+    stop: Callable[[], object]
+
+
+@dataclass
+class Channel:
+    """One mechanism set up on a loop: how to post, its counters, how to tear it down.
+
+    ``signals``/``passes`` return -1 for mechanisms that signal (and run a loop pass) once per
+    item by construction.
+    """
+
+    post: Post
+    signals: Callable[[], int]  # wake-up signals issued by producers so far
+    passes: Callable[[], int]  # loop-side passes so far
+    close: Callable[[], None]
+
+
+def run_loop(kind: str, setup: Callable[[LoopCtx], Callable[[], None]]) -> None:
+    """Make a loop of ``kind``, run ``setup(ctx)`` on its thread, run the loop until
+    ``ctx.stop()``, then the cleanup ``setup`` returned. Main thread (it runs the loop)."""
+    if kind == "pyuv":
+        reactor = Reactor()
+        cleanup = setup(LoopCtx(kind, reactor, reactor.call_soon, reactor.stop))
+        reactor.run()
+        cleanup()
+        reactor.close()
+    elif kind in ("asyncio", "uvloop"):
+        if kind == "uvloop":
+            import uvloop
+
+            loop = uvloop.new_event_loop()
+        else:
+            loop = asyncio.new_event_loop()
+        cleanup = setup(LoopCtx(kind, loop, loop.call_soon, loop.stop))
+        loop.run_forever()
+        cleanup()
+        loop.close()
+    elif kind == "trio":
+        import trio
+
+        async def main() -> None:
+            token = trio.lowlevel.current_trio_token()
+            done = trio.Event()
+            cleanup = setup(LoopCtx(kind, token, token.run_sync_soon, done.set))
+            await done.wait()
+            cleanup()
+
+        trio.run(main)
+    else:
+        raise ValueError(f"unknown loop kind {kind!r}")
+
+
+# --------------------------------------------------------------------------- ours, any loop
+
+
+def replyqueue_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """Ours, with the loop's own waker. Loop thread."""
+    queue: ReplyQueue[int] = ReplyQueue(ctx.loop, handle)
+    return Channel(
+        post=queue.put,
+        signals=lambda: queue.stats()["wakeups_sent"],
+        passes=lambda: queue.stats()["callbacks"],
+        close=queue.close,
+    )
+
+
+class EventfdWaker:
+    """An eventfd registered with ``loop.add_reader``: ``send`` writes 1, the reader callback
+    reads the counter back and runs the queue's callback. The alternative to
+    ``call_soon_threadsafe`` measured for :mod:`reactor.aio`.
+
+    Only for this measurement: ``close()`` frees the descriptor, so a producer racing it could
+    write into a number the process has reused; here every producer is joined before close.
+    """
+
+    closed_errors: tuple[type[BaseException], ...] = (OSError,)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
+        """Loop thread (the loop does not run yet, or this is its thread)."""
+        self._loop = loop
+        self._thread = check_asyncio_thread(loop, threading.get_ident(), "EventfdWaker()")
+        self._callback = callback
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        loop.add_reader(self._fd, self._readable)
+        self.ref = False
+        self.send: Callable[[], object] = functools.partial(os.eventfd_write, self._fd, 1)
+
+    def _readable(self) -> None:
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return
+        self._callback()
+
+    def send_from_loop(self) -> None:
+        """Loop thread."""
+        self._loop.call_soon(self._callback)
+
+    def check_loop_thread(self, what: str) -> None:
+        """Any thread."""
+        self._thread = check_asyncio_thread(self._loop, self._thread, what)
+
+    def close(self) -> None:
+        """Loop thread."""
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+
+class EventfdWakers:
+    """A waker source: ``ReplyQueue(EventfdWakers(loop), handler)`` uses :class:`EventfdWaker`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def make_waker(self, callback: Callable[[], object], owner: object) -> EventfdWaker:
+        """Loop thread."""
+        return EventfdWaker(self.loop, callback)
+
+
+def replyqueue_eventfd_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """Ours, woken through an eventfd. Loop thread (asyncio or uvloop)."""
+    queue: ReplyQueue[int] = ReplyQueue(EventfdWakers(ctx.loop), handle)
+    return Channel(
+        post=queue.put,
+        signals=lambda: queue.stats()["wakeups_sent"],
+        passes=lambda: queue.stats()["callbacks"],
+        close=queue.close,
+    )
+
+
+# --------------------------------------------------------------------------- native, per item
+
+
+def call_soon_threadsafe_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """``loop.call_soon_threadsafe(handle, item)`` per item. Loop thread (asyncio, uvloop)."""
+    call_soon_threadsafe = ctx.loop.call_soon_threadsafe
+
+    def post(item: int) -> None:
+        call_soon_threadsafe(handle, item)
+
+    return Channel(post=post, signals=lambda: -1, passes=lambda: -1, close=lambda: None)
+
+
+def run_sync_soon_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """``token.run_sync_soon(handle, item)`` per item. Loop thread (trio)."""
+    run_sync_soon = ctx.loop.run_sync_soon
+
+    def post(item: int) -> None:
+        run_sync_soon(handle, item)
+
+    return Channel(post=post, signals=lambda: -1, passes=lambda: -1, close=lambda: None)
+
+
+# --------------------------------------------------------------------------- pyuv only
+
+
+def raw_async_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """A locked deque, a whole-deque swap, and ``Async.send()`` per item. Loop thread."""
+    lock = threading.Lock()
+    acquire = lock.acquire
+    release = lock.release
+    box: list[deque[int]] = [deque()]
+    counts = {"passes": 0}
+
+    def on_async(async_handle: pyuv.Async) -> None:
+        counts["passes"] += 1
+        with lock:
+            items = box[0]
+            box[0] = deque()
+        for item in items:
+            handle(item)
+
+    wakeup = pyuv.Async(ctx.loop.loop, on_async)
+    wakeup.ref = False
+    send = wakeup.send
+
+    def post(item: int) -> None:
+        # The same lean locking as ReplyQueue.put, so that only the mechanism differs.
+        acquire()
+        try:
+            box[0].append(item)
+        finally:
+            release()
+        send()
+
+    def close() -> None:
+        on_async(wakeup)
+        wakeup.close()
+
+    return Channel(post=post, signals=lambda: -1, passes=lambda: counts["passes"], close=close)
+
+
+def socketpair_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """A locked deque plus one byte per item down a socketpair, polled. Loop thread."""
+    loop_sock, worker_sock = socket.socketpair()
+    loop_sock.setblocking(False)
+    lock = threading.Lock()
+    items: deque[int] = deque()
+    counts = {"passes": 0}
+
+    def on_readable(poll: pyuv.Poll, events: int, error: int | None) -> None:
+        counts["passes"] += 1
+        try:
+            tokens = len(loop_sock.recv(65536))
+        except BlockingIOError:
+            return
+        with lock:
+            batch = [items.popleft() for _ in range(tokens)]
+        for item in batch:
+            handle(item)
+
+    poll = pyuv.Poll(ctx.loop.loop, loop_sock.fileno())
+    poll.start(pyuv.UV_READABLE, on_readable)
+    poll.ref = False
+    send = worker_sock.send
+
+    def post(item: int) -> None:
+        with lock:
+            items.append(item)
+        send(b"\0")
+
+    def close() -> None:
+        poll.close()
+        loop_sock.close()
+        worker_sock.close()
+
+    return Channel(post=post, signals=lambda: -1, passes=lambda: counts["passes"], close=close)
+
+
+CHANNELS: dict[str, Callable[[LoopCtx, Handle], Channel]] = {
+    "replyqueue": replyqueue_channel,
+    "raw_async": raw_async_channel,
+    "socketpair": socketpair_channel,
+    "replyqueue_asyncio": replyqueue_channel,
+    "asyncio": call_soon_threadsafe_channel,
+    "replyqueue_asyncio_eventfd": replyqueue_eventfd_channel,
+    "replyqueue_uvloop": replyqueue_channel,
+    "uvloop": call_soon_threadsafe_channel,
+    "replyqueue_uvloop_eventfd": replyqueue_eventfd_channel,
+    "replyqueue_trio": replyqueue_channel,
+    "trio": run_sync_soon_channel,
+}
