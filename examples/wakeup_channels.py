@@ -13,11 +13,11 @@ pyuv (one :class:`reactor.Reactor`):
 
 asyncio and uvloop (the same code, two loops):
 
-``replyqueue_<loop>``          ours: ``ReplyQueue`` with ``call_soon_threadsafe`` per transition;
-``<loop>``                     the loop's own ``call_soon_threadsafe(handle, item)`` per item;
-``replyqueue_<loop>_eventfd``  ours, woken instead through an eventfd + ``loop.add_reader``
-                               (:class:`EventfdWakers`; the alternative measured for
-                               :mod:`reactor.aio`, not a library waker).
+``replyqueue_<loop>``             ours: ``ReplyQueue`` woken through an eventfd watched with
+                                  ``loop.add_reader``, once per transition (:mod:`reactor.aio`);
+``<loop>``                        the loop's own ``call_soon_threadsafe(handle, item)`` per item;
+``replyqueue_<loop>_threadsafe``  ours, woken instead with ``call_soon_threadsafe`` once per
+                                  transition (the alternative measured for :mod:`reactor.aio`).
 
 trio:
 
@@ -28,8 +28,6 @@ trio:
 from __future__ import annotations
 
 import asyncio
-import functools
-import os
 import socket
 import threading
 from collections import deque
@@ -40,7 +38,7 @@ from typing import Any
 import pyuv
 
 from reactor import Reactor, ReplyQueue
-from reactor.aio import check_asyncio_thread
+from reactor.aio import CallSoonThreadsafeWaker
 
 Post = Callable[[int], object]
 Handle = Callable[[int], None]
@@ -48,8 +46,8 @@ Handle = Callable[[int], None]
 #: The mechanisms of each loop kind, ours first.
 LOOPS: dict[str, tuple[str, ...]] = {
     "pyuv": ("replyqueue", "raw_async", "socketpair"),
-    "asyncio": ("replyqueue_asyncio", "asyncio", "replyqueue_asyncio_eventfd"),
-    "uvloop": ("replyqueue_uvloop", "uvloop", "replyqueue_uvloop_eventfd"),
+    "asyncio": ("replyqueue_asyncio", "asyncio", "replyqueue_asyncio_threadsafe"),
+    "uvloop": ("replyqueue_uvloop", "uvloop", "replyqueue_uvloop_threadsafe"),
     "trio": ("replyqueue_trio", "trio"),
 }
 
@@ -139,64 +137,21 @@ def replyqueue_channel(ctx: LoopCtx, handle: Handle) -> Channel:
     )
 
 
-class EventfdWaker:
-    """An eventfd registered with ``loop.add_reader``: ``send`` writes 1, the reader callback
-    reads the counter back and runs the queue's callback. The alternative to
-    ``call_soon_threadsafe`` measured for :mod:`reactor.aio`.
-
-    Only for this measurement: ``close()`` frees the descriptor, so a producer racing it could
-    write into a number the process has reused; here every producer is joined before close.
-    """
-
-    closed_errors: tuple[type[BaseException], ...] = (OSError,)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, callback: Callable[[], object]) -> None:
-        """Loop thread (the loop does not run yet, or this is its thread)."""
-        self._loop = loop
-        self._thread = check_asyncio_thread(loop, threading.get_ident(), "EventfdWaker()")
-        self._callback = callback
-        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        loop.add_reader(self._fd, self._readable)
-        self.ref = False
-        self.send: Callable[[], object] = functools.partial(os.eventfd_write, self._fd, 1)
-
-    def _readable(self) -> None:
-        try:
-            os.eventfd_read(self._fd)
-        except BlockingIOError:
-            return
-        self._callback()
-
-    def send_from_loop(self) -> None:
-        """Loop thread."""
-        self._loop.call_soon(self._callback)
-
-    def check_loop_thread(self, what: str) -> None:
-        """Any thread."""
-        self._thread = check_asyncio_thread(self._loop, self._thread, what)
-
-    def close(self) -> None:
-        """Loop thread."""
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
-
-
-class EventfdWakers:
-    """A waker source: ``ReplyQueue(EventfdWakers(loop), handler)`` uses :class:`EventfdWaker`."""
+class ThreadsafeCallWakers:
+    """A waker source: ``ReplyQueue(ThreadsafeCallWakers(loop), handler)`` wakes ``loop`` with
+    ``call_soon_threadsafe`` once per transition instead of the library's eventfd."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
 
-    def make_waker(self, callback: Callable[[], object], owner: object) -> EventfdWaker:
+    def make_waker(self, callback: Callable[[], object], owner: object) -> Any:
         """Loop thread."""
-        return EventfdWaker(self.loop, callback)
+        return CallSoonThreadsafeWaker(self.loop, callback)
 
 
-def replyqueue_eventfd_channel(ctx: LoopCtx, handle: Handle) -> Channel:
-    """Ours, woken through an eventfd. Loop thread (asyncio or uvloop)."""
-    queue: ReplyQueue[int] = ReplyQueue(EventfdWakers(ctx.loop), handle)
+def replyqueue_threadsafe_channel(ctx: LoopCtx, handle: Handle) -> Channel:
+    """Ours, woken with ``call_soon_threadsafe``. Loop thread (asyncio or uvloop)."""
+    queue: ReplyQueue[int] = ReplyQueue(ThreadsafeCallWakers(ctx.loop), handle)
     return Channel(
         post=queue.put,
         signals=lambda: queue.stats()["wakeups_sent"],
@@ -310,10 +265,10 @@ CHANNELS: dict[str, Callable[[LoopCtx, Handle], Channel]] = {
     "socketpair": socketpair_channel,
     "replyqueue_asyncio": replyqueue_channel,
     "asyncio": call_soon_threadsafe_channel,
-    "replyqueue_asyncio_eventfd": replyqueue_eventfd_channel,
+    "replyqueue_asyncio_threadsafe": replyqueue_threadsafe_channel,
     "replyqueue_uvloop": replyqueue_channel,
     "uvloop": call_soon_threadsafe_channel,
-    "replyqueue_uvloop_eventfd": replyqueue_eventfd_channel,
+    "replyqueue_uvloop_threadsafe": replyqueue_threadsafe_channel,
     "replyqueue_trio": replyqueue_channel,
     "trio": run_sync_soon_channel,
 }

@@ -8,10 +8,12 @@ thread to a handler on a loop thread, on four loop kinds:
 
 * pyuv: ``replyqueue`` (ours), ``raw_async`` (``Async.send`` per item), ``socketpair``
   (cpuworker style);
-* asyncio and uvloop: ``replyqueue_<loop>`` (ours: ``call_soon_threadsafe`` once per
-  empty -> non-empty transition), ``<loop>`` (the loop's own ``call_soon_threadsafe`` per item),
-  ``replyqueue_<loop>_eventfd`` (ours, woken through an eventfd and ``add_reader``: the
-  alternative measured for :mod:`reactor.aio`);
+* asyncio and uvloop: ``replyqueue_<loop>`` (ours: an eventfd watched with ``add_reader``,
+  written once per empty -> non-empty transition), ``<loop>`` (the loop's own
+  ``call_soon_threadsafe`` per item),
+  ``replyqueue_<loop>_threadsafe`` (ours, woken with ``call_soon_threadsafe`` once per
+  transition instead of the library's eventfd: the alternative measured for
+  :mod:`reactor.aio`);
 * trio: ``replyqueue_trio`` (ours: ``run_sync_soon`` per transition), ``trio``
   (``run_sync_soon`` per item).
 
@@ -37,8 +39,8 @@ unimodal.
 
 Burst: one worker posts N items as fast as it can; items/s is N divided by the time from the
 first post to the handling of the last item. ``wakeups_per_item`` counts the wake-up signals the
-producer side issued (``Async.send`` / ``call_soon_threadsafe`` / ``run_sync_soon`` calls, eventfd
-writes, bytes written) per item. The table also shows loop passes per item: how often the
+producer side issued (``Async.send`` / ``call_soon_threadsafe`` / ``run_sync_soon`` calls,
+eventfd writes, bytes written) per item. The table also shows loop passes per item: how often the
 loop-side code ran (one pass may handle many items). Bursts rotate through the mechanisms and
 repeat; the median is reported.
 """
@@ -302,10 +304,11 @@ def targets(results: dict[str, dict]) -> list[tuple[str, bool]]:
 
 
 def comparisons(results: dict[str, dict]) -> list[str]:
-    """Ours against each loop's own per-item wake-up, and the eventfd alternative. Any thread."""
+    """Ours against each loop's own per-item wake-up, and the call_soon_threadsafe alternative.
+    Any thread."""
     lines = []
-    pairs = (*OURS_VS_NATIVE[1:], ("replyqueue_asyncio_eventfd", "asyncio"),
-             ("replyqueue_uvloop_eventfd", "uvloop"))
+    pairs = (*OURS_VS_NATIVE[1:], ("replyqueue_asyncio_threadsafe", "asyncio"),
+             ("replyqueue_uvloop_threadsafe", "uvloop"))
     for ours, native in pairs:
         if ours in results and native in results:
             p50 = results[ours]["isolated"]["p50_us"] / results[native]["isolated"]["p50_us"]

@@ -135,9 +135,9 @@ def make_waker(loop: LoopLike, callback: Callable[[], object], owner: WakerOwner
         return builder(callback, owner)
     asyncio = sys.modules.get("asyncio")
     if asyncio is not None and isinstance(loop, asyncio.AbstractEventLoop):
-        from reactor.aio import AsyncioWaker
+        from reactor.aio import asyncio_waker
 
-        return AsyncioWaker(loop, callback)
+        return asyncio_waker(loop, callback)
     trio = sys.modules.get("trio")
     if trio is not None and isinstance(loop, trio.lowlevel.TrioToken):
         from reactor.triowaker import TrioWaker

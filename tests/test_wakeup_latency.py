@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 OURS = {"replyqueue", "replyqueue_asyncio", "replyqueue_uvloop", "replyqueue_trio",
-        "replyqueue_asyncio_eventfd", "replyqueue_uvloop_eventfd"}
+        "replyqueue_asyncio_threadsafe", "replyqueue_uvloop_threadsafe"}
 PER_ITEM = {"raw_async", "socketpair", "asyncio", "uvloop", "trio"}
 MECHANISMS = OURS | PER_ITEM
 

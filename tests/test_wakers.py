@@ -1,0 +1,99 @@
+"""reactor.aio's wakers: the descriptor's life, the fallback without add_reader, which waker
+each loop gets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+import trio
+import uvloop
+
+from reactor import Reactor, ReplyQueue
+from reactor.aio import AsyncioWaker, CallSoonThreadsafeWaker
+from reactor.triowaker import TrioWaker
+from reactor.wakers import PyuvWaker
+
+
+def open_fds() -> set[int]:
+    return {int(name) for name in os.listdir("/proc/self/fd")}
+
+
+def test_each_loop_kind_gets_its_waker() -> None:
+    with Reactor() as reactor:
+        queue: ReplyQueue[int] = ReplyQueue(reactor, print)
+        assert isinstance(queue._waker, PyuvWaker)
+        queue.close()
+    for factory in (asyncio.new_event_loop, uvloop.new_event_loop):
+        loop = factory()
+        queue = ReplyQueue(loop, print)
+        assert isinstance(queue._waker, AsyncioWaker)
+        queue.close()
+        loop.close()
+
+    async def in_trio() -> None:
+        queue: ReplyQueue[int] = ReplyQueue(trio.lowlevel.current_trio_token(), print)
+        assert isinstance(queue._waker, TrioWaker)
+        queue.close()
+
+    trio.run(in_trio)
+
+
+def test_the_descriptor_is_closed_with_the_queue_and_sends_after_do_nothing() -> None:
+    loop = asyncio.new_event_loop()
+    before = open_fds()
+    queues = [ReplyQueue(loop, print) for _ in range(50)]
+    assert len(open_fds() - before) >= 50  # one eventfd each (two pipe ends without eventfd)
+    wakers = [q._waker for q in queues]
+    for queue in queues:
+        queue.close()
+    assert open_fds() - before == set()
+    # A producer that saw the queue open and wakes after close(): nothing is written anywhere.
+    replacement = os.open(os.devnull, os.O_RDONLY)  # likely reuses a freed descriptor number
+    try:
+        errors: list[BaseException] = []
+
+        def late_send() -> None:
+            try:
+                for waker in wakers:
+                    waker.send()
+            except BaseException as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=late_send)
+        thread.start()
+        thread.join()
+        assert errors == []
+    finally:
+        os.close(replacement)
+    loop.close()
+
+
+class NoReaderLoop(asyncio.SelectorEventLoop):
+    """A loop without add_reader, as Windows' proactor loop."""
+
+    def add_reader(self, fd: object, callback: object, *args: object) -> None:
+        raise NotImplementedError
+
+
+def test_a_loop_without_add_reader_gets_call_soon_threadsafe_and_works() -> None:
+    loop = NoReaderLoop()
+    before = open_fds()
+    handled: list[int] = []
+    queue: ReplyQueue[int] = ReplyQueue(loop, handled.append)
+    assert isinstance(queue._waker, CallSoonThreadsafeWaker)
+    assert open_fds() - before == set()  # the eventfd it tried first was closed again
+    producer = threading.Thread(target=lambda: [queue.put(i) for i in range(1000)])
+
+    async def run() -> None:
+        producer.start()
+        while len(handled) < 1000:
+            await asyncio.sleep(0.002)
+
+    loop.run_until_complete(asyncio.wait_for(run(), 20))
+    producer.join()
+    assert handled == list(range(1000))
+    assert 1 <= queue.stats()["wakeups_sent"] <= 1000
+    queue.close()
+    loop.close()
