@@ -97,3 +97,17 @@ def test_a_loop_without_add_reader_gets_call_soon_threadsafe_and_works() -> None
     assert 1 <= queue.stats()["wakeups_sent"] <= 1000
     queue.close()
     loop.close()
+
+
+def test_workers_import_no_loop_library_and_no_tor() -> None:
+    """workers/ (and its loop-free embedding base) import neither a loop library nor Tor code:
+    the asyncio and trio adapters are separate modules, reactor/ is imported lazily."""
+    import subprocess
+    import sys
+
+    code = ("import sys, workers.pool, workers.embedded, workers.worker; "
+            "print(sorted(m for m in ('asyncio', 'trio', 'uvloop', 'pyuv', 'tor1', 'relay', "
+            "'reactor') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=True, timeout=60)
+    assert done.stdout.strip() == "[]"
