@@ -329,7 +329,7 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
         f"loops: {', '.join(args.loops)}"
     )
     header = (
-        f"{'mechanism':<26} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'max us':>9}"
+        f"{'mechanism':<30} {'p50 us':>8} {'p90 us':>8} {'p99 us':>8} {'max us':>9}"
         f" {'burst items/s':>14} {'wake-ups/item':>14} {'loop passes/item':>17}"
     )
     print(header)
@@ -338,7 +338,7 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
         iso = results[name]["isolated"]
         burst = results[name]["burst"]
         print(
-            f"{name:<26} {iso['p50_us']:>8.1f} {iso['p90_us']:>8.1f} {iso['p99_us']:>8.1f}"
+            f"{name:<30} {iso['p50_us']:>8.1f} {iso['p90_us']:>8.1f} {iso['p99_us']:>8.1f}"
             f" {iso['max_us']:>9.1f} {burst['items_per_s']:>14,.0f}"
             f" {burst['wakeups_per_item']:>14.5f} {results[name]['_passes_per_item']:>17.5f}"
         )

@@ -8,14 +8,14 @@ happens once per batch of items, not once per item.
 
 It was measured against the obvious alternative, ``loop.call_soon_threadsafe(callback)`` once
 per transition (:class:`CallSoonThreadsafeWaker`, still used for loops without ``add_reader``,
-such as Windows' proactor loop). Isolated wake-up p50 on this project's 2-core machine, two runs
-of ``python -m examples.wakeup_latency -n 20000 --rounds 10`` while other work shared the
-machine (``docs/embedding.md`` has the tables): standard loop 9.6 / 9.9 us with the eventfd
-against 10.8 / 11.3 us with ``call_soon_threadsafe`` (the loop's own per-item
-``call_soon_threadsafe``: 9.4 / 10.0 us); uvloop 7.0 / 7.2 us against 13.9 / 15.5 us (uvloop's
-own: 7.3 / 13.1 us). ``call_soon_threadsafe`` pays for a ``Handle``, the ready queue and, on the
-standard loop, a self-pipe write plus a read callback of its own; the eventfd's reader callback
-is the wake-up itself.
+such as Windows' proactor loop). Isolated wake-up p50 on this project's 2-core machine, three
+runs of ``python -m examples.wakeup_latency -n 20000 --rounds 10`` while other work shared the
+machine (``docs/embedding.md`` has the tables): standard loop 9.6 / 9.9 / 6.8 us with the
+eventfd against 10.8 / 11.3 / 7.3 us with ``call_soon_threadsafe`` (the loop's own per-item
+``call_soon_threadsafe``: 9.4 / 10.0 / 6.5 us); uvloop 7.0 / 7.2 / 5.9 us against
+13.9 / 15.5 / 13.1 us (uvloop's own: 7.3 / 13.1 / 9.6 us). ``call_soon_threadsafe`` pays for
+a ``Handle``, the ready queue and, on the standard loop, a self-pipe write plus a read callback
+of its own; the eventfd's reader callback is the wake-up itself.
 
 Closing: a producer that saw the queue open may still be about to write when the loop thread
 closes the waker; writing into a descriptor number the process has meanwhile reused would
