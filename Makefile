@@ -10,10 +10,10 @@ CACHE  := .cache
 venv: $(STAMP)
 
 # Rebuilt only when something it depends on changed: fast when nothing did.
-$(STAMP): pyproject.toml setup.py tools/build_pyuv.py tools/setup_system.sh $(wildcard tor1/_kernel/*.c)
+$(STAMP): pyproject.toml setup.py tools/build_pyuv.py tools/setup_system.sh $(wildcard tor1/_kernel/*.c) $(wildcard relay/_ntor/*.c)
 	bash tools/setup_system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade "setuptools>=65" wheel
+	$(PY) -m pip install --quiet --upgrade "setuptools>=77" wheel
 	$(PY) -m pip install --quiet --force-reinstall --no-deps "$$($(PY) tools/build_pyuv.py --cache $(CACHE)/pyuv)"
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,dev]"
 	$(PY) setup.py --quiet build_ext --inplace

@@ -1,8 +1,8 @@
-"""Build hook for the C batch kernel (tor1/_kernel). Metadata lives in pyproject.toml.
+"""Build hook for the C kernels (tor1/_kernel, relay/_ntor). Metadata lives in pyproject.toml.
 
-The kernel's build description is loaded by file path, not imported as ``tor1._kernel.build``:
-importing the package would run ``tor1/_kernel/__init__.py``, which needs the very extension
-this script is about to build.
+Each kernel's build description is loaded by file path, not imported as a module: importing
+``tor1._kernel`` or ``relay._ntor`` would run its ``__init__.py``, which serves names from the
+very extension this script is about to build.
 """
 
 import importlib.util
@@ -10,12 +10,21 @@ from pathlib import Path
 
 from setuptools import setup
 
-BUILD_FILE = Path(__file__).resolve().parent / "tor1" / "_kernel" / "build.py"
+ROOT = Path(__file__).resolve().parent
+BUILD_FILES = {
+    "relaycrypt_kernel_build": ROOT / "tor1" / "_kernel" / "build.py",
+    "relaycrypt_ntor_build": ROOT / "relay" / "_ntor" / "build.py",
+}
 
-spec = importlib.util.spec_from_file_location("relaycrypt_kernel_build", BUILD_FILE)
-if spec is None or spec.loader is None:
-    raise SystemExit(f"setup.py: cannot load the kernel build description {BUILD_FILE}")
-kernel_build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(kernel_build)
 
-setup(ext_modules=[kernel_build.extension()])
+def load_build(name: str, path: Path):
+    """The build description module at ``path``."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"setup.py: cannot load the kernel build description {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+setup(ext_modules=[load_build(name, path).extension() for name, path in BUILD_FILES.items()])

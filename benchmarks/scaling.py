@@ -11,7 +11,7 @@ A relay holds many circuits and few of them are busy at any moment. For each cir
   :mod:`benchmarks.driver`). cells/s is the median of ``--repetitions`` (5) runs of 8,192
   cells per busy circuit (about 0.1 s each: short runs are at the mercy of the machine; the
   CPU other processes used meanwhile is reported too). The pool's work per cell must not
-  grow with N (DESIGN.md invariant 5: nothing iterates over all circuits); what can still
+  grow with N (docs/design.md, invariant 5: nothing iterates over all circuits); what can still
   grow is cache and TLB pressure and the cyclic GC walking more objects.
 * **Memory per idle circuit**, two ways, both over exactly what a relay keeps per idle circuit:
   the pool's ``Circuit`` (with its per-direction pending lists), the ``FastRelayCrypto`` with its

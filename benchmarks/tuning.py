@@ -12,7 +12,7 @@ timer's lateness p50/p99, the mean batch, and how busy the loop thread and the p
 
 Why these two knobs: a worker that releases the GIL for a kernel call must take it back when
 the call returns. If another thread holds it and does not give it up by itself, the worker waits
-up to one switch interval (the convoy effect of PERF-FACTS.md). A larger batch means fewer
+up to one switch interval (the convoy effect, docs/tuning.md). A larger batch means fewer
 returns per cell; a shorter interval means shorter waits but more forced switches for
 everyone (including the loop thread). Same workload model, arrivals, window and byte check as
 the pipeline benchmark; every configuration runs in this one invocation, repetitions rotating

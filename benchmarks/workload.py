@@ -15,9 +15,11 @@ Two workloads, each a set of circuits with pre-generated input cells:
 
 Everything is generated and the expected output is computed with the pure-Python reference
 (``tor1.reference``) before any timing starts, so the kernel the designs use is checked
-against an independent implementation. Input arrives in *chunks*: ``chunk_cells`` cells of one
-circuit joined in one ``bytes`` object (what one read of a TLS record holds), delivered
-round-robin over the circuits, so every design sees exactly the same sequence of arrivals.
+against a second implementation of the same spec (the project's own; the reference itself is
+checked against tor-spec's known answers and against a real tor relay in the tests).
+Input arrives in *chunks*: ``chunk_cells`` cells of one circuit joined in one ``bytes`` object
+(what one read of a TLS record holds), delivered round-robin over the circuits, so every
+design sees exactly the same sequence of arrivals.
 
 :class:`OutputChecker` compares each result with the expected bytes as it arrives and
 :class:`OutputMismatch` names the first wrong cell.

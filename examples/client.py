@@ -126,9 +126,11 @@ class EchoTransfer:
         probes: int = 5,
         stall_timeout: float = 30.0,
         build_timeout: float = 30.0,
+        tls: bool = True,
         on_finished: Callable[[EchoTransfer], None] | None = None,
     ) -> None:
-        """Prepare the jobs (the data is generated here). Loop thread only."""
+        """Prepare the jobs (the data is generated here). ``tls=False`` only for relays run
+        with ``--plain-links``. Loop thread only."""
         if len(descriptors) < hops:
             raise ValueError(f"{hops}-hop circuits need at least {hops} relays, "
                              f"the directory has {len(descriptors)}")
@@ -138,7 +140,7 @@ class EchoTransfer:
         self.bytes_per_circuit = bytes_per_circuit
         self.stall_timeout = stall_timeout
         self.on_finished = on_finished
-        self.client = Client(reactor, build_timeout=build_timeout)
+        self.client = Client(reactor, build_timeout=build_timeout, tls=tls)
         n = len(self.descriptors)
         self.jobs = [
             _Job(i, [self.descriptors[(i + k) % n] for k in range(hops)],
@@ -378,6 +380,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hops", type=int, default=3)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--plain-links", action="store_true",
+                        help="the relays run with --plain-links (no TLS)")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
@@ -385,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     with Reactor() as reactor:
         transfer = EchoTransfer(reactor, descriptors, args.target, circuits=args.circuits,
                                 bytes_per_circuit=args.bytes, hops=args.hops, seed=args.seed,
-                                on_finished=lambda t: reactor.stop())
+                                tls=not args.plain_links, on_finished=lambda t: reactor.stop())
         reactor.add_signal_handler(signal.SIGINT, transfer.abort, "interrupted")
         transfer.start()
         reactor.run()

@@ -182,7 +182,8 @@ class ChildProcess:
                 tag, _, payload = line.strip().partition(" ")
                 if tag in ("READY", "STATS"):
                     try:
-                        data = json.loads(payload)
+                        # a relay's READY has key=value words before its JSON
+                        data = json.loads(payload[payload.find("{"):])
                     except json.JSONDecodeError:
                         self.other_lines.append(line)
                         continue
@@ -213,15 +214,18 @@ class LocalNetwork:
         threads: int = 2,
         workdir: str | os.PathLike[str] | None = None,
         pure: bool = False,
+        plain_links: bool = False,
         relay_args: Sequence[str] = (),
         on_exit: Callable[[ChildProcess], None] | None = None,
     ) -> None:
-        """Configure; nothing starts before :meth:`start`. Owner thread."""
+        """Configure; nothing starts before :meth:`start`. ``plain_links`` runs the relays
+        without TLS (``--plain-links``). Owner thread."""
         if relays < 1:
             raise ValueError(f"need at least one relay, got {relays}")
         self.n_relays = relays
         self.threads = threads
         self.pure = pure
+        self.plain_links = plain_links
         self.relay_args = list(relay_args)
         self.on_exit = on_exit
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
@@ -271,6 +275,11 @@ class LocalNetwork:
                     "--nickname", name,
                     "--data-dir", str(self.workdir / name),
                     "--threads", str(self.threads),
+                    # a private network on loopback: extends to 127.0.0.1 allowed, and exits
+                    # to the echo service there (TestingTorNetwork's relaxations)
+                    "--testing-network",
+                    "--exit-policy", "accept 127.0.0.1:*, reject *:*",
+                    *(["--plain-links"] if self.plain_links else []),
                     *self.relay_args,
                 ]
                 self.relays.append(
@@ -301,7 +310,8 @@ class LocalNetwork:
 
     def stop(self, timeout: float = 10.0) -> dict[str, dict[str, Any] | None]:
         """Stop every child (SIGTERM, then SIGKILL after ``timeout``); return their STATS by
-        name. Idempotent; removes a temporary work directory. Owner thread."""
+        name. Idempotent; the temporary work directory stays until :meth:`cleanup` (or the
+        context manager's exit). Owner thread."""
         self.stopping = True
         stats: dict[str, dict[str, Any] | None] = {}
         children = self.children()
@@ -445,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-pure", action="store_true",
                         help="then run the same network with the pure-Python crypto in the "
                              "relays and compare relay CPU per cell (make demo does this)")
+    parser.add_argument("--plain-links", action="store_true",
+                        help="links without TLS (faster, refused by any tor; for comparison)")
     parser.add_argument("--log-level", default="WARNING", help="relays' and client's log level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
@@ -493,6 +505,7 @@ def _run_network(args: argparse.Namespace, *, pure: bool) -> tuple[dict[str, Any
                 transfer_holder[0].abort("the echo service died")
 
         network = LocalNetwork(args.relays, threads=args.threads, pure=pure,
+                               plain_links=args.plain_links,
                                relay_args=["--log-level", args.log_level], on_exit=relay_died)
         try:
             try:
@@ -507,7 +520,8 @@ def _run_network(args: argparse.Namespace, *, pure: bool) -> tuple[dict[str, Any
             transfer = EchoTransfer(
                 reactor, network.descriptors, network.echo_address, circuits=args.circuits,
                 bytes_per_circuit=per_circuit, hops=args.hops, seed=args.seed,
-                stall_timeout=args.stall_timeout, on_finished=lambda t: reactor.stop(),
+                stall_timeout=args.stall_timeout, tls=not args.plain_links,
+                on_finished=lambda t: reactor.stop(),
             )
             transfer_holder.append(transfer)
             reactor.add_signal_handler(signal.SIGINT, transfer.abort, "interrupted (Ctrl-C)")

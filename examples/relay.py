@@ -1,15 +1,21 @@
-"""Run one relay: ``python -m examples.relay --listen 127.0.0.1:0 --data-dir DIR``.
+"""Run one relay: ``python -m examples.relay --data-dir DIR [torrc-style options]``.
 
 The relay (``relay.node.RelayNode``: a Reactor, a WorkerPool on the fast crypto backend --
 several circuits' batches per GIL-free kernel call, the pool's grouped path -- links and
-circuits) keeps its identity and ntor onion key in ``--data-dir`` (created on first run),
-listens on ``--listen`` (port 0: any free port) and serves until SIGTERM or SIGINT (or, with
-``--exit-on-stdin-eof``, until its stdin ends). It is an exit to loopback addresses only.
+circuits) keeps tor's keys in ``DIR/keys`` (created on first run, tor's file names and
+formats; ``DIR/fingerprint`` as tor writes it), listens on ``--orport`` and serves until
+SIGTERM or SIGINT (or, with ``--exit-on-stdin-eof``, until its stdin ends). Links are TLS with
+tor's link authentication; ``--plain-links`` (the in-process demos only) turns that off.
 
-Line protocol on stdout (what ``examples.network`` reads):
+Options follow torrc's names: ``--dirauth "DirAuthority line"`` (repeatable), ``--exit-policy
+"accept 127.0.0.1:7777, reject *:*"`` (not an exit without one), ``--bridge``,
+``--testing-network``, ``--address``, ``--nickname``, ``--contact``.
 
-* ``READY {"descriptor": {...}, "pid": N}`` once it listens: the descriptor is the directory
-  entry (nickname, address, port, identity, ntor_onion_key);
+Line protocol on stdout (what ``examples.network`` and ``tornet`` read):
+
+* ``READY orport=HOST:PORT fingerprint=HEX40 ed25519=BASE64 {json}`` once it listens; the JSON
+  holds ``descriptor`` (the demo directory entry: nickname, address, port, identity,
+  ntor_onion_key) and ``pid``;
 * ``STATS {...}`` on SIGUSR1 (live counters), and once more when it exits: cells crypted,
   batches and mean batch size, group calls and batches per group, wake-ups per cell,
   circuits, link closes by kind, exit bytes; see ``RelayNode.stats``.
@@ -20,6 +26,7 @@ Logs go to stderr (``--log-level``).
 from __future__ import annotations
 
 import argparse
+import base64
 import cProfile
 import json
 import logging
@@ -29,11 +36,13 @@ import sys
 import threading
 
 from reactor import Reactor
-from relay.directory import RelayKeys
+from relay.config import RelayConfig, parse_dir_authority, split_policy
+from relay.identity.keys import RelayIdentity
 from relay.node import DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
 from workers.pool import DEFAULT_BATCH_CELLS
 
-__all__ = ["main", "parse_hostport", "stop_on_stdin_eof"]
+__all__ = ["config_from_args", "main", "parse_args", "parse_hostport", "ready_line",
+           "stop_on_stdin_eof"]
 
 
 def parse_hostport(text: str) -> tuple[str, int]:
@@ -67,13 +76,44 @@ def stop_on_stdin_eof(reactor: Reactor) -> None:
     threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the relay until SIGTERM/SIGINT. Main thread (it becomes the loop thread)."""
+def _dir_authority(text: str) -> object:
+    try:
+        return parse_dir_authority(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _flag(text: str) -> bool:
+    if text not in ("0", "1"):
+        raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
+    return text == "1"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line. Any thread."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", type=parse_hostport, default=("127.0.0.1", 0),
+    parser.add_argument("--data-dir", required=True, help="tor's DataDirectory: keys, fingerprint")
+    parser.add_argument("--orport", "--listen", dest="orport", type=parse_hostport,
+                        default=("127.0.0.1", 0),
                         help="OR port address (default 127.0.0.1:0, any free port)")
-    parser.add_argument("--data-dir", required=True, help="keeps the relay's keys")
-    parser.add_argument("--nickname", default="relay")
+    parser.add_argument("--address", help="address to publish (default: the OR port's)")
+    parser.add_argument("--nickname", default="Unnamed")
+    parser.add_argument("--contact", help="ContactInfo for the descriptor")
+    parser.add_argument("--dirauth", action="append", type=_dir_authority, default=[],
+                        metavar="LINE", help="a DirAuthority line (repeatable)")
+    parser.add_argument("--exit-policy", default="",
+                        help='ExitPolicy, e.g. "accept 127.0.0.1:7777, reject *:*" '
+                             "(default: not an exit)")
+    parser.add_argument("--exit-policy-reject-private", type=_flag, default=None,
+                        metavar="0|1",
+                        help="ExitPolicyRejectPrivate (default 1; 0 with --testing-network)")
+    parser.add_argument("--extend-allow-private-addresses", type=_flag, default=None,
+                        metavar="0|1", help="ExtendAllowPrivateAddresses (default 0; 1 with "
+                                            "--testing-network)")
+    parser.add_argument("--bridge", action="store_true", help="BridgeRelay 1")
+    parser.add_argument("--testing-network", action="store_true", help="TestingTorNetwork 1")
+    parser.add_argument("--plain-links", action="store_true",
+                        help="plain TCP links, no TLS, no certificates (local demos only)")
     parser.add_argument("--threads", type=int, default=2, help="worker threads (default 2)")
     parser.add_argument("--batch-cells", type=int, default=DEFAULT_BATCH_CELLS,
                         help=f"worker batch cap in cells (default {DEFAULT_BATCH_CELLS})")
@@ -86,14 +126,42 @@ def main(argv: list[str] | None = None) -> int:
                         help="profile the loop thread (cProfile) into DATA_DIR/loop.prof")
     parser.add_argument("--exit-on-stdin-eof", action="store_true",
                         help="also exit when stdin ends (used by examples.network)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def config_from_args(args: argparse.Namespace) -> RelayConfig:
+    """The node's configuration from the command line. Any thread."""
+    host, port = args.orport
+    return RelayConfig(
+        nickname=args.nickname, or_host=host, or_port=port, address=args.address,
+        dir_authorities=tuple(args.dirauth), exit_policy=split_policy(args.exit_policy),
+        reject_private_exits=args.exit_policy_reject_private,
+        allow_private_extends=args.extend_allow_private_addresses, bridge=args.bridge,
+        testing_network=args.testing_network, contact=args.contact,
+        plain_links=args.plain_links, threads=args.threads,
+    )
+
+
+def ready_line(node: RelayNode) -> str:
+    """The READY line for ``node`` (see the module docstring). Loop thread only."""
+    host, port = node.address
+    identity = node.identity
+    ed25519 = base64.b64encode(identity.ed25519_identity).decode().rstrip("=")
+    extra = {"descriptor": node.descriptor().to_json(), "pid": os.getpid()}
+    return (f"READY orport={host}:{port} fingerprint={identity.fingerprint} "
+            f"ed25519={ed25519} {json.dumps(extra)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the relay until SIGTERM/SIGINT. Main thread (it becomes the loop thread)."""
+    args = parse_args(argv)
+    config = config_from_args(args)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s {args.nickname} %(name)s %(levelname)s %(message)s")
-    keys = RelayKeys.load_or_create(args.data_dir)
-    host, port = args.listen
+                        format=f"%(asctime)s {config.nickname} %(name)s %(levelname)s "
+                               "%(message)s")
+    identity = RelayIdentity.load_or_create(args.data_dir, config.nickname)
     with Reactor() as reactor:
-        node = RelayNode(reactor, keys, nickname=args.nickname, host=host, port=port,
-                         threads=args.threads, batch_cells=args.batch_cells,
+        node = RelayNode(reactor, identity, config, batch_cells=args.batch_cells,
                          max_circuits_per_link=args.max_circuits_per_link)
         node.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -103,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.exit_on_stdin_eof:
             stop_on_stdin_eof(reactor)
-        ready = {"descriptor": node.descriptor().to_json(), "pid": os.getpid()}
-        print("READY " + json.dumps(ready), flush=True)
+        print(ready_line(node), flush=True)
         profiler = cProfile.Profile() if args.profile else None
         try:
             if profiler is not None:

@@ -78,8 +78,9 @@ class LoopCtx:
 class Channel:
     """One mechanism set up on a loop: how to post, its counters, how to tear it down.
 
-    ``signals``/``passes`` return -1 for mechanisms that signal (and run a loop pass) once per
-    item by construction.
+    ``signals`` counts what producers issued (Async sends, bytes written, thread-safe calls,
+    the reply queue's own counter); ``passes`` returns -1 for mechanisms that run one loop
+    callback per item by construction.
     """
 
     post: Post
@@ -164,23 +165,35 @@ def replyqueue_threadsafe_channel(ctx: LoopCtx, handle: Handle) -> Channel:
 
 
 def call_soon_threadsafe_channel(ctx: LoopCtx, handle: Handle) -> Channel:
-    """``loop.call_soon_threadsafe(handle, item)`` per item. Loop thread (asyncio, uvloop)."""
+    """``loop.call_soon_threadsafe(handle, item)`` per item. Loop thread (asyncio, uvloop).
+
+    Signals are counted where the producer issues them: each call writes the standard loop's
+    self-pipe (uvloop: one ``uv_async_send``). Counted in ``post``, not by wrapping the loop,
+    so the loop the other mechanisms share is not slowed down.
+    """
     call_soon_threadsafe = ctx.loop.call_soon_threadsafe
+    counts = {"sent": 0}
 
     def post(item: int) -> None:
         call_soon_threadsafe(handle, item)
+        counts["sent"] += 1  # one producer thread: no lock needed for the count
 
-    return Channel(post=post, signals=lambda: -1, passes=lambda: -1, close=lambda: None)
+    return Channel(post=post, signals=lambda: counts["sent"], passes=lambda: -1,
+                   close=lambda: None)
 
 
 def run_sync_soon_channel(ctx: LoopCtx, handle: Handle) -> Channel:
-    """``token.run_sync_soon(handle, item)`` per item. Loop thread (trio)."""
+    """``token.run_sync_soon(handle, item)`` per item (each writes one byte to the run's
+    wake-up socket). Loop thread (trio)."""
     run_sync_soon = ctx.loop.run_sync_soon
+    counts = {"sent": 0}
 
     def post(item: int) -> None:
         run_sync_soon(handle, item)
+        counts["sent"] += 1  # one producer thread: no lock needed for the count
 
-    return Channel(post=post, signals=lambda: -1, passes=lambda: -1, close=lambda: None)
+    return Channel(post=post, signals=lambda: counts["sent"], passes=lambda: -1,
+                   close=lambda: None)
 
 
 # --------------------------------------------------------------------------- pyuv only
@@ -192,7 +205,7 @@ def raw_async_channel(ctx: LoopCtx, handle: Handle) -> Channel:
     acquire = lock.acquire
     release = lock.release
     box: list[deque[int]] = [deque()]
-    counts = {"passes": 0}
+    counts = {"passes": 0, "sent": 0}
 
     def on_async(async_handle: pyuv.Async) -> None:
         counts["passes"] += 1
@@ -214,12 +227,14 @@ def raw_async_channel(ctx: LoopCtx, handle: Handle) -> Channel:
         finally:
             release()
         send()
+        counts["sent"] += 1  # one producer thread: no lock needed for the count
 
     def close() -> None:
         on_async(wakeup)
         wakeup.close()
 
-    return Channel(post=post, signals=lambda: -1, passes=lambda: counts["passes"], close=close)
+    return Channel(post=post, signals=lambda: counts["sent"], passes=lambda: counts["passes"],
+                   close=close)
 
 
 def socketpair_channel(ctx: LoopCtx, handle: Handle) -> Channel:
@@ -228,7 +243,7 @@ def socketpair_channel(ctx: LoopCtx, handle: Handle) -> Channel:
     loop_sock.setblocking(False)
     lock = threading.Lock()
     items: deque[int] = deque()
-    counts = {"passes": 0}
+    counts = {"passes": 0, "sent": 0}
 
     def on_readable(poll: pyuv.Poll, events: int, error: int | None) -> None:
         counts["passes"] += 1
@@ -249,14 +264,15 @@ def socketpair_channel(ctx: LoopCtx, handle: Handle) -> Channel:
     def post(item: int) -> None:
         with lock:
             items.append(item)
-        send(b"\0")
+        counts["sent"] += send(b"\0")  # bytes written: one producer thread
 
     def close() -> None:
         poll.close()
         loop_sock.close()
         worker_sock.close()
 
-    return Channel(post=post, signals=lambda: -1, passes=lambda: counts["passes"], close=close)
+    return Channel(post=post, signals=lambda: counts["sent"], passes=lambda: counts["passes"],
+                   close=close)
 
 
 CHANNELS: dict[str, Callable[[LoopCtx, Handle], Channel]] = {

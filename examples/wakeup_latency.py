@@ -219,10 +219,9 @@ def burst(kind: str, name: str, items: int) -> BurstResult:
 
         def cleanup() -> None:
             worker.join()
-            signals, passes = channel.signals(), channel.passes()
-            # -1: the mechanism signals (and runs a loop pass) once per item by construction.
-            box["result"] = counter.result(items if signals < 0 else signals,
-                                           items if passes < 0 else passes)
+            passes = channel.passes()
+            # -1: the mechanism runs one loop callback per item by construction.
+            box["result"] = counter.result(channel.signals(), items if passes < 0 else passes)
             channel.close()
 
         return cleanup

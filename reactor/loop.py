@@ -1,4 +1,4 @@
-"""The Reactor: the loop thread of DESIGN.md, a thin owner of one ``pyuv.Loop``.
+"""The Reactor: the loop thread (docs/design.md), a thin owner of one ``pyuv.Loop``.
 
 Design
 ------

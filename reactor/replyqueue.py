@@ -10,7 +10,7 @@ on its way. So a burst of N puts costs one wake-up instead of N; ``put`` returns
 for the producer that sent it.
 
 The wake-up is the loop's own (a :class:`reactor.wakers.Waker`): a ``pyuv.Async`` on a
-:class:`reactor.Reactor`, ``call_soon_threadsafe`` on an asyncio or uvloop loop
+:class:`reactor.Reactor`, an eventfd watched with ``add_reader`` on an asyncio or uvloop loop
 (:mod:`reactor.aio`), ``TrioToken.run_sync_soon`` in a trio run (:mod:`reactor.triowaker`).
 Everything below is this one class whatever the loop; the first argument picks the waker
 (:func:`reactor.wakers.make_waker`), and the waker defines which thread is the *loop thread*.
@@ -18,7 +18,7 @@ Everything below is this one class whatever the loop; the first argument picks t
 On the loop thread the wake-up callback takes the whole shared list in one step: under the lock
 it swaps the list for a fresh empty one (O(1), no per-item pops under the lock), releases the
 lock and calls ``handler(item)`` for each item outside it. Taking the list under the same lock
-that producers test "was empty" under is what makes the wake-up impossible to lose (DESIGN.md,
+that producers test "was empty" under is what makes the wake-up impossible to lose (docs/design.md,
 invariant 4): an item is either in the list the loop took, or it is in the new list and then
 some producer found that new list empty and sent a wake-up after the swap. A wake-up whose items
 an earlier callback already took finds an empty list and is counted (``empty_callbacks``).

@@ -24,7 +24,7 @@ follows (also when ``close()`` cancels the attempt). Errors never escape as exce
 loop: libuv error codes become ``CloseReason`` values and a human ``detail``
 (:mod:`reactor.uverrors`); exceptions raised by callbacks are logged, and one raised by
 ``on_data`` closes that stream with ``CloseReason.ERROR`` (its protocol state can no longer be
-trusted). Log records use the ``reactor.net`` logger, as before this module was split from it.
+trusted). Log records use the ``reactor.net`` logger.
 
 Hot path: ``_on_read`` calls the user's ``on_data`` with one attribute load and no per-call
 allocation of its own; ``writelines`` hands a whole list of buffers to one ``uv_write``, which

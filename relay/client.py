@@ -34,11 +34,13 @@ __all__ = ["Client", "ClientStream", "OriginCircuit"]
 class _GuardLink:
     """The client's view of one link to a guard."""
 
-    __slots__ = ("blocked", "congested", "link", "open_waiters")
+    __slots__ = ("blocked", "congested", "identity", "link", "open_waiters")
 
-    def __init__(self, link: Link) -> None:
-        """Wrap a guard link. Loop thread only."""
+    def __init__(self, link: Link, identity: bytes) -> None:
+        """Wrap a link to the guard whose RSA identity digest is ``identity``. Loop thread
+        only."""
         self.link = link
+        self.identity = identity
         self.open_waiters: list[OriginCircuit] = []
         self.congested = False
         self.blocked: dict[OriginCircuit, None] = {}
@@ -48,12 +50,14 @@ class Client:
     """Builds circuits and keeps one link per guard. Loop thread only."""
 
     def __init__(self, reactor: Reactor, *, build_timeout: float = 30.0,
-                 name: str = "client") -> None:
-        """Nothing connects before :meth:`build_circuit`. Loop thread only."""
+                 name: str = "client", tls: bool = True) -> None:
+        """Nothing connects before :meth:`build_circuit`. ``tls=False`` speaks plain links
+        (the local demo's ``--plain-links`` relays only). Loop thread only."""
         self.reactor = reactor
         self.build_timeout = build_timeout
         self.name = name
-        self._guards: dict[tuple[str, int], _GuardLink] = {}
+        self.tls = tls
+        self._guards: dict[tuple[tuple[str, int], bytes], _GuardLink] = {}
         self._by_link: dict[Link, _GuardLink] = {}
         self._dirty: IterationFlush[OriginCircuit] = IterationFlush(reactor.call_soon,
                                                                      self._flush)
@@ -71,7 +75,7 @@ class Client:
         """Start building a circuit through ``path`` (guard first). Loop thread only."""
         circuit = OriginCircuit(self, path, on_open, on_close)
         self.circuits.add(circuit)
-        guard = self._guard_link((path[0].address, path[0].port))
+        guard = self._guard_link(path[0])
         if guard.link.is_open:
             circuit.start(guard.link, self.build_timeout)
         else:
@@ -92,15 +96,16 @@ class Client:
 
     # ------------------------------------------------------------------ links
 
-    def _guard_link(self, address: tuple[str, int]) -> _GuardLink:
-        guard = self._guards.get(address)
+    def _guard_link(self, relay: RelayDescriptor) -> _GuardLink:
+        key = ((relay.address, relay.port), relay.identity_digest)
+        guard = self._guards.get(key)
         if guard is not None and not guard.link.closed:
             return guard
-        link = Link.connect(self.reactor, address[0], address[1], name=f"{self.name}->"
-                            f"{address[0]}:{address[1]}", on_open=self._on_link_open,
-                            on_close=self._on_link_closed)
-        guard = _GuardLink(link)
-        self._guards[address] = guard
+        link = Link.connect(self.reactor, relay.address, relay.port, tls=self.tls,
+                            name=f"{self.name}->{relay.address}:{relay.port}",
+                            on_open=self._on_link_open, on_close=self._on_link_closed)
+        guard = _GuardLink(link, relay.identity_digest)
+        self._guards[key] = guard
         self._by_link[link] = guard
         link.stream.on_write_high = lambda: self._on_write_high(guard)
         link.stream.on_write_low = lambda: self._on_write_low(guard)
@@ -109,6 +114,12 @@ class Client:
     def _on_link_open(self, link: Link) -> None:
         guard = self._by_link.get(link)
         if guard is None:
+            return
+        proved = link.peer_identity
+        if self.tls and (proved is None or proved.rsa_digest != guard.identity):
+            link.close(f"the guard at {link.name} is not the relay we asked for: wanted "
+                       f"{guard.identity.hex().upper()}, got "
+                       f"{proved.fingerprint if proved else 'no identity'}")
             return
         open_waiters, guard.open_waiters = guard.open_waiters, []
         for circuit in open_waiters:

@@ -7,13 +7,10 @@ every hop after the first, the two public values the ntor handshake binds to: th
 identity digest ``ID`` (SHA-1 of the DER-encoded PKCS#1 RSA public key, as in Tor) and its
 curve25519 ntor onion key ``B``. :class:`RelayDescriptor` holds exactly that.
 
-Keys on disk
-------------
-:class:`RelayKeys` is a relay's secret side: a 1024-bit RSA identity key (Tor's legacy identity;
-here it only names the relay) and an X25519 ntor onion key. :meth:`RelayKeys.load_or_create`
-keeps them in the relay's data directory (``identity_key.pem`` and ``ntor_onion_key.pem``,
-PKCS#8 PEM, mode 600), so a relay restarted on the same data directory keeps its identity and
-the directory a client read earlier stays valid.
+Keys
+----
+A relay's keys are tor's, in its data directory (:class:`relay.identity.keys.RelayIdentity`);
+:meth:`relay.node.RelayNode.descriptor` makes the entry this directory file lists.
 
 The directory file
 ------------------
@@ -31,7 +28,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import json
 import os
 import re
@@ -40,17 +36,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-
-from relay.handshakes import NtorServerKey
-
 __all__ = [
     "DIRECTORY_VERSION",
     "DirectoryError",
     "RelayDescriptor",
-    "RelayKeys",
     "read_directory",
     "write_directory",
 ]
@@ -121,61 +110,6 @@ class RelayDescriptor:
         if not isinstance(port, int) or isinstance(port, bool):
             raise DirectoryError(f"relay {nickname}: port must be an integer, got {port!r}")
         return cls(nickname, address, port, identity, onion)
-
-
-class RelayKeys:
-    """A relay's secret keys: RSA identity (names the relay) and the ntor onion key."""
-
-    __slots__ = ("identity_digest", "identity_key", "ntor")
-
-    def __init__(self, identity_key: rsa.RSAPrivateKey, onion_key: X25519PrivateKey) -> None:
-        """Wrap existing keys. Any thread."""
-        self.identity_key = identity_key
-        der = identity_key.public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.PKCS1
-        )
-        self.identity_digest = hashlib.sha1(der).digest()
-        self.ntor = NtorServerKey(self.identity_digest, onion_key)
-
-    @classmethod
-    def generate(cls) -> RelayKeys:
-        """Fresh keys (RSA-1024 identity, as Tor's legacy identity). Any thread."""
-        return cls(rsa.generate_private_key(65537, 1024), X25519PrivateKey.generate())
-
-    @classmethod
-    def load_or_create(cls, data_dir: str | os.PathLike[str]) -> RelayKeys:
-        """Load the keys kept in ``data_dir``, creating (and saving) them the first time.
-
-        Any thread (blocking file I/O)."""
-        directory = Path(data_dir)
-        directory.mkdir(parents=True, exist_ok=True)
-        identity_path = directory / _IDENTITY_FILE
-        onion_path = directory / _ONION_FILE
-        if identity_path.exists() and onion_path.exists():
-            identity = serialization.load_pem_private_key(identity_path.read_bytes(), None)
-            onion = serialization.load_pem_private_key(onion_path.read_bytes(), None)
-            if not isinstance(identity, rsa.RSAPrivateKey):
-                raise DirectoryError(f"{identity_path} does not hold an RSA private key")
-            if not isinstance(onion, X25519PrivateKey):
-                raise DirectoryError(f"{onion_path} does not hold an X25519 private key")
-            return cls(identity, onion)
-        keys = cls.generate()
-        for path, key in ((identity_path, keys.identity_key), (onion_path, keys.ntor.onion_key)):
-            pem = key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(pem)
-        return keys
-
-    def descriptor(self, nickname: str, address: str, port: int) -> RelayDescriptor:
-        """The public descriptor of these keys at ``address:port``. Any thread."""
-        return RelayDescriptor(
-            nickname, address, port, self.identity_digest, self.ntor.onion_key_public
-        )
 
 
 def write_directory(path: str | os.PathLike[str], relays: Iterable[RelayDescriptor]) -> None:

@@ -481,3 +481,10 @@ class Extend2Body:
             if spec.lstype == LSTYPE_LEGACY_ID:
                 return spec.data
         return None
+
+    def ed25519_id(self) -> bytes | None:
+        """The Ed25519 identity specifier, or None. Any thread."""
+        for spec in self.specifiers:
+            if spec.lstype == LSTYPE_ED25519_ID:
+                return spec.data
+        return None

@@ -53,10 +53,11 @@ from collections.abc import Callable, Sequence
 from reactor import CloseReason, Reactor, Stream, TimerHandle, connect
 from relay.cells import CellCommand, CellFormatError, DestroyReason, is_var_length
 from relay.framing import FIXED_CELL_LEN, CellFramer, CellHandler, fixed_cell, var_cell
+from relay.linkauth import LinkCredentials, PeerIdentity, ServerCredentials
 from relay.linkerrors import CloseKind, LinkError
 from relay.linkhandshake import HandshakeFailed, LinkHandshake, command_name
 from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
-from relay.tls import TlsClientSession, TlsError
+from relay.tls import TlsClientSession, TlsError, TlsServerSession
 from relay.torcerts import RelayCerts
 from tor1 import CELL_PAYLOAD_LEN
 
@@ -98,7 +99,8 @@ class Link:
         stream: Stream,
         *,
         initiator: bool,
-        tls: TlsClientSession | None = None,
+        tls: TlsClientSession | TlsServerSession | None = None,
+        credentials: LinkCredentials | None = None,
         versions: Sequence[int] = DEFAULT_VERSIONS,
         require_certs: bool | None = None,
         handshake_timeout: float | None = 30.0,
@@ -108,11 +110,12 @@ class Link:
         on_cell: Callable[[Link, int, int, bytes], object] | None = None,
     ) -> None:
         """Wrap ``stream`` (connected or connecting). Prefer :meth:`connect` / :meth:`accept`.
-        ``require_certs`` defaults to True over TLS. Loop thread only."""
+        ``require_certs`` (initiator) defaults to True over TLS; ``credentials`` make this side
+        authenticate as a relay (TLS only). Loop thread only."""
         if not versions or min(versions) < 4:
             raise ValueError(f"only link protocols >= 4 are supported, got {list(versions)}")
-        if tls is not None and not initiator:
-            raise ValueError("the TLS layer is client-side only")
+        if tls is not None and isinstance(tls, TlsServerSession) == initiator:
+            raise ValueError("an initiator needs a TLS client session, a responder a server one")
         self.reactor = reactor
         self.stream = stream
         self.initiator = initiator
@@ -129,7 +132,8 @@ class Link:
             require_certs=(tls is not None) if require_certs is None else require_certs,
             send=self._send_handshake,
             addresses=self._addresses,
-            peer_certificate_der=tls.peer_certificate_der if tls is not None else None,
+            tls=tls,
+            credentials=credentials,
         )
         self.close_reason: str | None = None
         self.close_kind: CloseKind | None = None
@@ -159,6 +163,7 @@ class Link:
         port: int,
         *,
         tls: bool = False,
+        credentials: LinkCredentials | None = None,
         versions: Sequence[int] = DEFAULT_VERSIONS,
         require_certs: bool | None = None,
         handshake_timeout: float | None = 30.0,
@@ -167,8 +172,9 @@ class Link:
         on_close: Callable[[Link, str], object] | None = None,
         on_cell: Callable[[Link, int, int, bytes], object] | None = None,
     ) -> Link:
-        """Connect to ``host:port`` and run the initiator's handshake (TLS first if ``tls``).
-        ``on_open(link)`` follows, or ``on_close(link, reason)``. Loop thread only."""
+        """Connect to ``host:port`` and run the initiator's handshake (TLS first if ``tls``;
+        with ``credentials`` this side authenticates as that relay). ``on_open(link)``
+        follows, or ``on_close(link, reason)``. Loop thread only."""
         holder: list[Link] = []
 
         def connected(stream: Stream) -> None:
@@ -180,7 +186,8 @@ class Link:
 
         stream = connect(reactor, host, port, connected, failed)
         link = cls(reactor, stream, initiator=True,
-                   tls=TlsClientSession() if tls else None, versions=versions,
+                   tls=TlsClientSession() if tls else None, credentials=credentials,
+                   versions=versions,
                    require_certs=require_certs, handshake_timeout=handshake_timeout,
                    name=name or f"link to {host}:{port}", on_open=on_open, on_close=on_close,
                    on_cell=on_cell)
@@ -193,6 +200,7 @@ class Link:
         reactor: Reactor,
         stream: Stream,
         *,
+        server: ServerCredentials | None = None,
         versions: Sequence[int] = DEFAULT_VERSIONS,
         handshake_timeout: float | None = 30.0,
         name: str = "",
@@ -200,10 +208,15 @@ class Link:
         on_close: Callable[[Link, str], object] | None = None,
         on_cell: Callable[[Link, int, int, bytes], object] | None = None,
     ) -> Link:
-        """Run the responder's handshake (plain TCP) on an accepted stream. Loop thread only."""
-        return cls(reactor, stream, initiator=False, versions=versions,
-                   handshake_timeout=handshake_timeout, name=name or "accepted link",
-                   on_open=on_open, on_close=on_close, on_cell=on_cell)
+        """Run the responder's handshake on an accepted stream: over TLS with ``server``'s
+        context, sending its CERTS and AUTH_CHALLENGE; without ``server``, plain TCP and no
+        certificates (only for the in-process demos and tests). Loop thread only."""
+        return cls(reactor, stream, initiator=False,
+                   tls=TlsServerSession(server.tls) if server is not None else None,
+                   credentials=server.link if server is not None else None,
+                   versions=versions, handshake_timeout=handshake_timeout,
+                   name=name or "accepted link", on_open=on_open, on_close=on_close,
+                   on_cell=on_cell)
 
     # ------------------------------------------------------------------ state
 
@@ -253,7 +266,7 @@ class Link:
 
     @property
     def auth_challenge_seen(self) -> bool:
-        """True if the peer sent AUTH_CHALLENGE (ignored: a client need not authenticate).
+        """True if the peer sent AUTH_CHALLENGE (a client need not answer it; a relay does).
         Loop thread only."""
         return self._handshake.auth_challenge_seen
 
@@ -269,6 +282,18 @@ class Link:
         Loop thread only."""
         certs = self._handshake.peer_certs
         return certs.fingerprint if certs else None
+
+    @property
+    def peer_identity(self) -> PeerIdentity | None:
+        """Who the peer proved to be (see :class:`relay.linkauth.PeerIdentity`): a responder
+        through its CERTS, an initiator only through AUTHENTICATE; None for a client.
+        Loop thread only."""
+        return self._handshake.peer_identity
+
+    @property
+    def authenticate_sent(self) -> bool:
+        """True if this side (an initiator) authenticated as a relay. Loop thread only."""
+        return self._handshake.authenticate_sent
 
     @property
     def tls_version(self) -> str | None:

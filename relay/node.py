@@ -47,8 +47,10 @@ Threads: everything is loop thread only; the pool's workers only run the group f
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import random
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -58,22 +60,42 @@ from reactor import Reactor, ReplyQueue, Stream, listen
 from reactor.net import Listener
 from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
-from relay.directory import RelayDescriptor, RelayKeys
-from relay.exit import ExitEdge, loopback_only
+from relay.config import RelayConfig
+from relay.directory import RelayDescriptor
+from relay.exit import ExitEdge
+from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
+from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
 from relay.handshakes import (
     HTYPE_NTOR,
+    NTOR_ONIONSKIN_LEN,
     BodyError,
+    Extend2Body,
     HandshakeError,
+    NtorServerKey,
     create_fast_server,
     decode_create2,
     encode_created2,
     ntor_server,
 )
+from relay.identity.keys import RelayIdentity
 from relay.link import Link, LinkError
-from relay.orcircuit import OrCircuit, Peer, crypt_batch, new_relay_group, relay_group_for
+from relay.linkauth import LinkCredentials, ServerCredentials
+from relay.orcircuit import (
+    ExtendRequest,
+    OrCircuit,
+    Peer,
+    crypt_batch,
+    new_relay_group,
+    relay_group_for,
+)
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
-from workers.pool import DEFAULT_BATCH_CELLS, DEFAULT_CIRCUIT_HIGH_WATER, WorkerPool
+from workers.pool import (
+    DEFAULT_BATCH_CELLS,
+    DEFAULT_CIRCUIT_HIGH_WATER,
+    PoolClosedError,
+    WorkerPool,
+)
 
 __all__ = ["RelayNode"]
 
@@ -92,20 +114,22 @@ _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
 
 
+def _refuse_every_exit(host: str, port: int) -> bool:
+    """The exit policy of a relay that is not an exit. Any thread (pure)."""
+    return False
+
+
 class RelayNode:
     """One relay on the loop thread. See the module docstring."""
 
     def __init__(
         self,
         reactor: Reactor,
-        keys: RelayKeys,
+        identity: RelayIdentity,
+        config: RelayConfig,
         *,
-        nickname: str = "relay",
-        host: str = "127.0.0.1",
-        port: int = 0,
-        threads: int = 2,
         batch_cells: int = DEFAULT_BATCH_CELLS,
-        exit_policy: Callable[[str, int], bool] = loopback_only,
+        exit_policy: Callable[[str, int], bool] | None = None,
         handshake_timeout: float = 30.0,
         pool_high_water: int = RELAY_POOL_HIGH_WATER,
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
@@ -114,23 +138,34 @@ class RelayNode:
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
-        ``pool_high_water`` / ``circuit_high_water``: cells in flight on the pool (all
-        circuits / one circuit) at which reading pauses (it resumes at half).
+        ``identity`` holds the relay's keys (``RelayIdentity.load_or_create``); ``config`` its
+        options (:class:`relay.config.RelayConfig`). ``exit_policy(host, port)`` overrides the
+        one ``config`` describes. ``pool_high_water`` / ``circuit_high_water``: cells in flight
+        on the pool (all circuits / one circuit) at which reading pauses (it resumes at half).
         ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
         (default: the reactor's). ``max_circuits_per_link``: CREATEs beyond it get DESTROY
         (RESOURCELIMIT)."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
-        self.keys = keys
-        self.nickname = nickname
-        self.exit_policy = exit_policy
-        self._host = host
-        self._port = port
+        self.identity = identity
+        self.config = config
+        self.nickname = nickname = config.nickname
+        self._exit_override = exit_policy
+        self.exit_policy: Callable[[str, int], bool] = exit_policy or _refuse_every_exit
+        self.exit_rules: ExitPolicy | None = None  # built by start(): it needs our address
+        self._host = config.or_host
+        self._port = config.or_port
+        self._server: ServerCredentials | None = (
+            None if config.plain_links else ServerCredentials.of(identity))
         self._handshake_timeout = handshake_timeout
+        self._extend_config = ExtendConfig(
+            extend_allow_private_addresses=config.extend_allow_private_addresses)
+        self._ours = OurRelay(identity.identity_digest, identity.ed25519_identity)
+        self._rng = random.Random()
         self._link_write_water = link_write_water
         self.pool = WorkerPool(
             None,
-            threads=threads,
+            threads=config.threads,
             lanes=3,
             process=crypt_batch,
             joined=False,
@@ -146,7 +181,8 @@ class RelayNode:
         self._replies: ReplyQueue[Any] | None = None
         self._listener: Listener | None = None
         self._peers: dict[Link, Peer] = {}
-        self._outgoing: dict[tuple[str, int], Peer] = {}
+        # Links we opened, by the relay they are to: (address, RSA identity digest).
+        self._outgoing: dict[tuple[tuple[str, int], bytes], Peer] = {}
         self._dirty: IterationFlush[OrCircuit] = IterationFlush(reactor.call_soon, self._flush)
         self._pool_paused: dict[ReadGate, None] = {}
         self._closed = False
@@ -180,6 +216,26 @@ class RelayNode:
         self.pool.set_replies(self._replies, owned=True)
         self.pool.start()
         self._listener = listen(self.reactor, self._host, self._port, self._on_accept)
+        port = self._listener.address[1]
+        self._ours = OurRelay(self.identity.identity_digest, self.identity.ed25519_identity,
+                              {(ipaddress.ip_address(self.config.published_address), port)})
+        self.exit_rules = self._build_exit_policy()
+        if self._exit_override is None:
+            self.exit_policy = self.exit_rules.allows
+        log.info("%s: %s", self.nickname, self.exit_rules.describe())
+
+    def _build_exit_policy(self) -> ExitPolicy:
+        """tor's exit policy from the configuration (``relay.exitpolicy``). Loop thread only."""
+        config = self.config
+        return build_exit_policy(
+            ExitPolicyConfig(
+                exit_policy=config.exit_policy,
+                exit_policy_reject_private=config.exit_policy_reject_private,
+                exit_policy_reject_local_interfaces=config.exit_policy_reject_local_interfaces,
+            ),
+            published_addresses=[config.published_address],
+            port_addresses=[config.or_host],
+        )
 
     @property
     def address(self) -> tuple[str, int]:
@@ -189,9 +245,11 @@ class RelayNode:
         return self._listener.address
 
     def descriptor(self) -> RelayDescriptor:
-        """The public descriptor a directory lists for this relay. Loop thread only."""
-        host, port = self.address
-        return self.keys.descriptor(self.nickname, host, port)
+        """What a client of the local demo network needs of this relay (its directory file
+        entry: address, RSA identity, ntor onion key). Loop thread only."""
+        _, port = self.address
+        return RelayDescriptor(self.nickname, self.config.published_address, port,
+                               self.identity.identity_digest, self.identity.ntor_onion_key)
 
     def close(self) -> None:
         """Stop listening, close every link (which destroys every circuit), stop the pool.
@@ -217,24 +275,27 @@ class RelayNode:
         address = stream.peer_address
         name = f"{self.nickname}<-{address[0]}:{address[1]}" if address else self.nickname
         link = Link.accept(
-            self.reactor, stream, handshake_timeout=self._handshake_timeout, name=name,
-            on_close=self._on_link_closed, on_cell=self._on_unrouted,
+            self.reactor, stream, server=self._server, handshake_timeout=self._handshake_timeout,
+            name=name, on_close=self._on_link_closed, on_cell=self._on_unrouted,
         )
         peer = Peer(link)
         self._peers[link] = peer
         self._watch_writes(peer, stream)
         self.links_accepted += 1
 
-    def _connect(self, address: tuple[str, int]) -> Peer:
+    def _connect(self, address: tuple[str, int], identity: bytes) -> Peer:
         host, port = address
+        plain = self.config.plain_links
         link = Link.connect(
-            self.reactor, host, port, handshake_timeout=self._handshake_timeout,
+            self.reactor, host, port, tls=not plain,
+            credentials=None if plain else LinkCredentials.of(self.identity),
+            handshake_timeout=self._handshake_timeout,
             name=f"{self.nickname}->{host}:{port}", on_open=self._on_link_open,
             on_close=self._on_link_closed, on_cell=self._on_unrouted,
         )
-        peer = Peer(link, address)
+        peer = Peer(link, address, identity)
         self._peers[link] = peer
-        self._outgoing[address] = peer
+        self._outgoing[(address, identity)] = peer
         self._watch_writes(peer, link.stream)
         self.links_opened += 1
         return peer
@@ -243,17 +304,43 @@ class RelayNode:
         peer = self._peers.get(link)
         if peer is None:
             return
+        wrong = self._wrong_identity(peer)
+        if wrong is not None:
+            open_waiters, peer.open_waiters = peer.open_waiters, []
+            for circuit in open_waiters:
+                circuit.extend_failed(wrong, DestroyReason.OR_IDENTITY)
+            link.close(wrong)
+            return
         open_waiters, peer.open_waiters = peer.open_waiters, []
         for circuit in open_waiters:
-            circuit.attach_next(peer)
+            request = circuit.extend_request
+            mismatch = self._ed25519_mismatch(peer, request) if request is not None else None
+            if mismatch is None:
+                circuit.attach_next(peer)
+            else:
+                circuit.extend_failed(mismatch, DestroyReason.OR_IDENTITY)
+
+    def _wrong_identity(self, peer: Peer) -> str | None:
+        """Why the relay at the other end of an outgoing link is not the one we dialed (tor:
+        "identity key was not as expected"), or None. Plain demo links prove nothing and are
+        taken at their word. Loop thread only."""
+        if self.config.plain_links or peer.identity is None:
+            return None
+        got = peer.link.peer_identity
+        if got is None or got.rsa_digest != peer.identity:
+            return (f"wrong identity at {peer.address}: wanted {peer.identity.hex().upper()}, "
+                    f"got {got.fingerprint if got else 'none'}")
+        return None
 
     def _on_link_closed(self, link: Link, reason: str) -> None:
         peer = self._peers.pop(link, None)
         self.link_closes[link.close_kind.value if link.close_kind else "unknown"] += 1
         if peer is None:
             return
-        if peer.address is not None and self._outgoing.get(peer.address) is peer:
-            del self._outgoing[peer.address]
+        if peer.address is not None and peer.identity is not None:
+            key = (peer.address, peer.identity)
+            if self._outgoing.get(key) is peer:
+                del self._outgoing[key]
         open_waiters, peer.open_waiters = peer.open_waiters, []
         for circuit in open_waiters:
             circuit.extend_failed(reason)
@@ -297,11 +384,12 @@ class RelayNode:
                 link.send_cell(circ_id, CellCommand.CREATED_FAST, reply)
                 return
             if command == CellCommand.CREATE2:
-                peer.relay_link = True  # only relays extend with CREATE2 in this network
+                if self.config.plain_links:
+                    peer.claimed_relay = True  # in the demo network only relays send CREATE2
                 body = decode_create2(payload)
                 if body.htype != HTYPE_NTOR:
                     raise HandshakeError(f"CREATE2 handshake type {body.htype} unsupported")
-                reply, material = ntor_server(self.keys.ntor, body.hdata)
+                reply, material = ntor_server(self._ntor_key(body.hdata), body.hdata)
                 self._new_circuit(peer, circ_id, material)
                 link.send_cell(circ_id, CellCommand.CREATED2, encode_created2(reply))
                 return
@@ -325,6 +413,15 @@ class RelayNode:
                 link.circuit_count, refused)
         link.destroy_circuit(circ_id, DestroyReason.RESOURCELIMIT)
 
+    def _ntor_key(self, onionskin: bytes) -> NtorServerKey:
+        """The onion key an ntor onionskin names (``ID | B | X``): the current one or, during
+        its grace period after a rotation, the previous one. Loop thread only."""
+        wanted = bytes(onionskin[20:52]) if len(onionskin) >= NTOR_ONIONSKIN_LEN else b""
+        key = self.identity.ntor_key_for(wanted, time.time())
+        if key is None:
+            raise HandshakeError("ntor: onionskin names an onion key we do not have")
+        return NtorServerKey(self.identity.identity_digest, key)
+
     def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
         crypto = relay_crypto_for(HopKeys.from_material(material))
         OrCircuit(self, peer, circ_id, crypto, group=relay_group_for(crypto, self._group))
@@ -345,14 +442,20 @@ class RelayNode:
 
     def _flush(self, dirty: list[OrCircuit]) -> None:
         self.flushes += 1
-        self.submits += len(dirty)
         now = time.perf_counter()
         if self._first_cell is None:
             self._first_cell = now
             self._cpu_at_first_cell = sum(os.times()[:2])
         self._last_cell = now
+        work: list[tuple[Any, int, Any]] = []
         for circuit in dirty:
-            circuit.flush()
+            circuit.take_submits(work)
+        if work:
+            self.submits += len(work)
+            try:
+                self.pool.submit_many(work)
+            except PoolClosedError:
+                return  # the relay is shutting down
         if self.pool.over_high_water and not self._closed:
             for circuit in dirty:
                 for peer in (circuit.prev, circuit.next):
@@ -381,19 +484,59 @@ class RelayNode:
             source.hold(peer)
             self.write_pauses += 1
 
-    def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None:
-        """Get an open link to ``address`` for ``circuit`` (reuse or connect). Loop thread
-        only."""
+    def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
+                     stream_id: int) -> ExtendRequest | None:
+        """tor's checks of an EXTEND2 body (``relay.extendpolicy``): dropped cells are only
+        logged; refused ones close the circuit with tor's reason. Loop thread only."""
+        previous = circuit.prev.link.peer_identity
+        decision = check_extend2(
+            body, via_relay_early=early, stream_id=stream_id, already_extended=circuit.extended,
+            previous_rsa_id=previous.rsa_digest if previous else None,
+            previous_ed_id=previous.ed25519 if previous else None,
+            ours=self._ours, config=self._extend_config,
+        )
+        if decision.action is ExtendAction.DROP:
+            log.info("%r: dropping EXTEND2: %s", circuit, decision.why)
+            return None
+        if decision.action is ExtendAction.DESTROY:
+            log.info("%r: refusing EXTEND2: %s", circuit, decision.why)
+            circuit.close(f"refused EXTEND2: {decision.why}",
+                          decision.reason or DestroyReason.PROTOCOL)
+            return None
+        host, port = decision.choose(self._rng)
+        return ExtendRequest(Extend2Body.decode(body), (str(host), port), decision.rsa_id,
+                             decision.ed_id)
+
+    def extend(self, circuit: OrCircuit, request: ExtendRequest) -> None:
+        """Get an open link to the relay ``request`` names for ``circuit``: a link we opened to
+        that address and identity, else a new one (its identity checked when it opens).
+        Loop thread only."""
         if self._closed:
             circuit.extend_failed("relay shutting down")
             return
-        peer = self._outgoing.get(address)
+        key = (request.address, request.rsa_id)
+        peer = self._outgoing.get(key)
         if peer is None or peer.link.closed:
-            peer = self._connect(address)
-        if peer.link.is_open:
+            peer = self._connect(request.address, request.rsa_id)
+        if not peer.link.is_open:
+            peer.open_waiters.append(circuit)
+            return
+        mismatch = self._ed25519_mismatch(peer, request)
+        if mismatch is None:
             circuit.attach_next(peer)
         else:
-            peer.open_waiters.append(circuit)
+            circuit.extend_failed(mismatch, DestroyReason.OR_IDENTITY)
+
+    @staticmethod
+    def _ed25519_mismatch(peer: Peer, request: ExtendRequest) -> str | None:
+        """Why the link's peer is not the Ed25519 identity ``request`` names, or None (also
+        when it names none, or the link proves none). Loop thread only."""
+        wanted = request.ed25519_id
+        got = peer.link.peer_identity
+        if wanted is None or got is None or got.ed25519 is None or got.ed25519 == wanted:
+            return None
+        return (f"wrong Ed25519 identity at {peer.address}: wanted {wanted.hex()}, "
+                f"got {got.ed25519.hex()}")
 
     def make_edge(self, circuit: OrCircuit) -> ExitEdge:
         """The exit edge of ``circuit``. Loop thread only."""

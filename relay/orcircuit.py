@@ -73,6 +73,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -88,7 +89,7 @@ from relay.handshakes import (
 )
 from tor1 import CELL_PAYLOAD_LEN
 from workers.circuit import Circuit, GroupFn
-from workers.pool import PoolClosedError, WorkerPool
+from workers.pool import WorkerPool
 
 if TYPE_CHECKING:
     from reactor import Reactor
@@ -100,6 +101,7 @@ __all__ = [
     "ORIGINATE",
     "RELAY_DIRECTION_OPS",
     "CircuitHost",
+    "ExtendRequest",
     "OrCircuit",
     "Peer",
     "crypt_batch",
@@ -172,23 +174,46 @@ class Peer:
     """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
 
     __slots__ = (
-        "address", "congested", "drain_waiters", "gate", "link", "open_waiters", "relay_link",
+        "address", "claimed_relay", "congested", "drain_waiters", "gate", "identity", "link",
+        "open_waiters",
     )
 
-    def __init__(self, link: Link, address: tuple[str, int] | None = None) -> None:
-        """Wrap ``link``. Loop thread only."""
+    def __init__(self, link: Link, address: tuple[str, int] | None = None,
+                 identity: bytes | None = None) -> None:
+        """Wrap ``link``; ``address`` and ``identity`` (RSA digest) name the relay a link we
+        opened was dialed for. Loop thread only."""
         self.link = link
         self.gate = ReadGate(link)
         self.address = address  # set for links this relay opened (reused by EXTEND2)
-        # A link to another relay: one we opened, or one a relay extended over (CREATE2).
-        # Write congestion never pauses reading it for the sake of another relay link.
-        self.relay_link = address is not None
+        self.identity = identity
+        self.claimed_relay = False  # a plain demo link that carried CREATE2 (proves nothing)
         self.congested = False
         self.drain_waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
         self.open_waiters: list[OrCircuit] = []  # circuits waiting for this link to open
 
+    @property
+    def relay_link(self) -> bool:
+        """A link to another relay: one we opened, or one whose initiator authenticated as a
+        relay. Write congestion never pauses reading it for the sake of another relay link.
+        Loop thread only."""
+        if self.address is not None or self.claimed_relay:
+            return True
+        peer = self.link.peer_identity
+        return peer is not None and peer.authenticated
+
     def __repr__(self) -> str:
         return f"<Peer {self.link.name}>"
+
+
+@dataclass(frozen=True)
+class ExtendRequest:
+    """An EXTEND2 that passed tor's checks: the body (its handshake goes on in CREATE2), the
+    address chosen to dial, and the identities the next hop must prove."""
+
+    body: Extend2Body
+    address: tuple[str, int]
+    rsa_id: bytes
+    ed25519_id: bytes | None
 
 
 class CircuitHost(Protocol):
@@ -199,7 +224,8 @@ class CircuitHost(Protocol):
     circuit_pressure_pauses: int
 
     def mark_dirty(self, circuit: OrCircuit) -> None:
-        """Call ``circuit.flush()`` at the end of this loop iteration. Loop thread only."""
+        """Call ``circuit.take_submits(work)`` at the end of this loop iteration. Loop thread
+        only."""
         ...
 
     def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None:
@@ -207,9 +233,15 @@ class CircuitHost(Protocol):
         congested. Loop thread only."""
         ...
 
-    def extend(self, circuit: OrCircuit, address: tuple[str, int]) -> None:
-        """Get an open link to ``address``, then ``circuit.attach_next(peer)`` (or
-        ``circuit.extend_failed(why)``). Loop thread only."""
+    def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
+                     stream_id: int) -> ExtendRequest | None:
+        """tor's checks of an EXTEND2 body: the request to carry out, or None when the cell is
+        dropped or the circuit was closed for it. Loop thread only."""
+        ...
+
+    def extend(self, circuit: OrCircuit, request: ExtendRequest) -> None:
+        """Get an open link to the relay ``request`` names, then ``circuit.attach_next(peer)``
+        (or ``circuit.extend_failed(why, reason)``). Loop thread only."""
         ...
 
     def make_edge(self, circuit: OrCircuit) -> ExitEdge:
@@ -238,9 +270,10 @@ class OrCircuit:
         "_fwd",
         "_fwd_delivered",
         "_fwd_submitted",
-        "_kb_direction",
         "_kb_held",
         "_kb_in_flight",
+        "_kb_lane",
+        "_kb_ready",
         "_pressure",
         "edge",
         "host",
@@ -286,10 +319,11 @@ class OrCircuit:
         self._early: deque[int] = deque()
         self._fwd_submitted = 0
         self._fwd_delivered = 0
-        self._kb_direction = BACKWARD
+        self._kb_lane = BACKWARD
         self._kb_in_flight = 0
+        self._kb_ready: list[tuple[Circuit, int, list[bytes]]] = []
         self._kb_held: deque[tuple[int, list[bytes]]] = deque()
-        self._extend: Extend2Body | None = None
+        self._extend: ExtendRequest | None = None
         self._pressure = False
         self.edge: ExitEdge | None = None
         self._edge_gate: ReadGate | None = None
@@ -340,54 +374,62 @@ class OrCircuit:
             if self.host.unexpected_cell(self.next, self.next_id, command):
                 self.close(f"unexpected cell command {command} from the next hop")
 
-    def flush(self) -> None:
-        """Submit the cells gathered since the last flush: one submit per direction.
-        Loop thread only (the node calls it at the end of the loop iteration)."""
+    def take_submits(self, out: list[tuple[Circuit, int, Any]]) -> None:
+        """Move the batches gathered since the last flush to ``out`` as ``(pool circuit, lane,
+        cells)`` entries, at most one per lane, for the node's one ``submit_many``. Loop thread
+        only (the node calls it at the end of the loop iteration)."""
         self._dirty = False
         if self.state is _CLOSED:
             self._fwd.clear()
             self._bwd.clear()
+            self._kb_ready.clear()
             return
-        try:
-            if self._fwd:
-                cells, self._fwd = self._fwd, []
-                self._fwd_submitted += len(cells)
-                self.host.pool.submit(self.pool_circuit, FORWARD, cells)
-            if self._bwd:
-                cells, self._bwd = self._bwd, []
-                self._submit_kb(BACKWARD, cells)
-        except PoolClosedError:
-            pass  # the relay is shutting down
+        if self._fwd:
+            cells, self._fwd = self._fwd, []
+            self._fwd_submitted += len(cells)
+            out.append((self.pool_circuit, FORWARD, cells))
+        if self._bwd:
+            cells, self._bwd = self._bwd, []
+            self._queue_kb(BACKWARD, cells)
+        if self._kb_ready:
+            out.extend(self._kb_ready)
+            self._kb_ready.clear()
 
     def originate(self, payloads: list[bytes]) -> None:
-        """Send relay payloads from this relay toward the client (digest, Kb). Loop thread
-        only."""
+        """Send relay payloads from this relay toward the client (digest, Kb), with the next
+        flush. Loop thread only."""
         if self.state is _CLOSED or not payloads:
             return
-        try:
-            self._submit_kb(ORIGINATE, payloads)
-        except PoolClosedError:
-            pass
+        self._queue_kb(ORIGINATE, payloads)
+        self._mark_dirty()
 
-    def _submit_kb(self, direction: int, cells: list[bytes]) -> None:
-        if self._kb_held or (self._kb_in_flight and self._kb_direction != direction):
-            self._kb_held.append((direction, cells))
+    def _mark_dirty(self) -> None:
+        if not self._dirty:
+            self._dirty = True
+            self.host.mark_dirty(self)
+
+    def _queue_kb(self, lane: int, cells: list[bytes]) -> None:
+        """Queue a Kb batch for the next flush, unless the other Kb lane has cells in flight
+        (then it is held until they are delivered: see "BACKWARD and ORIGINATE" above)."""
+        if self._kb_held or (self._kb_in_flight and self._kb_lane != lane):
+            self._kb_held.append((lane, cells))
             return
-        self._kb_direction = direction
+        self._kb_lane = lane
         self._kb_in_flight += len(cells)
-        self.host.pool.submit(self.pool_circuit, direction, cells)
+        self._kb_ready.append((self.pool_circuit, lane, cells))
 
     def _kb_delivered(self, count: int) -> None:
         self._kb_in_flight -= count
         held = self._kb_held
         if self._kb_in_flight or not held:
             return
-        direction = held[0][0]
-        while held and held[0][0] == direction:
+        lane = held[0][0]
+        while held and held[0][0] == lane:
             _, cells = held.popleft()
-            self._kb_direction = direction
+            self._kb_lane = lane
             self._kb_in_flight += len(cells)
-            self.host.pool.submit(self.pool_circuit, direction, cells)
+            self._kb_ready.append((self.pool_circuit, lane, cells))
+        self._mark_dirty()
 
     # ------------------------------------------------------------------ results
 
@@ -477,31 +519,36 @@ class OrCircuit:
         self.edge.handle(out, offsets)
 
     def _on_extend2(self, out: bytes, offset: int, early: bool) -> None:
-        if not early:
-            self.close("EXTEND2 outside a RELAY_EARLY cell", DestroyReason.PROTOCOL)
-            return
-        if self.next is not None or self.state is not _OPEN or self.edge is not None:
-            self.close("EXTEND2 on a circuit that is already extended", DestroyReason.PROTOCOL)
-            return
         try:
-            _, _, body = relay_body(out, offset)
-            extend = Extend2Body.decode(body)
-            address = extend.address()
-            if address is None:
-                raise BodyError("EXTEND2 has no IPv4/IPv6 link specifier")
-        except (BodyError, ValueError) as exc:
+            _, stream_id, body = relay_body(out, offset)
+        except ValueError as exc:
             self.close(f"bad EXTEND2: {exc}", DestroyReason.PROTOCOL)
             return
+        request = self.host.check_extend(self, body, early=early, stream_id=stream_id)
+        if request is None or self.state is _CLOSED:
+            return  # dropped, or refused (the host closed the circuit)
         self.state = _EXTENDING
-        self._extend = extend
-        self.host.extend(self, address)
+        self._extend = request
+        self.host.extend(self, request)
+
+    @property
+    def extended(self) -> bool:
+        """True once the circuit has, or is getting, a next hop, or carries exit streams: an
+        EXTEND2 now is a protocol violation. Loop thread only."""
+        return self.next is not None or self.state is not _OPEN or self.edge is not None
+
+    @property
+    def extend_request(self) -> ExtendRequest | None:
+        """The EXTEND2 this circuit is waiting to carry out, if any. Loop thread only."""
+        return self._extend if self.state is _EXTENDING else None
 
     def attach_next(self, peer: Peer) -> None:
         """The link to the next hop is open: register there and send CREATE2. Loop thread
         only (the node calls it)."""
         if self.state is not _EXTENDING or self._extend is None:
             return
-        extend, self._extend = self._extend, None
+        request, self._extend = self._extend, None
+        extend = request.body
         self.next = peer
         self.next_id = peer.link.add_circuit(self._from_next)
         if self._pressure:
@@ -509,9 +556,9 @@ class OrCircuit:
         peer.link.send_cell(self.next_id, CellCommand.CREATE2,
                             encode_create2(extend.htype, extend.hdata))
 
-    def extend_failed(self, why: str) -> None:
-        """The next hop could not be reached. Loop thread only."""
-        self.close(f"extend failed: {why}", DestroyReason.CONNECTFAILED)
+    def extend_failed(self, why: str, reason: int = DestroyReason.CONNECTFAILED) -> None:
+        """The next hop could not be reached (or must not be). Loop thread only."""
+        self.close(f"extend failed: {why}", reason)
 
     def _on_error(self, pool_circuit: Circuit, direction: int, exc: BaseException) -> None:
         log.error("%r: crypto failed on a worker: %r", self, exc)
@@ -547,6 +594,7 @@ class OrCircuit:
         self._fwd.clear()
         self._bwd.clear()
         self._kb_held.clear()
+        self._kb_ready.clear()
         for peer, circ_id, tell in ((self.prev, self.prev_id, tell_prev),
                                     (self.next, self.next_id, tell_next)):
             if peer is None:

@@ -392,6 +392,7 @@ def test_worker_exception_in_one_circuit_of_a_relay(reactor: Reactor, tmp_path: 
             "faulty", [sys.executable, str(FAULTY_RELAY), "--fail-circuit", "3",
                        "--fail-batch", "4", "--", "--listen", "127.0.0.1:0",
                        "--nickname", "faulty", "--data-dir", str(tmp_path / "faulty"),
+                       "--testing-network", "--exit-policy", "accept 127.0.0.1:*",
                        "--log-level", "INFO"],
             tmp_path / "faulty.log", env=env)
         middle = RelayDescriptor.from_json(faulty.wait_ready(30)["descriptor"])

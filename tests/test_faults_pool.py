@@ -4,7 +4,7 @@ crypto (the default backend: the C kernel when built).
 
 What is checked, and why
 ------------------------
-The pool's promises (DESIGN.md invariants 2, 3, 6, 7) must hold *together*, under churn, not
+The pool's promises (docs/design.md, invariants 2, 3, 6, 7) must hold *together*, under churn, not
 only one at a time as the unit tests check them:
 
 * **Nothing lost, nothing reordered, for the circuits nobody touched.** Many circuits receive

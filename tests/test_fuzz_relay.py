@@ -34,6 +34,7 @@ import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import event, given
@@ -46,7 +47,7 @@ from reactor import Reactor, Stream, listen
 from relay.cells import CellCommand, CellFormatError, RelayCommand
 from relay.circuits import pack_relay
 from relay.client import Client
-from relay.directory import RelayKeys
+from relay.config import RelayConfig
 from relay.handshakes import (
     HTYPE_NTOR,
     CreateFastClient,
@@ -55,6 +56,7 @@ from relay.handshakes import (
     NtorClient,
     encode_create2,
 )
+from relay.identity.keys import RelayIdentity
 from relay.node import RelayNode
 from relay.origin import ClientStream, OriginCircuit
 from tor1 import CELL_PAYLOAD_LEN
@@ -176,7 +178,8 @@ class StrangerReport:
 class Stranger:
     """A hostile Tor link initiator over a ``RawPeer`` (a blocking socket), run in a thread."""
 
-    def __init__(self, port: int, relay_keys: RelayKeys, relay_port: int, echo_port: int) -> None:
+    def __init__(self, port: int, relay_keys: RelayIdentity, relay_port: int,
+                 echo_port: int) -> None:
         self.peer = RawPeer(port, timeout=15)
         self.peer.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.keys = relay_keys
@@ -260,9 +263,12 @@ class Stranger:
             return text.encode("utf-8", "replace")[:200] + b"\0"
         if isinstance(where, str):
             return step.body
-        skin = NtorClient(self.keys.identity_digest, self.keys.ntor.onion_key_public).onionskin
-        return Extend2Body((LinkSpecifier.ipv4(*where),
-                            LinkSpecifier.legacy_id(self.keys.identity_digest)),
+        skin = NtorClient(self.keys.identity_digest, self.keys.ntor_onion_key).onionskin
+        # The relay's own identity for itself (refused: extending to ourselves), a stranger's
+        # for anything else (dialed, then found not to be a relay).
+        identity = self.keys.identity_digest if step.target.kind == "relay" else bytes(
+            range(20))
+        return Extend2Body((LinkSpecifier.ipv4(*where), LinkSpecifier.legacy_id(identity)),
                            HTYPE_NTOR, skin).encode()
 
     def create_fast(self, circ_id: int) -> None:
@@ -350,12 +356,13 @@ class Stranger:
 class RelayBench:
     """An in-process relay, an echo service, and a healthy client streaming through the relay."""
 
-    def __init__(self, reactor: Reactor, log: LogRecorder) -> None:
+    def __init__(self, reactor: Reactor, log: LogRecorder, keys_dir: Path) -> None:
         self.reactor = reactor
         self.log = log
-        self.keys = RelayKeys.generate()
-        self.node = RelayNode(reactor, self.keys, nickname="fuzzed", threads=2,
-                              handshake_timeout=5.0)
+        self.keys = RelayIdentity.load_or_create(keys_dir, "fuzzed")
+        config = RelayConfig(nickname="fuzzed", exit_policy=("accept 127.0.0.1:*", "reject *:*"),
+                             testing_network=True)
+        self.node = RelayNode(reactor, self.keys, config, handshake_timeout=5.0)
         self.node.start()
         self.echo = listen(reactor, "127.0.0.1", 0, self._echo)
         self.client = Client(reactor, build_timeout=10.0)
@@ -401,11 +408,11 @@ class RelayBench:
 
 
 @pytest.fixture(scope="module")
-def bench() -> Iterator[RelayBench]:
+def bench(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RelayBench]:
     with recording("reactor", "relay", "workers", level=logging.DEBUG) as recorder:
         reactor = Reactor()
         try:
-            bench = RelayBench(reactor, recorder)
+            bench = RelayBench(reactor, recorder, tmp_path_factory.mktemp("fuzzed"))
             yield bench
             bench.node.close()
         finally:
@@ -474,7 +481,7 @@ def test_an_encrypted_begin_reaches_the_exit(bench: RelayBench) -> None:
 
 def test_links_to_unknown_payload_shapes_do_not_leak_outgoing_links(bench: RelayBench) -> None:
     """EXTEND2 to the echo service (not a Tor relay) and to a closed port: the circuits fail
-    with DESTROY, and the links the relay opened for them end (handshake timeout, refusal)."""
+    with DESTROY, and the links the relay opened for them end (TLS failure, refusal)."""
     node = bench.node
     links_before = open_links(node)  # the healthy client's, and relay links the fuzz left
     closes_before = dict(node.link_closes)
@@ -497,7 +504,9 @@ def test_links_to_unknown_payload_shapes_do_not_leak_outgoing_links(bench: Relay
         node.stats())
     new_closes = {kind: n - closes_before.get(kind, 0) for kind, n in node.link_closes.items()}
     assert new_closes.get("connect-failed", 0) >= 1, new_closes
-    assert new_closes.get("timeout", 0) + new_closes.get("not-tor", 0) >= 1, new_closes
+    # the echo service echoes our TLS ClientHello: not TLS (or, on plain links, not Tor)
+    assert sum(new_closes.get(kind, 0) for kind in ("timeout", "not-tor", "tls-failed")) >= 1, (
+        new_closes)
     bench.check_healthy(random.Random(2))
 
 

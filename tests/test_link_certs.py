@@ -38,13 +38,19 @@ def _x509(subject: str, key: rsa.RSAPrivateKey, issuer: str, signer: rsa.RSAPriv
     return cert.public_bytes(Encoding.DER)
 
 
+# Ed25519 and cross-certificate expiry in hours since the epoch (year 2214): the verifier now
+# refuses expired certificates, so these must outlive the test suite.
+_FAR_FUTURE_HOURS = 2_140_000
+
+
 def _raw_ed(key: Ed25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
 def _ed_cert(cert_type: int, key_type: int, certified: bytes, signer: Ed25519PrivateKey,
              include_signer: bool) -> bytes:
-    body = bytes((1, cert_type)) + struct.pack(">I", 500_000) + bytes((key_type,)) + certified
+    body = (bytes((1, cert_type)) + struct.pack(">I", _FAR_FUTURE_HOURS) + bytes((key_type,))
+            + certified)
     if include_signer:
         body += b"\x01" + struct.pack(">HBB", 32, 4, 0) + _raw_ed(signer)
     else:
@@ -78,7 +84,7 @@ class _Relay:
         }
 
     def cross_cert(self, ed_key: bytes) -> bytes:
-        signed = ed_key + struct.pack(">I", 500_000)
+        signed = ed_key + struct.pack(">I", _FAR_FUTURE_HOURS)
         digest = hashlib.sha256(b"Tor TLS RSA/Ed25519 cross-certificate" + signed).digest()
         signature = _rsa_raw_sign(self.identity, digest)
         return signed + bytes((len(signature),)) + signature

@@ -149,6 +149,105 @@ def test_error_without_handler_closes_the_circuit() -> None:
     assert pool.stats()["errors_delivered"] == 1
 
 
+class _NotAnException(BaseException):
+    """A BaseException that is neither SystemExit nor KeyboardInterrupt."""
+
+
+def _identity_holds(stats: dict[str, Any]) -> bool:
+    return stats["submitted"] == (stats["delivered"] + stats["cancelled"]
+                                  + stats["discarded_cells"]) and stats["in_flight"] == 0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_a_base_exception_fails_only_its_circuit(grouped: bool) -> None:
+    """Before, a worker died on it: the circuit stayed busy and the accounting broke."""
+    replies = Collector()
+    results: dict[str, list[bytes]] = defaultdict(list)
+    errors: list[tuple[str, BaseException]] = []
+
+    def process(state: Any, lane: int, batch: list[bytes]) -> list[bytes]:
+        if b"base" in batch:
+            raise _NotAnException("not an Exception")
+        return batch
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        if any(b"base" in pieces for _, _, pieces in jobs):
+            raise _NotAnException("not an Exception, in a group")
+        return [list(pieces) for _, _, pieces in jobs]
+
+    pool = WorkerPool(replies, threads=1, batch_cells=1, process=process,
+                      group=group if grouped else None, cell_size=CELL)
+
+    def on_error(c: Circuit, lane: int, e: BaseException) -> None:
+        errors.append((c.context, e))
+        pool.close_circuit(c)
+
+    def on_result(c: Circuit, lane: int, r: list[bytes]) -> None:
+        results[c.context].extend(r)
+
+    bad = pool.open_circuit(None, context="bad", on_result=on_result, on_error=on_error)
+    good = pool.open_circuit(None, context="good", on_result=on_result, on_error=on_error)
+    pool.submit(bad, 0, [b"base"])
+    pool.submit(bad, 0, [b"later"])  # neither served nor lost: cancelled with the circuit
+    pool.start()
+    replies.pump(pool, lambda: errors != [])
+    pool.submit(good, 0, [b"g1"])
+    pool.submit(good, 1, [b"g2"])
+    replies.pump(pool, lambda: len(results["good"]) == 2)
+    assert pool.stats()["alive_threads"] == 1  # the worker survived
+    pool.close(drain=True, timeout=WAIT)
+    replies.deliver_all(pool)
+    assert [(n, type(e)) for n, e in errors] == [("bad", _NotAnException)]
+    assert results["good"] == [b"g1", b"g2"] and "bad" not in results
+    stats = pool.stats()
+    assert stats["errors"] == 1 and stats["stopped_by"] is None
+    assert _identity_holds(stats), stats
+
+
+@pytest.mark.parametrize(("fatal", "grouped"), [(SystemExit, False), (KeyboardInterrupt, True)])
+def test_system_exit_and_keyboard_interrupt_stop_the_pool_cleanly(
+    fatal: type[BaseException], grouped: bool
+) -> None:
+    replies = Collector()
+    gate = threading.Event()
+    errors: list[tuple[str, BaseException]] = []
+    results: dict[str, list[bytes]] = defaultdict(list)
+
+    def process(state: Any, lane: int, batch: list[bytes]) -> list[bytes]:
+        if b"fatal" in batch:
+            assert gate.wait(WAIT)  # the others are queued behind it by then
+            raise fatal("stop")
+        return batch
+
+    def group(jobs: list[tuple[Any, int, Any]]) -> list[Any]:
+        return [process(state, lane, list(pieces)) for state, lane, pieces in jobs]
+
+    pool = WorkerPool(replies, threads=1, batch_cells=1, process=process,
+                      group=group if grouped else None, group_circuits=1, cell_size=CELL)
+    circuits = [
+        pool.open_circuit(None, context=str(i), on_result=lambda c, d, r: results[c.context]
+                          .extend(r), on_error=lambda c, d, e: errors.append((c.context, e)))
+        for i in range(5)
+    ]
+    pool.start()
+    pool.submit(circuits[0], 0, [b"fatal"])
+    for c in circuits[1:]:
+        pool.submit(c, 0, [b"a", b"b"])
+    gate.set()
+    replies.pump(pool, lambda: errors != [])
+    assert [(n, type(e)) for n, e in errors] == [("0", fatal)]
+    with pytest.raises(PoolClosedError):
+        pool.submit(circuits[1], 0, [b"c"])
+    pool.close(drain=True, timeout=WAIT)  # no TimeoutError: every worker stopped
+    replies.deliver_all(pool)
+    stats = pool.stats()
+    assert stats["alive_threads"] == 0
+    assert stats["stopped_by"] == repr(fatal("stop"))
+    assert stats["cancelled"] >= 1  # queued work was cancelled, not crypted after the stop
+    assert _identity_holds(stats), stats
+    assert pool_threads() == []
+
+
 # --------------------------------------------------------------------------- back-pressure
 
 

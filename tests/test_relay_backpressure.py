@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 import socket
-import struct
 import threading
 from collections.abc import Iterator
 
@@ -23,18 +22,26 @@ from support_rawpeer import RawPeer
 from examples.client import EchoTransfer
 from examples.echo import EchoServer
 from reactor import Reactor
-from relay.cells import CellCommand, RelayCommand, encode_versions
+from relay.cells import CellCommand, RelayCommand
 from relay.circuits import pack_relay, relay_body, wire_cells
-from relay.directory import RelayKeys
+from relay.config import RelayConfig
 from relay.handshakes import HTYPE_NTOR, Extend2Body, LinkSpecifier, encode_created2
-from relay.link import NetInfo, encode_netinfo
+from relay.identity.keys import RelayIdentity
 from relay.node import RelayNode
 from tor1 import CELL_PAYLOAD_LEN
 
 
 @pytest.fixture(scope="module")
-def relay_keys() -> list[RelayKeys]:
-    return [RelayKeys.generate() for _ in range(3)]
+def relay_keys(tmp_path_factory: pytest.TempPathFactory) -> list[RelayIdentity]:
+    base = tmp_path_factory.mktemp("keys")
+    return [RelayIdentity.load_or_create(base / f"r{i}", f"r{i}") for i in range(4)]
+
+
+def config(nickname: str, threads: int = 2) -> RelayConfig:
+    """An exit to the loopback echo service, as the demos run."""
+    return RelayConfig(nickname=nickname, threads=threads,
+                       exit_policy=("accept 127.0.0.1:*", "reject *:*"),
+                       testing_network=True)
 
 
 @pytest.fixture
@@ -61,12 +68,12 @@ def run_transfer(reactor: Reactor, nodes: list[RelayNode], echo: EchoServer,
 
 
 def test_tiny_watermarks_pause_and_resume_without_loss(
-    reactor: Reactor, relay_keys: list[RelayKeys]
+    reactor: Reactor, relay_keys: list[RelayIdentity]
 ) -> None:
     nodes = [
-        RelayNode(reactor, keys, nickname=f"bp{i}", threads=2, batch_cells=16,
+        RelayNode(reactor, keys, config(f"bp{i}"), batch_cells=16,
                   pool_high_water=16, circuit_high_water=6, link_write_water=(4096, 1024))
-        for i, keys in enumerate(relay_keys)
+        for i, keys in enumerate(relay_keys[:3])
     ]
     for node in nodes:
         node.start()
@@ -95,10 +102,10 @@ def test_tiny_watermarks_pause_and_resume_without_loss(
 
 
 def test_relays_in_one_process_echo_with_default_marks(
-    reactor: Reactor, relay_keys: list[RelayKeys]
+    reactor: Reactor, relay_keys: list[RelayIdentity]
 ) -> None:
-    nodes = [RelayNode(reactor, keys, nickname=f"n{i}", threads=1)
-             for i, keys in enumerate(relay_keys)]
+    nodes = [RelayNode(reactor, keys, config(f"n{i}", threads=1))
+             for i, keys in enumerate(relay_keys[:3])]
     for node in nodes:
         node.start()
     echo = EchoServer(reactor)
@@ -122,10 +129,12 @@ def test_relays_in_one_process_echo_with_default_marks(
 
 
 class StalledNextRelay:
-    """A fake next relay on a blocking socket: answers the link handshake and CREATE2, then
-    reads nothing until ``may_read`` is set, and then counts the RELAY cells it gets."""
+    """A fake next relay on a blocking socket, with ``identity``'s certificates: answers the
+    link handshake and CREATE2, then reads nothing until ``may_read`` is set, and then counts
+    the RELAY cells it gets."""
 
-    def __init__(self, expected_cells: int) -> None:
+    def __init__(self, expected_cells: int, identity: RelayIdentity) -> None:
+        self.identity = identity
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         self.listener.bind(("127.0.0.1", 0))
@@ -141,14 +150,8 @@ class StalledNextRelay:
     def _run(self) -> None:
         try:
             conn, _ = self.listener.accept()
-            peer = RawPeer.on_socket(conn)
             conn.settimeout(60)
-            _, command, length = struct.unpack(">HBH", peer.read_exact(5))
-            assert command == CellCommand.VERSIONS
-            peer.read_exact(length)
-            conn.sendall(encode_versions([4]))
-            peer.send_cell(0, CellCommand.NETINFO, encode_netinfo(NetInfo(0, "127.0.0.1")))
-            assert peer.recv_cell()[1] == CellCommand.NETINFO
+            peer = RawPeer.serve(conn, self.identity)
             circ_id, command, _ = peer.recv_cell()
             assert command == CellCommand.CREATE2
             peer.send_cell(circ_id, CellCommand.CREATED2, encode_created2(bytes(64)))
@@ -166,12 +169,12 @@ class StalledNextRelay:
 
 
 def test_a_full_next_hop_link_pauses_reading_the_client_link(
-    reactor: Reactor, relay_keys: list[RelayKeys]
+    reactor: Reactor, relay_keys: list[RelayIdentity]
 ) -> None:
     cells = 16384  # 8 MB: more than the kernel buffers of the stalled link hold
-    node = RelayNode(reactor, relay_keys[0], nickname="mid", link_write_water=(65536, 16384))
+    node = RelayNode(reactor, relay_keys[0], config("mid"), link_write_water=(65536, 16384))
     node.start()
-    fake = StalledNextRelay(cells)
+    fake = StalledNextRelay(cells, relay_keys[3])
     client_done = threading.Event()
     client_error: list[BaseException] = []
 
@@ -182,7 +185,8 @@ def test_a_full_next_hop_link_pauses_reading_the_client_link(
             circ = 0x80000001
             crypto = peer.create_fast(circ)
             extend = Extend2Body(
-                (LinkSpecifier.ipv4("127.0.0.1", fake.port), LinkSpecifier.legacy_id(bytes(20))),
+                (LinkSpecifier.ipv4("127.0.0.1", fake.port),
+                 LinkSpecifier.legacy_id(relay_keys[3].identity_digest)),
                 HTYPE_NTOR, bytes(84)).encode()
             peer.send_cell(circ, CellCommand.RELAY_EARLY,
                            crypto.encrypt(pack_relay(RelayCommand.EXTEND2, 0, extend), 0))

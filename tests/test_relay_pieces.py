@@ -5,6 +5,7 @@ streams, and the directory file."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from relay.circuits import ReadGate, pack_data_cells, pack_relay, relay_body, wi
 from relay.directory import (
     DirectoryError,
     RelayDescriptor,
-    RelayKeys,
     read_directory,
     write_directory,
 )
@@ -117,21 +117,17 @@ def test_read_gate_pauses_while_any_reason_holds() -> None:
         listener.close()
 
 
-def test_directory_round_trip_and_keys_persist(tmp_path: Path) -> None:
-    keys = RelayKeys.load_or_create(tmp_path / "r0")
-    again = RelayKeys.load_or_create(tmp_path / "r0")
-    assert again.identity_digest == keys.identity_digest
-    assert again.ntor.onion_key_public == keys.ntor.onion_key_public
-    assert (tmp_path / "r0" / "identity_key.pem").stat().st_mode & 0o777 == 0o600
-    other = RelayKeys.generate()
-    assert other.identity_digest != keys.identity_digest
-    descriptors = [keys.descriptor("r0", "127.0.0.1", 5000),
-                   other.descriptor("r1", "127.0.0.1", 5001)]
+def _entry(nickname: str, port: int) -> RelayDescriptor:
+    return RelayDescriptor(nickname, "127.0.0.1", port, os.urandom(20), os.urandom(32))
+
+
+def test_directory_round_trip(tmp_path: Path) -> None:
+    descriptors = [_entry("r0", 5000), _entry("r1", 5001)]
     path = tmp_path / "directory.json"
     write_directory(path, descriptors)
     assert read_directory(path) == descriptors
     entry = json.loads(path.read_text())["relays"][0]
-    assert entry["identity"] == keys.identity_digest.hex().upper()
+    assert entry["identity"] == descriptors[0].identity_digest.hex().upper()
 
 
 @pytest.mark.parametrize(
@@ -150,7 +146,7 @@ def test_directory_rejects_malformed_entries(
     tmp_path: Path, mutate: Callable[[dict[str, Any]], object], message: str
 ) -> None:
     path = tmp_path / "directory.json"
-    write_directory(path, [RelayKeys.generate().descriptor("r0", "127.0.0.1", 5000)])
+    write_directory(path, [_entry("r0", 5000)])
     document = json.loads(path.read_text())
     mutate(document)
     path.write_text(json.dumps(document))

@@ -2,7 +2,7 @@
 
 What is checked, and why
 ------------------------
-A relay must stop promptly and cleanly when asked, however busy it is (DESIGN.md invariant 7):
+A relay must stop promptly and cleanly when asked, however busy it is (docs/design.md, invariant 7):
 stop intake, cancel queued crypto, wake and join every worker thread, close every link and the
 reply queue's Async, and exit. Here three relay processes carry 1,000 three-hop circuits (every
 circuit crosses every relay), each echoing data; once every circuit is open and data is moving,

@@ -1,8 +1,8 @@
 """Build a pyuv 1.4.0 wheel that works on Python 3.11+, once, into a cache.
 
-pyuv's only release (1.4.0, 2017) does not compile on Python >= 3.10: two C lines
-use APIs that were removed (see ../shared/PYUV.md). The same fixes are merged upstream
-but were never released. This script:
+pyuv's only release (1.4.0, 2017) does not compile on Python >= 3.10: two C lines use APIs
+that were removed (``Py_REFCNT`` as an lvalue, ``PyUnicode_EncodeUTF8``). The same fixes are
+merged upstream but were never released. This script:
 
 1. downloads the pinned sdist with pip (or reuses the cached copy),
 2. checks its sha256 against the pinned value,

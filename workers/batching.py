@@ -1,6 +1,6 @@
 """Batches: how submitted items are counted on the loop thread and joined on a worker.
 
-Per-cell Python work on either side of the pool is the cost to remove (PERF-FACTS.md), so the
+Per-cell Python work on either side of the pool is the cost to remove (docs/tuning.md), so the
 unit the pool moves is a *submitted item*, not a cell. ``WorkerPool.submit`` takes either
 
 * a joined buffer of many cells (``bytes``, ``bytearray`` or ``memoryview``); it holds

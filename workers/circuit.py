@@ -23,7 +23,7 @@ It holds:
   ``Scheduler._release_locked`` in :mod:`workers.scheduler`). Lists rather than deques: an
   empty list costs 56 bytes, an empty deque 760, and an idle circuit should stay small.
 * the crypto ``state`` and the ``process`` function applied to it, touched only by the worker
-  that owns the circuit (invariant 2 of DESIGN.md); optionally a ``group`` function, which
+  that owns the circuit (invariant 2 of docs/design.md); optionally a ``group`` function, which
   crypts the batches of several circuits in one call (see :data:`GroupFn`), used by the
   worker that owns all of them;
 * the flags ``queued`` (on a run queue), ``busy`` (owned by a worker), ``closed`` and
@@ -70,7 +70,8 @@ class Reply(NamedTuple):
     ``cells`` is the number of cells the batch held (the loop thread subtracts it from the
     in-flight counts). Exactly one of ``result`` and ``error`` is meaningful: ``error`` is the
     exception the process function raised, or None. A reply with ``circuit`` None is a pool
-    control message (an update acknowledged by every worker); ``result`` is then its callback.
+    control message (an update every worker has applied); ``result`` is then that
+    :class:`workers.scheduler.Update`, whose ``on_applied`` the loop thread runs.
     """
 
     circuit: Circuit | None

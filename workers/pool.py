@@ -47,19 +47,16 @@ by the workers, so that one worker does not take the others' work) and crypts al
 batches with ONE ``group`` call and one ``put_many`` (see :mod:`workers.worker`). Order and
 exclusivity are those of single turns; a job's exception fails only its circuit.
 
-The lost-cell race, and why it cannot happen
---------------------------------------------
-The loop thread appends *before* it takes the lock to schedule; the worker decides whether
-anything is left *while holding* the lock, at the moment it clears ``busy``. If the append came
-first, the worker sees it and re-queues the circuit; otherwise the loop thread takes the lock
-after the worker let go, finds the circuit idle, and queues it. There is no third order. (The
-two sides: :meth:`WorkerPool.submit` here, ``Scheduler._release_locked`` in
-:mod:`workers.scheduler`, which also explains the wake-ups: no queued circuit waits for a busy
-worker while another worker sleeps.)
+The lost-cell race
+------------------
+Cells are appended *before* the pool lock is taken to schedule the circuit, and the owner
+decides whether anything is left while holding it: docs/design.md, "The lost-cell race", has
+the argument; the two sides are :meth:`WorkerPool.submit` / :meth:`WorkerPool.submit_many` here
+and ``Scheduler._release_locked``.
 
 The hot path
 ------------
-Per-cell Python is what makes a pool slower than crypting inline (PERF-FACTS.md), so nothing
+Per-cell Python is what makes a pool slower than crypting inline (docs/tuning.md), so nothing
 here runs per cell: ``submit`` costs one append and one lock round per call whatever the number
 of cells, ``submit_many`` one lock round per call, a worker one lock round and one reply per
 batch (grouped: one lock round, one GIL round trip and one ``put_many`` per group),
@@ -83,10 +80,14 @@ Cancellation and errors
 ``close_circuit`` marks the circuit closed, drops it from its run queue (lazily, O(1)) and
 cancels its pending cells (if a worker owns the circuit at that moment, the worker empties them
 when it lets go, so the lists never have two consumers); results of a batch that was in flight
-are discarded in ``deliver`` and counted. No callback ever runs for a closed circuit. An
-exception from ``process`` becomes a reply with ``error`` set for that circuit; the pool then
-crypts nothing more for it (its stream state is suspect) and the owner's ``on_error`` closes it.
-The worker thread lives on.
+are discarded in ``deliver`` and counted. No callback ever runs for a closed circuit. Any
+exception from ``process`` or ``group`` (any ``BaseException``) becomes a reply with ``error``
+set for that circuit; the pool then crypts nothing more for it (its stream state is suspect)
+and the owner's ``on_error`` closes it. The worker thread lives on, except after
+``SystemExit`` or ``KeyboardInterrupt``, which stop the whole pool as they ask: the worker puts
+the circuit's error reply, then stops intake and every worker (``Scheduler.abort``); the loop
+thread, delivering that reply, cancels the queued work, so ``submitted == delivered + cancelled
++ discarded`` still holds, and ``close()`` joins the threads.
 
 Per-worker state and updates (Tor's ``threadpool_queue_update``)
 -----------------------------------------------------------------
@@ -134,7 +135,7 @@ from workers.pressure import Pressure
 from workers.runqueues import DEFAULT_STARVATION_PERIOD
 from workers.scheduler import Scheduler, Update
 from workers.tuning import DEFAULT_MALLOC_RETAIN, MALLOC_MMAP_THRESHOLD, StarvationRecord
-from workers.worker import SupportsPut, WorkerThreads
+from workers.worker import SupportsPut, WorkerThreads, stops_pool
 
 if TYPE_CHECKING:
     from reactor.wakers import LoopLike
@@ -153,14 +154,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Cells per lane per turn (per circuit of a grouped turn). Each batch costs the loop one
-#: reply. Measured with the grouped path (benchmarks.tuning, 2 CPUs, 200 circuits): relay_forward
-#: 1.27x / 1.35x / 1.41x inline with caps 256 / 1024 / 4096, origin 1.81x / 1.90x / 1.88x. 1024
-#: keeps a circuit's share of a turn short (~45 us of AES relaying, ~0.4 ms at the origin).
+#: Cells per lane per turn (per circuit of a grouped turn): each batch costs the loop one reply,
+#: and a circuit's share of a turn stays short (docs/tuning.md has the measurements).
 DEFAULT_BATCH_CELLS = 1024
 #: Most circuits a worker pops in one lock round for one ``group`` call (grouped path only).
-#: Measured on relay_forward (2 CPUs): 1 / 4 / 16 / 64 circuits gave 0.98x / 1.18x / 1.46x /
-#: 1.27x inline; origin 1.69x / 1.83x / 1.89x / 1.88x.
 DEFAULT_GROUP_CIRCUITS = 16
 DEFAULT_CIRCUIT_HIGH_WATER = 4096
 DEFAULT_POOL_HIGH_WATER = 1 << 20
@@ -267,6 +264,7 @@ class WorkerPool:
         # Loop thread only.
         self._started = False
         self._closed = False
+        self._stopped_by: BaseException | None = None
 
     # ----------------------------------------------------------------- set-up
 
@@ -406,27 +404,13 @@ class WorkerPool:
         """
         if self._scheduler.closing:
             raise PoolClosedError("the pool is closed: it takes no more work")
-        # The hot path of a loop that groups a read's cells by circuit: _append inlined (one
-        # Python frame per call, not one per entry). Keep it in step with _append.
-        lanes = self._lanes
-        size = self._cell_size
         appended: list[Circuit] = []
         counts: list[int] = []
         below = True
         try:
             for circuit, lane, cells in work:
-                if circuit.closed:
-                    raise CircuitClosedError(f"{circuit!r} is closed")
-                if not 0 <= lane < lanes:
-                    raise ValueError(f"lane must be in [0, {lanes}), got {lane!r}")
-                if cells.__class__ is bytes and size:
-                    n, rest = divmod(len(cells), size)
-                    if rest:
-                        n = count_cells(cells, None, size)  # raises with the full message
-                else:
-                    n = count_cells(cells, None, size)
+                n = self._append(circuit, lane, cells, None)
                 if n:
-                    circuit.pending[lane].append((cells, n))
                     appended.append(circuit)
                     counts.append(n)
         finally:
@@ -506,6 +490,10 @@ class WorkerPool:
                 circuit.on_result(circuit, lane, result)
             else:
                 pressure.errors_delivered += 1
+                if stops_pool(error) and self._stopped_by is None:
+                    # The workers are stopping (Scheduler.abort): cancel what they set aside.
+                    self._stopped_by = error
+                    self._cancel(self._scheduler.take_abandoned())
                 if circuit.on_error is not None:
                     circuit.on_error(circuit, lane, error)
                 else:
@@ -642,7 +630,8 @@ class WorkerPool:
         ``idle_promotions`` (their moves out of and back to it, ``adaptive_idle``),
         ``notifies``, ``idle_workers`` (waiting, not yet notified), ``pops``,
         ``queue_touches`` (run-queue work, see :mod:`workers.runqueues`), ``worker_busy_s``,
-        ``worker_cells``.
+        ``worker_cells``, ``stopped_by`` (repr of the ``SystemExit``/``KeyboardInterrupt`` a job
+        raised to stop the pool, or None).
         """
         depths, notifies, idle, pops, touches = self._scheduler.snapshot()
         workers = list(self._workers.records)
@@ -675,4 +664,5 @@ class WorkerPool:
             "idle_demotions": sum(w.idle_demotions for w in workers),
             "idle_promotions": sum(w.idle_promotions for w in workers),
             "worker_cells": [w.cells for w in workers],
+            "stopped_by": repr(self._stopped_by) if self._stopped_by is not None else None,
         }

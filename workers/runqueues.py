@@ -30,7 +30,7 @@ Lazy removal
 Counting touches
     ``touches`` counts every deque entry appended, examined or dropped and every class looked
     at. The O(1) test checks that it grows by a bounded amount per push and pop whatever the
-    number of circuits (DESIGN.md invariant 5).
+    number of circuits (docs/design.md, invariant 5).
 
 The flags ``queued``, ``ticket`` and ``queued_class`` of a circuit are written here, under the
 pool's lock, and nowhere else.

@@ -22,14 +22,6 @@ circuits and take the next ones, in one critical section) and
 :meth:`~Scheduler.update_applied`; any thread may call :meth:`~Scheduler.post_update` and
 :meth:`~Scheduler.snapshot`.
 
-The lost-cell race
-------------------
-Pending lists are appended by the loop thread *before* it takes the lock to schedule
-(:meth:`~Scheduler.schedule`); the owner decides whether anything is left *while holding* the
-lock, at the moment it clears ``busy`` (:meth:`~Scheduler.turn`). If the append came first,
-the owner sees it and re-queues the circuit; otherwise the loop thread takes the lock after the
-owner let go, finds the circuit idle, and queues it. There is no third order.
-
 Wake-ups
 --------
 Workers ``wait()`` only after re-checking the exit flag, their inbox and the run queues under
@@ -122,19 +114,10 @@ class Scheduler:
             self._schedule_locked(circuit)
 
     def schedule_all(self, circuits: list[Circuit]) -> None:
-        """:meth:`schedule` for several circuits in one critical section. Loop thread.
-
-        The hot path of ``submit_many``: :meth:`_schedule_locked` inlined (keep them in step).
-        """
-        queues = self.queues
+        """:meth:`schedule` for several circuits in one critical section. Loop thread."""
         with self.lock:
             for circuit in circuits:
-                if not (circuit.queued or circuit.busy or circuit.closed or circuit.failed):
-                    queues.push(circuit)
-                    if self.idle:
-                        self.idle -= 1
-                        self.notifies += 1
-                        self.cond.notify()
+                self._schedule_locked(circuit)
 
     def _schedule_locked(self, circuit: Circuit) -> None:
         """Queue a circuit that has work, unless queued, busy, closed or failed. Lock held."""
@@ -179,8 +162,20 @@ class Scheduler:
             self.cond.notify_all()
         return queued
 
+    def abort(self) -> None:
+        """Stop intake and every worker after its current batch; queued circuits are set aside
+        for ``close()`` to cancel. Worker thread (one whose job raised ``SystemExit`` or
+        ``KeyboardInterrupt``: the pool must stop, and only the loop thread may cancel)."""
+        with self.lock:
+            self.closing = True
+            self.exit = True
+            self.abandoned.extend(self.queues.pop_all())
+            self.idle = 0
+            self.cond.notify_all()
+
     def take_abandoned(self) -> list[Circuit]:
-        """The circuits workers left with cells when told to exit. Loop thread (at close)."""
+        """The circuits left with cells when the workers were told to exit (by their owners at
+        release, or by :meth:`abort`). Loop thread (at close)."""
         with self.lock:
             abandoned, self.abandoned = self.abandoned, []
         return abandoned

@@ -8,73 +8,26 @@ into idle priority after its turns (:func:`set_idle_priority`; worker threads).
 
 The loop keeps its CPU
 ----------------------
-Workers crypt with the GIL released, so on a machine with as many CPUs as workers, the loop
-thread and the workers are more runnable threads than there are CPUs, and at equal priority the
-scheduler lets a worker finish its time slice (milliseconds) before the loop runs: a 1 ms timer
-then fires 3-5 ms late and the loop's own work waits too. So the last ``low_priority_workers``
-workers (by default as many as the workers exceed the CPUs minus one, see
-:func:`default_low_priority_workers`: 1 of 2 workers on 2 CPUs) put themselves in Linux's
-SCHED_IDLE class at start: they use any CPU time the loop and the normal workers leave, and give
-way at once when those wake. The loop plus the normal workers never outnumber the CPUs.
-Measured on 2 CPUs with 2 workers, relay_forward: lateness p99 3-9 ms -> 0.2-0.9 ms and 1.5x
-the cells/s (the loop is what limits there); under two CPU-bound processes from elsewhere, the
-normal worker keeps its fair share (a pool of only idle-priority workers starved to ~1% of its
-speed). This is per worker thread; nothing else in the process changes. ``0`` opts out.
-
-The cost under outside load, measured later (benchmarks.pipeline's pool design, relay_forward,
-200 circuits x 256 cells, runs back to back for 8-10 s, every result checked): an
-idle-priority worker preempted while it owns circuits (and, likely, while it holds the GIL)
-holds up the loop and the normal worker until the scheduler gives it a slice again. With two
-CPU-bound processes at normal priority added on the 2-CPU host (itself at load ~3), the longest
-wait between two results of a run was 0.27-0.95 s with the default (1 idle-priority worker)
-against 33-36 ms with ``low_priority_workers=0``, and 4-6x fewer runs completed (a run
-includes starting and joining the workers). Pinned to one CPU with 1 and 3 such processes:
-0.45-0.56 s and 0.76 s against 26 and 20 ms. Nothing was lost (every cell arrived, in order),
-but on a host whose CPUs others keep busy, ``low_priority_workers=0`` was the better choice.
-
-So an idle-priority worker now watches itself (``adaptive_idle``, on by default;
-:class:`IdleGovernor` holds the rule, :func:`set_idle_priority` applies it). After each turn
-that crypted something it compares the turn's wall time with its thread CPU time
-(``time.thread_time()``). A turn of at least :data:`STARVED_WALL_S` (30 ms) wall during which it
-ran less than :data:`STARVED_CPU_SHARE` (half) of that time means other runnable work kept it
-off the CPU: it moves itself back to SCHED_OTHER (a *demotion*, counted in ``pool.stats()``
-as ``idle_demotions``). It stays there until :data:`QUIET_PERIOD_S` (5 s) pass with no such
-turn, then returns to SCHED_IDLE (``idle_promotions``). The first starved turn is still paid
-for (the rule sees it only when it ends); after that a loaded host costs one starved turn per
-quiet period at most, while a quiet host keeps the gain above. The time of the last starved
-turn is kept in a :class:`StarvationRecord` that a pool's workers share (a pool makes its own,
-or several pools share one: ``WorkerPool(starvation=...)``), and an idle-priority worker that
-starts within a quiet period of it is demoted at once. A ``process``
-that blocks (sleeps, waits on I/O) for 30 ms looks starved too and only costs the worker its
-idle priority for a while. Raising a thread back to SCHED_OTHER needs CAP_SYS_NICE or an
-RLIMIT_NICE of 20 or more; where that is refused the worker stays at idle priority for good.
-``adaptive_idle=False`` opts out of the rule (idle priority for the worker's life).
-Measured as above (2 CPUs, two CPU-bound processes, runs back to back for 10 s): longest wait
-between results 131-278 ms (measured with the record shared by every run's pool: almost
-every run's worker was demoted at its start; a new pool with its own record pays one starved
-turn first, 140-360 ms measured that way; the worst waits are starved turns the rule saw
-only once they ended)
-against 723-776 ms without the rule and 10 ms with ``low_priority_workers=0``; 455-495 runs
-against 52-72 and 448. Quiet (benchmarks.pipeline, pool design, alternated with the rule
-off): no demotion, lateness p99 0.36-0.44 ms (relay_forward) and 1.0-1.1 ms (origin) against
-0.39-0.66 and 0.69-4.0 ms.
-
-The GIL's switch interval, by contrast, is left alone: with grouped turns and the idle-priority
-worker, 5, 1 and 0.5 ms gave the same cells/s and lateness within noise (benchmarks.tuning).
+Workers crypt with the GIL released, so with as many workers as CPUs the loop would wait for a
+worker's time slice. The last ``low_priority_workers`` workers (by default as many as the
+workers exceed the CPUs minus one: :func:`default_low_priority_workers`) put themselves in
+Linux's SCHED_IDLE class at start, so the loop plus the normal workers never outnumber the
+CPUs. ``0`` opts out. Because an idle-priority worker that outside load preempts while it owns
+circuits holds up the loop, each watches itself (``adaptive_idle``, :class:`IdleGovernor`): a
+turn of at least :data:`STARVED_WALL_S` wall time with less than :data:`STARVED_CPU_SHARE` of
+it on the CPU moves it back to SCHED_OTHER until :data:`QUIET_PERIOD_S` pass without one
+(:func:`set_idle_priority`). The last starved time is shared through a
+:class:`StarvationRecord`, so a worker starting within a quiet period of it starts demoted.
 
 Memory handed across threads
 ----------------------------
-A batch's output (hundreds of KB) is allocated by a worker, in that thread's malloc arena, and
-freed by the loop thread once delivered. With glibc's default thresholds the arena is trimmed
-(its top returned to the OS) after such frees, and the next outputs page-fault their memory
-back in: measured on relay_forward, page faults took about a quarter of the workers' CPU, as
-much as the AES. So the pool's ``start()`` tells glibc, process-wide, to keep up to
-``malloc_retain`` bytes (default :data:`DEFAULT_MALLOC_RETAIN`, 32 MiB) of freed memory per
-arena and to serve blocks below :data:`MALLOC_MMAP_THRESHOLD` (4 MiB) from its arenas
-(:func:`retain_freed_memory`, a ``mallopt``). The cost is that much RSS kept per
-arena at most, only after it was used. It is never undone (glibc cannot go back to its dynamic
-thresholds, and other pools in the process may rely on it); ``malloc_retain=None`` opts out.
-On another C library nothing changes.
+A batch's output is allocated by a worker and freed by the loop thread; with glibc's default
+thresholds every output page-faulted its memory back in. So the pool's ``start()`` asks glibc,
+process-wide and for good, to keep up to ``malloc_retain`` bytes of freed memory per arena and
+to serve blocks below :data:`MALLOC_MMAP_THRESHOLD` from its arenas
+(:func:`retain_freed_memory`); ``malloc_retain=None`` opts out; another C library is left alone.
+
+The measurements behind each rule and default are in docs/tuning.md.
 """
 
 from __future__ import annotations

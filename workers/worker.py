@@ -67,6 +67,13 @@ class SupportsPut(Protocol):
         """Enqueue ``item`` for the loop thread. Any thread."""
 
 
+def stops_pool(exc: object) -> bool:
+    """True for what a job may raise to stop the whole pool: ``SystemExit`` and
+    ``KeyboardInterrupt``. Any other exception (any ``BaseException``) fails only the job's
+    circuit, and the worker lives on. Any thread (pure)."""
+    return isinstance(exc, SystemExit | KeyboardInterrupt)
+
+
 def _not_started(items: list[Any]) -> None:
     raise RuntimeError("replies are put only by the workers of a started pool")
 
@@ -301,7 +308,7 @@ class WorkerThreads:
                     raise RuntimeError(
                         f"group function returned {len(results)} results for {len(jobs)} jobs"
                     )
-            except Exception as exc:
+            except BaseException as exc:  # fails these circuits; see stops_pool
                 results = [exc] * len(jobs)
             worker.busy_ns += perf_counter_ns() - started
             worker.groups += 1
@@ -318,6 +325,9 @@ class WorkerThreads:
             # Put before the release (the next turn() call): a later batch of these circuits,
             # taken by another worker after the release, cannot overtake these replies.
             self._put_many(worker, replies)
+            fatal = next((r for r in results if stops_pool(r)), None)
+            if fatal is not None:
+                self._abort(worker, fatal)
         return failed
 
     def _serve(self, worker: WorkerRecord, circuit: Circuit) -> bool:
@@ -357,10 +367,12 @@ class WorkerThreads:
         started = perf_counter_ns()
         try:
             result = circuit.process(circuit.state, lane, assemble(items, circuit.joined))
-        except Exception as exc:
+        except BaseException as exc:  # fails the circuit; see stops_pool
             worker.busy_ns += perf_counter_ns() - started
             worker.errors += 1
             self._put(worker, _new_reply(Reply, (circuit, lane, None, cells, exc)))
+            if stops_pool(exc):
+                self._abort(worker, exc)
             return False
         worker.busy_ns += perf_counter_ns() - started
         worker.cells += cells
@@ -368,14 +380,22 @@ class WorkerThreads:
         self._put(worker, _new_reply(Reply, (circuit, lane, result, cells, None)))
         return True
 
+    def _abort(self, worker: WorkerRecord, exc: BaseException) -> None:
+        """A job raised SystemExit or KeyboardInterrupt: its reply is already put (the circuit
+        failed); now stop the whole pool, as the exception asks. Worker thread."""
+        log.critical("worker %d: %r in a job: the pool stops", worker.index, exc)
+        self._scheduler.abort()
+
     def _apply_updates(self, worker: WorkerRecord) -> None:
         """Apply every update in this worker's inbox, in order. Worker thread."""
         while worker.inbox:
             update = worker.inbox.popleft()
             try:
                 worker.state = update.fn(worker.state)
-            except Exception as exc:
+            except BaseException as exc:  # reported to on_applied
                 update.errors.append(exc)
+                if stops_pool(exc):
+                    self._abort(worker, exc)
             if self._scheduler.update_applied(update):
                 # The last worker acknowledges: a control reply (circuit None) for the loop.
                 self._put(worker, _new_reply(Reply, (None, 0, update, 0, None)))

@@ -4,7 +4,7 @@
  * Why this exists
  * ---------------
  * Under CPython's GIL, per-cell Python work in worker threads serializes with the event loop
- * (shared/PERF-FACTS.md). This module runs a whole circuit batch -- every AES-128-CTR layer of
+ * (docs/tuning.md). This module runs a whole circuit batch -- every AES-128-CTR layer of
  * every cell and every cell's SHA-1 digest set or check -- in ONE call that releases the GIL for
  * all of it, on OpenSSL's libcrypto (the library `cryptography` and `hashlib` already use).
  * It must give byte-for-byte the results of the pure-Python reference tor1.reference.
@@ -1208,8 +1208,14 @@ static PyObject *
 tor1_crypt_group(PyObject *module, PyObject *jobs_obj)
 {
     ModuleState *st = PyModule_GetState(module);
-    /* A snapshot: the items (and so every state and buffer) stay alive for the whole call. */
-    PyObject *seq = PySequence_Fast(jobs_obj, "crypt_group() takes a list or tuple of jobs");
+    /* A snapshot: the items (and so every state and buffer) stay alive for the whole call.
+     * PySequence_Fast would return a list itself, which another thread could clear while the
+     * GIL is released; a tuple copy cannot change. */
+    if (!PyList_Check(jobs_obj) && !PyTuple_Check(jobs_obj)) {
+        PyErr_SetString(PyExc_TypeError, "crypt_group() takes a list or tuple of jobs");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Tuple(jobs_obj);
     if (seq == NULL)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
