@@ -15,7 +15,8 @@ asyncio user would really write.
     wake the loop once per empty -> non-empty transition instead of once per job.
 ``pool_asyncio``
     :class:`benchmarks.designs.PoolDesign` unchanged, on the asyncio loop: its
-    ``reactor.ReplyQueue`` is woken with ``call_soon_threadsafe`` (:mod:`reactor.aio`).
+    ``reactor.ReplyQueue`` is woken through an eventfd watched with ``add_reader``
+    (:mod:`reactor.aio`).
 """
 
 from __future__ import annotations

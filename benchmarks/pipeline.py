@@ -12,10 +12,10 @@ Six designs (:mod:`benchmarks.designs`, :mod:`benchmarks.designs_asyncio`), all 
 kernel:
 
 * the headline pair, both on an asyncio loop: ``pool_asyncio`` (:class:`workers.pool.WorkerPool`,
-  2 workers, its reply queue woken with ``call_soon_threadsafe``) against ``executor_batch``
-  (what an asyncio user would write: ``ThreadPoolExecutor`` with 2 threads, ONE job per circuit
-  batch with all the circuit's pending chunks, one job in flight per circuit, the same kernel
-  call as the pool's process function);
+  2 workers, its reply queue woken through an eventfd with ``add_reader``) against
+  ``executor_batch`` (what an asyncio user would write: ``ThreadPoolExecutor`` with 2
+  threads, ONE job per circuit batch with all the circuit's pending chunks, one job in flight
+  per circuit, the same kernel call as the pool's process function);
 * ``pool`` (the same pool on a pyuv Reactor) and ``inline`` (the loop thread crypts);
 * context, the naive designs that mostly measure per-cell Python: ``futures_per_cell``
   (``ThreadPoolExecutor``, one submit per cell) and ``cpuworker_socketpair`` (per-cell messages

@@ -9,7 +9,7 @@
         results.close()
 
 :func:`open_pool` attaches a :class:`workers.pool.WorkerPool` to the running loop: its reply
-queue wakes the loop with ``call_soon_threadsafe`` once per empty -> non-empty transition
+queue wakes the loop through an eventfd (``add_reader``) once per empty -> non-empty transition
 (:mod:`reactor.aio`), and every ``on_result`` runs on the loop's thread, as on pyuv. Leaving the
 ``async with`` stops intake, waits (without blocking the loop) until every queued cell is
 crypted and the workers have exited, and hands over the last replies; an exception or a
