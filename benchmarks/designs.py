@@ -1,4 +1,8 @@
-"""The four designs the pipeline benchmark compares, all crypting with the same C kernel.
+"""The designs the pipeline benchmark compares, all crypting with the same C kernel.
+
+The four on a pyuv loop are here; ``pool_asyncio`` and ``executor_batch`` (the baseline an
+asyncio user would write: one executor job per circuit batch) are in
+:mod:`benchmarks.designs_asyncio`.
 
 Every design receives the same arrivals on the loop thread (one circuit's chunk of joined cells
 each, see :mod:`benchmarks.driver`), crypts them with the same call
@@ -58,7 +62,14 @@ from tor1.fast import OP_FORWARD, origin_group, relay_group
 from workers.circuit import Circuit, GroupFn
 from workers.pool import WorkerPool
 
-DESIGNS = ("inline", "pool", "futures_per_cell", "cpuworker_socketpair")
+DESIGNS = (
+    "inline",
+    "pool",
+    "pool_asyncio",
+    "executor_batch",
+    "futures_per_cell",
+    "cpuworker_socketpair",
+)
 WORKER_THREADS = 2
 
 _CIRCUIT_ID_LEN = 4
@@ -112,6 +123,7 @@ class InlineDesign:
     """Crypt every arrival on the loop thread, one kernel call per loop iteration."""
 
     name = "inline"
+    loop_kind = "pyuv"
 
     def __init__(self) -> None:
         """No state until :meth:`open`."""
@@ -150,9 +162,11 @@ class InlineDesign:
 
 
 class PoolDesign:
-    """:class:`workers.pool.WorkerPool`, ``threads`` workers, a ReplyQueue back to the loop."""
+    """:class:`workers.pool.WorkerPool`, ``threads`` workers, a ReplyQueue back to the loop
+    (a pyuv Reactor here; the asyncio loop in ``pool_asyncio``)."""
 
     name = "pool"
+    loop_kind = "pyuv"
 
     def __init__(
         self,
@@ -178,8 +192,10 @@ class PoolDesign:
         self._sink: ResultSink | None = None
         self._final: dict[str, float] = {}
 
-    def open(self, reactor: Reactor, workload: Workload, sink: ResultSink) -> None:
-        """Start the pool and open one pool circuit per workload circuit. Loop thread."""
+    def open(self, reactor: Any, workload: Workload, sink: ResultSink) -> None:
+        """Start the pool and open one pool circuit per workload circuit. Loop thread.
+
+        ``reactor``: the run's loop (a Reactor, or an asyncio loop for ``pool_asyncio``)."""
         crypt = workload.crypt_fn()
 
         def process(state: Any, direction: int, batch: bytes) -> tuple[bytes, bytes]:
@@ -297,6 +313,7 @@ class FuturesPerCellDesign:
     """``ThreadPoolExecutor``, one submit per cell, results by ``call_soon_threadsafe``."""
 
     name = "futures_per_cell"
+    loop_kind = "pyuv"
 
     def __init__(self, threads: int = WORKER_THREADS) -> None:
         """No threads until :meth:`open`."""
@@ -409,6 +426,7 @@ class CpuworkerSocketpairDesign:
     """Tor's old cpuworker shape: per-cell request/reply messages over socketpairs."""
 
     name = "cpuworker_socketpair"
+    loop_kind = "pyuv"
 
     def __init__(self, threads: int = WORKER_THREADS) -> None:
         """No threads until :meth:`open`."""
@@ -513,6 +531,14 @@ def make_design(name: str, **pool_options: Any) -> Any:
         return InlineDesign()
     if name == "pool":
         return PoolDesign(**pool_options)
+    if name == "pool_asyncio":
+        from benchmarks.designs_asyncio import PoolAsyncioDesign
+
+        return PoolAsyncioDesign(**pool_options)
+    if name == "executor_batch":
+        from benchmarks.designs_asyncio import ExecutorBatchDesign
+
+        return ExecutorBatchDesign()
     if name == "futures_per_cell":
         return FuturesPerCellDesign()
     if name == "cpuworker_socketpair":

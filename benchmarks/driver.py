@@ -1,8 +1,9 @@
 """The loop-thread side shared by every pipeline design: arrivals in, results out, a 1 ms timer.
 
 One :class:`PipelineRun` pushes one workload through one design on a fresh
-:class:`reactor.Reactor` and measures it. The loop thread is producer and consumer, as in a
-relay:
+:class:`reactor.Reactor` and measures it (designs on asyncio run the same logic on a fresh
+asyncio loop: :mod:`benchmarks.driver_asyncio`). The loop thread is producer and consumer, as
+in a relay:
 
 * **Arrivals.** A ``pyuv.Idle`` callback hands the design ``burst`` arrivals per loop
   iteration (each arrival: one circuit's ``chunk_cells`` cells joined in one ``bytes``, as one
@@ -53,7 +54,7 @@ from reactor import Reactor
 
 TIMER_PERIOD_S = 0.001
 _TIMER_PERIOD_NS = 1_000_000
-_WATCHDOG_PERIOD_S = 1.0
+WATCHDOG_PERIOD_S = 1.0
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 Arrival = tuple[int, bytes, int]
@@ -67,11 +68,16 @@ class ResultSink(Protocol):
 
 
 class Design(Protocol):
-    """One way to get cells crypted. ``open``/``close`` run outside the timed region."""
+    """One way to get cells crypted. ``open``/``close`` run outside the timed region.
+
+    ``loop_kind``: ``"pyuv"`` (``open`` gets a :class:`reactor.Reactor`) or ``"asyncio"``
+    (``open`` gets the running asyncio loop); :func:`run_design` picks the driver from it.
+    """
 
     name: str
+    loop_kind: str
 
-    def open(self, reactor: Reactor, workload: Workload, sink: ResultSink) -> None:
+    def open(self, reactor: Any, workload: Workload, sink: ResultSink) -> None:
         """Build circuits, start threads. Loop thread."""
 
     def submit(self, arrivals: Sequence[Arrival]) -> None:
@@ -139,8 +145,15 @@ def lateness_ms(ticks_ns: Sequence[int]) -> list[float]:
     )
 
 
-class PipelineRun:
-    """One workload through one design on its own Reactor. Loop thread only (the caller's)."""
+class PipelineRunBase:
+    """One workload through one design: everything but the loop library. Loop thread only.
+
+    Subclasses provide the loop: :class:`PipelineRun` (pyuv, a :class:`reactor.Reactor`) and
+    :class:`benchmarks.driver_asyncio.AsyncioPipelineRun`. They call :meth:`_arrive` once per
+    loop iteration while arrivals flow (it returns False to stop them), :meth:`_tick` from the
+    1 ms timer, :meth:`_watchdog_tick` every second, and implement :meth:`_resume_arrivals`,
+    :meth:`_stop_handles` and :meth:`_stop_loop`; :meth:`_figures` turns the run into figures.
+    """
 
     def __init__(
         self,
@@ -177,10 +190,6 @@ class PipelineRun:
         self._progress_seen = -1
         self._stalled_for = 0.0
         self._error: BaseException | None = None
-        self._reactor: Reactor | None = None
-        self._idle: pyuv.Idle | None = None
-        self._timer: pyuv.Timer | None = None
-        self._watchdog: pyuv.Timer | None = None
 
     # ------------------------------------------------------------------ loop side
 
@@ -195,10 +204,11 @@ class PipelineRun:
             self._finish()
         elif self._paused and self._in_flight <= self.resume_at:
             self._paused = False
-            assert self._idle is not None
-            self._idle.start(self._on_idle)
+            self._resume_arrivals()
 
-    def _on_idle(self, idle: pyuv.Idle) -> None:
+    def _arrive(self) -> bool:
+        """Hand the design the next burst; False when arrivals must stop (window full or all
+        sent). Loop thread, once per loop iteration."""
         if self._start_ns == 0:
             self._start_ns = time.perf_counter_ns()
             self._start_cpu = (time.thread_time_ns(), time.process_time_ns())
@@ -209,28 +219,26 @@ class PipelineRun:
             self.burst, (self.window - self._in_flight) // chunk, len(self._arrivals) - position
         )
         if count <= 0:
-            idle.stop()
             self._paused = position < len(self._arrivals)
-            return
+            return False
         self._next_arrival = position + count
         self._in_flight += count * chunk
         try:
             self.design.submit(self._arrivals[position : position + count])
         except Exception as exc:  # a design bug: fail the run instead of hanging it
             self._fail(exc)
-            return
-        if self._next_arrival >= len(self._arrivals) and self._idle is not None:
-            self._idle.stop()
+            return False
+        return self._next_arrival < len(self._arrivals)
 
-    def _on_tick(self, timer: pyuv.Timer) -> None:
+    def _tick(self) -> None:
         self._ticks.append(time.perf_counter_ns())
 
-    def _on_watchdog(self, timer: pyuv.Timer) -> None:
+    def _watchdog_tick(self) -> None:
         if self._received != self._progress_seen:
             self._progress_seen = self._received
             self._stalled_for = 0.0
             return
-        self._stalled_for += _WATCHDOG_PERIOD_S
+        self._stalled_for += WATCHDOG_PERIOD_S
         if self._stalled_for >= self.stall_seconds:
             self._fail(
                 RunFailed(
@@ -244,50 +252,29 @@ class PipelineRun:
         if self._error is None:
             self._error = exc
         self._stop_handles()
-        assert self._reactor is not None
-        self._reactor.stop()
+        self._stop_loop()
 
     def _finish(self) -> None:
         self._end_ns = time.perf_counter_ns()
         self._end_cpu = (time.thread_time_ns(), time.process_time_ns())
         self._end_system_ns = system_busy_ns()
         self._stop_handles()
-        assert self._reactor is not None
-        self._reactor.stop()
+        self._stop_loop()
+
+    def _resume_arrivals(self) -> None:
+        """Restart the per-iteration arrivals after a pause. Loop thread."""
+        raise NotImplementedError
 
     def _stop_handles(self) -> None:
-        for handle in (self._idle, self._timer, self._watchdog):
-            if handle is not None and not handle.closed:
-                handle.stop()
+        """Stop arrivals, the timer and the watchdog. Loop thread."""
+        raise NotImplementedError
 
-    # ------------------------------------------------------------------ the run
+    def _stop_loop(self) -> None:
+        """Make the loop's run return. Loop thread."""
+        raise NotImplementedError
 
-    def run(self) -> RunFigures:
-        """Open the design, run the workload, close, verify. Raises RunFailed/OutputMismatch."""
-        reactor = Reactor()
-        self._reactor = reactor
-        loop = reactor.loop
-        self._idle = pyuv.Idle(loop)
-        self._timer = pyuv.Timer(loop)
-        self._watchdog = pyuv.Timer(loop)
-        try:
-            self.design.open(reactor, self.workload, self)
-            # Start from a settled heap: what open() allocated is promoted now, not by full
-            # collections inside the timed region (a relay in steady state).
-            gc.collect()
-            try:
-                self._timer.start(self._on_tick, TIMER_PERIOD_S, TIMER_PERIOD_S)
-                self._watchdog.start(self._on_watchdog, _WATCHDOG_PERIOD_S, _WATCHDOG_PERIOD_S)
-                self._idle.start(self._on_idle)
-                reactor.run()
-            finally:
-                self.design.close()
-        finally:
-            for handle in (self._idle, self._timer, self._watchdog):
-                if not handle.closed:
-                    handle.close()
-            reactor.close()
-            loop.run(pyuv.UV_RUN_NOWAIT)
+    def _figures(self) -> RunFigures:
+        """Verify the finished run and compute its figures. Loop thread, after the run."""
         if isinstance(self._error, (OutputMismatch, RunFailed)):
             raise self._error
         if self._error is not None:
@@ -326,6 +313,73 @@ class PipelineRun:
         )
 
 
+class PipelineRun(PipelineRunBase):
+    """One workload through one design on its own Reactor (pyuv). Loop thread only."""
+
+    def __init__(
+        self,
+        workload: Workload,
+        design: Design,
+        *,
+        window: int,
+        burst: int,
+        stall_seconds: float = 30.0,
+    ) -> None:
+        """Prepare a run; nothing is measured before :meth:`run`."""
+        super().__init__(workload, design, window=window, burst=burst,
+                         stall_seconds=stall_seconds)
+        self._reactor: Reactor | None = None
+        self._idle: pyuv.Idle | None = None
+        self._timer: pyuv.Timer | None = None
+        self._watchdog: pyuv.Timer | None = None
+
+    def _on_idle(self, idle: pyuv.Idle) -> None:
+        if not self._arrive() and not idle.closed:
+            idle.stop()
+
+    def _resume_arrivals(self) -> None:
+        assert self._idle is not None
+        self._idle.start(self._on_idle)
+
+    def _stop_handles(self) -> None:
+        for handle in (self._idle, self._timer, self._watchdog):
+            if handle is not None and not handle.closed:
+                handle.stop()
+
+    def _stop_loop(self) -> None:
+        assert self._reactor is not None
+        self._reactor.stop()
+
+    def run(self) -> RunFigures:
+        """Open the design, run the workload, close, verify. Raises RunFailed/OutputMismatch."""
+        reactor = Reactor()
+        self._reactor = reactor
+        loop = reactor.loop
+        self._idle = pyuv.Idle(loop)
+        self._timer = pyuv.Timer(loop)
+        self._watchdog = pyuv.Timer(loop)
+        try:
+            self.design.open(reactor, self.workload, self)
+            # Start from a settled heap: what open() allocated is promoted now, not by full
+            # collections inside the timed region (a relay in steady state).
+            gc.collect()
+            try:
+                self._timer.start(lambda t: self._tick(), TIMER_PERIOD_S, TIMER_PERIOD_S)
+                self._watchdog.start(lambda t: self._watchdog_tick(), WATCHDOG_PERIOD_S,
+                                     WATCHDOG_PERIOD_S)
+                self._idle.start(self._on_idle)
+                reactor.run()
+            finally:
+                self.design.close()
+        finally:
+            for handle in (self._idle, self._timer, self._watchdog):
+                if not handle.closed:
+                    handle.close()
+            reactor.close()
+            loop.run(pyuv.UV_RUN_NOWAIT)
+        return self._figures()
+
+
 def idle_lateness(seconds: float) -> tuple[float, float]:
     """(p50, p99) lateness in ms of the 1 ms timer on an otherwise idle loop: the floor."""
     reactor = Reactor()
@@ -355,7 +409,14 @@ def idle_lateness(seconds: float) -> tuple[float, float]:
 def run_design(
     workload: Workload, design: Design, *, window: int, burst: int, stall_seconds: float = 30.0
 ) -> RunFigures:
-    """Convenience: one :class:`PipelineRun`."""
+    """One run on the design's loop kind: :class:`PipelineRun` (pyuv) or
+    :class:`benchmarks.driver_asyncio.AsyncioPipelineRun`."""
+    if getattr(design, "loop_kind", "pyuv") == "asyncio":
+        from benchmarks.driver_asyncio import AsyncioPipelineRun
+
+        return AsyncioPipelineRun(
+            workload, design, window=window, burst=burst, stall_seconds=stall_seconds
+        ).run()
     return PipelineRun(
         workload, design, window=window, burst=burst, stall_seconds=stall_seconds
     ).run()

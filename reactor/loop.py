@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import pyuv
 
 from reactor.replyqueue import ReplyQueue, ReplyQueueClosedError
+from reactor.wakers import PyuvWaker, WakerOwner
 
 __all__ = ["Reactor", "SignalHandle", "TimerHandle"]
 
@@ -213,6 +214,12 @@ class Reactor:
                 f"{threading.current_thread().name!r} (thread id {threading.get_ident()}); "
                 "from other threads use Reactor.call_soon_threadsafe() or a ReplyQueue"
             )
+
+    def make_waker(self, callback: Callable[[], object], owner: WakerOwner) -> PyuvWaker:
+        """A ``pyuv.Async`` waker on this loop for a ReplyQueue (``owner``), which this
+        Reactor then closes on ``close()``. Loop thread only."""
+        self.check_loop_thread("ReplyQueue()")
+        return PyuvWaker(self, callback, owner)
 
     # ------------------------------------------------------------------ running
 

@@ -3,9 +3,11 @@
 What is checked (never speed: these run on a shared machine):
 
 * ``python -m benchmarks.pipeline --quick --json`` exits 0 and prints
-  ``{"workloads": {<both workloads>: {<all four designs>: {...}}}}`` with ``cells_per_s`` and
-  ``lateness_p99_ms`` for every design and ``wakeups_per_cell`` and ``batch_mean`` for the pool,
-  every result having passed the byte check;
+  ``{"workloads": {<both workloads>: {<all six designs>: {...}}}, "headline": {...}}`` with
+  ``cells_per_s`` and ``lateness_p99_ms`` for every design, ``wakeups_per_cell`` and
+  ``batch_mean`` for the pools and ``executor_batch``, the ratios (median of the runs, with
+  their spread), and the headline pool_asyncio / executor_batch per workload, every result
+  having passed the byte check; without ``--quick`` fewer than 5 repetitions are refused;
 * ``python -m benchmarks.scaling --quick --json`` and ``python -m benchmarks.tuning --quick
   --json`` exit 0 with their keys;
 * the byte check itself: a design that flips one bit of one cell, or drops a cell, fails the
@@ -30,6 +32,7 @@ from typing import Any
 import pytest
 
 from benchmarks.designs import DESIGNS, InlineDesign, PoolDesign
+from benchmarks.designs_asyncio import ExecutorBatchDesign, PoolAsyncioDesign
 from benchmarks.driver import Arrival, ResultSink, RunFailed, run_design
 from benchmarks.workload import OutputMismatch, Workload, build
 from reactor import Reactor
@@ -57,9 +60,10 @@ def run_module(module: str, *args: str) -> Any:
 
 def test_pipeline_quick_json_has_the_issue_keys() -> None:
     document = run_module("benchmarks.pipeline", "--quick", "--json")
-    assert set(document) == {"workloads"}
+    assert set(document) == {"workloads", "headline"}
     assert set(document["workloads"]) == set(WORKLOAD_NAMES)
-    for designs in document["workloads"].values():
+    assert set(document["headline"]) == set(WORKLOAD_NAMES)
+    for name, designs in document["workloads"].items():
         assert set(designs) == set(DESIGNS)
         for figures in designs.values():
             assert figures["cells_per_s"] > 0
@@ -68,11 +72,36 @@ def test_pipeline_quick_json_has_the_issue_keys() -> None:
             assert figures["output_check"] == "passed"
             assert figures["repetitions"] == 3
             assert len(figures["runs_cells_per_s"]) == 3
+        for design in ("pool", "pool_asyncio", "executor_batch"):
+            assert designs[design]["wakeups_per_cell"] > 0
+            assert designs[design]["batch_mean"] > 0
         pool = designs["pool"]
-        assert pool["wakeups_per_cell"] >= 0
-        assert pool["batch_mean"] > 0
-        for key in ("vs_inline", "vs_cpuworker_socketpair", "vs_futures_per_cell"):
-            assert pool[key] > 0
+        for key in ("vs_executor_batch", "vs_inline", "vs_cpuworker_socketpair",
+                    "vs_futures_per_cell"):
+            low, high = pool[f"{key}_spread"]
+            assert 0 < low <= pool[key] <= high
+        pool_asyncio = designs["pool_asyncio"]
+        low, high = pool_asyncio["vs_executor_batch_spread"]
+        assert 0 < low <= pool_asyncio["vs_executor_batch"] <= high
+        head = document["headline"][name]
+        assert (head["design"], head["baseline"]) == ("pool_asyncio", "executor_batch")
+        assert head["ratio"] == pool_asyncio["vs_executor_batch"]
+        assert head["ratio_min"] <= head["ratio"] <= head["ratio_max"]
+        assert head["runs"] == 3
+        # The ratio is of the two designs' runs side by side, not of unrelated medians.
+        ratios = sorted(a / b for a, b in zip(pool_asyncio["runs_cells_per_s"],
+                                              designs["executor_batch"]["runs_cells_per_s"],
+                                              strict=True))
+        assert head["ratio"] == ratios[1]
+
+
+def test_pipeline_refuses_fewer_than_five_runs_without_quick() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.pipeline", "--repetitions", "3", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False,
+    )
+    assert done.returncode == 2
+    assert "at least 5 runs" in done.stderr
 
 
 def test_pipeline_plot(tmp_path: Path) -> None:
@@ -143,7 +172,7 @@ class _Tampered:
         super().__init__()
         self.mode = mode
 
-    def open(self, reactor: Reactor, workload: Workload, sink: ResultSink) -> None:
+    def open(self, reactor: Any, workload: Workload, sink: ResultSink) -> None:
         super().open(reactor, workload, _Tamper(sink, self.mode))  # type: ignore[misc]
 
 
@@ -155,7 +184,16 @@ class _TamperedPool(_Tampered, PoolDesign):
     pass
 
 
-@pytest.mark.parametrize("design_class", [_TamperedInline, _TamperedPool])
+class _TamperedPoolAsyncio(_Tampered, PoolAsyncioDesign):
+    pass
+
+
+class _TamperedExecutorBatch(_Tampered, ExecutorBatchDesign):
+    pass
+
+
+@pytest.mark.parametrize("design_class", [_TamperedInline, _TamperedPool, _TamperedPoolAsyncio,
+                                          _TamperedExecutorBatch])
 def test_a_flipped_bit_fails_the_run(small_workload: Workload, design_class: type) -> None:
     with pytest.raises(OutputMismatch, match="circuit 3: cell 1 differs"):
         run_design(small_workload, design_class("flip"), window=64, burst=2, stall_seconds=5)

@@ -1,4 +1,5 @@
-"""End to end: a real Reactor loop feeds the pool, replies come back through a ReplyQueue.
+"""End to end on every loop kind: a real loop (pyuv, asyncio, uvloop, trio) feeds the pool,
+replies come back through a ReplyQueue woken the loop's way.
 
 Cells are submitted from loop callbacks in many small arrivals; results are applied on the loop
 thread; the ciphertext must equal calling ``tor1.reference`` sequentially per circuit.
@@ -12,11 +13,12 @@ from __future__ import annotations
 import random
 import threading
 from collections import defaultdict
+from collections.abc import Generator
 from typing import Any
 
 import pytest
+from support_loops import Done, Harness, every_loop, run_scenario
 
-from reactor import Reactor
 from tor1 import CELL_PAYLOAD_LEN
 from tor1.backend import origin_crypto_for, relay_crypto_for
 from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
@@ -96,63 +98,59 @@ CASES = {
 }
 
 
+@every_loop
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_reactor_end_to_end_matches_sequential_relay_crypto(case: str) -> None:
+def test_loop_end_to_end_matches_sequential_relay_crypto(loop_kind: str, case: str) -> None:
     make_state, process, joined, reference, directions = CASES[case]
     rng = random.Random(case)
-    reactor = Reactor()
-    loop_thread = threading.get_ident()
-    handler_threads: set[int] = set()
     sent: dict[tuple[int, int], list[bytes]] = defaultdict(list)
     got: dict[tuple[int, int], list[bytes]] = defaultdict(list)
-    expected_cells = 0
-    delivered_cells = 0
+    handler_threads: set[int] = set()
+    counts = {"expected": 0, "delivered": 0, "arrivals_left": ARRIVALS}
 
-    def on_result(c: Circuit, direction: int, result: Any) -> None:
-        nonlocal delivered_cells
-        handler_threads.add(threading.get_ident())
-        cells = (
-            [result[i : i + PAYLOAD] for i in range(0, len(result), PAYLOAD)] if joined else result
-        )
-        got[(c.context, direction)].extend(cells)
-        delivered_cells += len(cells)
-        if arrivals_left == 0 and delivered_cells == expected_cells:
-            reactor.stop()
+    def body(h: Harness) -> Generator[Done, bool, None]:
+        loop_thread = threading.get_ident()
 
-    pool = WorkerPool.attach(reactor, threads=2, process=process, joined=joined, batch_cells=64,
-                             cell_size=CELL_PAYLOAD_LEN)
-    circuits = [
-        pool.open_circuit(make_state(i), on_result=on_result, context=i) for i in range(N_CIRCUITS)
-    ]
-    arrivals_left = ARRIVALS
+        def on_result(c: Circuit, direction: int, result: Any) -> None:
+            handler_threads.add(threading.get_ident())
+            cells = (
+                [result[i : i + PAYLOAD] for i in range(0, len(result), PAYLOAD)]
+                if joined else result
+            )
+            got[(c.context, direction)].extend(cells)
+            counts["delivered"] += len(cells)
 
-    def arrive() -> None:
-        """One loop iteration's worth of cells for a few circuits. Loop thread."""
-        nonlocal arrivals_left, expected_cells
-        work = []
-        for c in rng.sample(circuits, 6):
-            direction = rng.randrange(directions)
-            batch = [rng.randbytes(PAYLOAD) for _ in range(rng.randint(1, 12))]
-            sent[(c.context, direction)].extend(batch)
-            expected_cells += len(batch)
-            work.append((c, direction, b"".join(batch) if rng.random() < 0.5 else batch))
-        pool.submit_many(work)
-        arrivals_left -= 1
-        if arrivals_left:
-            reactor.call_later(0.0005 if arrivals_left % 3 else 0, arrive)
+        pool = WorkerPool.attach(h.loop, threads=2, process=process, joined=joined,
+                                 batch_cells=64, cell_size=CELL_PAYLOAD_LEN)
+        circuits = [
+            pool.open_circuit(make_state(i), on_result=on_result, context=i)
+            for i in range(N_CIRCUITS)
+        ]
 
-    reactor.call_soon(arrive)
-    guard = reactor.call_later(60, reactor.stop)  # a hang guard only
-    reactor.run()
-    guard.cancel()
-    assert arrivals_left == 0 and delivered_cells == expected_cells
-    pool.close()
-    stats = pool.stats()
-    reactor.close()
+        def arrive() -> None:
+            """One loop iteration's worth of cells for a few circuits. Loop thread."""
+            work = []
+            for c in rng.sample(circuits, 6):
+                direction = rng.randrange(directions)
+                batch = [rng.randbytes(PAYLOAD) for _ in range(rng.randint(1, 12))]
+                sent[(c.context, direction)].extend(batch)
+                counts["expected"] += len(batch)
+                work.append((c, direction, b"".join(batch) if rng.random() < 0.5 else batch))
+            pool.submit_many(work)
+            counts["arrivals_left"] -= 1
+            if counts["arrivals_left"]:
+                h.call_later(0.0005 if counts["arrivals_left"] % 3 else 0, arrive)
 
-    assert handler_threads == {loop_thread}
-    assert stats["alive_threads"] == 0 and stats["errors"] == 0
-    assert stats["delivered"] == stats["submitted"] == expected_cells
+        h.call_later(0, arrive)
+        yield lambda: counts["arrivals_left"] == 0 and counts["delivered"] == counts["expected"]
+        assert counts["arrivals_left"] == 0 and counts["delivered"] == counts["expected"]
+        pool.close()
+        stats = pool.stats()
+        assert handler_threads == {loop_thread}
+        assert stats["alive_threads"] == 0 and stats["errors"] == 0
+        assert stats["delivered"] == stats["submitted"] == counts["expected"]
+
+    run_scenario(loop_kind, body)
     assert not [t for t in threading.enumerate() if t.name.startswith("relaycrypt-worker")]
     for (seed, direction), cells in sent.items():
         assert got[(seed, direction)] == reference(seed, direction, cells), (seed, direction)

@@ -1,4 +1,8 @@
-"""examples.wakeup_latency runs as a program: JSON shape, sane values, a plot. No timing limits."""
+"""examples.wakeup_latency runs as a program: JSON shape, sane values, a plot. No timing limits.
+
+Every loop kind is measured (uvloop and trio are in the test extra): the reply queue on pyuv,
+asyncio, uvloop and trio beside each loop's own per-item wake-up.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-MECHANISMS = {"replyqueue", "raw_async", "asyncio", "socketpair"}
+OURS = {"replyqueue", "replyqueue_asyncio", "replyqueue_uvloop", "replyqueue_trio",
+        "replyqueue_asyncio_threadsafe", "replyqueue_uvloop_threadsafe"}
+PER_ITEM = {"raw_async", "socketpair", "asyncio", "uvloop", "trio"}
+MECHANISMS = OURS | PER_ITEM
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +50,13 @@ def test_values_are_sane(quick_run: tuple[dict, Path]) -> None:
         assert isolated["p99_us"] <= isolated["max_us"]
         assert results[name]["burst"]["items_per_s"] > 0
     # Counts, not timings, each counted where the signal is issued (Async.send calls, bytes
-    # written to the socketpair, asyncio's self-pipe writes, the reply queue's own counter):
-    # the per-item mechanisms signal once per item, ours only on empty -> non-empty
-    # transitions, so it must coalesce at least some of a burst.
-    for name in ("raw_async", "asyncio", "socketpair"):
+    # written to the socketpair, call_soon_threadsafe / run_sync_soon calls, the reply queue's
+    # own counter): the per-item mechanisms signal once per item, ours only on empty ->
+    # non-empty transitions, so it must coalesce at least some of a burst, on every loop kind.
+    for name in PER_ITEM:
         assert results[name]["burst"]["wakeups_per_item"] == 1.0, name
-    assert 0 < results["replyqueue"]["burst"]["wakeups_per_item"] < 1.0
+    for name in OURS:
+        assert 0 < results[name]["burst"]["wakeups_per_item"] < 1.0
 
 
 def test_plot_is_a_png(quick_run: tuple[dict, Path]) -> None:
@@ -65,5 +73,8 @@ def test_table_output_names_every_mechanism_and_the_targets() -> None:
     assert completed.returncode == 0, completed.stderr
     for name in MECHANISMS:
         assert f"\n{name} " in completed.stdout
-    assert completed.stdout.count("raw_async:") == 2  # two of the three target lines
-    assert "wake-ups per item <= 0.01" in completed.stdout
+    assert completed.stdout.count("raw_async:") == 2  # two of the target lines
+    assert "replyqueue_asyncio isolated p50 <= 1.1x asyncio" in completed.stdout
+    for name in ("replyqueue", "replyqueue_asyncio", "replyqueue_uvloop", "replyqueue_trio"):
+        assert f"{name} wake-ups per item <= 0.01" in completed.stdout
+    assert "replyqueue_trio / trio: isolated p50" in completed.stdout

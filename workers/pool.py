@@ -138,7 +138,7 @@ from workers.tuning import DEFAULT_MALLOC_RETAIN, MALLOC_MMAP_THRESHOLD, Starvat
 from workers.worker import SupportsPut, WorkerThreads, stops_pool
 
 if TYPE_CHECKING:
-    from reactor import Reactor
+    from reactor.wakers import LoopLike
 
 __all__ = [
     "DEFAULT_BATCH_CELLS",
@@ -270,17 +270,22 @@ class WorkerPool:
 
     @classmethod
     def attach(
-        cls, reactor: Reactor, *, max_batch: int | None = None, start: bool = True, **kwargs: Any
+        cls, loop: LoopLike, *, max_batch: int | None = None, start: bool = True, **kwargs: Any
     ) -> WorkerPool:
         """Build a pool whose replies go through a new ``reactor.ReplyQueue`` to :meth:`deliver`.
 
-        Loop thread only. The pool owns that queue: :meth:`close` closes it after the workers
-        are joined, which delivers every reply already put.
+        ``loop``: a ``reactor.Reactor`` (pyuv), a running asyncio or uvloop event loop, or a
+        trio ``TrioToken`` (the queue's waker is picked from it: :mod:`reactor.wakers`);
+        :meth:`deliver`, and so every ``on_result``, then runs on that loop's thread.
+        Loop thread only (that loop's: checked). The pool owns the queue: :meth:`close` closes
+        it after the workers are joined, which delivers every reply already put. For asyncio and
+        trio applications, :mod:`workers.on_asyncio` and :mod:`workers.on_trio` wrap this in an
+        ``async with`` and add awaitable results.
         """
-        from reactor import ReplyQueue  # the one interface workers/ takes from reactor/
+        from reactor.replyqueue import ReplyQueue  # the one interface workers/ takes from reactor/
 
         pool = cls(None, **kwargs)
-        pool.set_replies(ReplyQueue(reactor, pool.deliver, max_batch=max_batch), owned=True)
+        pool.set_replies(ReplyQueue(loop, pool.deliver, max_batch=max_batch), owned=True)
         if start:
             pool.start()
         return pool
@@ -544,6 +549,32 @@ class WorkerPool:
 
     # ----------------------------------------------------------------- shutdown
 
+    def stop_intake(self, drain: bool = True) -> None:
+        """Take no more work; crypt (``drain``) or cancel what is queued; join nothing.
+
+        Loop thread only. Idempotent; ``drain=False`` after ``drain=True`` still cancels what
+        is left. The first half of :meth:`close`, for an event loop that must not block: the
+        workers finish on their own and exit, the loop awaits :meth:`wait_for_workers` run on a
+        helper thread, then calls :meth:`close`, which joins threads that are already done.
+        """
+        scheduler = self._scheduler
+        if scheduler.exit:
+            return
+        if scheduler.closing and drain:
+            return
+        self._cancel(scheduler.stop_intake(cancel=not drain or not self._started))
+
+    def wait_for_workers(self, timeout: float | None = None) -> bool:
+        """Block until every worker thread has exited (they do once :meth:`stop_intake` or
+        :meth:`close` was called and their work is done or cancelled); True if all have.
+
+        Any thread: it only joins threads, and is meant for a helper thread of an event loop
+        that must not block (``asyncio.to_thread``, ``trio.to_thread.run_sync``).
+        """
+        if not self._started:
+            return True
+        return not self._workers.join(timeout)
+
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
         """Stop intake, drain or cancel queued work, wake and join every worker. Loop thread only.
 
@@ -561,7 +592,7 @@ class WorkerPool:
             return
         scheduler = self._scheduler
         if not scheduler.closing:
-            self._cancel(scheduler.stop_intake(cancel=not drain or not self._started))
+            self.stop_intake(drain)
         alive = self._workers.join(timeout)
         if alive and not scheduler.exit:
             self._cancel(scheduler.stop_intake(cancel=True))

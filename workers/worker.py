@@ -175,7 +175,8 @@ class WorkerThreads:
             worker.thread.start()
 
     def join(self, timeout: float | None) -> list[threading.Thread]:
-        """Join the threads within ``timeout``; return those still alive. Loop thread."""
+        """Join the threads within ``timeout``; return those still alive. Any thread (it only
+        joins; the pool calls it on the loop thread, or on a helper thread of an async loop)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         for worker in self.records:
             assert worker.thread is not None
