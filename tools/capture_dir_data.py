@@ -26,6 +26,7 @@ Threads: a blocking program on the main thread.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -130,15 +131,19 @@ def main(argv: list[str]) -> int:
 
 
 def _save_documents(dirport: int, relay, out: Path) -> None:  # type: ignore[no-untyped-def]
-    """The authority's current documents, consistent with one another."""
+    """The authority's current documents, consistent with one another. Main thread."""
     _, _, micro = http_get(dirport, "/tor/status-vote/current/consensus-microdesc")
     _, _, ns = http_get(dirport, "/tor/status-vote/current/consensus")
     _, _, keys = http_get(dirport, "/tor/keys/all")
     digests = parse_consensus(micro).microdesc_digests
     _, _, microdescs = http_get(dirport, "/tor/micro/d/" + "-".join(
         b64_digest(d) for d in digests))
-    fingerprint = (relay.directory / "data" / "fingerprint").read_text().split()[1]
-    _, _, descriptor = http_get(dirport, f"/tor/server/fp/{fingerprint}")
+    # The descriptor the ns consensus lists (a relay may have published a newer one since).
+    fingerprint = bytes.fromhex((relay.directory / "data" / "fingerprint").read_text().split()[1])
+    identity = base64.b64encode(fingerprint).rstrip(b"=")
+    line = next(x for x in ns.split(b"\n") if x.startswith(b"r ") and x.split()[2] == identity)
+    digest = base64.b64decode(line.split()[3] + b"=").hex().upper()
+    _, _, descriptor = http_get(dirport, f"/tor/server/d/{digest}")
     for name, data in (("consensus-microdesc", micro), ("consensus", ns), ("keys-all", keys),
                        ("microdescs", microdescs), ("server-descriptor", descriptor)):
         (out / name).write_bytes(data)
