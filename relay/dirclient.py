@@ -25,7 +25,7 @@ and after a failure a retry after :data:`RETRY_INITIAL` seconds (tor's 60 s desc
 doubling up to :data:`RETRY_MAX` (tor's 90 min ``FAST_RETRY_DESCRIPTOR_INTERVAL``). A testing
 network does not change these in tor (``TestingTorNetwork`` only lifts the bandwidth-change
 limit), but each is a parameter. Every outcome is logged (``relay.dirclient``: info on
-success, warning with the reason on failure) and reported to ``on_outcome``.
+success, warning with the reason on failure) and reported to ``on_outcome`` with the delay chosen.
 
 Threads: everything here is loop thread only.
 """
@@ -253,11 +253,12 @@ class DescriptorPublisher:
                  descriptor: str, *, refresh: Callable[[], str] | None = None,
                  interval: float = REUPLOAD_INTERVAL, retry_initial: float = RETRY_INITIAL,
                  retry_max: float = RETRY_MAX, timeout: float = DEFAULT_TIMEOUT,
-                 on_outcome: Callable[[tuple[str, int], DirResult], object] | None = None
+                 on_outcome: Callable[[tuple[str, int], DirResult, float], object] | None = None
                  ) -> None:
         """``authorities``: (IP, DirPort) pairs. ``refresh()``, if given, returns a newly
-        built descriptor for each periodic upload. Nothing is sent before ``start()``.
-        Loop thread only."""
+        built descriptor for each periodic upload. ``on_outcome(authority, result, delay)``
+        follows every answer (``delay``: seconds until that authority's next upload).
+        Nothing is sent before ``start()``. Loop thread only."""
         if not authorities:
             raise ValueError("no authority to publish to")
         if not 0 < retry_initial <= retry_max or interval <= 0:
@@ -336,6 +337,10 @@ class DescriptorPublisher:
                                     DirResult(f"{target.host}:{target.port}/tor/", None, "",
                                               error=str(exc)))
 
+    def _retry(self, target: _Target) -> None:
+        target.timer = None
+        self._upload(target)
+
     def _periodic(self, target: _Target) -> None:
         target.timer = None
         if self._refresh is not None:
@@ -359,15 +364,16 @@ class DescriptorPublisher:
             delay = self._interval
             logger.info("descriptor upload %s%s", result.describe(),
                         " (authority already had it)" if result.not_new else "")
+            target.timer = self._reactor.call_later(delay, self._periodic, target)
         else:
             target.failures += 1
             delay = min(self._retry_max,
                         self._retry_initial * 2 ** min(target.failures - 1, 30))
             logger.warning("descriptor upload failed: %s; retrying in %g s",
                            result.describe(), delay)
-        target.timer = self._reactor.call_later(delay, self._periodic, target)
+            target.timer = self._reactor.call_later(delay, self._retry, target)
         if self._on_outcome is not None:
             try:
-                self._on_outcome((target.host, target.port), result)
+                self._on_outcome((target.host, target.port), result, delay)
             except Exception:
                 logger.exception("on_outcome raised")
