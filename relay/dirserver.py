@@ -327,8 +327,9 @@ def _signed_by_enough(signatories: tuple[str, ...], want_fps: str) -> bool:
     (hex, any case) match a signer."""
     wanted = _split(want_fps, "+")
     need = len(wanted) // 2 + 1
-    have = sum(1 for prefix in wanted
-               if any(signer.upper().startswith(prefix.upper()) for signer in signatories))
+    # Every prefix of every signer: one set lookup per requested name, however many.
+    prefixes = {signer.upper()[:n] for signer in signatories for n in range(len(signer) + 1)}
+    have = sum(1 for prefix in wanted if prefix.upper() in prefixes)
     return have >= need
 
 
