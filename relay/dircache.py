@@ -138,9 +138,8 @@ class DirCache:
         self._clock = clock
         self._rng = rng if rng is not None else random.Random()
         self._on_update = on_update
-        self._executor = (concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="dircache-compress")
-            if compress_in_thread else None)
+        self._compress_in_thread = compress_in_thread
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._next_authority = 0
         self._failures = 0
         self._generation = 0
@@ -169,12 +168,14 @@ class DirCache:
         self._step_consensus(_Refresh(authority, list(self._flavors), [], [], {}, []))
 
     def stop(self) -> None:
-        """Stop fetching; the store keeps what it has. Loop thread only. Idempotent."""
+        """Stop fetching (``start()`` may follow); the store keeps what it has; the compressing
+        thread exits. Loop thread only. Idempotent."""
         self._running = False
         self._generation += 1
         self._cancel()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
 
     def set_own_descriptor(self, descriptor: str) -> None:
         """Serve ``descriptor`` as this relay's own. Raises
@@ -300,9 +301,12 @@ class DirCache:
 
     def _prepare(self, job: _Refresh) -> None:
         generation = self._generation
-        if self._executor is None:
+        if not self._compress_in_thread:
             self._install(generation, job, _compress(job))
             return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="dircache-compress")
         future = self._executor.submit(_compress, job)
 
         def handed_back(done: concurrent.futures.Future[_Prepared]) -> None:

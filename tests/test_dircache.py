@@ -186,3 +186,17 @@ def test_next_fetch_time_is_tors_rule_for_caches() -> None:
     assert next_fetch_time(NS_INFO, NS_INFO.valid_after - 1, rng) == NS_INFO.valid_after - 1
     tight = _info(0, 10, 12)  # the window must end before valid-until
     assert all(next_fetch_time(tight, 1, rng) < 12 for _ in range(200))
+
+
+def test_a_stopped_cache_starts_again(reactor: Reactor) -> None:
+    authority = FakeAuthority(reactor, load_store(own=False))
+    updates: list[int] = []
+    cache = _cache(reactor, [authority.port], updates)
+    cache.start()
+    run_until_met(reactor, lambda: len(updates) == 1, 20)
+    cache.stop()
+    cache.stop()
+    cache.start()
+    run_until_met(reactor, lambda: len(updates) == 2, 20)
+    assert cache.refreshes == 2 and cache.installs == 1
+    cache.stop()
