@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,8 +93,14 @@ class Authority:
 
 
 def start_authority(nickname: str = "relaycryptauth", timeout: float = 30.0,
-                    keep_directory: bool = False) -> Authority:
-    """Start a private loopback directory authority and wait for its DirPort. Raises
+                    keep_directory: bool = False, extra_torrc: str = "",
+                    data_files: Mapping[str, str] | None = None,
+                    dir_address_in_cert: bool = True) -> Authority:
+    """Start a private loopback directory authority and wait for its DirPort. ``extra_torrc``
+    is appended to the torrc (e.g. shorter voting intervals); ``data_files`` are written into
+    its data directory first (e.g. ``approved-routers``). Without ``dir_address_in_cert`` the
+    key certificate has no ``dir-address`` (tor moves a configured authority to the address its
+    certificate names, which would defeat a test that points tor at another DirPort). Raises
     :class:`relay.torpeer.TorStartError` (with tor's log) when tor or tor-gencert is missing
     or tor does not come up. Any thread (blocks)."""
     tor = find_tor()
@@ -107,7 +114,8 @@ def start_authority(nickname: str = "relaycryptauth", timeout: float = 30.0,
     keys = base / "data" / "keys"
     made = subprocess.run(
         [gencert, "--create-identity-key", "--passphrase-fd", "0", "-m", "12",
-         "-a", f"127.0.0.1:{dirport}", "-i", str(keys / "authority_identity_key"),
+         *(["-a", f"127.0.0.1:{dirport}"] if dir_address_in_cert else []),
+         "-i", str(keys / "authority_identity_key"),
          "-s", str(keys / "authority_signing_key"), "-c", str(keys / "authority_certificate")],
         input=b"relaycrypt test authority\n", capture_output=True, timeout=60, check=False)
     certificate = keys / "authority_certificate"
@@ -122,7 +130,9 @@ def start_authority(nickname: str = "relaycryptauth", timeout: float = 30.0,
                        ("@DIRPORT@", str(dirport)), ("@V3IDENT@", v3ident),
                        ("@FP@", identity.fingerprint)):
         torrc = torrc.replace(key, value)
-    (base / "torrc").write_text(torrc)
+    (base / "torrc").write_text(torrc + extra_torrc)
+    for name, text in (data_files or {}).items():
+        (base / "data" / name).write_text(text)
     with open(base / "stderr.log", "wb") as stderr_file:
         process = subprocess.Popen(
             [tor, "-f", str(base / "torrc"), "--defaults-torrc", "/dev/null"],
