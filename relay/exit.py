@@ -10,11 +10,17 @@ toward the client through the ``originate`` callback it was given, once per call
 joins them, has the worker pool set the digest and encrypt them, and writes them to the
 previous hop).
 
-* ``BEGIN addr:port``: if the exit policy allows the target (default: loopback addresses only;
-  this project sends traffic to loopback and nowhere else) the edge connects with
-  ``reactor.net.connect`` and answers ``CONNECTED`` (IPv4 address and TTL), else ``END`` with
-  the reason (EXITPOLICY, CONNECTREFUSED, ...). DATA that arrives before the connection is up is
-  kept and written once it is.
+* ``BEGIN addr:port``: a host name is resolved first (:func:`reactor.resolve.resolve`, at most
+  ``max_lookups`` at once per relay: ``END RESOLVEFAILED`` beyond, or when the name does not
+  resolve); if the exit policy (``check``, tor's: :mod:`relay.exitpolicy`) allows the address
+  the edge connects with ``reactor.net.connect`` and answers ``CONNECTED`` (IPv4 address and
+  TTL), else ``END`` with tor's reason (EXITPOLICY, CONNECTREFUSED for a relay's ORPort, ...).
+  DATA that arrives before the connection is up is kept and written once it is: tor clients
+  send optimistic data, and it counts against the stream's window like any other.
+* ``RESOLVE name``: ``RESOLVED`` with the addresses (IPv4 and IPv6, TTL 300), or an error
+  answer (type 0xF0 transient, 0xF1 not); a relay that is not an exit refuses every lookup.
+* ``BEGIN_DIR``: with a directory server (``dir_server``), ``CONNECTED`` and the request is
+  answered in process (:mod:`relay.dirstream`); without, ``END NOTDIRECTORY``.
 * ``DATA``: written to the target; many DATA cells of one stream in one call are written with
   one ``writelines``.
 * ``END``: the target is closed after its buffered bytes are sent.
@@ -52,6 +58,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from reactor import CloseReason, Reactor, Stream, connect
+from reactor.resolve import resolve
 from relay.cells import RelayCommand
 from relay.circuits import (
     CIRCWINDOW_INCREMENT,
@@ -61,6 +68,8 @@ from relay.circuits import (
     END_REASON_DONE,
     END_REASON_EXITPOLICY,
     END_REASON_MISC,
+    END_REASON_NOTDIRECTORY,
+    END_REASON_RESOLVEFAILED,
     RELAY_HEADER,
     STREAMWINDOW_INCREMENT,
     STREAMWINDOW_START,
@@ -68,10 +77,12 @@ from relay.circuits import (
     pack_data_cells,
     pack_relay,
 )
+from relay.dirstream import DirServerFactory, DirTarget
+from relay.exitpolicy import ExitVerdict
 from relay.sendme import SendmeTags, encode_sendme_v1, mark_cell, sendme_due
 from tor1 import RELAY_DATA_MAX, RELAY_HEADER_LEN
 
-__all__ = ["ExitEdge", "TagLookup", "loopback_only", "parse_begin"]
+__all__ = ["ExitCheck", "ExitEdge", "Lookups", "TagLookup", "parse_begin", "refuse_every_exit"]
 
 TagLookup = Callable[[int], bytes]
 """``tag_of(offset)``: the SENDME tag of the recognized cell at ``offset`` of a handed batch."""
@@ -84,16 +95,57 @@ _END = RelayCommand.END
 _SENDME = RelayCommand.SENDME
 _CONNECTED = RelayCommand.CONNECTED
 _DROP = RelayCommand.DROP
+_RESOLVE = RelayCommand.RESOLVE
+_RESOLVED = RelayCommand.RESOLVED
+_BEGIN_DIR = RelayCommand.BEGIN_DIR
+_DNS_TTL = 300  # tor rounds what it sends to a few fixed TTLs; 300 s is its smallest
+_RESOLVED_TRANSIENT = 0xF0
+_RESOLVED_NONTRANSIENT = 0xF1
+_MAX_ANSWERS = 8
 _WINDOW = "window"
 _LINK = "link"
 
 
-def loopback_only(host: str, port: int) -> bool:
-    """Exit policy: allow loopback addresses only. Any thread."""
+ExitCheck = Callable[[str, int], ExitVerdict]
+"""``check(address, port)``: the exit policy's verdict on a resolved target."""
+
+_NOT_AN_EXIT = ExitVerdict(False, END_REASON_EXITPOLICY, "not an exit")
+
+
+def refuse_every_exit(address: str, port: int) -> ExitVerdict:
+    """The exit policy of a relay that is not an exit. Any thread (pure)."""
+    return _NOT_AN_EXIT
+
+
+class Lookups:
+    """The name lookups a relay has under way, bounded: libuv resolves on a small thread pool,
+    and a client must not be able to queue lookups without limit. Loop thread only."""
+
+    def __init__(self, limit: int = 64) -> None:
+        """At most ``limit`` at once. Loop thread only."""
+        self.limit = limit
+        self.pending = 0
+        self.refused = 0
+
+    def take(self) -> bool:
+        """Claim a lookup slot; False (counted) when all are taken. Loop thread only."""
+        if self.pending >= self.limit:
+            self.refused += 1
+            return False
+        self.pending += 1
+        return True
+
+    def give_back(self) -> None:
+        """A lookup ended. Loop thread only."""
+        self.pending -= 1
+
+
+def _is_address(host: str) -> bool:
     try:
-        return ipaddress.ip_address(host).is_loopback and 0 < port < 65536
+        ipaddress.ip_address(host)
     except ValueError:
         return False
+    return True
 
 
 def parse_begin(body: bytes) -> tuple[str, int]:
@@ -126,11 +178,11 @@ class _ExitStream:
         "withheld",
     )
 
-    def __init__(self, stream_id: int, target: Stream) -> None:
-        """A stream whose target connection is being made. Loop thread only."""
+    def __init__(self, stream_id: int, target: Stream | DirTarget | None) -> None:
+        """A stream whose target is being resolved (None) or connected. Loop thread only."""
         self.stream_id = stream_id
         self.target = target
-        self.gate = ReadGate(target)
+        self.gate = ReadGate(target) if target is not None else None
         self.package_window = STREAMWINDOW_START
         self.deliver_window = STREAMWINDOW_START
         self.pending = bytearray()  # read from the target, not yet packaged (window closed)
@@ -148,15 +200,24 @@ class ExitEdge:
         originate: Callable[[list[bytes]], None],
         close_circuit: Callable[[str], None],
         *,
-        allow: Callable[[str, int], bool] = loopback_only,
+        check: ExitCheck = refuse_every_exit,
+        is_exit: bool = False,
+        lookups: Lookups | None = None,
+        dir_server: DirServerFactory | None = None,
         name: str = "exit",
     ) -> None:
         """``originate(payloads)`` sends relay payloads toward the client (in order);
-        ``close_circuit(reason)`` tears the circuit down (protocol violation). Loop thread only."""
+        ``close_circuit(reason)`` tears the circuit down (protocol violation); ``check`` is the
+        exit policy (``is_exit``: whether it accepts anything; a non-exit resolves no names);
+        ``lookups`` bounds the relay's name lookups; ``dir_server`` answers BEGIN_DIR.
+        Loop thread only."""
         self._reactor = reactor
         self._originate = originate
         self._close_circuit = close_circuit
-        self._allow = allow
+        self._check = check
+        self._is_exit = is_exit
+        self._lookups = lookups if lookups is not None else Lookups()
+        self._dir_server = dir_server
         self._name = name
         self._streams: dict[int, _ExitStream] = {}
         self._blocked: dict[_ExitStream, None] = {}  # waiting for the circuit window
@@ -172,6 +233,7 @@ class ExitEdge:
         self.bytes_to_targets = 0
         self.bytes_from_targets = 0
         self.streams_opened = 0
+        self.dir_streams = 0
 
     # ------------------------------------------------------------------ cells from the client
 
@@ -197,6 +259,10 @@ class ExitEdge:
                     self._on_sendme(stream_id, plain[start : start + length])
                 elif command == _BEGIN:
                     self._on_begin(stream_id, plain[start : start + length])
+                elif command == _BEGIN_DIR:
+                    self._on_begin_dir(stream_id)
+                elif command == _RESOLVE:
+                    self._on_resolve(stream_id, plain[start : start + length])
                 elif command == _END:
                     self._flush_writes(writes)
                     self._on_end(stream_id)
@@ -246,15 +312,17 @@ class ExitEdge:
     def _flush_writes(self, writes: dict[_ExitStream, list[bytes]]) -> None:
         """Write the DATA gathered per stream, one ``writelines`` each, then consider SENDMEs."""
         for stream, chunks in writes.items():
-            if not stream.target.closed:
-                stream.target.writelines(chunks)
+            target = stream.target
+            if target is not None and not target.closed:
+                target.writelines(chunks)
             self._consider_stream_sendme(stream)
         writes.clear()
 
     def _consider_stream_sendme(self, stream: _ExitStream) -> None:
         target = stream.target
         while stream.deliver_window <= STREAMWINDOW_START - STREAMWINDOW_INCREMENT:
-            if not target.closed and target.write_buffer_size > target.write_watermarks[0]:
+            if (target is not None and not target.closed
+                    and target.write_buffer_size > target.write_watermarks[0]):
                 stream.withheld = True  # sent from on_write_low
                 return
             stream.deliver_window += STREAMWINDOW_INCREMENT
@@ -285,58 +353,156 @@ class ExitEdge:
         self._package(stream)
 
     def _on_begin(self, stream_id: int, body: bytes) -> None:
-        if stream_id == 0 or stream_id in self._streams:
-            self._violation(f"BEGIN with stream id {stream_id} (zero or in use)")
+        if not self._new_stream_id(stream_id, "BEGIN"):
             return
         try:
             host, port = parse_begin(body)
         except (ValueError, UnicodeDecodeError) as exc:
             log.info("%s: bad BEGIN on stream %d: %s", self._name, stream_id, exc)
-            self._out.append(pack_relay(_END, stream_id, bytes((END_REASON_MISC,))))
+            self._end_stream(stream_id, END_REASON_MISC)
             return
-        if not self._allow(host, port):
-            log.info("%s: exit policy refuses %s:%d", self._name, host, port)
-            self._out.append(pack_relay(_END, stream_id, bytes((END_REASON_EXITPOLICY,))))
+        if not self._is_exit:
+            self._refuse(stream_id, host, port, _NOT_AN_EXIT)
             return
-        target = connect(
+        stream = _ExitStream(stream_id, None)
+        self._streams[stream_id] = stream
+        self.streams_opened += 1
+        if _is_address(host):
+            self._connect(stream, host, port)
+        elif not self._lookups.take():
+            self._streams.pop(stream_id, None)
+            log.info("%s: stream %d: too many name lookups under way", self._name, stream_id)
+            self._end_stream(stream_id, END_REASON_RESOLVEFAILED)
+        else:
+            resolve(self._reactor, host,
+                    lambda found, error: self._on_resolved(stream, host, port, found, error))
+
+    def _on_resolved(self, stream: _ExitStream, host: str, port: int, found: list[str],
+                     error: str | None) -> None:
+        self._lookups.give_back()
+        if self._streams.get(stream.stream_id) is not stream or self._closed:
+            return  # ended meanwhile
+        if not found:
+            self._streams.pop(stream.stream_id, None)
+            log.info("%s: stream %d: %s does not resolve: %s", self._name, stream.stream_id,
+                     host, error)
+            self._end_stream(stream.stream_id, END_REASON_RESOLVEFAILED)
+            self._flush()
+            return
+        self._connect(stream, found[0], port)
+        self._flush()
+
+    def _connect(self, stream: _ExitStream, address: str, port: int) -> None:
+        """Check ``address:port`` against the exit policy, then dial it. Loop thread only."""
+        stream_id = stream.stream_id
+        verdict = self._check(address, port)
+        if not verdict.allowed:
+            self._streams.pop(stream_id, None)
+            self._refuse(stream_id, address, port, verdict)
+            return
+        stream.target = connect(
             self._reactor,
-            host,
+            address,
             port,
-            lambda target: self._on_connected(stream_id, target, host),
+            lambda target: self._on_connected(stream_id, target, address),
             lambda reason, detail: self._on_connect_failed(stream_id, reason, detail),
         )
+        stream.gate = ReadGate(stream.target)
+
+    def _refuse(self, stream_id: int, host: str, port: int, verdict: ExitVerdict) -> None:
+        log.info("%s: exit policy refuses %s:%d on stream %d: %s", self._name, host, port,
+                 stream_id, verdict.why)
+        self._end_stream(stream_id, verdict.end_reason or END_REASON_EXITPOLICY)
+
+    def _new_stream_id(self, stream_id: int, what: str) -> bool:
+        if stream_id == 0 or stream_id in self._streams:
+            self._violation(f"{what} with stream id {stream_id} (zero or in use)")
+            return False
+        return True
+
+    def _end_stream(self, stream_id: int, reason: int) -> None:
+        self._out.append(pack_relay(_END, stream_id, bytes((reason,))))
+
+    def _on_begin_dir(self, stream_id: int) -> None:
+        if not self._new_stream_id(stream_id, "BEGIN_DIR"):
+            return
+        if self._dir_server is None:
+            self._end_stream(stream_id, END_REASON_NOTDIRECTORY)
+            return
+        target = DirTarget(self._reactor, self._dir_server)
         stream = _ExitStream(stream_id, target)
         self._streams[stream_id] = stream
         self.streams_opened += 1
+        self.dir_streams += 1
+        self._on_connected(stream_id, target, None)
+
+    def _on_resolve(self, stream_id: int, body: bytes) -> None:
+        name = body.partition(b"\x00")[0].decode("ascii", "replace")
+        if not self._is_exit:
+            self._answer_resolve(stream_id, [], nontransient=True)
+            return
+        if not self._lookups.take():
+            self._answer_resolve(stream_id, [], nontransient=False)
+            return
+
+        def done(found: list[str], error: str | None) -> None:
+            self._lookups.give_back()
+            if self._closed:
+                return
+            if error is not None:
+                log.info("%s: RESOLVE %r failed: %s", self._name, name, error)
+            self._answer_resolve(stream_id, found, nontransient=True)
+            self._flush()
+
+        resolve(self._reactor, name, done)
+
+    def _answer_resolve(self, stream_id: int, found: list[str], *, nontransient: bool) -> None:
+        """RESOLVED with the addresses found, or one error answer. Loop thread only."""
+        ttl = struct.pack(">I", _DNS_TTL)
+        answers = []
+        for text in found[:_MAX_ANSWERS]:
+            packed = ipaddress.ip_address(text).packed
+            answers.append(bytes((4 if len(packed) == 4 else 6, len(packed))) + packed + ttl)
+        if not answers:
+            kind = _RESOLVED_NONTRANSIENT if nontransient else _RESOLVED_TRANSIENT
+            answers.append(bytes((kind, 0)) + ttl)
+        self._out.append(pack_relay(_RESOLVED, stream_id, b"".join(answers)))
 
     def _on_end(self, stream_id: int) -> None:
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             return
         self._blocked.pop(stream, None)
-        stream.gate.clear()
+        if stream.gate is not None:
+            stream.gate.clear()
         if stream.early:
             log.info("%s: stream %d ended before it connected", self._name, stream_id)
-        stream.target.close("END from the client")
+        if stream.target is not None:
+            stream.target.close("END from the client")
 
     # ------------------------------------------------------------------ targets
 
-    def _on_connected(self, stream_id: int, target: Stream, host: str) -> None:
+    def _on_connected(self, stream_id: int, target: Stream | DirTarget, host: str | None) -> None:
         stream = self._streams.get(stream_id)
         if stream is None or stream.target is not target:
             target.close("stream ended while connecting")
             return
+        assert stream.gate is not None
         early, stream.early = stream.early or [], None
         target.on_close = lambda reason, detail: self._on_target_closed(stream, reason, detail)
         target.on_write_low = lambda: self._on_target_drained(stream)
         target.on_data = lambda data: self._on_target_data(stream, data)
         if self._targets_paused:
             stream.gate.hold(_LINK)
-        try:
-            address = ipaddress.IPv4Address(host).packed
-        except ValueError:
-            address = bytes(4)
-        self._out.append(pack_relay(_CONNECTED, stream_id, address + struct.pack(">I", 300)))
+        if host is None:  # BEGIN_DIR: an empty CONNECTED
+            self._out.append(pack_relay(_CONNECTED, stream_id))
+        else:
+            try:
+                address = ipaddress.IPv4Address(host).packed
+            except ValueError:
+                address = bytes(4)
+            self._out.append(pack_relay(_CONNECTED, stream_id,
+                                        address + struct.pack(">I", _DNS_TTL)))
         if early:
             target.writelines(early)
             self._consider_stream_sendme(stream)
@@ -371,6 +537,8 @@ class ExitEdge:
 
     def _package(self, stream: _ExitStream) -> None:
         """Turn buffered target bytes into DATA payloads while both windows allow."""
+        if stream.gate is None:
+            return  # still resolving: nothing read yet
         pending = stream.pending
         size = len(pending)
         offset = 0
@@ -413,14 +581,15 @@ class ExitEdge:
         Loop thread only."""
         self._targets_paused = True
         for stream in self._streams.values():
-            if stream.early is None:
+            if stream.early is None and stream.gate is not None:
                 stream.gate.hold(_LINK)
 
     def resume_reading(self) -> None:
         """Undo :meth:`pause_reading`. Loop thread only."""
         self._targets_paused = False
         for stream in self._streams.values():
-            stream.gate.release(_LINK)
+            if stream.gate is not None:
+                stream.gate.release(_LINK)
 
     def close(self) -> None:
         """The circuit is gone: abort every target connection. Loop thread only. Idempotent."""
@@ -431,8 +600,10 @@ class ExitEdge:
         self._blocked.clear()
         self._out.clear()
         for stream in streams.values():
-            stream.gate.clear()
-            stream.target.close("circuit closed", flush=False)
+            if stream.gate is not None:
+                stream.gate.clear()
+            if stream.target is not None:
+                stream.target.close("circuit closed", flush=False)
 
     @property
     def open_streams(self) -> int:
@@ -443,6 +614,7 @@ class ExitEdge:
         """Counters of this edge. Loop thread only."""
         return {
             "streams_opened": self.streams_opened,
+            "dir_streams": self.dir_streams,
             "data_cells_in": self.data_cells_in,
             "data_cells_out": self.data_cells_out,
             "bytes_to_targets": self.bytes_to_targets,

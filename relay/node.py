@@ -53,16 +53,15 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Callable
 from typing import Any
 
-from reactor import Reactor, ReplyQueue, Stream, listen
+from reactor import Reactor, ReplyQueue, Stream, TimerHandle, listen
 from reactor.net import Listener
 from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
 from relay.config import RelayConfig
 from relay.directory import RelayDescriptor
-from relay.exit import ExitEdge
+from relay.exit import ExitEdge, Lookups, refuse_every_exit
 from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
 from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
 from relay.handshakes import (
@@ -78,6 +77,7 @@ from relay.handshakes import (
     ntor_server,
 )
 from relay.identity.keys import RelayIdentity
+from relay.identity.periods import ROTATE_ONION_KEYS, ROTATE_RSA_CROSSCERT, ROTATE_SIGNING_KEY
 from relay.link import Link, LinkError
 from relay.linkauth import LinkCredentials, ServerCredentials
 from relay.orcircuit import (
@@ -88,6 +88,7 @@ from relay.orcircuit import (
     new_relay_group,
     relay_group_for,
 )
+from relay.publication import RelayDirectory
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
 from workers.pool import (
@@ -114,9 +115,8 @@ _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
 
 
-def _refuse_every_exit(host: str, port: int) -> bool:
-    """The exit policy of a relay that is not an exit. Any thread (pure)."""
-    return False
+_DESCRIBED_KEYS = frozenset({ROTATE_ONION_KEYS, ROTATE_SIGNING_KEY, ROTATE_RSA_CROSSCERT})
+"""Rotations that change what the descriptor says (its keys and certificates)."""
 
 
 class RelayNode:
@@ -129,7 +129,6 @@ class RelayNode:
         config: RelayConfig,
         *,
         batch_cells: int = DEFAULT_BATCH_CELLS,
-        exit_policy: Callable[[str, int], bool] | None = None,
         handshake_timeout: float = 30.0,
         pool_high_water: int = RELAY_POOL_HIGH_WATER,
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
@@ -139,9 +138,9 @@ class RelayNode:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
         ``identity`` holds the relay's keys (``RelayIdentity.load_or_create``); ``config`` its
-        options (:class:`relay.config.RelayConfig`). ``exit_policy(host, port)`` overrides the
-        one ``config`` describes. ``pool_high_water`` / ``circuit_high_water``: cells in flight
-        on the pool (all circuits / one circuit) at which reading pauses (it resumes at half).
+        options (:class:`relay.config.RelayConfig`). ``pool_high_water`` /
+        ``circuit_high_water``: cells in flight on the pool (all circuits / one circuit) at
+        which reading pauses (it resumes at half).
         ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
         (default: the reactor's). ``max_circuits_per_link``: CREATEs beyond it get DESTROY
         (RESOURCELIMIT)."""
@@ -150,9 +149,10 @@ class RelayNode:
         self.identity = identity
         self.config = config
         self.nickname = nickname = config.nickname
-        self._exit_override = exit_policy
-        self.exit_policy: Callable[[str, int], bool] = exit_policy or _refuse_every_exit
         self.exit_rules: ExitPolicy | None = None  # built by start(): it needs our address
+        self.directory = RelayDirectory(reactor, identity, config)
+        self._lookups = Lookups()
+        self._rotation: TimerHandle | None = None
         self._host = config.or_host
         self._port = config.or_port
         self._server: ServerCredentials | None = (
@@ -220,9 +220,31 @@ class RelayNode:
         self._ours = OurRelay(self.identity.identity_digest, self.identity.ed25519_identity,
                               {(ipaddress.ip_address(self.config.published_address), port)})
         self.exit_rules = self._build_exit_policy()
-        if self._exit_override is None:
-            self.exit_policy = self.exit_rules.allows
         log.info("%s: %s", self.nickname, self.exit_rules.describe())
+        self.directory.start(port, self.exit_rules.descriptor_lines())
+        self._rotation = self.reactor.call_later(self._rotation_check, self._rotate_keys)
+
+    @property
+    def _rotation_check(self) -> float:
+        """Seconds between key rotation checks (tor checks every second; keys live hours)."""
+        return 5.0 if self.config.testing_network else 60.0
+
+    def _rotate_keys(self) -> None:
+        """Replace keys and certificates that are due (``RelayIdentity.rotate``): new links get
+        the new TLS certificate (open links keep theirs), and a descriptor with new keys is
+        uploaded. Loop thread only (a timer)."""
+        self._rotation = None
+        if self._closed:
+            return
+        now = time.time()
+        if self.identity.needs_rotation(now):
+            changed = self.identity.rotate(now)
+            log.info("%s: rotated %s", self.nickname, ", ".join(sorted(changed)))
+            if not self.config.plain_links:
+                self._server = ServerCredentials.of(self.identity)
+            if changed & _DESCRIBED_KEYS:
+                self.directory.republish("keys rotated: " + ", ".join(sorted(changed)))
+        self._rotation = self.reactor.call_later(self._rotation_check, self._rotate_keys)
 
     def _build_exit_policy(self) -> ExitPolicy:
         """tor's exit policy from the configuration (``relay.exitpolicy``). Loop thread only."""
@@ -257,6 +279,9 @@ class RelayNode:
         if self._closed:
             return
         self._closed = True
+        if self._rotation is not None:
+            self._rotation.cancel()
+        self.directory.close()
         if self._listener is not None:
             self._listener.close()
         for peer in list(self._peers.values()):
@@ -544,7 +569,10 @@ class RelayNode:
             self.reactor,
             circuit.originate,
             lambda why: circuit.close(why, DestroyReason.PROTOCOL),
-            allow=self.exit_policy,
+            check=self.exit_rules.check if self.exit_rules is not None else refuse_every_exit,
+            is_exit=self.exit_rules is not None and self.exit_rules.is_exit,
+            lookups=self._lookups,
+            dir_server=self.directory.dir_server,
             name=f"{self.nickname} exit {circuit.prev_id:#x}",
         )
 

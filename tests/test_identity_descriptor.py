@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from relay.identity.descparse import DescriptorError, parse_server_descriptor
 from relay.identity.descriptor import (
     ED_SIGNATURE_PREFIX,
+    RELAYCRYPT_PROTOCOLS,
     RouterInfo,
     b64_multiline,
     b64_nopad,
@@ -114,7 +115,7 @@ def test_round_trip(identity: RelayIdentity, text: str) -> None:
     assert parsed.published == NOW and parsed.bandwidth == (1000, 2000, 500)
     assert parsed.exit_policy == INFO.exit_policy and parsed.family == INFO.family
     assert parsed.contact == INFO.contact and parsed.platform == INFO.platform
-    assert parsed.protocols == "Link=4-5 LinkAuth=3 Relay=2"
+    assert parsed.protocols == RELAYCRYPT_PROTOCOLS
     assert parsed.ntor_crosscert.expires_at >= NOW + identity.periods.onion_key_lifetime
     assert parsed.tap_crosscert == tap_crosscert(identity.onion.tap, identity.identity_digest,
                                                  identity.ed25519_identity)

@@ -22,7 +22,7 @@ from relay.directory import (
     read_directory,
     write_directory,
 )
-from relay.exit import loopback_only, parse_begin
+from relay.exit import parse_begin
 from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 
 
@@ -80,15 +80,6 @@ def test_parse_begin() -> None:
     for bad in (b"127.0.0.1:80", b"127.0.0.1\x00", b"127.0.0.1:http\x00", b":\x00"):
         with pytest.raises(ValueError):
             parse_begin(bad)
-
-
-def test_exit_policy_is_loopback_only() -> None:
-    assert loopback_only("127.0.0.1", 80) and loopback_only("127.8.9.10", 1)
-    assert loopback_only("::1", 443)
-    assert not loopback_only("10.0.0.1", 80)
-    assert not loopback_only("8.8.8.8", 53)
-    assert not loopback_only("localhost", 80)  # names are not resolved
-    assert not loopback_only("127.0.0.1", 0)
 
 
 def test_read_gate_pauses_while_any_reason_holds() -> None:

@@ -72,10 +72,13 @@ __all__ = [
 
 ED_SIGNATURE_PREFIX = b"Tor router descriptor signature v1"
 
-#: What relaycrypt's relay implements, as a ``proto`` line: link protocols 4-5 with the
-#: Ed25519 link authentication (LinkAuth=3) and relay cells with ntor and EXTEND2 (Relay=2).
-#: Callers that implement more (FlowCtrl, DirCache, ...) pass their own.
-RELAYCRYPT_PROTOCOLS = "Link=4-5 LinkAuth=3 Relay=2"
+#: The ``proto`` line of a relaycrypt relay: only what it implements. Link protocols 4-5 with
+#: Ed25519 link authentication (LinkAuth=3); ntor and EXTEND2 (Relay=2; no TAP, no ntor v3);
+#: authenticated SENDMEs (FlowCtrl=1; no congestion control); directory documents served over
+#: BEGIN_DIR (DirCache=2; consensus-diff requests get the full consensus) in the formats of
+#: Cons/Desc/Microdesc 1-2.
+RELAYCRYPT_PROTOCOLS = ("Cons=1-2 Desc=1-2 DirCache=2 FlowCtrl=1 Link=4-5 LinkAuth=3 "
+                        "Microdesc=1-2 Relay=2")
 
 _NICKNAME = re.compile(r"^[A-Za-z0-9]{1,19}$")
 _PORT_SPEC = re.compile(r"^(\*|\d{1,5}(-\d{1,5})?)$")
