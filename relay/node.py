@@ -66,7 +66,6 @@ from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
 from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
 from relay.handshakes import (
     HTYPE_NTOR,
-    NTOR_ONIONSKIN_LEN,
     BodyError,
     Extend2Body,
     HandshakeError,
@@ -74,12 +73,17 @@ from relay.handshakes import (
     create_fast_server,
     decode_create2,
     encode_created2,
-    ntor_server,
 )
 from relay.identity.keys import RelayIdentity
-from relay.identity.periods import ROTATE_ONION_KEYS, ROTATE_RSA_CROSSCERT, ROTATE_SIGNING_KEY
+from relay.identity.periods import (
+    ROTATE_OLD_ONION_KEYS,
+    ROTATE_ONION_KEYS,
+    ROTATE_RSA_CROSSCERT,
+    ROTATE_SIGNING_KEY,
+)
 from relay.link import Link, LinkError
 from relay.linkauth import LinkCredentials, ServerCredentials
+from relay.onionworkers import OnionHandshakes, PendingCreate
 from relay.orcircuit import (
     ExtendRequest,
     OrCircuit,
@@ -175,6 +179,8 @@ class RelayNode:
             on_pool_pressure=self._on_pool_pressure,
             name=f"{nickname}-worker",
         )
+        self._onion = OnionHandshakes(self.pool, self._ntor_keys, self._on_onionskin_answered,
+                                      lanes=config.threads)
         # One group function for all of this node's kernel circuits: the pool crypts circuits
         # that share it in one call. None without the kernel extension.
         self._group = new_relay_group()
@@ -191,6 +197,7 @@ class RelayNode:
         self.circuits_open = 0
         self.circuits_closed = 0
         self.circuits_refused_limit = 0
+        self.onionskins_refused = 0
         self.unknown_circuit_destroys = 0
         self.garbage_links = 0
         self.links_accepted = 0
@@ -215,6 +222,7 @@ class RelayNode:
         self._replies = ReplyQueue(self.reactor, self.pool.deliver)
         self.pool.set_replies(self._replies, owned=True)
         self.pool.start()
+        self._onion.start()
         self._listener = listen(self.reactor, self._host, self._port, self._on_accept)
         port = self._listener.address[1]
         self._ours = OurRelay(self.identity.identity_digest, self.identity.ed25519_identity,
@@ -242,6 +250,8 @@ class RelayNode:
             log.info("%s: rotated %s", self.nickname, ", ".join(sorted(changed)))
             if not self.config.plain_links:
                 self._server = ServerCredentials.of(self.identity)
+            if changed & {ROTATE_ONION_KEYS, ROTATE_OLD_ONION_KEYS}:
+                self._onion.refresh_keys()
             if changed & _DESCRIBED_KEYS:
                 self.directory.republish("keys rotated: " + ", ".join(sorted(changed)))
         self._rotation = self.reactor.call_later(self._rotation_check, self._rotate_keys)
@@ -286,6 +296,7 @@ class RelayNode:
             self._listener.close()
         for peer in list(self._peers.values()):
             peer.link.close("relay shutting down")
+        self._onion.close()
         self.pool.close(drain=False, timeout=10.0)
 
     # ------------------------------------------------------------------ links
@@ -414,9 +425,7 @@ class RelayNode:
                 body = decode_create2(payload)
                 if body.htype != HTYPE_NTOR:
                     raise HandshakeError(f"CREATE2 handshake type {body.htype} unsupported")
-                reply, material = ntor_server(self._ntor_key(body.hdata), body.hdata)
-                self._new_circuit(peer, circ_id, material)
-                link.send_cell(circ_id, CellCommand.CREATED2, encode_created2(reply))
+                self._queue_create2(peer, circ_id, body.hdata)
                 return
         except (HandshakeError, BodyError, LinkError) as exc:
             log.warning("%s: refusing circuit %#x: %s", link.name, circ_id, exc)
@@ -438,14 +447,53 @@ class RelayNode:
                 link.circuit_count, refused)
         link.destroy_circuit(circ_id, DestroyReason.RESOURCELIMIT)
 
-    def _ntor_key(self, onionskin: bytes) -> NtorServerKey:
-        """The onion key an ntor onionskin names (``ID | B | X``): the current one or, during
-        its grace period after a rotation, the previous one. Loop thread only."""
-        wanted = bytes(onionskin[20:52]) if len(onionskin) >= NTOR_ONIONSKIN_LEN else b""
-        key = self.identity.ntor_key_for(wanted, time.time())
-        if key is None:
-            raise HandshakeError("ntor: onionskin names an onion key we do not have")
-        return NtorServerKey(self.identity.identity_digest, key)
+    def _ntor_keys(self) -> tuple[NtorServerKey, ...]:
+        """The onion keys an onionskin may name now: the current one and, during its grace
+        period after a rotation, the previous one. Loop thread only."""
+        digest = self.identity.identity_digest
+        return tuple(NtorServerKey(digest, key)
+                     for key in self.identity.ntor_onion_keys(time.time()))
+
+    def _queue_create2(self, peer: Peer, circ_id: int, hdata: bytes) -> None:
+        """Reserve ``circ_id`` on the link and queue the onionskin for the handshake lanes
+        (``relay.onionworkers``); what the onion queue refuses or culls gets DESTROY
+        (RESOURCELIMIT), as tor does. Loop thread only."""
+        pending = PendingCreate(peer, circ_id, hdata)
+
+        def reserved(command: int, payload: bytes) -> None:
+            if command == CellCommand.DESTROY:  # the client gave up (or the link closed)
+                self._onion.cancel(pending)
+                peer.link.remove_circuit(circ_id)
+
+        peer.link.add_circuit(reserved, circ_id)
+        for dropped in self._onion.add(pending):
+            self.onionskins_refused += 1
+            log.log(logging.WARNING if self.onionskins_refused % 1000 == 1 else logging.DEBUG,
+                    "%s: refusing CREATE2 %#x: the onion queue is full (MaxOnionQueueDelay); "
+                    "%d refused so far", dropped.peer.link.name, dropped.circ_id,
+                    self.onionskins_refused)
+            self._onion.cancel(dropped)
+            dropped.peer.link.destroy_circuit(dropped.circ_id, DestroyReason.RESOURCELIMIT)
+
+    def _on_onionskin_answered(self, pending: PendingCreate, reply: bytes | None,
+                               material: bytes | None, error: str | None) -> None:
+        """A handshake lane answered ``pending``: CREATED2 and the circuit, or DESTROY.
+        Loop thread only."""
+        link = pending.peer.link
+        if link.closed or self._closed:
+            return
+        link.remove_circuit(pending.circ_id)  # the reservation
+        if error is not None or reply is None or material is None:
+            log.warning("%s: refusing circuit %#x: %s", link.name, pending.circ_id, error)
+            link.destroy_circuit(pending.circ_id, DestroyReason.PROTOCOL)
+            return
+        try:
+            self._new_circuit(pending.peer, pending.circ_id, material)
+        except LinkError as exc:
+            log.warning("%s: refusing circuit %#x: %s", link.name, pending.circ_id, exc)
+            link.destroy_circuit(pending.circ_id, DestroyReason.PROTOCOL)
+            return
+        link.send_cell(pending.circ_id, CellCommand.CREATED2, encode_created2(reply))
 
     def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
         crypto = relay_crypto_for(HopKeys.from_material(material))
@@ -634,6 +682,8 @@ class RelayNode:
             "circuits_open": self.circuits_open,
             "circuits_closed": self.circuits_closed,
             "circuits_refused_limit": self.circuits_refused_limit,
+            "onionskins_refused": self.onionskins_refused,
+            "onion": self._onion.stats(),
             "worker_threads_alive": pool["alive_threads"],
             "unknown_circuit_destroys": self.unknown_circuit_destroys,
             "garbage_links": self.garbage_links,
