@@ -279,6 +279,9 @@ class LocalNetwork:
                     # to the echo service there (TestingTorNetwork's relaxations)
                     "--testing-network",
                     "--exit-policy", "accept 127.0.0.1:*, reject *:*",
+                    # one client IP (127.0.0.1) for every circuit: tor's per-IP limits would
+                    # treat a large demo as an attack (they are tested on their own)
+                    "--dos-circuit-creation-enabled", "0", "--dos-connection-enabled", "0",
                     *(["--plain-links"] if self.plain_links else []),
                     *self.relay_args,
                 ]

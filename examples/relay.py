@@ -37,6 +37,7 @@ import threading
 
 from reactor import Reactor
 from relay.config import RelayConfig, parse_dir_authority, split_policy
+from relay.dos import DosConfig
 from relay.identity.keys import RelayIdentity
 from relay.node import DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
 from workers.pool import DEFAULT_BATCH_CELLS
@@ -111,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="0|1", help="ExtendAllowPrivateAddresses (default 0; 1 with "
                                             "--testing-network)")
     parser.add_argument("--bridge", action="store_true", help="BridgeRelay 1")
+    for option, default in (("connection", 1), ("circuit-creation", 1), ("stream-creation", 0)):
+        parser.add_argument(f"--dos-{option}-enabled", type=_flag, default=bool(default),
+                            metavar="0|1", help=f"DoS{option.title().replace('-', '')}Enabled "
+                                                f"(default {default}, as tor's consensus)")
     parser.add_argument("--testing-network", action="store_true", help="TestingTorNetwork 1")
     parser.add_argument("--plain-links", action="store_true",
                         help="plain TCP links, no TLS, no certificates (local demos only)")
@@ -139,6 +144,9 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         allow_private_extends=args.extend_allow_private_addresses, bridge=args.bridge,
         testing_network=args.testing_network, contact=args.contact,
         plain_links=args.plain_links, threads=args.threads,
+        dos=DosConfig(connection_enabled=args.dos_connection_enabled,
+                      circuit_creation_enabled=args.dos_circuit_creation_enabled,
+                      stream_creation_enabled=args.dos_stream_creation_enabled),
     )
 
 

@@ -26,6 +26,8 @@ What each option means follows tor:
   ``allow_private_extends`` sets ``ExtendAllowPrivateAddresses`` on its own.
 * ``plain_links``: links without TLS and without certificates, for the in-process demos only;
   never the default, and refused by every tor.
+* ``dos``: tor's ``DoS*`` options (:mod:`relay.dos`), with the values the live network's
+  consensus sets: per-IP connection and circuit-creation limits on; stream creation off.
 
 Threads: plain values and pure functions; any thread.
 """
@@ -34,7 +36,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from relay.dos import DosConfig
 
 __all__ = ["DirAuthority", "RelayConfig", "parse_dir_authority", "split_policy"]
 
@@ -130,6 +134,7 @@ class RelayConfig:
     bandwidth_burst: int = 1 << 30
     plain_links: bool = False
     threads: int = 2
+    dos: DosConfig = field(default_factory=DosConfig)  # the DoS* options (tor's consensus values)
 
     @property
     def published_address(self) -> str:

@@ -61,6 +61,7 @@ from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
 from relay.config import RelayConfig
 from relay.directory import RelayDescriptor
+from relay.dos import DosGuard
 from relay.exit import ExitEdge, Lookups, refuse_every_exit
 from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
 from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
@@ -155,6 +156,7 @@ class RelayNode:
         self.nickname = nickname = config.nickname
         self.exit_rules: ExitPolicy | None = None  # built by start(): it needs our address
         self.directory = RelayDirectory(reactor, identity, config)
+        self.dos = DosGuard(config.dos)
         self._lookups = Lookups()
         self._rotation: TimerHandle | None = None
         self._host = config.or_host
@@ -197,6 +199,8 @@ class RelayNode:
         self.circuits_open = 0
         self.circuits_closed = 0
         self.circuits_refused_limit = 0
+        self.circuits_refused_dos = 0
+        self.connections_refused_dos = 0
         self.onionskins_refused = 0
         self.unknown_circuit_destroys = 0
         self.garbage_links = 0
@@ -310,11 +314,24 @@ class RelayNode:
     def _on_accept(self, stream: Stream) -> None:
         address = stream.peer_address
         name = f"{self.nickname}<-{address[0]}:{address[1]}" if address else self.nickname
+        client_ip = str(address[0]) if address else None
+        if client_ip is not None:
+            verdict = self.dos.check_connection(client_ip, time.monotonic())
+            if not verdict.allowed:
+                self.connections_refused_dos += 1
+                log.log(logging.WARNING if self.connections_refused_dos % 1000 == 1
+                        else logging.DEBUG, "%s: refusing connection: %s (DoS mitigation; "
+                        "%d refused so far)", name, verdict.why, self.connections_refused_dos)
+                stream.close(f"DoS mitigation: {verdict.why}")
+                return
         link = Link.accept(
             self.reactor, stream, server=self._server, handshake_timeout=self._handshake_timeout,
             name=name, on_close=self._on_link_closed, on_cell=self._on_unrouted,
         )
         peer = Peer(link)
+        if client_ip is not None:
+            peer.client_ip = client_ip
+            peer.dos_ticket = self.dos.connection_opened(client_ip, time.monotonic())
         self._peers[link] = peer
         self._watch_writes(peer, stream)
         self.links_accepted += 1
@@ -373,6 +390,7 @@ class RelayNode:
         self.link_closes[link.close_kind.value if link.close_kind else "unknown"] += 1
         if peer is None:
             return
+        self.dos.connection_closed(peer.dos_ticket)
         if peer.address is not None and peer.identity is not None:
             key = (peer.address, peer.identity)
             if self._outgoing.get(key) is peer:
@@ -410,9 +428,18 @@ class RelayNode:
         if circ_id == 0:
             link.close(f"protocol: {CellCommand(command).name} cell on circuit id 0")
             return
-        if command in _CREATES and link.circuit_count >= self.max_circuits_per_link:
-            self._refuse_over_limit(link, circ_id)
-            return
+        if command in _CREATES:
+            if command == CellCommand.CREATE2 and self.config.plain_links:
+                peer.claimed_relay = True  # in the demo network only relays send CREATE2
+            if link.circuit_count >= self.max_circuits_per_link:
+                self._refuse_over_limit(link, circ_id)
+                return
+            if peer.client_ip is not None:
+                verdict = self.dos.circuit_create(peer.client_ip, time.monotonic(),
+                                                  is_client=not peer.relay_link)
+                if not verdict.allowed:
+                    self._refuse_dos(link, circ_id, verdict.why)
+                    return
         try:
             if command == CellCommand.CREATE_FAST:
                 reply, material = create_fast_server(payload)
@@ -420,8 +447,6 @@ class RelayNode:
                 link.send_cell(circ_id, CellCommand.CREATED_FAST, reply)
                 return
             if command == CellCommand.CREATE2:
-                if self.config.plain_links:
-                    peer.claimed_relay = True  # in the demo network only relays send CREATE2
                 body = decode_create2(payload)
                 if body.htype != HTYPE_NTOR:
                     raise HandshakeError(f"CREATE2 handshake type {body.htype} unsupported")
@@ -445,6 +470,15 @@ class RelayNode:
                 "%s: refusing circuit %#x: the link already holds %d circuits "
                 "(max_circuits_per_link); %d refused so far", link.name, circ_id,
                 link.circuit_count, refused)
+        link.destroy_circuit(circ_id, DestroyReason.RESOURCELIMIT)
+
+    def _refuse_dos(self, link: Link, circ_id: int, why: str) -> None:
+        """DESTROY (RESOURCELIMIT) a CREATE from an address marked by the DoS mitigation; the
+        first refusal and every 1000th are logged as warnings."""
+        self.circuits_refused_dos += 1
+        log.log(logging.WARNING if self.circuits_refused_dos % 1000 == 1 else logging.DEBUG,
+                "%s: refusing circuit %#x: %s (DoSCircuitCreation*); %d refused so far",
+                link.name, circ_id, why, self.circuits_refused_dos)
         link.destroy_circuit(circ_id, DestroyReason.RESOURCELIMIT)
 
     def _ntor_keys(self) -> tuple[NtorServerKey, ...]:
@@ -683,6 +717,8 @@ class RelayNode:
             "circuits_closed": self.circuits_closed,
             "circuits_refused_limit": self.circuits_refused_limit,
             "onionskins_refused": self.onionskins_refused,
+            "circuits_refused_dos": self.circuits_refused_dos,
+            "connections_refused_dos": self.connections_refused_dos,
             "onion": self._onion.stats(),
             "worker_threads_alive": pool["alive_threads"],
             "unknown_circuit_destroys": self.unknown_circuit_destroys,

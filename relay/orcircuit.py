@@ -180,8 +180,8 @@ class Peer:
     """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
 
     __slots__ = (
-        "address", "claimed_relay", "congested", "drain_waiters", "gate", "identity", "link",
-        "open_waiters",
+        "address", "claimed_relay", "client_ip", "congested", "dos_ticket", "drain_waiters",
+        "gate", "identity", "link", "open_waiters",
     )
 
     def __init__(self, link: Link, address: tuple[str, int] | None = None,
@@ -193,6 +193,8 @@ class Peer:
         self.address = address  # set for links this relay opened (reused by EXTEND2)
         self.identity = identity
         self.claimed_relay = False  # a plain demo link that carried CREATE2 (proves nothing)
+        self.client_ip: str | None = None  # an accepted link's peer address (DoS accounting)
+        self.dos_ticket: object | None = None
         self.congested = False
         self.drain_waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
         self.open_waiters: list[OrCircuit] = []  # circuits waiting for this link to open

@@ -199,7 +199,10 @@ def test_random_circuit_closes_mid_transfer(reactor: Reactor) -> None:
 
 def test_peer_opening_circuits_without_limit_gets_destroy(reactor: Reactor) -> None:
     cap = 100
-    net = start_network(1, "--max-circuits-per-link", str(cap))
+    # Every client here is 127.0.0.1: tor's per-IP circuit-creation limit would refuse first
+    # (tests/test_relay_dos.py covers it); this test is about the per-link cap.
+    net = start_network(1, "--max-circuits-per-link", str(cap),
+                        "--dos-circuit-creation-enabled", "0")
     try:
         relay = net.descriptors[0]
         flood = EchoJobs(reactor, net.echo_address)
@@ -277,7 +280,7 @@ class NonReader(RawPeer):
 
 
 def test_peer_that_stops_reading_is_bounded_by_back_pressure(reactor: Reactor) -> None:
-    net = start_network(1)
+    net = start_network(1, "--dos-circuit-creation-enabled", "0")  # 100 circuits from one IP
     source = EndlessSource()
     stranger: NonReader | None = None
     try:

@@ -48,6 +48,7 @@ from relay.cells import CellCommand, CellFormatError, RelayCommand
 from relay.circuits import pack_relay
 from relay.client import Client
 from relay.config import RelayConfig
+from relay.dos import DosConfig
 from relay.handshakes import (
     HTYPE_NTOR,
     CreateFastClient,
@@ -360,8 +361,12 @@ class RelayBench:
         self.reactor = reactor
         self.log = log
         self.keys = RelayIdentity.load_or_create(keys_dir, "fuzzed")
+        # Hundreds of strangers, all from 127.0.0.1: tor's per-IP DoS limits would refuse them
+        # (tests/test_relay_dos.py covers those); the fuzzing is about what each one sends.
         config = RelayConfig(nickname="fuzzed", exit_policy=("accept 127.0.0.1:*", "reject *:*"),
-                             testing_network=True)
+                             testing_network=True,
+                             dos=DosConfig(connection_enabled=False,
+                                           circuit_creation_enabled=False))
         self.node = RelayNode(reactor, self.keys, config, handshake_timeout=5.0)
         self.node.start()
         self.echo = listen(reactor, "127.0.0.1", 0, self._echo)
