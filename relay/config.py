@@ -28,6 +28,8 @@ What each option means follows tor:
   never the default, and refused by every tor.
 * ``dos``: tor's ``DoS*`` options (:mod:`relay.dos`), with the values the live network's
   consensus sets: per-IP connection and circuit-creation limits on; stream creation off.
+* ``max_mem_in_queues`` (``MaxMemInQueues``, 0: tor's default from the RAM) and
+  ``cell_queue_caps`` (``circ_max_cell_queue_size``/``_out``): :mod:`relay.relaylimits`.
 
 Threads: plain values and pure functions; any thread.
 """
@@ -39,6 +41,7 @@ import re
 from dataclasses import dataclass, field
 
 from relay.dos import DosConfig
+from relay.relaylimits import CellQueueCaps, compute_max_mem_in_queues
 
 __all__ = ["DirAuthority", "RelayConfig", "parse_dir_authority", "split_policy"]
 
@@ -135,11 +138,19 @@ class RelayConfig:
     plain_links: bool = False
     threads: int = 2
     dos: DosConfig = field(default_factory=DosConfig)  # the DoS* options (tor's consensus values)
+    max_mem_in_queues: int = 0  # bytes; 0: tor's default from the machine's RAM
+    cell_queue_caps: CellQueueCaps = field(default_factory=CellQueueCaps)
 
     @property
     def published_address(self) -> str:
         """The IPv4 address the descriptor and NETINFO give. Any thread."""
         return self.address or self.or_host
+
+    @property
+    def max_mem_in_queues_bytes(self) -> int:
+        """``MaxMemInQueues`` in bytes: as configured, or tor's default for this machine
+        (0). Any thread (reads /proc/meminfo for the default)."""
+        return compute_max_mem_in_queues(self.max_mem_in_queues)
 
     @property
     def exit_policy_reject_private(self) -> bool:

@@ -610,6 +610,14 @@ class ExitEdge:
         """Streams not yet ended. Loop thread only."""
         return len(self._streams)
 
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes this edge holds: read from targets and not yet packaged (the package windows
+        are closed), and DATA that came before a stream connected (optimistic data). Counted
+        toward MaxMemInQueues. O(streams). Loop thread only."""
+        return sum(len(s.pending) + sum(len(c) for c in s.early or ()) for s in
+                   self._streams.values())
+
     def stats(self) -> dict[str, Any]:
         """Counters of this edge. Loop thread only."""
         return {

@@ -94,6 +94,7 @@ from relay.orcircuit import (
     relay_group_for,
 )
 from relay.publication import RelayDirectory
+from relay.relaylimits import CellQueueCaps, QueueMemory
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
 from workers.pool import (
@@ -120,6 +121,8 @@ _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
 
 
+_CELL_BYTES = 514
+"""Bytes one queued cell counts for (a fixed cell on link protocol 4+)."""
 _DESCRIBED_KEYS = frozenset({ROTATE_ONION_KEYS, ROTATE_SIGNING_KEY, ROTATE_RSA_CROSSCERT})
 """Rotations that change what the descriptor says (its keys and certificates)."""
 
@@ -157,6 +160,7 @@ class RelayNode:
         self.exit_rules: ExitPolicy | None = None  # built by start(): it needs our address
         self.directory = RelayDirectory(reactor, identity, config)
         self.dos = DosGuard(config.dos)
+        self._memory = QueueMemory(config.max_mem_in_queues_bytes)
         self._lookups = Lookups()
         self._rotation: TimerHandle | None = None
         self._host = config.or_host
@@ -200,6 +204,8 @@ class RelayNode:
         self.circuits_closed = 0
         self.circuits_refused_limit = 0
         self.circuits_refused_dos = 0
+        self.circuits_closed_queue = 0
+        self.oom_closes = 0
         self.connections_refused_dos = 0
         self.onionskins_refused = 0
         self.unknown_circuit_destroys = 0
@@ -211,7 +217,6 @@ class RelayNode:
         self.pool_pauses = 0
         self.circuit_pressure_pauses = 0
         self.write_congestions = 0
-        self.write_pauses = 0
         self.submits = 0
         self.cells_written = 0
         self._exit_totals: Counter[str] = Counter()
@@ -398,21 +403,15 @@ class RelayNode:
         open_waiters, peer.open_waiters = peer.open_waiters, []
         for circuit in open_waiters:
             circuit.extend_failed(reason)
-        drain_waiters, peer.drain_waiters = peer.drain_waiters, {}
-        for gate in drain_waiters:
-            gate.release(peer)
         self._pool_paused.pop(peer.gate, None)
         peer.gate.clear()
 
     def _on_write_high(self, peer: Peer) -> None:
-        peer.congested = True
+        peer.scheduler.congested = True
         self.write_congestions += 1
 
     def _on_write_low(self, peer: Peer) -> None:
-        peer.congested = False
-        drain_waiters, peer.drain_waiters = peer.drain_waiters, {}
-        for gate in drain_waiters:
-            gate.release(peer)
+        peer.scheduler.drained()
 
     # ------------------------------------------------------------------ creating circuits
 
@@ -578,18 +577,41 @@ class RelayNode:
         for gate in paused:
             gate.release(_POOL)
 
-    def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None:
-        """Write whole cells to ``peer``; pause ``source`` while ``peer`` is congested.
-        Loop thread only."""
-        link = peer.link
-        if not link.is_open:
+    def cell_queue_caps(self) -> CellQueueCaps:
+        """tor's per-circuit queue caps (``circ_max_cell_queue_size*``). Loop thread only."""
+        return self.config.cell_queue_caps
+
+    def queue_full(self, circuit: OrCircuit, toward_exit: bool, why: str) -> None:
+        """Close ``circuit``, whose queue passed its cap, with RESOURCELIMIT; an outbound
+        overflow on a client's circuit counts toward its address's DoS mark (tor's
+        ``dos_num_circ_max_outq``). Loop thread only."""
+        self.circuits_closed_queue += 1
+        log.log(logging.WARNING if self.circuits_closed_queue % 1000 == 1 else logging.DEBUG,
+                "%r: closing: %s (%d circuits closed for their queue so far)", circuit, why,
+                self.circuits_closed_queue)
+        peer = circuit.prev
+        if toward_exit and peer.client_ip is not None:
+            self.dos.note_max_outq(peer.client_ip, time.monotonic(),
+                                   is_client=not peer.relay_link)
+        circuit.close(f"cell queue full: {why}", DestroyReason.RESOURCELIMIT)
+
+    def queued_changed(self, circuit: OrCircuit) -> None:
+        """Account what ``circuit`` holds against MaxMemInQueues; past it, close the circuits
+        with the oldest queued cells first (tor's OOM handler). Loop thread only."""
+        queued = circuit.queued_toward_exit + circuit.queued_toward_client
+        held = queued * _CELL_BYTES + (circuit.edge.buffered_bytes if circuit.edge else 0)
+        oldest = circuit.oldest_queued()
+        if not self._memory.update(circuit, held, oldest if oldest is not None else 0.0):
             return
-        link.write_cells(data, count)
-        self.cells_written += count
-        if peer.congested and source is not None and source not in peer.drain_waiters:
-            peer.drain_waiters[source] = None
-            source.hold(peer)
-            self.write_pauses += 1
+        victims = self._memory.victims()
+        self.oom_closes += len(victims)
+        log.warning("%s: queued cells reached MaxMemInQueues (%d bytes): closing %d circuits "
+                    "with the oldest queued cells", self.nickname, self._memory.limit,
+                    len(victims))
+        for victim in victims:
+            if isinstance(victim, OrCircuit):
+                victim.close("MaxMemInQueues reached (OOM handler)",
+                             DestroyReason.RESOURCELIMIT)
 
     def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
                      stream_id: int) -> ExtendRequest | None:
@@ -662,6 +684,7 @@ class RelayNode:
         """Bookkeeping when a circuit closes. Loop thread only."""
         self.circuits_open -= 1
         self.circuits_closed += 1
+        self._memory.forget(circuit)
         if circuit.edge is not None:
             self._exit_totals.update(circuit.edge.stats())
         log.debug("%r closed: %s", circuit, why)
@@ -718,6 +741,10 @@ class RelayNode:
             "circuits_refused_limit": self.circuits_refused_limit,
             "onionskins_refused": self.onionskins_refused,
             "circuits_refused_dos": self.circuits_refused_dos,
+            "circuits_closed_queue": self.circuits_closed_queue,
+            "oom_closes": self.oom_closes,
+            "queued_bytes": self._memory.total,
+            "max_mem_in_queues": self._memory.limit,
             "connections_refused_dos": self.connections_refused_dos,
             "onion": self._onion.stats(),
             "worker_threads_alive": pool["alive_threads"],
@@ -726,7 +753,7 @@ class RelayNode:
             "pool_pauses": self.pool_pauses,
             "circuit_pressure_pauses": self.circuit_pressure_pauses,
             "write_congestions": self.write_congestions,
-            "write_pauses": self.write_pauses,
+            "queued_writes": sum(p.scheduler.queued_writes for p in self._peers.values()),
             "links_accepted": self.links_accepted,
             "links_opened": self.links_opened,
             "link_closes": dict(self.link_closes),

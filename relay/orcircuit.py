@@ -75,6 +75,7 @@ worker that owns the circuit(s); :func:`relay_group_for` may be called from any 
 from __future__ import annotations
 
 import logging
+import time
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Sequence
@@ -83,6 +84,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.cells import CellCommand, DestroyReason, RelayCommand
+from relay.circuitmux import LinkScheduler, OutQueue
 from relay.circuits import ReadGate, pack_relay, relay_body, wire_cells
 from relay.exit import ExitEdge, TagLookup
 from relay.handshakes import (
@@ -92,6 +94,7 @@ from relay.handshakes import (
     encode_create2,
     encode_extended2,
 )
+from relay.relaylimits import MAX_RELAY_EARLY_CELLS_PER_CIRCUIT, CellQueueCaps
 from tor1 import CELL_PAYLOAD_LEN, SENDME_TAG_LEN
 from workers.circuit import Circuit, GroupFn
 from workers.pool import WorkerPool
@@ -115,6 +118,12 @@ __all__ = [
 ]
 
 log = logging.getLogger("relay.circuit")
+
+EDGE_READ_HIGH = 256
+"""Cells held for the client at which an exit stops reading its targets (tor's
+``CELL_QUEUE_HIGHWATER_SIZE``)."""
+EDGE_READ_LOW = 64
+"""... and resumes (tor's ``CELL_QUEUE_LOWWATER_SIZE``)."""
 
 FORWARD = 0
 BACKWARD = 1
@@ -177,11 +186,11 @@ def new_relay_group() -> GroupFn | None:
 
 
 class Peer:
-    """The relay node's view of one link: its read gate and write-congestion bookkeeping."""
+    """The relay node's view of one link: its read gate and its write scheduler."""
 
     __slots__ = (
-        "address", "claimed_relay", "client_ip", "congested", "dos_ticket", "drain_waiters",
-        "gate", "identity", "link", "open_waiters",
+        "address", "claimed_relay", "client_ip", "dos_ticket", "gate", "identity", "link",
+        "open_waiters", "scheduler",
     )
 
     def __init__(self, link: Link, address: tuple[str, int] | None = None,
@@ -195,15 +204,13 @@ class Peer:
         self.claimed_relay = False  # a plain demo link that carried CREATE2 (proves nothing)
         self.client_ip: str | None = None  # an accepted link's peer address (DoS accounting)
         self.dos_ticket: object | None = None
-        self.congested = False
-        self.drain_waiters: dict[ReadGate, None] = {}  # sources paused until this link drains
+        self.scheduler = LinkScheduler(link)  # circuits' cells waiting for this link
         self.open_waiters: list[OrCircuit] = []  # circuits waiting for this link to open
 
     @property
     def relay_link(self) -> bool:
         """A link to another relay: one we opened, or one whose initiator authenticated as a
-        relay. Write congestion never pauses reading it for the sake of another relay link.
-        Loop thread only."""
+        relay (its CREATEs are not a client's for the DoS limits). Loop thread only."""
         if self.address is not None or self.claimed_relay:
             return True
         peer = self.link.peer_identity
@@ -236,9 +243,18 @@ class CircuitHost(Protocol):
         only."""
         ...
 
-    def send(self, peer: Peer, data: bytes, count: int, source: ReadGate | None) -> None:
-        """Write ``count`` whole cells to ``peer``; pause ``source`` while ``peer`` is
-        congested. Loop thread only."""
+    def cell_queue_caps(self) -> CellQueueCaps:
+        """The per-circuit queue caps (tor's ``circ_max_cell_queue_size*``). Loop thread
+        only."""
+        ...
+
+    def queue_full(self, circuit: OrCircuit, toward_exit: bool, why: str) -> None:
+        """A circuit's queue passed its cap: close it (RESOURCELIMIT), tell the DoS
+        accounting. Loop thread only."""
+        ...
+
+    def queued_changed(self, circuit: OrCircuit) -> None:
+        """What ``circuit`` holds queued changed (the OOM accounting). Loop thread only."""
         ...
 
     def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
@@ -272,17 +288,22 @@ class OrCircuit:
     __slots__ = (
         "_bwd",
         "_dirty",
+        "_earlies",
         "_early",
-        "_edge_gate",
+        "_edge_paused",
         "_extend",
         "_fwd",
         "_fwd_delivered",
+        "_fwd_flight",
         "_fwd_submitted",
+        "_kb_flight",
         "_kb_held",
         "_kb_in_flight",
         "_kb_lane",
         "_kb_ready",
         "_pressure",
+        "_to_next",
+        "_to_prev",
         "edge",
         "host",
         "next",
@@ -325,8 +346,16 @@ class OrCircuit:
         self._bwd: list[bytes] = []
         self._dirty = False
         self._early: deque[int] = deque()
+        self._earlies = 0  # RELAY_EARLY cells received (tor allows 8)
         self._fwd_submitted = 0
         self._fwd_delivered = 0
+        # (time submitted, cells) per batch in the pool, in delivery order: the OOM handler
+        # needs the age of a circuit's oldest queued cell
+        self._fwd_flight: deque[tuple[float, int]] = deque()
+        self._kb_flight: deque[tuple[float, int]] = deque()
+        self._to_prev = OutQueue(prev.scheduler, self._sent_toward_client)
+        self._to_next: OutQueue | None = None
+        self._edge_paused = False
         self._kb_lane = BACKWARD
         self._kb_in_flight = 0
         self._kb_ready: list[tuple[Circuit, int, list[bytes]]] = []
@@ -334,7 +363,6 @@ class OrCircuit:
         self._extend: ExtendRequest | None = None
         self._pressure = False
         self.edge: ExitEdge | None = None
-        self._edge_gate: ReadGate | None = None
 
     def __repr__(self) -> str:
         return f"<OrCircuit {self.prev_id:#x} on {self.prev.link.name} {self.state}>"
@@ -349,6 +377,13 @@ class OrCircuit:
     def _from_prev(self, command: int, payload: bytes) -> None:
         if command == _RELAY or command == _RELAY_EARLY:
             if command == _RELAY_EARLY:
+                self._earlies += 1
+                if self._earlies > MAX_RELAY_EARLY_CELLS_PER_CIRCUIT:
+                    log.info("%r: more than %d RELAY_EARLY cells; closing the circuit", self,
+                             MAX_RELAY_EARLY_CELLS_PER_CIRCUIT)
+                    self.close(f"more than {MAX_RELAY_EARLY_CELLS_PER_CIRCUIT} RELAY_EARLY "
+                               "cells", DestroyReason.PROTOCOL)
+                    return
                 self._early.append(self._fwd_submitted + len(self._fwd))
             self._fwd.append(payload)
             if not self._dirty:
@@ -371,12 +406,15 @@ class OrCircuit:
             self.close("DESTROY from the next hop", _reason(payload), tell_next=False)
         elif command == CellCommand.CREATED2 and self.state is _EXTENDING:
             try:
-                hdata = decode_created2(payload)
-            except BodyError as exc:
-                self.close(f"bad CREATED2 from the next hop: {exc}")
+                extended2 = pack_relay(RelayCommand.EXTENDED2, 0,
+                                       encode_extended2(decode_created2(payload)))
+            except BodyError as exc:  # e.g. HLEN too long for an EXTENDED2: this circuit only
+                self.close(f"bad CREATED2 from the next hop: {exc}", DestroyReason.PROTOCOL)
                 return
             self.state = _OPEN
-            self.originate([pack_relay(RelayCommand.EXTENDED2, 0, encode_extended2(hdata))])
+            self.originate([extended2])
+        elif command == _RELAY_EARLY:  # tor: RELAY_EARLY toward the client is a violation
+            self.close("RELAY_EARLY cell from the next hop", DestroyReason.PROTOCOL)
         elif command not in _PADDINGS:
             assert self.next is not None
             if self.host.unexpected_cell(self.next, self.next_id, command):
@@ -392,16 +430,62 @@ class OrCircuit:
             self._bwd.clear()
             self._kb_ready.clear()
             return
+        if not self._within_caps():
+            return
+        now = time.monotonic()
         if self._fwd:
             cells, self._fwd = self._fwd, []
             self._fwd_submitted += len(cells)
+            self._fwd_flight.append((now, len(cells)))
             out.append((self.pool_circuit, FORWARD, cells))
         if self._bwd:
             cells, self._bwd = self._bwd, []
             self._queue_kb(BACKWARD, cells)
         if self._kb_ready:
+            for entry in self._kb_ready:
+                self._kb_flight.append((now, len(entry[2])))
             out.extend(self._kb_ready)
             self._kb_ready.clear()
+        self.host.queued_changed(self)
+
+    # ------------------------------------------------------------------ queue accounting
+
+    @property
+    def queued_toward_exit(self) -> int:
+        """Cells from the previous hop not yet written to the next: waiting for the flush,
+        in the pool, or in the queue for the next link. Loop thread only."""
+        ahead = self._to_next.cells if self._to_next is not None else 0
+        return len(self._fwd) + self._fwd_submitted - self._fwd_delivered + ahead
+
+    @property
+    def queued_toward_client(self) -> int:
+        """Cells for the previous hop not yet written to it (from the next hop or made
+        here). Loop thread only."""
+        held = sum(len(cells) for _, cells in self._kb_held)
+        return len(self._bwd) + self._kb_in_flight + held + self._to_prev.cells
+
+    def oldest_queued(self) -> float | None:
+        """When the oldest cell this circuit still holds was queued (monotonic seconds), or
+        None: what the OOM handler orders circuits by. Loop thread only."""
+        heads = [self._fwd_flight[0][0] if self._fwd_flight else None,
+                 self._kb_flight[0][0] if self._kb_flight else None,
+                 self._to_prev.oldest,
+                 self._to_next.oldest if self._to_next is not None else None]
+        known = [t for t in heads if t is not None]
+        return min(known) if known else None
+
+    def _within_caps(self) -> bool:
+        """tor's per-circuit queue caps, checked once per flush: a circuit holding more than
+        its cap is closed (RESOURCELIMIT). Honest circuits stay far below: SENDME windows
+        bound what a circuit may have in flight. Loop thread only."""
+        caps = self.host.cell_queue_caps()
+        for queued, toward_exit in ((self.queued_toward_exit, True),
+                                    (self.queued_toward_client, False)):
+            verdict = caps.check(queued, toward_exit, 0)
+            if not verdict.allowed:
+                self.host.queue_full(self, toward_exit, verdict.why)
+                return False
+        return True
 
     def originate(self, payloads: list[bytes]) -> None:
         """Send relay payloads from this relay toward the client (digest, Kb), with the next
@@ -444,24 +528,52 @@ class OrCircuit:
     def _on_result(self, pool_circuit: Circuit, direction: int, result: Any) -> None:
         if direction == FORWARD:
             out, flags, tags = result
+            _pop_flight(self._fwd_flight, len(flags))
             self._forward_done(out, flags, tags)
+            if self.state is not _CLOSED:
+                self.host.queued_changed(self)
             return
         if direction == BACKWARD:
             out = result
-            # Pausing a relay-to-relay link for another relay link could close a cycle of
-            # waits around a ring of relays; toward a client link it cannot (a client reads).
-            source = (self.next.gate if self.next is not None and not self.prev.relay_link
-                      else None)
         else:
             out, tags = result
             if tags and self.edge is not None and self.state is not _CLOSED:
                 self.edge.record_tags(tags)  # before the cells leave: a SENDME can follow
-            source = self._edge_gate
         count = len(out) // _SIZE
+        _pop_flight(self._kb_flight, count)
         self._kb_delivered(count)
         if self.state is _CLOSED:
             return
-        self.host.send(self.prev, wire_cells(self.prev_id, _RELAY, out), count, source)
+        self.prev.scheduler.send(self._to_prev, wire_cells(self.prev_id, _RELAY, out), count,
+                                 time.monotonic())
+        self._consider_edge_reading()
+        self.host.queued_changed(self)
+
+    def _sent_toward_client(self, cells: int) -> None:
+        """Queued cells for the previous hop were written. Loop thread only."""
+        if self.state is not _CLOSED:
+            self._consider_edge_reading()
+            self.host.queued_changed(self)
+
+    def _sent_toward_exit(self, cells: int) -> None:
+        """Queued cells for the next hop were written. Loop thread only."""
+        if self.state is not _CLOSED:
+            self.host.queued_changed(self)
+
+    def _consider_edge_reading(self) -> None:
+        """Stop reading the exit's targets while this circuit holds at least
+        ``EDGE_READ_HIGH`` cells for the client, resume at ``EDGE_READ_LOW`` or fewer (tor's
+        ``CELL_QUEUE_HIGHWATER_SIZE`` / ``CELL_QUEUE_LOWWATER_SIZE``). Loop thread only."""
+        edge = self.edge
+        if edge is None:
+            return
+        backlog = self.queued_toward_client
+        if not self._edge_paused and backlog >= EDGE_READ_HIGH:
+            self._edge_paused = True
+            edge.pause_reading()
+        elif self._edge_paused and backlog <= EDGE_READ_LOW:
+            self._edge_paused = False
+            edge.resume_reading()
 
     def _forward_done(self, out: bytes, flags: bytes, tags: bytes) -> None:
         count = len(flags)
@@ -482,7 +594,10 @@ class OrCircuit:
             for index, flag in enumerate(flags):
                 (local if flag else passing).append(index)
             joined = b"".join(out[i * _SIZE : (i + 1) * _SIZE] for i in passing)
-            self._pass_on(joined, len(passing), {passing.index(i) for i in early if i in passing})
+            if early:  # positions of the RELAY_EARLY cells among those passed on: one pass
+                position = {index: rank for rank, index in enumerate(passing)}
+                early = {position[i] for i in early if i in position}
+            self._pass_on(joined, len(passing), early)
             if self.state is _CLOSED:
                 return
         self._handle_local(out, local, early, _tag_lookup(tags, local))
@@ -505,7 +620,8 @@ class OrCircuit:
             data = b"".join(parts)
         else:
             data = wire_cells(self.next_id, _RELAY, out)
-        self.host.send(nxt, data, count, None if self.prev.relay_link else self.prev.gate)
+        assert self._to_next is not None
+        nxt.scheduler.send(self._to_next, data, count, time.monotonic())
 
     def _handle_local(self, out: bytes, indices: Sequence[int], early: set[int],
                       tag_of: TagLookup) -> None:
@@ -531,7 +647,6 @@ class OrCircuit:
     def _to_edge(self, out: bytes, offsets: list[int], tag_of: TagLookup) -> None:
         if self.edge is None:
             self.edge = self.host.make_edge(self)
-            self._edge_gate = ReadGate(self.edge)
         self.edge.handle(out, offsets, tag_of)
 
     def _on_extend2(self, out: bytes, offset: int, early: bool) -> None:
@@ -567,6 +682,7 @@ class OrCircuit:
         extend = request.body
         self.next = peer
         self.next_id = peer.link.add_circuit(self._from_next)
+        self._to_next = OutQueue(peer.scheduler, self._sent_toward_exit)
         if self._pressure:
             peer.gate.hold(self)
         peer.link.send_cell(self.next_id, CellCommand.CREATE2,
@@ -611,6 +727,11 @@ class OrCircuit:
         self._bwd.clear()
         self._kb_held.clear()
         self._kb_ready.clear()
+        self._fwd_flight.clear()
+        self._kb_flight.clear()
+        self._to_prev.clear()
+        if self._to_next is not None:
+            self._to_next.clear()
         for peer, circ_id, tell in ((self.prev, self.prev_id, tell_prev),
                                     (self.next, self.next_id, tell_next)):
             if peer is None:
@@ -623,6 +744,17 @@ class OrCircuit:
         if self.edge is not None:
             self.edge.close()
         self.host.circuit_closed(self, why)
+
+
+def _pop_flight(flight: deque[tuple[float, int]], cells: int) -> None:
+    """Take ``cells`` delivered cells off the front of a flight record. Loop thread only."""
+    while cells > 0 and flight:
+        at, held = flight[0]
+        if held > cells:
+            flight[0] = (at, held - cells)
+            return
+        flight.popleft()
+        cells -= held
 
 
 def _reason(payload: bytes) -> int:

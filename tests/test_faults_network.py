@@ -321,7 +321,7 @@ def test_peer_that_stops_reading_is_bounded_by_back_pressure(reactor: Reactor) -
         stats = relay_stats(net.relays[0])
         assert stats["write_congestions"] >= 1  # the stranger's link did back up
         print(f"FIGURES non-reader: write_congestions={stats['write_congestions']} "
-              f"write_pauses={stats['write_pauses']}")
+              f"queued_writes={stats['queued_writes']}")
         print(f"FIGURES non-reader: circuits={circuits} "
               f"source_bytes_sent_mostly_in_kernel_buffers={late[-1][2]} "
               f"window_bound={window_bytes} relay_rss_idle_mb={rss_idle / 2**20:.1f} "
