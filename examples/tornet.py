@@ -26,12 +26,14 @@ process tree's user+system time from /proc over the transfer, in clock ticks (10
 
 ``--json`` prints one object instead: ``{"ok", "bootstrap_s", "where", "positions":
 {POSITION: {"bytes_sent", "bytes_echoed_intact", "mb_per_s", "path", "seconds", "cells",
-"first_mismatch", "cpu_us_per_cell": {relay: us}}}, "cpu_us_per_cell": {"external":
-{POSITION: us}, "tor": {"guard"|"middle"|"exit": us}}, "cell_definition", "timeline",
-"error"}`` (``cpu_us_per_cell.tor`` is from the all_tor push).
+"first_mismatch", "stream_retries", "cpu_us_per_cell": {relay: us}}}, "cpu_us_per_cell":
+{"external": {POSITION: us}, "tor": {"guard"|"middle"|"exit": us}}, "cell_definition",
+"timeline", "error"}`` (``cpu_us_per_cell.tor`` is from the all_tor push;
+``stream_retries``: streams that did not open before the push's did, see ``TorNet.push``).
 Exit status: 0 when every byte of every push came back intact, 1 otherwise (or a push failed),
-2 when the network did not start, 130 on SIGINT/SIGTERM. Every process it started is stopped in
-every case. ``--keep`` leaves the network running (and its files) after the pushes until Ctrl-C.
+2 when the network did not start, 130 on SIGINT/SIGTERM before the pushes ended. Every process
+it started is stopped in every case. ``--keep`` leaves the network running (and its files)
+after the pushes until Ctrl-C (which then ends it with the pushes' status).
 
 Threads: main thread only.
 """
@@ -97,6 +99,7 @@ def _position_record(push: PushResult) -> dict[str, Any]:
         "seconds": round(result.seconds, 3),
         "cells": push.cells,
         "first_mismatch": result.first_mismatch,
+        "stream_retries": len(push.refusals),
         "cpu_us_per_cell": {name: round(push.cpu_us_per_cell(name), 2) for name in push.path},
     }
 
@@ -128,6 +131,14 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
         print(f"{position:<9} {' > '.join(record['path']):<24} "
               f"{record['bytes_sent'] / MIB:>6.1f} {intact:>7} {record['mb_per_s']:>7.2f}  "
               f"{cpu}", file=out)
+    parts = []
+    for title, values in (("external relay", report["cpu_us_per_cell"].get("external")),
+                          ("tor relays on the all-tor path",
+                           report["cpu_us_per_cell"].get("tor"))):
+        if values:
+            parts.append(f"{title}: " + ", ".join(f"{k} {v:.1f}" for k, v in values.items()))
+    if parts:
+        print("CPU us per relayed cell: " + "; ".join(parts), file=out)
     print(CELL_DEFINITION, file=out)
     if report["error"]:
         print(f"error: {report['error']}", file=out)
@@ -174,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             report["ok"] = all(push.result.intact for push in pushes.values())
             status = 0 if report["ok"] else 1
             if args.keep:
-                _keep_running(net, progress)
+                try:
+                    _keep_running(net, progress)
+                except Interrupted:
+                    pass  # the way to end --keep: the pushes' verdict stands
         except Interrupted as exc:
+            report["ok"] = False
             report["error"] = f"interrupted by {exc}"
             status = 130
         except (NetworkFailed, TimeoutError, PinError, OSError) as exc:

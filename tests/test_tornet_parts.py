@@ -7,7 +7,6 @@ changes one byte, to prove a changed byte is caught and located.
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tornet import torrc
-from tornet.cpu import CpuSample, process_cpu
+from tornet.cpu import CpuSample
 from tornet.external import (
     READY_PATTERN,
     RelayCommand,
@@ -194,38 +193,48 @@ def test_a_fresh_namespace_has_only_loopback() -> None:
 
 # -- CPU from /proc ----------------------------------------------------------------------------
 
+_SPINNER = """
+import sys, threading, time
+def spin():
+    print(threading.get_native_id(), flush=True)
+    sys.stdin.readline()
+    start = time.thread_time()
+    while time.thread_time() - start < 0.5:
+        pass
+    print("spun", flush=True)
+    sys.stdin.readline()
+thread = threading.Thread(target=spin)
+thread.start()
+thread.join()
+"""
+
+
 def test_cpu_sample_counts_a_busy_thread() -> None:
-    pid = os.getpid()
-    started, spun, release = threading.Event(), threading.Event(), threading.Event()
-    tids: list[int] = []
-
-    def spin() -> None:
-        tids.append(threading.get_native_id())
-        started.set()
-        start = time.thread_time()
-        while time.thread_time() - start < 0.5:
-            pass
-        spun.set()
-        release.wait(30)
-
-    thread = threading.Thread(target=spin)
-    thread.start()
-    started.wait(10)
-    before = CpuSample.take(pid)
-    spun.wait(30)
-    after = CpuSample.take(pid)  # the spinning thread is still alive here
-    release.set()
-    thread.join()
-    key = (pid, tids[0])
+    """A child process spins one thread for 0.5 s of CPU between two samples: /proc shows it
+    on that thread, in the process, and in the sample's total."""
+    child = subprocess.Popen([sys.executable, "-c", _SPINNER], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        tid = int(child.stdout.readline())
+        before = CpuSample.take(child.pid)
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == "spun"
+        after = CpuSample.take(child.pid)  # the spinning thread is still alive here
+        child.stdin.write("\n")
+        child.stdin.flush()
+    finally:
+        child.wait(30)
+    key = (child.pid, tid)
     assert key in before.threads and key in after.threads
     spent = after.threads[key][1] - before.threads[key][1]
-    assert spent >= 0.25  # of 0.5 s spun; /proc counts in 10 ms ticks
+    assert spent >= 0.5 - 0.03  # /proc counts in 10 ms ticks
     total, by_name = after.since(before)
     # The kernel scales each thread's and the process's tick counts separately: a few ticks
     # of disagreement between the two views are normal.
     assert total >= spent - 0.05
     assert sum(by_name.values()) >= spent - 0.05
-    assert process_cpu(pid) >= after.total
 
 
 # -- byte verification ------------------------------------------------------------------------

@@ -8,6 +8,9 @@ every descendant it has at the moment of reading (found through
 ``/proc/PID/task/TID/children``). A :class:`CpuSample` taken before and after some work gives
 the CPU the work cost, in total and per thread name.
 
+A descendant that exits between two samples takes its CPU out of the later total, so compare
+samples of a tree whose members live through the work (a relay during a push).
+
 The resolution is one clock tick: a figure is only meaningful when the work took many ticks
 (the pushes move mebibytes, costing hundreds of ticks on tor's relays).
 
