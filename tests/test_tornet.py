@@ -27,7 +27,7 @@ from tornet.control import ControlError, bootstrap_progress
 from tornet.cpu import descendants
 from tornet.netns import LOOPBACK
 from tornet.network import TorNet
-from tornet.procs import alive_of, process_identity
+from tornet.procs import NetworkFailed, alive_of, process_identity
 from tornet.push import PinError, open_pinned_stream
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,6 +118,18 @@ def test_external_relay_added_after_start_joins(tornet_network: TorNet) -> None:
     assert "Running" in flags and "Exit" in flags  # TestingDirAuthVoteExit: a flag, no policy
     push = net.push("middle", MIB, late)
     assert push.tor_path[1] == late.fingerprint and push.result.intact
+
+
+def test_a_relay_that_never_says_ready_is_stopped_alone(tornet_network: TorNet) -> None:
+    net = tornet_network
+    silent = f"{sys.executable} -c 'import time; time.sleep(120)'"
+    with pytest.raises(NetworkFailed, match="xsilent said nothing"):
+        net.add_external_relay("xsilent", exit=False, command=silent, timeout=3)
+    assert "xsilent" not in [relay.name for relay in net.externals]
+    stopped = [process for process in net.group.processes if process.name == "xsilent"]
+    assert len(stopped) == 1 and not stopped[0].alive() and stopped[0].returncode == -15
+    net.check()  # the rest of the network is up
+    assert net.push("all_tor", 64 * 1024).result.intact
 
 
 def _read_lines(stream: object, lines: queue.Queue[str | None]) -> None:

@@ -168,7 +168,8 @@ class TorNet:
         (with its own bridge client) when ``bridge``. Added before :meth:`start`, it starts
         with the rest (the returned handle fills in then); added after, it starts now and the
         call returns once it is usable (in the client's consensus with a descriptor, or its
-        bridge client bootstrapped through it), within ``timeout`` s. Owner thread."""
+        bridge client bootstrapped through it), within ``timeout`` s; if it is not, it is
+        stopped, the rest of the network stays up, and NetworkFailed says why. Owner thread."""
         if exit and bridge:
             raise ValueError("a bridge is the first hop: it cannot be the exit here")
         if not _NICKNAME.match(name):
@@ -180,7 +181,16 @@ class TorNet:
         self.externals.append(relay)
         if self.group is not None:
             self._start_external(relay)
-            self._wait_external(relay, timeout)
+            try:
+                self._wait_external(relay, timeout)
+            except NetworkFailed:
+                if self.group.failure is None:  # the rest of the network stays up
+                    client = relay.bridge_client
+                    for process in (client.process if client else None, relay.process):
+                        if process is not None:
+                            self.group.stop_one(process)
+                self.externals.remove(relay)
+                raise
         return relay
 
     def _tor_names(self) -> set[str]:
@@ -190,6 +200,8 @@ class TorNet:
         """Start every process, wait until the network is usable, return the seconds it took
         (also :attr:`bootstrap_s`). Raises NetworkFailed (after stopping everything) when a
         process dies or it takes longer than ``timeout``. Owner thread."""
+        if self.group is not None:
+            raise RuntimeError("this network was started already")
         self.started_at = time.monotonic()
         self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.place = NetPlace(self.want_namespace)
@@ -202,7 +214,8 @@ class TorNet:
             self._mark("authority started")
             # Relays publish their descriptor only once they hold a consensus: starting them
             # after the authority's first one (~3 s) saves them a failed fetch and its back-off.
-            wait_log(self.authority, _CONSENSUS_PUBLISHED, timeout, self.group.check)
+            wait_log(self.authority, _CONSENSUS_PUBLISHED, deadline - time.monotonic(),
+                     self.group.check)
             self._mark("first consensus")
             self.tor_relays = [self._start_tor_relay(f"t{i}")
                                for i in range(1, self.n_tor_relays + 1)]
