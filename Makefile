@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 CACHE  := .cache
 
-.PHONY: venv test demo latency lint bench clean distclean
+.PHONY: venv test demo latency lint bench clean distclean tornet
 
 venv: $(STAMP)
 
@@ -27,6 +27,12 @@ demo: venv
 
 latency: venv
 	$(PY) -m examples.wakeup_latency
+
+# A private Tor network of real tor processes (authority, relays, client) with external relays
+# in every position; needs Debian's tor (tools/install_tor.sh). TORNET_ARGS: e.g. --size 64.
+TORNET_ARGS ?=
+tornet: venv
+	$(PY) -m examples.tornet $(TORNET_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .
