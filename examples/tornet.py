@@ -120,6 +120,9 @@ def summarize(pushes: dict[str, PushResult]) -> dict[str, dict[str, float]]:
 def print_table(report: dict[str, Any], out: TextIO) -> None:
     """The human-readable summary. Main thread."""
     print(f"tornet: {report['where']}", file=out)
+    if report["bootstrap_s"] is None:
+        print(f"FAILED: {report.get('error')}", file=out)
+        return
     print(f"bootstrap: {report['bootstrap_s']:.1f} s (every client at 100 %, every relay "
           "usable)", file=out)
     header = f"{'position':<9} {'path':<24} {'MiB':>6} {'intact':>7} {'MB/s':>7}  CPU us/cell"

@@ -64,7 +64,7 @@ options)."""
 READY_PATTERN = re.compile(
     r"^READY orport=(?P<host>127(?:\.\d{1,3}){3}):(?P<port>\d{1,5}) "
     r"fingerprint=(?P<fingerprint>[0-9A-Fa-f]{40}) "
-    r"ed25519=(?P<ed25519>[A-Za-z0-9+/]{43}=?)\s*$"
+    r"ed25519=(?P<ed25519>[A-Za-z0-9+/]{43}=?)(?:\s+\S.*)?\s*$"  # more words may follow
 )
 """The line an external relay prints when it listens (see the module docstring)."""
 
