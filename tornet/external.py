@@ -45,6 +45,7 @@ from tornet.netns import LOOPBACK
 __all__ = [
     "DEFAULT_RELAY_COMMAND",
     "READY_PATTERN",
+    "RELAYCRYPT_COMMAND",
     "STANDIN_COMMAND",
     "ReadyInfo",
     "RelayCommand",
@@ -57,9 +58,10 @@ __all__ = [
 
 STANDIN_COMMAND = "python -m tornet.standin"
 """The stand-in external relay: a real tor run from the external-relay options."""
-DEFAULT_RELAY_COMMAND = STANDIN_COMMAND
-"""What ``--relay-command`` defaults to (``python -m examples.relay`` once it speaks these
-options)."""
+RELAYCRYPT_COMMAND = "python -m examples.relay"
+"""relaycrypt's relay program."""
+DEFAULT_RELAY_COMMAND = RELAYCRYPT_COMMAND
+"""What external relays run unless told otherwise: relaycrypt's relay."""
 
 READY_PATTERN = re.compile(
     r"^READY orport=(?P<host>127(?:\.\d{1,3}){3}):(?P<port>\d{1,5}) "
