@@ -57,6 +57,7 @@ from relay.linkauth import LinkCredentials, PeerIdentity, ServerCredentials
 from relay.linkerrors import CloseKind, LinkError
 from relay.linkhandshake import HandshakeFailed, LinkHandshake, command_name
 from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
+from relay.padding import LinkPadding, decode_padding_negotiate
 from relay.tls import TlsClientSession, TlsError, TlsServerSession
 from relay.torcerts import RelayCerts
 from tor1 import CELL_PAYLOAD_LEN
@@ -142,6 +143,7 @@ class Link:
         self._id_mask = _HIGH_BIT if initiator else 0
         self._framer = CellFramer(self._circuits, self._unrouted)
         self._paused = False
+        self._padding: LinkPadding | None = None
         self._dispatching = False
         self._handshake_cells_in = 0
         self.cells_out = 0
@@ -452,6 +454,8 @@ class Link:
             return
         was_open = self._state is _State.OPEN
         self._state = _State.CLOSED
+        if self._padding is not None:
+            self._padding.stop()
         self._framer.running = False
         self.close_kind = kind
         self.close_reason = reason
@@ -598,10 +602,41 @@ class Link:
         else:
             framer.keep(buf, offset)
 
+    def _on_padding_negotiate(self, payload: bytes) -> None:
+        """A client's channel padding request (:mod:`relay.padding`). Only a responder pads:
+        relays do not take padding orders from the relays they connect to."""
+        try:
+            request = decode_padding_negotiate(payload)
+        except ValueError as exc:
+            raise CellFormatError(f"bad PADDING_NEGOTIATE: {exc}") from exc
+        if self.initiator:
+            return
+        if self._padding is None:
+            self._padding = LinkPadding(self.reactor, lambda: self.cells_out,
+                                        self._send_padding)
+        self._padding.negotiate(request)
+
+    def _send_padding(self) -> None:
+        if self._state is _State.OPEN:
+            self.send_cell(0, CellCommand.PADDING)
+
+    @property
+    def padding_active(self) -> bool:
+        """True while this link pads at a client's request. Loop thread only."""
+        return self._padding is not None and self._padding.active
+
+    @property
+    def padding_sent(self) -> int:
+        """PADDING cells sent at the client's request. Loop thread only."""
+        return self._padding.padding_sent if self._padding is not None else 0
+
     def _unrouted(self, circ_id: int, command: int, payload: bytes) -> None:
         """A cell for no registered circuit: link-level, or the user's (CREATE), or DESTROY."""
         if circ_id == 0:
             if command in (CellCommand.PADDING, CellCommand.VPADDING, CellCommand.NETINFO):
+                return
+            if command == CellCommand.PADDING_NEGOTIATE:
+                self._on_padding_negotiate(payload)
                 return
             if command == CellCommand.VERSIONS:
                 raise CellFormatError("VERSIONS cell after the handshake")
