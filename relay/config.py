@@ -139,6 +139,7 @@ class RelayConfig:
     threads: int = 2
     dos: DosConfig = field(default_factory=DosConfig)  # the DoS* options (tor's consensus values)
     max_mem_in_queues: int = 0  # bytes; 0: tor's default from the machine's RAM
+    conn_limit: int = 1000  # tor's ConnLimit: descriptors the relay must be allowed
     cell_queue_caps: CellQueueCaps = field(default_factory=CellQueueCaps)
 
     @property

@@ -54,6 +54,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -70,6 +71,7 @@ from relay.circuits import (
     END_REASON_MISC,
     END_REASON_NOTDIRECTORY,
     END_REASON_RESOLVEFAILED,
+    END_REASON_RESOURCELIMIT,
     RELAY_HEADER,
     STREAMWINDOW_INCREMENT,
     STREAMWINDOW_START,
@@ -78,11 +80,13 @@ from relay.circuits import (
     pack_relay,
 )
 from relay.dirstream import DirServerFactory, DirTarget
+from relay.dos import StreamCreationLimiter
 from relay.exitpolicy import ExitVerdict
 from relay.sendme import SendmeTags, encode_sendme_v1, mark_cell, sendme_due
 from tor1 import RELAY_DATA_MAX, RELAY_HEADER_LEN
 
-__all__ = ["ExitCheck", "ExitEdge", "Lookups", "TagLookup", "parse_begin", "refuse_every_exit"]
+__all__ = ["ExitCheck", "ExitEdge", "Lookups", "Sockets", "TagLookup", "parse_begin",
+           "refuse_every_exit"]
 
 TagLookup = Callable[[int], bytes]
 """``tag_of(offset)``: the SENDME tag of the recognized cell at ``offset`` of a handed batch."""
@@ -115,6 +119,32 @@ _NOT_AN_EXIT = ExitVerdict(False, END_REASON_EXITPOLICY, "not an exit")
 def refuse_every_exit(address: str, port: int) -> ExitVerdict:
     """The exit policy of a relay that is not an exit. Any thread (pure)."""
     return _NOT_AN_EXIT
+
+
+class Sockets:
+    """The relay's count of open exit-stream sockets and the rule that may refuse one more
+    (``relay.connlimit.FdBudget.may_open_exit_stream``: links keep a reserve of descriptors).
+    Loop thread only."""
+
+    def __init__(self, may_open: Callable[[int], str | None] | None = None) -> None:
+        """``may_open(open_exit_streams)``: None, or why not. Loop thread only."""
+        self.open = 0
+        self.refused = 0
+        self._may_open = may_open
+
+    def take(self) -> str | None:
+        """Claim a socket for a new exit stream: None, or why it is refused (counted).
+        Loop thread only."""
+        why = self._may_open(self.open) if self._may_open is not None else None
+        if why is not None:
+            self.refused += 1
+            return why
+        self.open += 1
+        return None
+
+    def give_back(self) -> None:
+        """An exit stream's socket closed. Loop thread only."""
+        self.open -= 1
 
 
 class Lookups:
@@ -167,6 +197,7 @@ class _ExitStream:
     """One stream's target connection, buffers and windows. Loop thread only."""
 
     __slots__ = (
+        "counted",
         "deliver_window",
         "early",
         "eof",
@@ -189,6 +220,7 @@ class _ExitStream:
         self.early: list[bytes] | None = []  # DATA before CONNECTED; None once connected
         self.eof: int | None = None  # END reason to send once `pending` is empty
         self.withheld = False  # stream SENDMEs held back while the target's writes back up
+        self.counted = False  # holds one of the relay's exit sockets (Sockets)
 
 
 class ExitEdge:
@@ -203,20 +235,25 @@ class ExitEdge:
         check: ExitCheck = refuse_every_exit,
         is_exit: bool = False,
         lookups: Lookups | None = None,
+        sockets: Sockets | None = None,
+        streams: StreamCreationLimiter | None = None,
         dir_server: DirServerFactory | None = None,
         name: str = "exit",
     ) -> None:
         """``originate(payloads)`` sends relay payloads toward the client (in order);
         ``close_circuit(reason)`` tears the circuit down (protocol violation); ``check`` is the
         exit policy (``is_exit``: whether it accepts anything; a non-exit resolves no names);
-        ``lookups`` bounds the relay's name lookups; ``dir_server`` answers BEGIN_DIR.
-        Loop thread only."""
+        ``lookups`` bounds the relay's name lookups, ``sockets`` its exit sockets, ``streams``
+        this circuit's stream creation rate (``DoSStreamCreation*``); ``dir_server`` answers
+        BEGIN_DIR. Loop thread only."""
         self._reactor = reactor
         self._originate = originate
         self._close_circuit = close_circuit
         self._check = check
         self._is_exit = is_exit
         self._lookups = lookups if lookups is not None else Lookups()
+        self._sockets = sockets if sockets is not None else Sockets()
+        self._streams_dos = streams
         self._dir_server = dir_server
         self._name = name
         self._streams: dict[int, _ExitStream] = {}
@@ -364,6 +401,8 @@ class ExitEdge:
         if not self._is_exit:
             self._refuse(stream_id, host, port, _NOT_AN_EXIT)
             return
+        if not self._stream_allowed(stream_id):
+            return
         stream = _ExitStream(stream_id, None)
         self._streams[stream_id] = stream
         self.streams_opened += 1
@@ -400,19 +439,66 @@ class ExitEdge:
             self._streams.pop(stream_id, None)
             self._refuse(stream_id, address, port, verdict)
             return
+        why = self._sockets.take()
+        if why is not None:
+            self._streams.pop(stream_id, None)
+            log.warning("%s: stream %d refused: %s", self._name, stream_id, why)
+            self._end_stream(stream_id, END_REASON_RESOURCELIMIT)
+            return
+        stream.counted = True
         stream.target = connect(
             self._reactor,
             address,
             port,
-            lambda target: self._on_connected(stream_id, target, address),
-            lambda reason, detail: self._on_connect_failed(stream_id, reason, detail),
+            lambda target: self._socket_connected(stream, target, address),
+            lambda reason, detail: self._socket_failed(stream, reason, detail),
         )
         stream.gate = ReadGate(stream.target)
+
+    def _release(self, stream: _ExitStream) -> None:
+        """The stream's socket closed: give its descriptor back. Idempotent."""
+        if stream.counted:
+            stream.counted = False
+            self._sockets.give_back()
+
+    def _socket_connected(self, stream: _ExitStream, target: Stream, address: str) -> None:
+        if self._streams.get(stream.stream_id) is not stream or stream.target is not target:
+            self._release(stream)  # ended while connecting: close() below fires no on_close
+        else:
+            closed = target.on_close
+
+            def on_close(reason: CloseReason, detail: str) -> None:
+                self._release(stream)
+                if closed is not None:
+                    closed(reason, detail)
+
+            target.on_close = on_close
+        self._on_connected(stream.stream_id, target, address)
+
+    def _socket_failed(self, stream: _ExitStream, reason: CloseReason, detail: str) -> None:
+        self._release(stream)
+        if self._streams.get(stream.stream_id) is stream:
+            self._on_connect_failed(stream.stream_id, reason, detail)
 
     def _refuse(self, stream_id: int, host: str, port: int, verdict: ExitVerdict) -> None:
         log.info("%s: exit policy refuses %s:%d on stream %d: %s", self._name, host, port,
                  stream_id, verdict.why)
         self._end_stream(stream_id, verdict.end_reason or END_REASON_EXITPOLICY)
+
+    def _stream_allowed(self, stream_id: int) -> bool:
+        """``DoSStreamCreation*``: may this circuit open another stream now? A refusal ends the
+        stream (END MISC) or closes the circuit, as configured. Loop thread only."""
+        if self._streams_dos is None:
+            return True
+        verdict = self._streams_dos.on_begin(time.monotonic())
+        if verdict.allowed:
+            return True
+        if verdict.close_circuit:
+            self._violation(f"stream creation: {verdict.why}")
+        else:
+            log.info("%s: stream %d refused: %s", self._name, stream_id, verdict.why)
+            self._end_stream(stream_id, verdict.reason)
+        return False
 
     def _new_stream_id(self, stream_id: int, what: str) -> bool:
         if stream_id == 0 or stream_id in self._streams:
@@ -440,6 +526,8 @@ class ExitEdge:
         name = body.partition(b"\x00")[0].decode("ascii", "replace")
         if not self._is_exit:
             self._answer_resolve(stream_id, [], nontransient=True)
+            return
+        if not self._stream_allowed(stream_id):
             return
         if not self._lookups.take():
             self._answer_resolve(stream_id, [], nontransient=False)
@@ -489,7 +577,14 @@ class ExitEdge:
             return
         assert stream.gate is not None
         early, stream.early = stream.early or [], None
-        target.on_close = lambda reason, detail: self._on_target_closed(stream, reason, detail)
+        released = target.on_close  # the socket count's release, if any (_socket_connected)
+
+        def on_close(reason: CloseReason, detail: str) -> None:
+            if released is not None:
+                released(reason, detail)
+            self._on_target_closed(stream, reason, detail)
+
+        target.on_close = on_close
         target.on_write_low = lambda: self._on_target_drained(stream)
         target.on_data = lambda data: self._on_target_data(stream, data)
         if self._targets_paused:

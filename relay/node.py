@@ -60,9 +60,10 @@ from reactor.net import Listener
 from relay.cells import CellCommand, DestroyReason
 from relay.circuits import IterationFlush, ReadGate
 from relay.config import RelayConfig
+from relay.connlimit import FdBudget, channel_idle_timeout
 from relay.directory import RelayDescriptor
 from relay.dos import DosGuard
-from relay.exit import ExitEdge, Lookups, refuse_every_exit
+from relay.exit import ExitEdge, Lookups, Sockets, refuse_every_exit
 from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
 from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
 from relay.handshakes import (
@@ -162,6 +163,9 @@ class RelayNode:
         self.dos = DosGuard(config.dos)
         self._memory = QueueMemory(config.max_mem_in_queues_bytes)
         self._lookups = Lookups()
+        self.fd_budget = FdBudget.from_rlimit(config.conn_limit)
+        self._exit_sockets = Sockets(
+            lambda streams: self.fd_budget.may_open_exit_stream(self._open_sockets(streams)))
         self._rotation: TimerHandle | None = None
         self._host = config.or_host
         self._port = config.or_port
@@ -204,6 +208,8 @@ class RelayNode:
         self.circuits_closed = 0
         self.circuits_refused_limit = 0
         self.circuits_refused_dos = 0
+        self.connections_refused_fds = 0
+        self.idle_links_closed = 0
         self.circuits_closed_queue = 0
         self.oom_closes = 0
         self.connections_refused_dos = 0
@@ -320,6 +326,12 @@ class RelayNode:
         address = stream.peer_address
         name = f"{self.nickname}<-{address[0]}:{address[1]}" if address else self.nickname
         client_ip = str(address[0]) if address else None
+        why = self.fd_budget.may_open_link(self._open_sockets())
+        if why is not None:
+            self.connections_refused_fds += 1
+            log.warning("%s: refusing connection: %s (ConnLimit)", name, why)
+            stream.close(f"out of descriptors: {why}")
+            return
         if client_ip is not None:
             verdict = self.dos.check_connection(client_ip, time.monotonic())
             if not verdict.allowed:
@@ -331,7 +343,8 @@ class RelayNode:
                 return
         link = Link.accept(
             self.reactor, stream, server=self._server, handshake_timeout=self._handshake_timeout,
-            name=name, on_close=self._on_link_closed, on_cell=self._on_unrouted,
+            name=name, on_open=self._on_accepted_open, on_close=self._on_link_closed,
+            on_cell=self._on_unrouted,
         )
         peer = Peer(link)
         if client_ip is not None:
@@ -340,6 +353,12 @@ class RelayNode:
         self._peers[link] = peer
         self._watch_writes(peer, stream)
         self.links_accepted += 1
+
+    def _open_sockets(self, exit_streams: int | None = None) -> int:
+        """Sockets this relay holds open: links, exit streams, the listener. O(1). Loop thread
+        only."""
+        streams = self._exit_sockets.open if exit_streams is None else exit_streams
+        return len(self._peers) + streams + 1
 
     def _connect(self, address: tuple[str, int], identity: bytes) -> Peer:
         host, port = address
@@ -357,6 +376,39 @@ class RelayNode:
         self._watch_writes(peer, link.stream)
         self.links_opened += 1
         return peer
+
+    def _on_accepted_open(self, link: Link) -> None:
+        peer = self._peers.get(link)
+        if peer is not None:
+            self.link_idle(peer)
+
+    # ------------------------------------------------------------------ idle links
+
+    def link_idle(self, peer: Peer) -> None:
+        """``peer``'s link may have no circuits left: if so, close it after tor's idle timeout
+        (drawn once per link: 3-4.5 min for a client's link, 45-75 min between relays) unless
+        a circuit comes first. O(1): a timer per idle link, no sweep. Loop thread only."""
+        link = peer.link
+        if peer.idle_timer is not None or not link.is_open or link.circuit_count:
+            return
+        if not peer.idle_timeout:
+            peer.idle_timeout = channel_idle_timeout(self._rng,
+                                                     client_or_noncanonical=not peer.relay_link)
+        peer.idle_timer = self.reactor.call_later(peer.idle_timeout, self._idle_expired, peer)
+
+    def link_in_use(self, peer: Peer) -> None:
+        """A circuit now uses ``peer``'s link: it is not idle. Loop thread only."""
+        if peer.idle_timer is not None:
+            peer.idle_timer.cancel()
+            peer.idle_timer = None
+
+    def _idle_expired(self, peer: Peer) -> None:
+        peer.idle_timer = None
+        link = peer.link
+        if link.is_open and not link.circuit_count and not self._closed:
+            self.idle_links_closed += 1
+            link.close(f"expiring non-used OR connection [no circuits for "
+                       f"{int(peer.idle_timeout)} s]")
 
     def _on_link_open(self, link: Link) -> None:
         peer = self._peers.get(link)
@@ -377,6 +429,7 @@ class RelayNode:
                 circuit.attach_next(peer)
             else:
                 circuit.extend_failed(mismatch, DestroyReason.OR_IDENTITY)
+        self.link_idle(peer)
 
     def _wrong_identity(self, peer: Peer) -> str | None:
         """Why the relay at the other end of an outgoing link is not the one we dialed (tor:
@@ -396,6 +449,7 @@ class RelayNode:
         if peer is None:
             return
         self.dos.connection_closed(peer.dos_ticket)
+        self.link_in_use(peer)  # cancels its idle timer
         if peer.address is not None and peer.identity is not None:
             key = (peer.address, peer.identity)
             if self._outgoing.get(key) is peer:
@@ -531,6 +585,7 @@ class RelayNode:
     def _new_circuit(self, peer: Peer, circ_id: int, material: bytes) -> None:
         crypto = relay_crypto_for(HopKeys.from_material(material))
         OrCircuit(self, peer, circ_id, crypto, group=relay_group_for(crypto, self._group))
+        self.link_in_use(peer)
         self.circuits_created += 1
         self.circuits_open += 1
 
@@ -676,6 +731,8 @@ class RelayNode:
             check=self.exit_rules.check if self.exit_rules is not None else refuse_every_exit,
             is_exit=self.exit_rules is not None and self.exit_rules.is_exit,
             lookups=self._lookups,
+            sockets=self._exit_sockets,
+            streams=self.dos.stream_limiter(time.monotonic()),
             dir_server=self.directory.dir_server,
             name=f"{self.nickname} exit {circuit.prev_id:#x}",
         )
@@ -685,6 +742,9 @@ class RelayNode:
         self.circuits_open -= 1
         self.circuits_closed += 1
         self._memory.forget(circuit)
+        for peer in (circuit.prev, circuit.next):
+            if peer is not None:
+                self.link_idle(peer)
         if circuit.edge is not None:
             self._exit_totals.update(circuit.edge.stats())
         log.debug("%r closed: %s", circuit, why)
@@ -741,6 +801,9 @@ class RelayNode:
             "circuits_refused_limit": self.circuits_refused_limit,
             "onionskins_refused": self.onionskins_refused,
             "circuits_refused_dos": self.circuits_refused_dos,
+            "connections_refused_fds": self.connections_refused_fds,
+            "exit_streams_refused_fds": self._exit_sockets.refused,
+            "idle_links_closed": self.idle_links_closed,
             "circuits_closed_queue": self.circuits_closed_queue,
             "oom_closes": self.oom_closes,
             "queued_bytes": self._memory.total,

@@ -100,7 +100,7 @@ from workers.circuit import Circuit, GroupFn
 from workers.pool import WorkerPool
 
 if TYPE_CHECKING:
-    from reactor import Reactor
+    from reactor import Reactor, TimerHandle
     from relay.link import Link
 
 __all__ = [
@@ -189,8 +189,8 @@ class Peer:
     """The relay node's view of one link: its read gate and its write scheduler."""
 
     __slots__ = (
-        "address", "claimed_relay", "client_ip", "dos_ticket", "gate", "identity", "link",
-        "open_waiters", "scheduler",
+        "address", "claimed_relay", "client_ip", "dos_ticket", "gate", "identity",
+        "idle_timeout", "idle_timer", "link", "open_waiters", "scheduler",
     )
 
     def __init__(self, link: Link, address: tuple[str, int] | None = None,
@@ -205,6 +205,8 @@ class Peer:
         self.client_ip: str | None = None  # an accepted link's peer address (DoS accounting)
         self.dos_ticket: object | None = None
         self.scheduler = LinkScheduler(link)  # circuits' cells waiting for this link
+        self.idle_timer: TimerHandle | None = None  # closes the link if it stays unused
+        self.idle_timeout = 0.0  # drawn when the link first goes idle
         self.open_waiters: list[OrCircuit] = []  # circuits waiting for this link to open
 
     @property
@@ -255,6 +257,10 @@ class CircuitHost(Protocol):
 
     def queued_changed(self, circuit: OrCircuit) -> None:
         """What ``circuit`` holds queued changed (the OOM accounting). Loop thread only."""
+        ...
+
+    def link_in_use(self, peer: Peer) -> None:
+        """A circuit now uses ``peer``'s link (its idle timer stops). Loop thread only."""
         ...
 
     def check_extend(self, circuit: OrCircuit, body: bytes, *, early: bool,
@@ -682,6 +688,7 @@ class OrCircuit:
         extend = request.body
         self.next = peer
         self.next_id = peer.link.add_circuit(self._from_next)
+        self.host.link_in_use(peer)
         self._to_next = OutQueue(peer.scheduler, self._sent_toward_exit)
         if self._pressure:
             peer.gate.hold(self)

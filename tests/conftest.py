@@ -3,9 +3,10 @@
 ``tornet_network`` starts a :class:`tornet.network.TorNet` the first time a test asks for it:
 an authority, tor relays t1-t3, a client, an echo service and two relaycrypt relays
 (``python -m examples.relay``: ``xrelay``, an exit; ``xbridge``, a bridge with its own bridge
-client), in a fresh network namespace when permitted. Every later test reuses it; it is stopped at the end of the session,
-and the teardown then checks that every process it started, and every descendant of those seen
-just before the stop, is gone (a leftover fails the session's last test with the pids).
+client), in a fresh network namespace when permitted. Every later test reuses it; it is
+stopped at the end of the session, and the teardown then checks that every process it
+started, and every descendant of those seen just before the stop, is gone (a leftover fails
+the session's last test with the pids).
 
 Skipped when tor or tor-gencert is missing, unless the ``CI`` environment variable is set: then
 missing tor is a failure (``tools/install_tor.sh`` installs it), as in test_tor_interop.py.
