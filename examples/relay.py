@@ -37,6 +37,7 @@ import threading
 
 from reactor import Reactor
 from relay.config import RelayConfig, parse_dir_authority, split_policy
+from relay.connlimit import raise_nofile_limit
 from relay.dos import DosConfig
 from relay.identity.keys import RelayIdentity
 from relay.node import DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
@@ -84,6 +85,23 @@ def _dir_authority(text: str) -> object:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+_UNITS = {"b": 1, "byte": 1, "bytes": 1, "kb": 1 << 10, "kbytes": 1 << 10, "mb": 1 << 20,
+          "mbytes": 1 << 20, "gb": 1 << 30, "gbytes": 1 << 30}
+
+
+def _memory_size(text: str) -> int:
+    """torrc's memory units: ``"64 MB"``, ``"1 GB"``, plain bytes. Any thread."""
+    words = text.lower().split()
+    try:
+        number = int(words[0]) if words else -1
+        unit = _UNITS[words[1]] if len(words) > 1 else 1
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size like '64 MB', got {text!r}") from None
+    if number < 0 or len(words) > 2:
+        raise argparse.ArgumentTypeError(f"expected a size like '64 MB', got {text!r}")
+    return number * unit
+
+
 def _flag(text: str) -> bool:
     if text not in ("0", "1"):
         raise argparse.ArgumentTypeError(f"expected 0 or 1, got {text!r}")
@@ -112,6 +130,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         metavar="0|1", help="ExtendAllowPrivateAddresses (default 0; 1 with "
                                             "--testing-network)")
     parser.add_argument("--bridge", action="store_true", help="BridgeRelay 1")
+    parser.add_argument("--max-mem-in-queues", type=_memory_size, default=0, metavar="SIZE",
+                        help='MaxMemInQueues, e.g. "64 MB" (default: tor\'s, from the RAM)')
+    parser.add_argument("--conn-limit", type=int, default=1000,
+                        help="ConnLimit: descriptors the relay needs (default 1000)")
     for option, default in (("connection", 1), ("circuit-creation", 1), ("stream-creation", 0)):
         parser.add_argument(f"--dos-{option}-enabled", type=_flag, default=bool(default),
                             metavar="0|1", help=f"DoS{option.title().replace('-', '')}Enabled "
@@ -144,6 +166,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         allow_private_extends=args.extend_allow_private_addresses, bridge=args.bridge,
         testing_network=args.testing_network, contact=args.contact,
         plain_links=args.plain_links, threads=args.threads,
+        max_mem_in_queues=args.max_mem_in_queues, conn_limit=args.conn_limit,
         dos=DosConfig(connection_enabled=args.dos_connection_enabled,
                       circuit_creation_enabled=args.dos_circuit_creation_enabled,
                       stream_creation_enabled=args.dos_stream_creation_enabled),
@@ -167,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s {config.nickname} %(name)s %(levelname)s "
                                "%(message)s")
+    raise_nofile_limit()  # as tor: the soft descriptor limit up to the hard one
     identity = RelayIdentity.load_or_create(args.data_dir, config.nickname)
     with Reactor() as reactor:
         node = RelayNode(reactor, identity, config, batch_cells=args.batch_cells,

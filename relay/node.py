@@ -143,6 +143,7 @@ class RelayNode:
         circuit_high_water: int = DEFAULT_CIRCUIT_HIGH_WATER,
         link_write_water: tuple[int, int] | None = None,
         max_circuits_per_link: int = DEFAULT_MAX_CIRCUITS_PER_LINK,
+        queue_memory_limit: int | None = None,
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
@@ -152,7 +153,8 @@ class RelayNode:
         which reading pauses (it resumes at half).
         ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
         (default: the reactor's). ``max_circuits_per_link``: CREATEs beyond it get DESTROY
-        (RESOURCELIMIT)."""
+        (RESOURCELIMIT). ``queue_memory_limit`` (bytes) overrides MaxMemInQueues, below tor's
+        64 MiB floor too (tests, benchmarks)."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
         self.identity = identity
@@ -161,7 +163,8 @@ class RelayNode:
         self.exit_rules: ExitPolicy | None = None  # built by start(): it needs our address
         self.directory = RelayDirectory(reactor, identity, config)
         self.dos = DosGuard(config.dos)
-        self._memory = QueueMemory(config.max_mem_in_queues_bytes)
+        # tor will not set MaxMemInQueues below 64 MiB; tests and benchmarks may go lower
+        self._memory = QueueMemory(queue_memory_limit or config.max_mem_in_queues_bytes)
         self._lookups = Lookups()
         self.fd_budget = FdBudget.from_rlimit(config.conn_limit)
         self._exit_sockets = Sockets(

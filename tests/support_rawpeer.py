@@ -50,8 +50,13 @@ def var_cell(command: int, payload: bytes, circ_id: int = 0) -> bytes:
 class RawPeer:
     """A minimal Tor link initiator on a blocking socket. The thread that made it."""
 
-    def __init__(self, port: int, *, timeout: float = 10.0, tls: bool = True) -> None:
-        sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, *, timeout: float = 10.0, tls: bool = True,
+                 rcvbuf: int | None = None) -> None:
+        sock = socket.socket()
+        sock.settimeout(timeout)
+        if rcvbuf is not None:  # before connecting: the window the peer offers
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        sock.connect(("127.0.0.1", port))
         if tls:
             context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
             context.check_hostname = False

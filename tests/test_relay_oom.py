@@ -1,0 +1,90 @@
+"""MaxMemInQueues: a client that never reads makes its circuits queue cells at the relay; past
+the limit, tor's OOM handler closes the circuits with the oldest queued cells until the total
+is back under 90% of it.
+
+Before, a guard whose client never read grew without bound (36 -> 95 MiB in 16 s and still
+growing: the sniper attack). The limit here is 2 MiB (tor itself will not go below 64 MiB; the
+node takes a smaller one for tests and benchmarks): each circuit's exit may queue a package
+window of cells (1,000, about 500 KB) for the client, so 20 circuits pass it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+from reliability_support import EndlessSource
+from support_loop import run_until_met
+from support_rawpeer import RawPeer
+
+from reactor import Reactor
+from relay.cells import CellCommand, DestroyReason, RelayCommand
+from relay.circuits import pack_relay
+from relay.config import RelayConfig
+from relay.dos import DosConfig
+from relay.identity.keys import RelayIdentity
+from relay.node import RelayNode
+
+pytestmark = pytest.mark.timeout(120)
+
+LIMIT = 2 << 20
+CIRCUITS = 20
+
+
+@pytest.fixture
+def reactor() -> Iterator[Reactor]:
+    with Reactor() as loop:
+        yield loop
+
+
+def test_the_oom_handler_closes_the_oldest_circuits_and_holds_the_limit(
+    reactor: Reactor, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    identity = RelayIdentity.load_or_create(tmp_path_factory.mktemp("oom") / "r", "oom")
+    config = RelayConfig(nickname="oom", testing_network=True,
+                         exit_policy=("accept 127.0.0.1:*", "reject *:*"),
+                         dos=DosConfig(connection_enabled=False, circuit_creation_enabled=False))
+    node = RelayNode(reactor, identity, config, queue_memory_limit=LIMIT)
+    node.start()
+    source = EndlessSource()
+    destroys: list[int] = []
+    done = threading.Event()
+    started = threading.Event()
+
+    def client() -> None:
+        peer = RawPeer(node.address[1], rcvbuf=4096)
+        try:
+            peer.handshake()
+            begin = pack_relay(RelayCommand.BEGIN, 1,
+                               f"{source.address[0]}:{source.address[1]}".encode() + b"\0")
+            cryptos = [peer.create_fast(0x80000001 + i) for i in range(CIRCUITS)]
+            for i, crypto in enumerate(cryptos):
+                peer.send_cell(0x80000001 + i, CellCommand.RELAY, crypto.encrypt(begin, 0))
+            started.set()
+            done.wait(60)  # reads nothing while the relay fills its queues
+            peer.sock.settimeout(5)
+            try:  # then drain what came, counting the DESTROYs the OOM handler sent
+                while True:
+                    _, command, payload = peer.recv_cell()
+                    if command == CellCommand.DESTROY:
+                        destroys.append(payload[0])
+            except (TimeoutError, EOFError, OSError):
+                pass
+        finally:
+            peer.close()
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    try:
+        run_until_met(reactor, lambda: node.oom_closes > 0, 60)
+        stats = node.stats()
+        assert stats["queued_bytes"] < LIMIT
+        assert 0 < stats["oom_closes"] < CIRCUITS and stats["circuits_open"] >= 1
+        done.set()
+        run_until_met(reactor, lambda: not thread.is_alive(), 60)
+        assert destroys and set(destroys) == {DestroyReason.RESOURCELIMIT}
+    finally:
+        done.set()
+        node.close()
+        source.close()
