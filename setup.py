@@ -1,4 +1,4 @@
-"""Build hook for the C kernels (tor1/_kernel, relay/_ntor). Metadata lives in pyproject.toml.
+"""Build hook for the C kernels (tor1/_kernel, relay/_ntor, relay/_cells). Metadata lives in pyproject.toml.
 
 Each kernel's build description is loaded by file path, not imported as a module: importing
 ``tor1._kernel`` or ``relay._ntor`` would run its ``__init__.py``, which serves names from the
@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent
 BUILD_FILES = {
     "relaycrypt_kernel_build": ROOT / "tor1" / "_kernel" / "build.py",
     "relaycrypt_ntor_build": ROOT / "relay" / "_ntor" / "build.py",
+    "relaycrypt_cells_build": ROOT / "relay" / "_cells" / "build.py",
 }
 
 
