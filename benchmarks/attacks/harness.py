@@ -31,7 +31,6 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,6 @@ __all__ = [
     "enter_private_network",
     "relay_has_option",
     "run_time_s",
-    "wait_until",
 ]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -132,7 +130,11 @@ def enter_private_network() -> str:
     libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
     if libc.unshare(CLONE_NEWNET) != 0:
         return f"host loopback (unshare: {os.strerror(ctypes.get_errno())})"
-    subprocess.run([ip, "link", "set", "lo", "up"], check=True, capture_output=True, timeout=10)
+    done = subprocess.run([ip, "link", "set", "lo", "up"], capture_output=True, text=True,
+                          timeout=10, check=False)
+    if done.returncode != 0:  # too late to go back: nothing could connect, not even loopback
+        raise RuntimeError(f"in the new network namespace, `ip link set lo up` failed: "
+                           f"{done.stderr.strip()} (run with --host-network)")
     return "private network namespace (loopback only)"
 
 
@@ -167,18 +169,9 @@ class Relay:
         self.onion_key = base64.b64decode(key + "=" * (-len(key) % 4))
         self.final_stats: dict[str, Any] | None = None
 
-    @property
-    def address(self) -> tuple[str, int]:
-        """Where its ORPort listens."""
-        return ("127.0.0.1", self.port)
-
     def stats(self) -> dict[str, Any]:
         """Its live counters (``RelayNode.stats``, asked for with SIGUSR1)."""
         return live_stats(self.child)
-
-    def rss_mib(self) -> float:
-        """Resident memory now, in MiB."""
-        return process_sample(self.pid).rss_bytes / MIB
 
     def fds(self) -> int:
         """Open file descriptors now."""
@@ -246,6 +239,7 @@ class AttackContext:
     workdir: Path
     has_max_mem_option: bool
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    relays: list[Relay] = field(default_factory=list)
 
     def scale(self, quick: Any, full: Any) -> Any:
         """``quick`` with ``--quick``, else ``full``."""
@@ -256,7 +250,12 @@ class AttackContext:
         """Start a relay that is stopped when the attack ends."""
         relay = Relay(self.workdir, name, options, nofile=nofile)
         self.stack.callback(relay.stop)
+        self.relays.append(relay)
         return relay
+
+    def log_tails(self, lines: int = 10) -> str:
+        """The end of every relay's log, for a row that failed to run."""
+        return "\n".join(relay.log_tail(lines) for relay in self.relays)
 
     def memory_options(self) -> tuple[str, ...]:
         """``--max-mem-in-queues`` with tor's relay minimum when the relay has the option."""
@@ -278,15 +277,3 @@ class AttackContext:
     def close(self) -> None:
         """Stop everything the attack started (last started, first stopped)."""
         self.stack.close()
-
-
-def wait_until(condition: Any, timeout: float, interval: float = 0.01) -> bool:
-    """Poll ``condition()`` until true or ``timeout`` seconds pass; its last value. Any
-    thread."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if condition():
-            return True
-        if time.monotonic() >= deadline:
-            return bool(condition())
-        time.sleep(interval)

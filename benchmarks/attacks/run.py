@@ -99,8 +99,9 @@ def run_attacks(names: list[str], *, quick: bool, workdir: Path,
         try:
             result = attack.run(context)
         except Exception as exc:  # one row's failure is reported in that row
-            result = AttackResult(False, {}, {}, config="", error=f"{type(exc).__name__}: "
-                                  f"{exc}\n{traceback.format_exc(limit=6)}")
+            result = AttackResult(False, {}, {}, config="", error=(
+                f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=6)}"
+                f"relay logs:\n{context.log_tails()}"))
         finally:
             context.close()
         row = result.to_json()
