@@ -14,7 +14,9 @@ network namespace when permitted): ten attacks, each against its own relay proce
   itself refused without dialing), bad_created2 (only the bad circuits close);
 * the protocol outcomes of the load and memory rows that are counts, not timings: the stalled
   next hop's circuits are closed with RESOURCELIMIT, the sniper's circuit is destroyed, the
-  circuit flood from one address gets at most the DoS burst plus its refill;
+  exit keeps a descriptor reserve (streams past it get END RESOURCELIMIT, a new honest link
+  is accepted), the circuit flood from one address gets at most the DoS burst plus its
+  refill;
 * ``--only`` runs just the named rows; an unknown name is refused.
 
 No timing is asserted (the figures are reported, not judged, here).
@@ -117,6 +119,9 @@ def test_count_outcomes_of_the_memory_and_flood_rows(report: dict[str, Any]) -> 
     queue = rows["next_hop_queue"]["figure"]
     assert queue["closed_resourcelimit"] == queue["circuits"] >= 1
     assert rows["sniper"]["figure"]["circuit_destroyed"] == 1
+    streams = rows["streams_fds"]["figure"]
+    assert streams["honest_link_accepted"] == 1 and streams["relay_fds"] < streams["fd_limit"]
+    assert streams["streams_refused_resourcelimit"] > 0
     flood = rows["circuit_flood"]
     assert flood["figure"]["circuits_created"] <= flood["limit"]["circuits_created"]
     assert flood["figure"]["refused_resourcelimit"] == flood["figure"]["circuits_refused"] > 0

@@ -122,8 +122,13 @@ def replay_creates(port: int, links: int, seconds: float, *, body: bytes,
     return total
 
 
-def _open_on_one(port: int, per_link: int, deadline: float, counts: FloodCounts) -> None:
+def _open_on_one(port: int, per_link: int, deadline: float, counts: FloodCounts,
+                 ready: threading.Barrier) -> None:
     peer = _link(port, counts)
+    try:
+        ready.wait(30)  # every link is open before any sends: one address, N connections
+    except threading.BrokenBarrierError:
+        pass
     if peer is None:
         return
     answered = 0
@@ -151,12 +156,13 @@ def _open_on_one(port: int, per_link: int, deadline: float, counts: FloodCounts)
 
 
 def open_circuits(port: int, links: int, per_link: int, timeout: float) -> FloodCounts:
-    """``links`` links each sending ``per_link`` CREATE_FASTs at once; every answer counted.
-    Owner thread (blocks)."""
+    """``links`` links, all opened first, then each sending ``per_link`` CREATE_FASTs at once;
+    every answer counted. Owner thread (blocks)."""
     per = [FloodCounts() for _ in range(links)]
+    ready = threading.Barrier(links)
     started = time.monotonic()
     threads = [threading.Thread(target=_open_on_one, daemon=True, name=f"circuits-{i}",
-                                args=(port, per_link, started + timeout, counts))
+                                args=(port, per_link, started + timeout, counts, ready))
                for i, counts in enumerate(per)]
     for thread in threads:
         thread.start()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import os
 import time
+from collections import Counter
+from dataclasses import dataclass, field
 
 from benchmarks.attacks.circuit import FIRST_CIRC_ID, Circuit, one_hop, open_peer
 from benchmarks.attacks.harness import (
@@ -29,6 +31,7 @@ from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import (
     CIRCWINDOW_INCREMENT,
     CIRCWINDOW_START,
+    END_REASON_RESOURCELIMIT,
     pack_relay,
     relay_body,
     wire_cells,
@@ -200,83 +203,112 @@ def _with_stream(payload: bytes, stream_id: int) -> bytes:
     return payload[:3] + stream_id.to_bytes(2, "big") + payload[5:]
 
 
+@dataclass
+class _StreamFlood:
+    """What one circuit's streams got: answers by kind, END reasons, DATA cells sent."""
+
+    sent: int = 0
+    streams: int = 0
+    connected: int = 0
+    sendmes: int = 0
+    destroyed: int = 0
+    ends: Counter[int] = field(default_factory=Counter)
+    push_s: float = 0.0
+
+
+def _flood_streams(peer: RawPeer, circuit: Circuit, port: int, streams: int, data_cells: int,
+                   deadline: float) -> _StreamFlood:
+    """``streams`` BEGINs to 127.0.0.1:``port`` on ``circuit``, each followed by
+    ``data_cells`` DATA cells before any CONNECTED. The client stays within tor's windows (at
+    most half a circuit window of DATA not yet acknowledged by the exit's SENDMEs), so only
+    what the exit does with the streams can stop it."""
+    flood = _StreamFlood()
+
+    def on_cell(circ_id: int, command: int, payload: bytes) -> None:
+        if circ_id != circuit.circ_id:
+            return
+        if command == CellCommand.DESTROY:
+            flood.destroyed += 1
+        elif command == CellCommand.RELAY:
+            relay_command, stream_id, data = relay_body(circuit.crypto.decrypt(payload)[1])
+            flood.connected += relay_command == RelayCommand.CONNECTED
+            flood.sendmes += relay_command == RelayCommand.SENDME and stream_id == 0
+            if relay_command == RelayCommand.END:
+                flood.ends[data[0] if data else 0] += 1
+
+    def window_open() -> bool:
+        return flood.sent - CIRCWINDOW_INCREMENT * flood.sendmes <= CIRCWINDOW_START // 2
+
+    target = f"127.0.0.1:{port}".encode() + b"\0"
+    data = [pack_relay(RelayCommand.DATA, 0, bytes(RELAY_DATA_MAX))] * data_cells
+    pump = CellPump(peer, on_cell)
+    started = time.perf_counter()
+    for stream_id in range(1, streams + 1):
+        if not pump.run(lambda: window_open() or flood.destroyed > 0, deadline) \
+                or flood.destroyed:
+            break
+        payloads = [pack_relay(RelayCommand.BEGIN, stream_id, target)]
+        payloads += [_with_stream(cell, stream_id) for cell in data]
+        sealed = circuit.crypto.encrypt_many(payloads, 0)
+        pump.queue(wire_cells(circuit.circ_id, CellCommand.RELAY, b"".join(sealed)))
+        flood.sent += data_cells
+        flood.streams += 1
+    pump.run(lambda: pump.unsent == 0, deadline)
+    flood.push_s = time.perf_counter() - started
+    pump.run(lambda: False, time.monotonic() + 1.0)  # the relay settles; answers arrive
+    return flood
+
+
 def streams_fds(ctx: AttackContext) -> AttackResult:
-    """One circuit to an exit run with a descriptor limit of 1024 (a common default): 1,100
-    BEGINs to a loopback port that never accepts, each followed by DATA before any CONNECTED
-    (optimistic data); then a new honest peer tries to open a link and a circuit."""
-    fd_limit = 1024
+    """An exit run with a descriptor limit of 1024 (a common default), a loopback port that
+    never accepts. Descriptors: 1,100 BEGINs on one circuit, 4 DATA cells each before any
+    CONNECTED, then a new honest peer opens a link and a circuit, then the circuit is
+    destroyed. Memory: on a second circuit, 1,100 BEGINs with 20 (quick) or 200 DATA cells
+    each (optimistic data, which counts toward MaxMemInQueues)."""
+    fd_limit, streams = 1024, 1100
     relay = ctx.relay("exit", (*_LOOPBACK_EXIT, *DOS_OFF, *ctx.memory_options()),
                       nofile=fd_limit)
     hole = NeverAccepting()
     ctx.stack.callback(hole.close)
     peer = open_peer(ctx.stack, relay.port, timeout=30)
-    circuit = one_hop(peer, FIRST_CIRC_ID)
-    streams, data_cells = 1100, ctx.scale(4, 200)
-    answers: dict[str, int] = {"connected": 0, "ended": 0, "destroyed": 0, "sendmes": 0}
-
-    def on_cell(circ_id: int, command: int, payload: bytes) -> None:
-        if command == CellCommand.DESTROY:
-            answers["destroyed"] += 1
-        elif command == CellCommand.RELAY:
-            relay_command, stream_id, _ = relay_body(circuit.crypto.decrypt(payload)[1])
-            answers["connected"] += relay_command == RelayCommand.CONNECTED
-            answers["ended"] += relay_command == RelayCommand.END
-            answers["sendmes"] += relay_command == RelayCommand.SENDME and stream_id == 0
-
-    target = f"127.0.0.1:{hole.port}".encode() + b"\0"
-    data = [pack_relay(RelayCommand.DATA, 0, bytes(RELAY_DATA_MAX))] * data_cells
-    sent = 0
-
-    def window_open() -> bool:
-        """At most half a circuit window of DATA not yet acknowledged: the client stays
-        within tor's windows, so only what the exit holds for the streams can stop it."""
-        return sent - CIRCWINDOW_INCREMENT * answers["sendmes"] <= CIRCWINDOW_START // 2
-
-    baseline_fds = relay.fds()
-    cpu_before = relay.cpu_s()
-    started = time.perf_counter()
+    deadline = time.monotonic() + ctx.scale(90.0, 400.0)
     with RssPeak(relay.pid) as rss:
-        pump = CellPump(peer, on_cell)
-        deadline = time.monotonic() + ctx.scale(60.0, 300.0)
-        for stream_id in range(1, streams + 1):
-            if not pump.run(lambda: window_open() or answers["destroyed"] > 0, deadline) \
-                    or answers["destroyed"]:
-                break
-            payloads = [pack_relay(RelayCommand.BEGIN, stream_id, target)]
-            payloads += [_with_stream(cell, stream_id) for cell in data]
-            sealed = circuit.crypto.encrypt_many(payloads, 0)
-            pump.queue(wire_cells(circuit.circ_id, CellCommand.RELAY, b"".join(sealed)))
-            sent += data_cells
-        pump.run(lambda: pump.unsent == 0, deadline)
-        push_s = time.perf_counter() - started
-        push_cpu = relay.cpu_s() - cpu_before
-        pump.run(lambda: False, time.monotonic() + 1.0)  # the relay settles
+        first = one_hop(peer, FIRST_CIRC_ID)
+        fds_flood = _flood_streams(peer, first, hole.port, streams, 4, deadline)
         fds = relay.fds()
-    accepted, why = _honest_link(relay.port)
+        accepted, why = _honest_link(relay.port)
+        peer.sock.setblocking(True)
+        peer.send_cell(first.circ_id, CellCommand.DESTROY, b"\x00")
+        second = one_hop(peer, FIRST_CIRC_ID + 1)
+        cpu_before = relay.cpu_s()
+        memory = _flood_streams(peer, second, hole.port, streams, ctx.scale(20, 200),
+                                deadline)
+        cpu = relay.cpu_s() - cpu_before
     stats = relay.stats()
     limit_bytes = stats["max_mem_in_queues"]
     figure = {
-        "streams_begun": sent // data_cells,
-        "streams_connected": answers["connected"],
-        "streams_ended": answers["ended"],
-        "optimistic_data_mib": round(sent * RELAY_DATA_MAX / MIB, 1),
-        "push_s": round(push_s, 2),
-        "relay_cpu_s": round(push_cpu, 2),
-        "relay_fds": fds,
-        "relay_fds_before": baseline_fds,
         "fd_limit": fd_limit,
+        "streams_begun": fds_flood.streams,
+        "streams_refused_resourcelimit": fds_flood.ends[END_REASON_RESOURCELIMIT],
+        "streams_ended": sum(fds_flood.ends.values()),
+        "relay_fds": fds,
         "honest_link_accepted": accepted,
+        "memory_streams_begun": memory.streams,
+        "optimistic_data_mib": round(memory.sent * RELAY_DATA_MAX / MIB, 1),
+        "memory_push_s": round(memory.push_s, 2),
+        "memory_relay_cpu_s": round(cpu, 2),
+        "oom_closes": stats["oom_closes"],
         "rss_growth_mib": round(rss.growth_mib, 1),
     }
     limit = {"honest_link_accepted": 1, "rss_growth_mib": limit_bytes // MIB}
     held = accepted == 1 and rss.growth_mib <= limit_bytes / MIB and relay.alive
     return AttackResult(
         held, figure, limit,
-        config=f"descriptor limit {fd_limit} (ulimit -n, soft and hard); --exit-policy "
-               "'accept 127.0.0.1:*, reject *:*' --exit-policy-reject-private 0 (the target "
-               f"is on loopback); DoS limits off (not about DoS); "
-               f"{ctx.memory_note(limit_bytes)}",
+        config=f"descriptor limit {fd_limit} (ulimit -n, soft and hard; ConnLimit 1000, "
+               "tor's default); --exit-policy 'accept 127.0.0.1:*, reject *:*' "
+               "--exit-policy-reject-private 0 (the target is on loopback); DoS limits off "
+               f"(not about DoS); {ctx.memory_note(limit_bytes)}",
         note=(f"honest peer: {why}; " if why else "")
-        + f"circuit destroyed: {answers['destroyed']}; relay alive: {relay.alive}; OOM "
-          f"closes: {stats['oom_closes']}")
-
+        + f"END reasons on the descriptor circuit: {dict(fds_flood.ends)}; memory circuit "
+          f"destroyed: {memory.destroyed}; relay alive: {relay.alive}; RSS baseline "
+          f"{rss.baseline_mib:.1f} MiB")
