@@ -34,8 +34,8 @@ from reliability_support import (
     tracebacks_in_log,
 )
 from support_loop import run_until
-from support_rawpeer import RawPeer, fixed_cell
 
+from benchmarks.rawpeer import RawPeer, fixed_cell
 from examples.network import ChildProcess, LocalNetwork
 from examples.soak import process_sample
 from reactor import Reactor

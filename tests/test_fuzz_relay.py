@@ -41,8 +41,8 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 from reliability_support import LogRecorder, fuzz_settings, recording
 from support_loop import run_until
-from support_rawpeer import RawPeer
 
+from benchmarks.rawpeer import RawPeer
 from reactor import Reactor, Stream, listen
 from relay.cells import CellCommand, CellFormatError, RelayCommand
 from relay.circuits import pack_relay

@@ -18,8 +18,8 @@ from collections.abc import Iterator
 
 import pytest
 from support_loop import run_until_met
-from support_rawpeer import RawPeer
 
+from benchmarks.rawpeer import RawPeer
 from examples.client import EchoTransfer
 from examples.echo import EchoServer
 from reactor import Reactor

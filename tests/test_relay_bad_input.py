@@ -1,6 +1,6 @@
 """Bad input against real relay processes, from an independent blocking-socket peer.
 
-The peer (``support_rawpeer.RawPeer``) is written with plain sockets and the cell codec, not with
+The peer (``benchmarks.rawpeer.RawPeer``) is written with plain sockets and the cell codec, not with
 the project's Link, so the relay is checked against a second implementation of the link
 handshake. One network (echo service + 3 relays, separate processes) serves every test of the
 module; after the bad input, each test checks that the relay still serves: a fresh link and a
@@ -16,8 +16,8 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from support_rawpeer import RawPeer
 
+from benchmarks.rawpeer import RawPeer
 from examples.network import LocalNetwork
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay, relay_body

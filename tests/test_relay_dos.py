@@ -15,9 +15,9 @@ from collections.abc import Iterator
 
 import pytest
 from support_loop import run_until_met
-from support_rawpeer import RawPeer
 from test_relay_policies import make_node
 
+from benchmarks.rawpeer import RawPeer
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason
 from relay.handshakes import CreateFastClient

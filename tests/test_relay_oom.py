@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 from reliability_support import EndlessSource
 from support_loop import run_until_met
-from support_rawpeer import RawPeer
 
+from benchmarks.rawpeer import RawPeer
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay

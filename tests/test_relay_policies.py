@@ -1,6 +1,6 @@
 """A relay's exit and EXTEND2 policies against a client that asks for what tor refuses.
 
-An in-process ``RelayNode`` on loopback and a blocking peer (``support_rawpeer.RawPeer``,
+An in-process ``RelayNode`` on loopback and a blocking peer (``benchmarks.rawpeer.RawPeer``,
 TLS) on a thread: the peer builds a one-hop CREATE_FAST circuit and sends BEGINs and EXTEND2s;
 the answers (END reason, DESTROY reason) must be tor's. Before this, the relay's exit was a
 hard-wired "loopback only", so a peer could read a loopback-only service, reach 127.0.0.2 and
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from support_loop import run_until_met
-from support_rawpeer import RawPeer
 
+from benchmarks.rawpeer import RawPeer
 from examples.echo import EchoServer
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason, RelayCommand

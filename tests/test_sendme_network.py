@@ -3,7 +3,7 @@ what a relay does with a client that sends SENDMEs it cannot have earned.
 
 * Our client (``relay.client``) moves several MiB each way through 3-hop circuits; every
   circuit SENDME both ways is version 1 and checked, and the counts match exactly on both ends.
-* A hand-played client (``support_rawpeer.RawPeer`` with the reference crypto and SENDME bodies
+* A hand-played client (``benchmarks.rawpeer.RawPeer`` with the reference crypto and SENDME bodies
   written out here, not with ``relay.sendme``) exchanges v1 SENDMEs with an exit byte for
   byte, then sends one SENDME more than it was owed: the exit closes the circuit.
 * Our client refuses an exit's version-0 or forged SENDME (a relay process whose SENDME
@@ -30,8 +30,8 @@ from typing import Any
 import pytest
 from reliability_support import EchoJobs, EndlessSource, relay_stats
 from support_loop import run_until
-from support_rawpeer import RawPeer, fixed_cell
 
+from benchmarks.rawpeer import RawPeer, fixed_cell
 from examples.network import ChildProcess, LocalNetwork
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason, RelayCommand
