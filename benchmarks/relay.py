@@ -1,0 +1,272 @@
+"""What one relay costs per relayed cell, its saturation throughput and round trips, side by side.
+
+``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor]``
+
+For each link mode -- ``tls`` (the relay's default: TLS with tor's link authentication) and
+``plain`` (``--plain-links``) -- and each of ``--runs`` rounds (the modes interleaved, so the
+host's changing load spreads over both):
+
+1. **CPU per relayed cell and saturation throughput** (:mod:`benchmarks.relay_cpu`): one
+   unmodified ``python -m examples.relay`` in the middle of ``--circuits`` circuits driven by
+   this process (:mod:`benchmarks.relay_load`: an authenticated previous hop and a fake next
+   hop moving cells both ways as fast as the relay takes them, each circuit with at most
+   ``--window-cells`` in flight per direction). Over ``--window`` seconds of steady transfer:
+   the relay's CPU by thread from /proc -- the loop thread (the main thread), the worker
+   threads (the others alive at READY; see :mod:`benchmarks.relay_proc`) -- divided by the
+   cells it relayed (its own ``cells_crypted`` counter, SIGUSR1 ``STATS``), and cells/s and
+   MB/s through it.
+2. **Single-cell round trips through 3 relays** (:mod:`benchmarks.relay_rtt`): idle (one cell
+   at a time, p50/p99) and while a bulk transfer runs on other circuits through the same
+   relays (p99).
+
+And once, when tor is installed and ``--no-tor`` is not given, **C tor at the same position**
+(:mod:`benchmarks.relay_tor`): a private Tor network (tornet) where tor relay t2 is the middle
+of an all-tor circuit and our relay the middle of another, both moving the same pushes; C tor's
+CPU per relayed cell and ours beside it.
+
+*Relayed cell* (the same for every figure): a RELAY cell that a relay received on one link and
+sent on the other after one layer of relay crypto, in either direction. In (1) counted by the
+relay itself; in tornet (4) counted from the stream bytes both ways / 498, tornet's
+definition, which misses the few SENDME cells for tor and for ours alike.
+
+``--json`` prints ``{"tls": M, "plain": M, "c_tor": {"cpu_us_per_cell": x, ...} or null,
+...}`` where ``M`` holds ``loop_cpu_us_per_cell``, ``workers_cpu_us_per_cell``,
+``cpu_us_per_cell``, ``cells_per_s``, ``mb_per_s``, ``rtt_idle_p50_ms``, ``rtt_idle_p99_ms``,
+``rtt_load_p50_ms``, ``rtt_load_p99_ms`` (medians over the runs), ``spread`` ([min, max] of
+each over the runs) and ``runs`` (every run's full record). Without ``--json``, a table. Every
+figure depends on the machine and on what else runs on it: the output records the load
+average before and after. ``--quick``: one short run of each (for tests; figures are rough).
+
+Threads: main thread only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.relay_cpu import LoadFailed, measure
+from benchmarks.relay_proc import RelayStartError
+from benchmarks.relay_rtt import measure_rtt
+from benchmarks.relay_tor import MIB, measure_tor, tor_missing
+from tornet.procs import NetworkFailed
+from tornet.push import PinError
+
+__all__ = ["FIGURES", "MODES", "main", "summarize_mode"]
+
+MODES = ("tls", "plain")
+FIGURES = {
+    "loop_cpu_us_per_cell": "cpu", "workers_cpu_us_per_cell": "cpu", "cpu_us_per_cell": "cpu",
+    "cells_per_s": "cpu", "mb_per_s": "cpu", "loop_busy": "cpu",
+    "rtt_idle_p50_ms": "rtt", "rtt_idle_p99_ms": "rtt", "rtt_load_p50_ms": "rtt",
+    "rtt_load_p99_ms": "rtt",
+}
+"""Each figure of a mode and the measurement it comes from."""
+TARGETS = {
+    "loop_cpu_us_per_cell": ("tls", 0.3), "rtt_idle_p50_ms": ("tls", 2.0),
+    "rtt_idle_p99_ms": ("tls", 10.0), "rtt_load_p99_ms": ("tls", 30.0),
+}
+"""The issue's targets (for context in the table; nothing is tuned to them)."""
+
+
+def _figure(name: str, record: dict[str, Any]) -> float:
+    """One figure from one run's record (a CPU run's or a round-trip run's)."""
+    if FIGURES[name] == "cpu":
+        return float(record[name])
+    phase, _, stat = name.removeprefix("rtt_").partition("_")
+    return float(record[phase][stat])
+
+
+def summarize_mode(cpu_runs: list[dict[str, Any]], rtt_runs: list[dict[str, Any]]
+                   ) -> dict[str, Any]:
+    """Median of each figure over the runs, ``spread`` [min, max], and the runs. Any thread
+    (pure)."""
+    out: dict[str, Any] = {}
+    spread: dict[str, list[float]] = {}
+    for name, source in FIGURES.items():
+        values = [_figure(name, record) for record in (cpu_runs if source == "cpu"
+                                                        else rtt_runs)]
+        out[name] = statistics.median(values)
+        spread[name] = [min(values), max(values)]
+    out["spread"] = spread
+    out["samples"] = {"rtt_idle": sum(r["idle"]["samples"] for r in rtt_runs),
+                      "rtt_load": sum(r["load"]["samples"] for r in rtt_runs),
+                      "cells": sum(r["cells"] for r in cpu_runs)}
+    out["runs"] = {"cpu": cpu_runs, "rtt": rtt_runs}
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``--quick`` changes the defaults not given. Main thread."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.relay",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, help="rounds of each measurement (default 3, "
+                                                 "quick 1); figures are medians")
+    parser.add_argument("--quick", action="store_true", help="one short run of each")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-tor", action="store_true", help="skip the tornet comparison")
+    parser.add_argument("--modes", default=",".join(MODES), help="tls,plain or one of them")
+    parser.add_argument("--threads", type=int, default=2, help="worker threads per relay")
+    parser.add_argument("--circuits", type=int, default=32)
+    parser.add_argument("--links", type=int, default=2)
+    parser.add_argument("--window-cells", type=int, default=500,
+                        help="cells in flight per circuit and direction")
+    parser.add_argument("--warmup", type=float, help="seconds before the window (default 1)")
+    parser.add_argument("--window", type=float, help="seconds measured (default 5)")
+    parser.add_argument("--rtt-samples", type=int, help="idle round trips per run (default 400)")
+    parser.add_argument("--rtt-gap", type=float, default=0.002,
+                        help="seconds between an echo and the next probe (default 0.002)")
+    parser.add_argument("--load-seconds", type=float,
+                        help="seconds of probing under load per run (default 5)")
+    parser.add_argument("--tor-mib", type=float, help="MiB per tornet push (default 16)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    defaults = {"runs": (3, 1), "warmup": (1.0, 0.5), "window": (5.0, 1.0),
+                "rtt_samples": (400, 60), "load_seconds": (5.0, 1.5), "tor_mib": (16.0, 4.0)}
+    for name, (normal, short) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, short if quick else normal)
+    args.modes = [mode for mode in args.modes.split(",") if mode]
+    if not args.modes or set(args.modes) - set(MODES):
+        parser.error(f"--modes: a subset of {','.join(MODES)}")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Every measurement; the report. Main thread."""
+    def progress(line: str) -> None:
+        print(f"relay bench: {line}", file=sys.stderr, flush=True)
+
+    report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": _load()}}
+    cpu_runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+    rtt_runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+    load_bytes = (16 if args.quick else 64) * MIB
+    for index in range(args.runs):
+        for mode in args.modes:
+            tls = mode == "tls"
+            progress(f"run {index + 1}/{args.runs}, {mode}: relay under saturating load")
+            result = measure(tls, workdir / f"cpu-{mode}-{index}", threads=args.threads,
+                             circuits=args.circuits, links=args.links, warmup=args.warmup,
+                             window=args.window, window_cells=args.window_cells)
+            cpu_runs[mode].append(result)
+            progress(f"  {result['cells_per_s']:.0f} cells/s, "
+                     f"{result['cpu_us_per_cell']:.2f} us/cell "
+                     f"(loop {result['loop_cpu_us_per_cell']:.2f})")
+            progress(f"run {index + 1}/{args.runs}, {mode}: round trips through 3 relays")
+            rtt = measure_rtt(tls, workdir / f"rtt-{mode}-{index}", samples=args.rtt_samples,
+                              gap=args.rtt_gap, load_seconds=args.load_seconds,
+                              load_bytes=load_bytes, threads=args.threads)
+            rtt_runs[mode].append(rtt)
+            progress(f"  idle p50 {rtt['idle']['p50_ms']:.2f} ms, under load p99 "
+                     f"{rtt['load']['p99_ms']:.1f} ms")
+    for mode in args.modes:
+        report[mode] = summarize_mode(cpu_runs[mode], rtt_runs[mode])
+    report["c_tor"] = None
+    why = "--no-tor" if args.no_tor else tor_missing()
+    if why is None:
+        progress("tornet: tor relays and ours at the middle of circuits")
+        try:
+            report["c_tor"] = measure_tor(runs=args.runs, size=int(args.tor_mib * MIB),
+                                          progress=lambda line: progress(f"tornet {line}"))
+        except (NetworkFailed, PinError, TimeoutError) as exc:
+            report["c_tor_error"] = f"{type(exc).__name__}: {exc}"
+    else:
+        report["c_tor_skipped"] = why
+    report["machine"]["load_after"] = _load()
+    report["settings"] = {key: getattr(args, key) for key in (
+        "runs", "quick", "threads", "circuits", "links", "window_cells", "warmup", "window",
+        "rtt_samples", "rtt_gap", "load_seconds", "tor_mib", "modes")}
+    report["definitions"] = {
+        "relayed_cell": "a RELAY cell the relay received on one link and sent on the other "
+                        "after one layer of relay crypto, either direction (its cells_crypted "
+                        "counter; in tornet: stream bytes both ways / 498)",
+        "cpu": "per thread from /proc/PID/task/TID/schedstat over the steady window; loop = "
+               "the main thread, workers = the other threads alive at READY",
+        "mb_per_s": "relayed cells x 514 bytes (a link-protocol-4 cell before TLS) per second",
+        "rtt": "498 bytes on one stream through relay0 > relay1 > relay2 to the echo service "
+               "and back, one probe at a time; under load: while examples.client echoes bulk "
+               "data on other circuits through the same relays",
+    }
+    return report
+
+
+def _row(label: str, values: dict[str, Any], key: str, unit: str, fmt: str,
+         target: tuple[str, float] | None, modes: list[str]) -> str:
+    cells = []
+    for mode in modes:
+        value = values[mode][key]
+        low, high = values[mode]["spread"][key]
+        cells.append(f"{value:{fmt}} [{low:{fmt}}-{high:{fmt}}]")
+    note = f"   target ({target[0]}) <= {target[1]:g} {unit}" if target else ""
+    return f"{label:<34}" + "".join(f"{cell:>28}" for cell in cells) + note
+
+
+def print_table(report: dict[str, Any], out: Any = sys.stdout) -> None:
+    """The human-readable report. Main thread."""
+    modes = [mode for mode in MODES if mode in report]
+    settings = report["settings"]
+    print(f"One relay (python -m examples.relay, {settings['threads']} workers) as the middle "
+          f"of {settings['circuits']} circuits; median [min-max] of {settings['runs']} "
+          f"run(s); load average {report['machine']['load_before']:.2f} -> "
+          f"{report['machine']['load_after']:.2f} on {report['machine']['cpus']} CPUs", file=out)
+    print(f"{'':<34}" + "".join(f"{mode:>28}" for mode in modes), file=out)
+    rows = [("loop-thread CPU us / relayed cell", "loop_cpu_us_per_cell", "us", ".2f"),
+            ("worker CPU us / relayed cell", "workers_cpu_us_per_cell", "us", ".2f"),
+            ("relay CPU us / relayed cell", "cpu_us_per_cell", "us", ".2f"),
+            ("loop thread busy (CPU s / s)", "loop_busy", "", ".2f"),
+            ("relayed cells / s (saturated)", "cells_per_s", "", ".0f"),
+            ("MB/s through the relay", "mb_per_s", "MB/s", ".0f"),
+            ("3-relay RTT idle p50 (ms)", "rtt_idle_p50_ms", "ms", ".2f"),
+            ("3-relay RTT idle p99 (ms)", "rtt_idle_p99_ms", "ms", ".2f"),
+            ("3-relay RTT under load p50 (ms)", "rtt_load_p50_ms", "ms", ".1f"),
+            ("3-relay RTT under load p99 (ms)", "rtt_load_p99_ms", "ms", ".1f")]
+    for label, key, unit, fmt in rows:
+        print(_row(label, report, key, unit, fmt, TARGETS.get(key), modes), file=out)
+    tor = report.get("c_tor")
+    if tor is None:
+        why = report.get("c_tor_skipped") or report.get("c_tor_error")
+        print(f"C tor: not measured ({why})", file=out)
+    else:
+        ours = tor["ours_same_position"]
+        print(f"tornet, middle of a circuit, {tor['size_mib']:g} MiB pushes ({tor['where']}): "
+              f"C tor {tor['cpu_us_per_cell']:.2f} us / relayed cell (guard "
+              f"{tor['guard_cpu_us_per_cell']:.2f}, exit {tor['exit_cpu_us_per_cell']:.2f}); "
+              f"ours {ours['cpu_us_per_cell']:.2f} (loop thread "
+              f"{ours['loop_cpu_us_per_cell']:.2f}) = {ours['ratio_to_tor']:.2f}x tor's "
+              "(target <= 0.5x)", file=out)
+    print("relayed cell: " + report["definitions"]["relayed_cell"], file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run everything, print the report; 1 when a measurement failed. Main thread."""
+    args = parse_args(argv)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="relaybench-") as scratch:
+        try:
+            report = run(args, Path(scratch))
+        except (LoadFailed, RelayStartError, RuntimeError) as exc:
+            print(f"relay bench failed: {exc}", file=sys.stderr)
+            return 1
+    report["seconds"] = time.monotonic() - started
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print_table(report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
