@@ -50,7 +50,6 @@ STAGES: dict[tuple[str, str], str] = {
     ("soon", "flush"): "flush deferred to the end of the iteration",
     ("flush", "submitted"): "submit to the pool",
     ("submitted", "worker"): "worker wake-up",
-    ("submitted", "soon"): "loop after submit",
     ("worker", "crypt"): "worker before the kernel",
     ("crypt", "crypted"): "relay crypto (kernel)",
     ("crypted", "put"): "worker after the kernel",
@@ -60,19 +59,17 @@ STAGES: dict[tuple[str, str], str] = {
     ("link_write", "tls_out"): "TLS encrypt",
     ("tls_out", "write"): "write",
     ("link_write", "write"): "write",
-    ("result", "write"): "exit edge: to the target",
-    ("write", "read"): "TCP between processes + reader's wake-up",
-    ("client_cells", "write"): "client: decrypt + next write",
-    ("client_cells", "done"): "client: decrypt + deliver",
-    ("tls_in", "client_cells"): "client: framing + iteration deferral",
-    ("tls_in", "soon"): "client: framing + iteration deferral",
-    ("soon", "client_cells"): "client: framing + iteration deferral",
-    ("send", "link_write"): "client: encrypt + write",
-    ("send", "tls_out"): "client: encrypt + write",
-    ("send", "write"): "client: encrypt + write",
-    ("link_write", "tls_out "): "client: encrypt + write",
+    ("result", "write"): "exit: to the target stream",
+    ("read", "soon"): "exit: from the target stream",
+    ("send", "link_write"): "origin crypto + package",
+    ("tls_in", "soon"): "framing + flush deferred",
+    ("soon", "client_cells"): "framing + flush deferred",
+    ("client_cells", "done"): "origin crypto + deliver",
 }
-"""Stage of a segment by its two events (segments between processes: ``write -> read``)."""
+"""Stage of a segment within one process by its two events; segments of the prober and the
+echo service are prefixed ``client:`` / ``echo:``, and every segment between two processes
+(``write`` in one, ``read`` in the next) is ``TCP between processes + reader's wake-up``."""
+_BETWEEN = "TCP between processes + reader's wake-up"
 
 
 Event = tuple[int, str, str, str, int, int]
@@ -81,9 +78,10 @@ Event = tuple[int, str, str, str, int, int]
 
 def _stage(a: Event, b: Event) -> str:
     if a[1] != b[1]:
-        return STAGES[("write", "read")] if (a[2], b[2]) == ("write", "read") else (
+        return _BETWEEN if (a[2], b[2]) == ("write", "read") else (
             f"between processes: {a[2]} -> {b[2]}")
-    return STAGES.get((a[2], b[2]), f"other: {a[2]} -> {b[2]}")
+    name = STAGES.get((a[2], b[2]), f"other: {a[2]} -> {b[2]}")
+    return name if a[1].startswith("relay") else f"{a[1]}: {name}"
 
 
 class TracedNetwork(LocalNetwork):

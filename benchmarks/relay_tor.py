@@ -15,7 +15,9 @@ crossed the relay, both directions, / 498 (one full RELAY_DATA cell), so the few
 not counted as cells (their CPU is: the figure is high by about the share of SENDMEs, ~1-3 %,
 for both relays alike); CPU = user + system of the relay's process tree over the transfer,
 from /proc in 10 ms ticks. For our relay the loop thread's share over the same push is read
-too (:mod:`benchmarks.relay_proc`: the task whose TID is the PID; nanosecond accounts), and
+too (:mod:`benchmarks.relay_proc`: the task whose TID is the PID; nanosecond accounts), its
+own counters over the push (SIGUSR1 ``STATS``: the cells it crypted, whose ratio to tornet's
+count shows the SENDMEs and set-up tornet leaves out, and its mean worker batch), and
 both relays' total CPU on the nanosecond accounts as a cross-check of the tick figures
 (``*_ns``; these windows include building the circuit, a few milliseconds).
 
@@ -26,13 +28,18 @@ Threads: main thread only.
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import statistics
+import time
 from collections.abc import Callable
 from typing import Any
 
 from benchmarks.relay_proc import CpuSplit, thread_times
 from tornet.external import RELAYCRYPT_COMMAND
-from tornet.network import TorNet
+from tornet.network import ExternalRelay, TorNet
+from tornet.procs import NetworkFailed
 from tornet.tornode import find_program
 
 __all__ = ["measure_tor", "tor_missing"]
@@ -44,6 +51,20 @@ def tor_missing() -> str | None:
     """Why tornet cannot run here (tor or tor-gencert missing), or None. Any thread."""
     missing = [name for name in ("tor", "tor-gencert") if find_program(name) is None]
     return f"{' and '.join(missing)} not installed (tools/install_tor.sh)" if missing else None
+
+
+def _stats(relay: ExternalRelay, timeout: float = 10.0) -> dict[str, Any]:
+    """Our relay's live counters: SIGUSR1, then the next STATS line on its stdout."""
+    assert relay.process is not None
+    seen = sum(1 for line in relay.process.stdout_lines() if line.startswith("STATS "))
+    os.kill(relay.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        lines = [line for line in relay.process.stdout_lines() if line.startswith("STATS ")]
+        if len(lines) > seen:
+            return dict(json.loads(lines[-1][6:]))
+        time.sleep(0.01)
+    raise NetworkFailed(f"{relay.name} printed no STATS within {timeout:.0f} s")
 
 
 def _spread(values: list[float]) -> list[float]:
@@ -65,10 +86,18 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
             before = thread_times(t2.pid)
             tor_push = net.push("all_tor", size)
             tor_split = CpuSplit.between(t2.pid, frozenset(), before, thread_times(t2.pid))
+            stats_before = _stats(ours)
             before = thread_times(ours.pid)
             our_push = net.push("middle", size, ours)
             split = CpuSplit.between(ours.pid, frozenset(), before, thread_times(ours.pid))
+            stats_after = _stats(ours)
+            crypted = stats_after["cells_crypted"] - stats_before["cells_crypted"]
+            batches = stats_after["batches"] - stats_before["batches"]
             records.append({
+                # what our relay's own counters saw during the push (SENDMEs and circuit
+                # set-up included): its cells_crypted, and its mean worker batch
+                "ours_cells_crypted": crypted,
+                "ours_batch_mean": crypted / batches if batches else 0.0,
                 # the same pushes on the nanosecond accounts (circuit set-up included)
                 "tor_middle_cpu_us_per_cell_ns": tor_split.total_s * 1e6 / tor_push.cells,
                 "ours_middle_cpu_us_per_cell_ns": split.total_s * 1e6 / our_push.cells,
@@ -106,6 +135,9 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
             "loop_cpu_us_per_cell": median("ours_middle_loop_cpu_us_per_cell"),
             "mb_per_s": median("ours_mb_per_s"),
             "ratio_to_tor": ours_cpu / tor_cpu if tor_cpu else 0.0,
+            "batch_mean": median("ours_batch_mean"),
+            "cells_crypted_per_relayed_cell": statistics.median(
+                record["ours_cells_crypted"] / record["cells"] for record in records),
         },
         "intact": all(record["intact"] for record in records),
         "size_mib": size / MIB,

@@ -28,7 +28,8 @@ on the CPU and time waiting):
 ``result``         a circuit got its crypted batch (``OrCircuit._on_result``)
 ``link_write``     cells handed to a link (``Link.write_cells``)
 ``tls_out``        TLS records made (``encrypt`` returned)
-``write``          bytes handed to libuv (``Stream.write``; libuv writes at once when it can)
+``write``          bytes handed to libuv (``Stream.write``/``writelines``; libuv writes at once
+                   when it can)
 =================  ==========================================================================
 
 Run as a program, it is a traced child: ``python -m benchmarks.relay_trace OUT.json relay
@@ -129,6 +130,7 @@ def install() -> None:
 
     _before(Stream, "_on_read", "read")
     _before(Stream, "write", "write")
+    _before(Stream, "writelines", "write")
     for session in (TlsClientSession, TlsServerSession):
         _after(session, "feed", "tls_in")
         _after(session, "encrypt", "tls_out")
