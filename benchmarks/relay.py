@@ -15,27 +15,41 @@ host's changing load spreads over both):
    threads (the others alive at READY; see :mod:`benchmarks.relay_proc`) -- divided by the
    cells it relayed (its own ``cells_crypted`` counter, SIGUSR1 ``STATS``), and cells/s and
    MB/s through it.
-2. **Single-cell round trips through 3 relays** (:mod:`benchmarks.relay_rtt`): idle (one cell
+2. **The same at a modest load** (``--paced-rate``, default 40,000 cells/s): the load offers
+   that many cells/s in small batches every 2 ms, spread over the circuits, one write per link
+   (as a neighbour relay flushes what its circuits hold): the cost per cell when batches are
+   a few cells, as on a network where many circuits each carry a little.
+3. **Single-cell round trips through 3 relays** (:mod:`benchmarks.relay_rtt`): idle (one cell
    at a time, p50/p99) and while a bulk transfer runs on other circuits through the same
    relays (p99).
 
-And once, when tor is installed and ``--no-tor`` is not given, **C tor at the same position**
-(:mod:`benchmarks.relay_tor`): a private Tor network (tornet) where tor relay t2 is the middle
-of an all-tor circuit and our relay the middle of another, both moving the same pushes; C tor's
-CPU per relayed cell and ours beside it.
+When tor is installed and ``--no-tor`` is not given:
+
+4. **C tor under the same load** (:mod:`benchmarks.relay_torpeer`): a private tor relay in
+   the middle of the same circuits from the same load generator, saturated and paced, its
+   relayed cells counted at the far ends (tor has no counter to ask); our TLS figures beside
+   it (``c_tor_same_load``);
+5. **C tor at the same position in a Tor network** (:mod:`benchmarks.relay_tor`): a private
+   Tor network (tornet) where tor relay t2 is the middle of an all-tor circuit and our relay
+   the middle of another, both moving the same pushes; C tor's CPU per relayed cell and ours
+   beside it (``c_tor``).
 
 *Relayed cell* (the same for every figure): a RELAY cell that a relay received on one link and
-sent on the other after one layer of relay crypto, in either direction. In (1) counted by the
-relay itself; in tornet (4) counted from the stream bytes both ways / 498, tornet's
-definition, which misses the few SENDME cells for tor and for ours alike.
+sent on the other after one layer of relay crypto, in either direction. Counted by our relay
+itself in (1)-(2); at the far ends for tor in (4) (for our relay the two counts agree within
+1 %); in tornet (5) from the stream bytes both ways / 498, tornet's definition, which misses
+the few SENDME cells for tor and for ours alike.
 
 ``--json`` prints ``{"tls": M, "plain": M, "c_tor": {"cpu_us_per_cell": x, ...} or null,
-...}`` where ``M`` holds ``loop_cpu_us_per_cell``, ``workers_cpu_us_per_cell``,
-``cpu_us_per_cell``, ``cells_per_s``, ``mb_per_s``, ``rtt_idle_p50_ms``, ``rtt_idle_p99_ms``,
-``rtt_load_p50_ms``, ``rtt_load_p99_ms`` (medians over the runs), ``spread`` ([min, max] of
-each over the runs) and ``runs`` (every run's full record). Without ``--json``, a table. Every
-figure depends on the machine and on what else runs on it: the output records the load
-average before and after. ``--quick``: one short run of each (for tests; figures are rough).
+"c_tor_same_load": {"saturated": T, "paced": T} or null, ...}`` where ``M`` holds
+``loop_cpu_us_per_cell``, ``workers_cpu_us_per_cell``, ``cpu_us_per_cell``, ``cells_per_s``,
+``mb_per_s``, ``rtt_idle_p50_ms``, ``rtt_idle_p99_ms``, ``rtt_load_p50_ms``,
+``rtt_load_p99_ms`` (medians over the runs), ``spread`` ([min, max] of each over the runs),
+``paced`` (the figures of (2)) and ``runs`` (every run's full record); ``T`` tor's
+``cpu_us_per_cell`` (and the rest of (2)'s figures) with ``ratio_ours_to_tor``. Without
+``--json``, a table. Every figure depends on the machine and on what else runs on it: the
+output records the load average before and after. ``--quick``: one short run of each (for
+tests; figures are rough).
 
 Threads: main thread only.
 """
@@ -103,6 +117,23 @@ def summarize_mode(cpu_runs: list[dict[str, Any]], rtt_runs: list[dict[str, Any]
     return out
 
 
+PACED_FIGURES = ("loop_cpu_us_per_cell", "workers_cpu_us_per_cell", "cpu_us_per_cell",
+                 "cells_per_s", "loop_busy")
+"""The figures of a paced run, and of C tor's runs under the same load."""
+
+
+def summarize_runs(runs: list[dict[str, Any]], keys: tuple[str, ...] = PACED_FIGURES
+                   ) -> dict[str, Any]:
+    """Median of ``keys`` over CPU runs, their [min, max] and the runs. Any thread (pure)."""
+    out: dict[str, Any] = {key: statistics.median(run[key] for run in runs) for key in keys}
+    out["spread"] = {key: [min(run[key] for run in runs), max(run[key] for run in runs)]
+                     for key in keys}
+    if all("batch_mean" in run for run in runs):
+        out["batch_mean"] = statistics.median(run["batch_mean"] for run in runs)
+    out["runs"] = runs
+    return out
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; ``--quick`` changes the defaults not given. Main thread."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.relay",
@@ -126,6 +157,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-seconds", type=float,
                         help="seconds of probing under load per run (default 5)")
     parser.add_argument("--tor-mib", type=float, help="MiB per tornet push (default 16)")
+    parser.add_argument("--paced-rate", type=float, default=40_000.0,
+                        help="also measure at this many cells/s offered, in small batches "
+                             "over the circuits (default 40000, about a tornet push's rate "
+                             "through a relay; 0: skip)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"runs": (3, 1), "warmup": (1.0, 0.5), "window": (5.0, 1.0),
@@ -152,19 +187,30 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     report: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "load_before": _load()}}
     cpu_runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+    paced_runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
     rtt_runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in args.modes}
+    tor_runs: dict[str, list[dict[str, Any]]] = {"saturated": [], "paced": []}
+    tor_here = not args.no_tor and tor_missing() is None
     load_bytes = (16 if args.quick else 64) * MIB
+    common = {"circuits": args.circuits, "links": args.links, "warmup": args.warmup,
+              "window": args.window, "window_cells": args.window_cells}
     for index in range(args.runs):
         for mode in args.modes:
             tls = mode == "tls"
             progress(f"run {index + 1}/{args.runs}, {mode}: relay under saturating load")
             result = measure(tls, workdir / f"cpu-{mode}-{index}", threads=args.threads,
-                             circuits=args.circuits, links=args.links, warmup=args.warmup,
-                             window=args.window, window_cells=args.window_cells)
+                             **common)
             cpu_runs[mode].append(result)
             progress(f"  {result['cells_per_s']:.0f} cells/s, "
                      f"{result['cpu_us_per_cell']:.2f} us/cell "
                      f"(loop {result['loop_cpu_us_per_cell']:.2f})")
+            if args.paced_rate:
+                result = measure(tls, workdir / f"paced-{mode}-{index}", threads=args.threads,
+                                 rate=args.paced_rate, **common)
+                paced_runs[mode].append(result)
+                progress(f"  paced at {args.paced_rate:.0f} cells/s: "
+                         f"{result['cpu_us_per_cell']:.2f} us/cell "
+                         f"(loop {result['loop_cpu_us_per_cell']:.2f})")
             progress(f"run {index + 1}/{args.runs}, {mode}: round trips through 3 relays")
             rtt = measure_rtt(tls, workdir / f"rtt-{mode}-{index}", samples=args.rtt_samples,
                               gap=args.rtt_gap, load_seconds=args.load_seconds,
@@ -172,11 +218,38 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             rtt_runs[mode].append(rtt)
             progress(f"  idle p50 {rtt['idle']['p50_ms']:.2f} ms, under load p99 "
                      f"{rtt['load']['p99_ms']:.1f} ms")
+        if tor_here:
+            progress(f"run {index + 1}/{args.runs}: C tor under the same load")
+            for kind, rate in (("saturated", 0.0), ("paced", args.paced_rate)):
+                if kind == "paced" and not rate:
+                    continue
+                result = measure(True, workdir / f"tor-{kind}-{index}", rate=rate, tor=True,
+                                 **common)
+                tor_runs[kind].append(result)
+                progress(f"  {kind}: {result['cells_per_s']:.0f} cells/s, "
+                         f"{result['cpu_us_per_cell']:.2f} us/cell")
     for mode in args.modes:
         report[mode] = summarize_mode(cpu_runs[mode], rtt_runs[mode])
+        if paced_runs[mode]:
+            report[mode]["paced"] = {"offered_cells_per_s": args.paced_rate,
+                                     **summarize_runs(paced_runs[mode])}
     report["c_tor"] = None
+    report["c_tor_same_load"] = None
     why = "--no-tor" if args.no_tor else tor_missing()
     if why is None:
+        same: dict[str, Any] = {kind: summarize_runs(runs)
+                                for kind, runs in tor_runs.items() if runs}
+        if "tls" in report:
+            ours = report["tls"]
+            same["saturated"]["ours_tls_cpu_us_per_cell"] = ours["cpu_us_per_cell"]
+            same["saturated"]["ratio_ours_to_tor"] = (
+                ours["cpu_us_per_cell"] / same["saturated"]["cpu_us_per_cell"])
+            if "paced" in same and "paced" in ours:
+                same["paced"]["offered_cells_per_s"] = args.paced_rate
+                same["paced"]["ours_tls_cpu_us_per_cell"] = ours["paced"]["cpu_us_per_cell"]
+                same["paced"]["ratio_ours_to_tor"] = (
+                    ours["paced"]["cpu_us_per_cell"] / same["paced"]["cpu_us_per_cell"])
+        report["c_tor_same_load"] = same
         progress("tornet: tor relays and ours at the middle of circuits")
         try:
             report["c_tor"] = measure_tor(runs=args.runs, size=int(args.tor_mib * MIB),
@@ -188,7 +261,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report["machine"]["load_after"] = _load()
     report["settings"] = {key: getattr(args, key) for key in (
         "runs", "quick", "threads", "circuits", "links", "window_cells", "warmup", "window",
-        "rtt_samples", "rtt_gap", "load_seconds", "tor_mib", "modes")}
+        "rtt_samples", "rtt_gap", "load_seconds", "tor_mib", "paced_rate", "modes")}
     report["definitions"] = {
         "relayed_cell": "a RELAY cell the relay received on one link and sent on the other "
                         "after one layer of relay crypto, either direction (its cells_crypted "
@@ -235,6 +308,23 @@ def print_table(report: dict[str, Any], out: Any = sys.stdout) -> None:
             ("3-relay RTT under load p99 (ms)", "rtt_load_p99_ms", "ms", ".1f")]
     for label, key, unit, fmt in rows:
         print(_row(label, report, key, unit, fmt, TARGETS.get(key), modes), file=out)
+    if all("paced" in report[mode] for mode in modes):
+        rate = report[modes[0]]["paced"]["offered_cells_per_s"]
+        paced = {mode: report[mode]["paced"] for mode in modes}
+        for what, key in (("loop", "loop_cpu_us_per_cell"), ("relay", "cpu_us_per_cell")):
+            label = f"paced {rate / 1000:.0f}k cells/s: {what} us/cell"
+            print(_row(label, paced, key, "us", ".2f", None, modes), file=out)
+    same = report.get("c_tor_same_load")
+    if same:
+        for kind, figures in same.items():
+            ratio = figures.get("ratio_ours_to_tor")
+            print(f"C tor under the same load, {kind}"
+                  + (f" ({figures['offered_cells_per_s'] / 1000:.0f}k cells/s)"
+                     if kind == "paced" else
+                     f" ({figures['cells_per_s'] / 1000:.0f}k cells/s)")
+                  + f": {figures['cpu_us_per_cell']:.2f} us / relayed cell"
+                  + (f"; ours (tls) {figures['ours_tls_cpu_us_per_cell']:.2f} = "
+                     f"{ratio:.2f}x tor's" if ratio is not None else ""), file=out)
     tor = report.get("c_tor")
     if tor is None:
         why = report.get("c_tor_skipped") or report.get("c_tor_error")

@@ -22,7 +22,9 @@ transfer:
 
 The load keeps ``window_cells`` cells in flight per circuit and direction, far more than the
 relay needs to stay busy, so the relay runs as fast as the machine lets it: the throughput is
-the relay's saturation throughput on this machine *with the load generator sharing it*.
+the relay's saturation throughput on this machine *with the load generator sharing it*. With
+``rate`` the load is paced instead (that many cells/s offered, in small batches every 2 ms):
+the relay's cost per cell at a modest, steady load.
 
 Threads: main thread only (it runs the load's Reactor).
 """
@@ -35,6 +37,7 @@ from typing import Any
 
 from benchmarks.relay_load import DEFAULT_WINDOW, RelayLoad
 from benchmarks.relay_proc import RelayProcess
+from benchmarks.relay_torpeer import TorRelayProcess
 from reactor import Reactor
 from relay.framing import FIXED_CELL_LEN
 
@@ -47,11 +50,22 @@ class LoadFailed(RuntimeError):
 
 def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, links: int = 2,
             warmup: float = 1.0, window: float = 5.0, window_cells: int = DEFAULT_WINDOW,
-            build_timeout: float = 60.0) -> dict[str, Any]:
-    """One run (see the module docstring); the figures as a JSON-ready dict. Raises
-    :class:`LoadFailed` or :class:`benchmarks.relay_proc.RelayStartError`. Main thread."""
-    relay = RelayProcess(workdir / ("relay-tls" if tls else "relay-plain"), tls=tls,
-                         threads=threads)
+            rate: float = 0.0, tor: bool = False, build_timeout: float = 60.0
+            ) -> dict[str, Any]:
+    """One run (see the module docstring); the figures as a JSON-ready dict. ``rate``: offer
+    that many cells/s (paced, :class:`benchmarks.relay_load.RelayLoad`) instead of saturating
+    the relay. ``tor``: the relay under test is C tor
+    (:class:`benchmarks.relay_torpeer.TorRelayProcess`, TLS only), its relayed cells counted
+    at the far ends (``load_cells``). Raises :class:`LoadFailed` or
+    :class:`benchmarks.relay_proc.RelayStartError`. Main thread."""
+    relay: RelayProcess | TorRelayProcess
+    if tor:
+        if not tls:
+            raise ValueError("tor speaks TLS links only")
+        relay = TorRelayProcess(workdir / "tor")
+    else:
+        relay = RelayProcess(workdir / ("relay-tls" if tls else "relay-plain"), tls=tls,
+                             threads=threads)
     relay.start()
     edges: list[dict[str, Any]] = []
     failures: list[str] = []
@@ -61,7 +75,7 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
 
             def edge() -> None:
                 times = relay.times()
-                edges.append({"times": times, "stats": relay.stats(), "load": load.delivered,
+                edges.append({"times": times, "stats": relay.counters(), "load": load.delivered,
                               "wall": time.perf_counter(), "own_cpu": time.process_time(),
                               "all_open": load.all_open})
 
@@ -86,7 +100,8 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
 
             load = RelayLoad(reactor, relay.descriptor, relay.address, tls=tls,
                              workdir=workdir / "load", circuits=circuits, links=links,
-                             window=window_cells, on_open=begin, on_failure=failed)
+                             window=window_cells, rate=rate, on_open=begin,
+                             on_failure=failed)
             load.start()
             reactor.call_later(build_timeout, not_built)
             reactor.run()
@@ -99,20 +114,23 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
     first, last_edge = edges
     split = relay.split(first["times"], last_edge["times"])
     before, after = first["stats"], last_edge["stats"]
-    cells = after["cells_crypted"] - before["cells_crypted"]
+    load_cells = last_edge["load"] - first["load"]
+    cells = after["cells_crypted"] - before["cells_crypted"] if after else load_cells
     seconds = last_edge["wall"] - first["wall"]
     if cells <= 0:
         raise LoadFailed("the relay relayed no cell during the window")
-    batches = after["batches"] - before["batches"]
     per_cell = 1e6 / cells
-    return {
+    result: dict[str, Any] = {
+        "relay": "tor" if tor else "relaycrypt",
+        "cells_counted_by": "the far ends" if tor else "the relay (cells_crypted)",
         "seconds": seconds,
         "cells": cells,
-        "load_cells": last_edge["load"] - first["load"],
+        "load_cells": load_cells,
         "circuits": circuits,
         "links": links,
-        "threads": threads,
+        "threads": 0 if tor else threads,
         "window_cells": window_cells,
+        "offered_cells_per_s": rate,
         "loop_cpu_s": split.loop_s,
         "workers_cpu_s": split.workers_s,
         "other_cpu_s": split.other_s,
@@ -122,15 +140,20 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
         "loop_cpu_us_per_cell": split.loop_s * per_cell,
         "workers_cpu_us_per_cell": split.workers_s * per_cell,
         "cpu_us_per_cell": split.total_s * per_cell,
-        "relay_own_cpu_us_per_cell":
-            (after["process_cpu_s"] - before["process_cpu_s"]) * per_cell,
         "cells_per_s": cells / seconds,
         "mb_per_s": cells * FIXED_CELL_LEN / seconds / 1e6,
         "loop_busy": split.loop_s / seconds,
         "workers_busy": split.workers_s / seconds,
-        "batch_mean": cells / batches if batches else 0.0,
-        "wakeups_per_cell": (after["wakeups"] - before["wakeups"]) / cells,
         "loadgen_cpu_us_per_cell": (last_edge["own_cpu"] - first["own_cpu"]) * per_cell,
-        "circuits_closed_by_relay": (final or after)["circuits_closed_queue"],
         "steady": first["all_open"] and last_edge["all_open"],
     }
+    if after:
+        batches = after["batches"] - before["batches"]
+        result.update({
+            "relay_own_cpu_us_per_cell":
+                (after["process_cpu_s"] - before["process_cpu_s"]) * per_cell,
+            "batch_mean": cells / batches if batches else 0.0,
+            "wakeups_per_cell": (after["wakeups"] - before["wakeups"]) / cells,
+            "circuits_closed_by_relay": (final or after)["circuits_closed_queue"],
+        })
+    return result

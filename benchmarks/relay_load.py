@@ -21,9 +21,11 @@ counts the cells that reach it per circuit, and each direction of each circuit k
 ``window`` cells in flight (sent and not yet arrived at the other end): the end-to-end bound
 tor's SENDME windows put on a circuit, enforced here with the counters both ends share instead
 of SENDME cells, so the relay never queues more for a circuit than an honest one would (its
-per-circuit caps close circuits past 1,000 cells). Writes leave in chunks of up to
+per-circuit caps close circuits past 1,000 cells). Writes leave in chunks of at least
 ``chunk`` cells from buffers built once, so the per-cell work here is the link's framing and
-TLS, far below the relay's.
+TLS, below the relay's. A *paced* load (``rate`` cells/s) instead writes every
+:data:`PACE_TICK` seconds what the rate earned, spread over the circuits and directions, so
+the relay sees a steady trickle of small batches, as on a network at modest load.
 
 A RELAY cell here is a *relayed cell* of the benchmark: it entered R on one link and left on
 the other after R's one layer of relay crypto. :attr:`RelayLoad.delivered` counts those that
@@ -35,6 +37,7 @@ Threads: loop thread only (one Reactor).
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,12 +70,17 @@ from tor1 import CELL_PAYLOAD_LEN
 from tor1.backend import OriginCryptoLike, UnrecognizedCell, origin_crypto_for
 from tor1.reference import HopKeys
 
-__all__ = ["DEFAULT_CHUNK", "DEFAULT_WINDOW", "FakeHop", "LoadCircuit", "RelayLoad"]
+__all__ = ["DEFAULT_CHUNK", "DEFAULT_WINDOW", "PACE_TICK", "FakeHop", "LoadCircuit",
+           "RelayLoad"]
 
 DEFAULT_WINDOW = 500
 """Cells in flight per circuit and direction (tor's circuit window is 1,000)."""
 DEFAULT_CHUNK = 64
-"""Cells per write at most; a direction writes once it has room for at least this many."""
+"""A direction writes once it has room for at least this many cells (unpaced load)."""
+PACE_TICK = 0.002
+"""Seconds between the writes of a paced load."""
+PACE_BURST = 0.05
+"""Seconds of a paced load's rate it may save up while windows are full."""
 _RELAY = int(CellCommand.RELAY)
 _DESTROY = int(CellCommand.DESTROY)
 _CREATE2 = int(CellCommand.CREATE2)
@@ -195,20 +203,36 @@ class LoadCircuit:
             self.closed(f"DESTROY toward the next hop (reason {payload[0] if payload else 0})")
 
     def pump(self) -> None:
-        """Write what the windows allow, in chunks of at least ``load.chunk`` cells. Loop
-        thread only."""
-        if self.state != "open":
-            return
-        load = self.load
-        window, chunk, size = load.window, load.chunk, FIXED_CELL_LEN
-        room = window - (self.fwd_sent - self.fwd_received)
-        if room >= chunk and load.running:
-            self.client_link.write_cells(self._fwd_buf[:room * size], room)
-            self.fwd_sent += room
-        room = window - (self.bwd_sent - self.bwd_received)
-        if room >= chunk and load.running and self.hop_link is not None:
-            self.hop_link.write_cells(self._bwd_buf[:room * size], room)
-            self.bwd_sent += room
+        """Write what the windows allow in each direction, once there is room for at least
+        ``load.chunk`` cells. Loop thread only."""
+        chunk = self.load.chunk
+        forward = self.take_forward(self.load.window, chunk)
+        if forward is not None:
+            self.client_link.write_cells(forward, len(forward) // FIXED_CELL_LEN)
+        backward = self.take_backward(self.load.window, chunk)
+        if backward is not None and self.hop_link is not None:
+            self.hop_link.write_cells(backward, len(backward) // FIXED_CELL_LEN)
+
+    def take_forward(self, limit: int, least: int = 1) -> memoryview | None:
+        """Wire cells for the relay from the previous hop: as many as the window allows, at
+        most ``limit``, none unless at least ``least``; counted as sent. Loop thread only."""
+        if self.state != "open" or not self.load.running:
+            return None
+        count = min(self.load.window - (self.fwd_sent - self.fwd_received), limit)
+        if count < least:
+            return None
+        self.fwd_sent += count
+        return self._fwd_buf[:count * FIXED_CELL_LEN]
+
+    def take_backward(self, limit: int, least: int = 1) -> memoryview | None:
+        """The same for the relay from the next hop. Loop thread only."""
+        if self.state != "open" or not self.load.running or self.hop_link is None:
+            return None
+        count = min(self.load.window - (self.bwd_sent - self.bwd_received), limit)
+        if count < least:
+            return None
+        self.bwd_sent += count
+        return self._bwd_buf[:count * FIXED_CELL_LEN]
 
     def closed(self, reason: str, *, tell_relay: bool = True) -> None:
         """Stop this circuit (DESTROY both ways unless the relay sent one). Idempotent. Loop
@@ -276,14 +300,15 @@ class RelayLoad:
 
     def __init__(self, reactor: Reactor, relay: RelayDescriptor, address: tuple[str, int], *,
                  tls: bool, workdir: Path, circuits: int = 32, links: int = 2,
-                 window: int = DEFAULT_WINDOW, chunk: int = DEFAULT_CHUNK,
+                 window: int = DEFAULT_WINDOW, chunk: int = DEFAULT_CHUNK, rate: float = 0.0,
                  on_open: Callable[[RelayLoad], None] | None = None,
                  on_failure: Callable[[str], None] | None = None) -> None:
         """Make the identities (kept in ``workdir``) and the fake next hops; nothing connects
-        before :meth:`start`. ``on_open`` runs once every circuit is open, ``on_failure`` with
-        the reason when a link or a circuit is lost. Loop thread only."""
-        if circuits < 1 or links < 1 or not 0 < chunk <= window:
-            raise ValueError("need circuits >= 1, links >= 1 and 0 < chunk <= window")
+        before :meth:`start`. ``rate``: cells/s offered in total (both directions), 0 for as
+        fast as the relay takes them. ``on_open`` runs once every circuit is open,
+        ``on_failure`` with the reason when a link or a circuit is lost. Loop thread only."""
+        if circuits < 1 or links < 1 or not 0 < chunk <= window or rate < 0:
+            raise ValueError("need circuits >= 1, links >= 1, 0 < chunk <= window, rate >= 0")
         self.reactor = reactor
         self.relay = relay
         self.address = address
@@ -291,9 +316,12 @@ class RelayLoad:
         self.n_circuits = circuits
         self.window = window
         self.chunk = chunk
+        self.rate = rate
         self.on_open = on_open
         self.on_failure = on_failure
         self.running = False
+        self._credit = 0.0
+        self._ticked_at = 0.0
         self.pending: dict[bytes, LoadCircuit] = {}
         self.circuits: list[LoadCircuit] = []
         self.failures: list[str] = []
@@ -310,6 +338,9 @@ class RelayLoad:
         """Open the links to the relay and build every circuit; cells flow as each opens.
         Loop thread only."""
         self.running = True
+        if self.rate:
+            self._ticked_at = time.perf_counter()
+            self.reactor.call_later(PACE_TICK, self._tick)
         host, port = self.address
         for index, identity in enumerate(self._identities):
             credentials = LinkCredentials.of(identity) if self.tls else None
@@ -330,8 +361,11 @@ class RelayLoad:
             circuit.start(self.relay)
 
     def mark(self, circuit: LoadCircuit) -> None:
-        """Pump ``circuit`` at the end of this loop iteration. Loop thread only."""
+        """Pump ``circuit`` at the end of this loop iteration (paced: the ticks pump; a
+        circuit stays marked so its handlers stop calling). Loop thread only."""
         circuit.dirty = True
+        if self.rate:
+            return
         self._dirty.append(circuit)
         if len(self._dirty) == 1:
             self.reactor.call_soon(self._pump)
@@ -341,6 +375,34 @@ class RelayLoad:
         for circuit in dirty:
             circuit.dirty = False
             circuit.pump()
+
+    def _tick(self) -> None:
+        """Paced load: every :data:`PACE_TICK` s, spend the credit the rate earned since the
+        last tick, spread evenly over the open circuits and both directions (capped at
+        :data:`PACE_BURST` s of credit, so cells held up by full windows do not burst), with
+        one write per link: as a relay flushes what its circuits have for a link at once."""
+        if self._closing:
+            return
+        now = time.perf_counter()
+        self._credit = min(self._credit + (now - self._ticked_at) * self.rate,
+                           self.rate * PACE_BURST)
+        self._ticked_at = now
+        open_circuits = [circuit for circuit in self.circuits if circuit.state == "open"]
+        share = int(self._credit / (2 * len(open_circuits))) if open_circuits else 0
+        if share and self.running:
+            writes: dict[Link, list[memoryview]] = {}
+            for circuit in open_circuits:
+                forward = circuit.take_forward(share)
+                if forward is not None:
+                    writes.setdefault(circuit.client_link, []).append(forward)
+                backward = circuit.take_backward(share)
+                if backward is not None and circuit.hop_link is not None:
+                    writes.setdefault(circuit.hop_link, []).append(backward)
+            for link, parts in writes.items():
+                data = b"".join(parts)
+                self._credit -= len(data) // FIXED_CELL_LEN
+                link.write_cells(data, len(data) // FIXED_CELL_LEN)
+        self.reactor.call_later(PACE_TICK, self._tick)
 
     def opened(self, circuit: LoadCircuit) -> None:
         """``circuit`` is open at both ends. Loop thread only."""

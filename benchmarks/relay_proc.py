@@ -219,6 +219,11 @@ class RelayProcess:
         except queue.Empty:
             raise RelayStartError(f"no STATS within {timeout} s:\n{self.log_tail()}") from None
 
+    def counters(self) -> dict[str, Any]:
+        """:meth:`stats` (what :func:`benchmarks.relay_cpu.measure` asks every relay under
+        test for). Owner thread (blocks)."""
+        return self.stats()
+
     def times(self) -> dict[int, ThreadTimes]:
         """CPU of every task now (:func:`thread_times`). Any thread."""
         return thread_times(self.pid)

@@ -3,15 +3,17 @@
 What is checked (never speed: the machine is shared):
 
 * ``python -m benchmarks.relay --quick --json`` exits 0 and prints ``{"tls": M, "plain": M,
-  "c_tor": ...}``: every figure of ``M`` a positive finite number, the loop thread's and the
-  workers' CPU each at most the relay's total, p50 <= p99, MB/s = cells/s x 514 bytes, the
-  spreads bracketing the medians, the per-run records (one CPU share per worker, the relay's
-  pool size of workers, no circuit lost); ``c_tor`` either null with the reason, or C tor's
-  and our CPU per relayed cell at the middle of a tornet circuit with every byte intact;
+  "c_tor": ..., "c_tor_same_load": ...}``: every figure of ``M`` (and of its paced run) a
+  positive finite number, the loop thread's and the workers' CPU each at most the relay's
+  total, p50 <= p99, MB/s = cells/s x 514 bytes, the spreads bracketing the medians, the
+  per-run records (one CPU share per worker, the relay's pool size of workers, no circuit
+  lost); ``c_tor`` / ``c_tor_same_load`` either null with the reason, or C tor's and our CPU
+  per relayed cell at the middle of a tornet circuit with every byte intact, and C tor's under
+  the same load generator, saturated and paced, with the ratios to ours;
 * the load generator's cells are the relay's: after the load stops and drains, the relay's
   ``cells_crypted`` counter equals the cells that reached the two far ends plus what built
   each circuit (EXTEND2 in, EXTENDED2 out, and the CREATE2 onionskin, which the counter also
-  counts), over TLS and plain links;
+  counts), over TLS and plain links, saturating or paced;
 * the CPU split files each task under loop (TID == PID), workers or other;
 * the latency tracer: a traced network records every stage of a cell's way through each relay,
   and the analysis cuts each probe into segments whose sum is the probe's round trip.
@@ -72,6 +74,13 @@ def test_quick_json_has_both_modes_and_c_tor(quick_report: dict[str, Any]) -> No
         assert cpu_run["cells"] > 0 and cpu_run["load_cells"] > 0
         assert len(cpu_run["per_worker_cpu_s"]) == cpu_run["threads"] == 2
         assert cpu_run["loop_cpu_s"] + cpu_run["workers_cpu_s"] <= cpu_run["cpu_s"] + 1e-9
+        paced = figures["paced"]
+        assert paced["offered_cells_per_s"] == quick_report["settings"]["paced_rate"] > 0
+        for key in ("loop_cpu_us_per_cell", "cpu_us_per_cell", "cells_per_s"):
+            assert _positive(paced[key]), (mode, "paced", key)
+        assert paced["loop_cpu_us_per_cell"] <= paced["cpu_us_per_cell"]
+        [paced_run] = paced["runs"]
+        assert paced_run["steady"] and paced_run["circuits_closed_by_relay"] == 0
         [rtt_run] = figures["runs"]["rtt"]
         assert rtt_run["idle"]["samples"] == quick_report["settings"]["rtt_samples"]
         assert rtt_run["load"]["samples"] > 0 and rtt_run["load"]["middle_cells_per_s"] > 0
@@ -81,7 +90,19 @@ def test_quick_json_c_tor_is_measured_or_explained(quick_report: dict[str, Any])
     tor = quick_report["c_tor"]
     if tor_missing() is not None:
         assert tor is None and quick_report["c_tor_skipped"] == tor_missing()
+        assert quick_report["c_tor_same_load"] is None
         return
+    same = quick_report["c_tor_same_load"]
+    assert set(same) == {"saturated", "paced"}
+    for kind, figures in same.items():
+        [run] = figures["runs"]
+        assert run["relay"] == "tor" and run["steady"]
+        assert _positive(figures["cpu_us_per_cell"]) and _positive(figures["cells_per_s"])
+        # tor relays cells on its main thread: the "loop" share is nearly all of it
+        assert figures["loop_cpu_us_per_cell"] <= figures["cpu_us_per_cell"]
+        ours = (quick_report["tls"] if kind == "saturated" else quick_report["tls"]["paced"])
+        assert figures["ratio_ours_to_tor"] == pytest.approx(ours["cpu_us_per_cell"]
+                                                             / figures["cpu_us_per_cell"])
     assert tor is not None, quick_report.get("c_tor_error")
     assert tor["position"] == "middle" and tor["intact"]
     assert _positive(tor["cpu_us_per_cell"])
@@ -91,8 +112,10 @@ def test_quick_json_c_tor_is_measured_or_explained(quick_report: dict[str, Any])
                                                  / tor["cpu_us_per_cell"])
 
 
-@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
-def test_load_cells_are_the_relays_relayed_cells(tmp_path: Path, tls: bool) -> None:
+@pytest.mark.parametrize(("tls", "rate"), [(True, 0.0), (False, 0.0), (False, 20_000.0)],
+                         ids=["tls", "plain", "plain-paced"])
+def test_load_cells_are_the_relays_relayed_cells(tmp_path: Path, tls: bool,
+                                                 rate: float) -> None:
     relay = RelayProcess(tmp_path / "relay", tls=tls, threads=2)
     relay.start()
     circuits, target = 8, 20_000
@@ -115,7 +138,7 @@ def test_load_cells_are_the_relays_relayed_cells(tmp_path: Path, tls: bool) -> N
 
             load = RelayLoad(reactor, relay.descriptor, relay.address, tls=tls,
                              workdir=tmp_path / "load", circuits=circuits, links=2,
-                             window=200, chunk=32, on_open=lambda _: watch())
+                             window=200, chunk=32, rate=rate, on_open=lambda _: watch())
             load.start()
             reactor.call_later(120.0, reactor.stop)
             reactor.run()
