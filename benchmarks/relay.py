@@ -91,7 +91,8 @@ TARGETS = {
 
 
 def _figure(name: str, record: dict[str, Any]) -> float:
-    """One figure from one run's record (a CPU run's or a round-trip run's)."""
+    """One figure from one run's record (a CPU run's or a round-trip run's). Any thread
+    (pure)."""
     if FIGURES[name] == "cpu":
         return float(record[name])
     phase, _, stat = name.removeprefix("rtt_").partition("_")
@@ -177,6 +178,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _load() -> float:
+    """The 1-minute load average. Any thread."""
     return os.getloadavg()[0]
 
 
@@ -278,6 +280,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 def _row(label: str, values: dict[str, Any], key: str, unit: str, fmt: str,
          target: tuple[str, float] | None, modes: list[str]) -> str:
+    """One line of the table: the figure per mode with its spread, and the target. Any thread
+    (pure)."""
     cells = []
     for mode in modes:
         value = values[mode][key]

@@ -77,6 +77,7 @@ Event = tuple[int, str, str, str, int, int]
 
 
 def _stage(a: Event, b: Event) -> str:
+    """The stage a segment between two events belongs to. Any thread (pure)."""
     if a[1] != b[1]:
         return _BETWEEN if (a[2], b[2]) == ("write", "read") else (
             f"between processes: {a[2]} -> {b[2]}")
@@ -97,6 +98,7 @@ class TracedNetwork(LocalNetwork):
         self.switches = dict(switches or {})
 
     def _out(self, name: str) -> str:
+        """Where child ``name`` writes its events (``-``: untraced). Owner thread."""
         return str(self.workdir / f"{name}.json") if self.trace else "-"
 
     def start(self, timeout: float = 60.0) -> None:
@@ -259,6 +261,7 @@ def analyse(marks: list[tuple[float, float]], traces: list[dict[str, Any]],
 
 
 def _print(report: dict[str, Any]) -> None:
+    """The stage and segment tables. Main thread."""
     mean = report["rtt_mean_us"] or 1.0
     print(f"{report['probes']} probes: round trip median {report['rtt_median_us']:.0f} us, "
           f"mean {mean:.0f} us")
@@ -277,6 +280,7 @@ def _print(report: dict[str, Any]) -> None:
 
 
 def _print_compare(report: dict[str, Any]) -> None:
+    """The table of :func:`compare`. Main thread."""
     print(f"{'variant':<44} {'idle p50':>9} {'idle p99':>9} {'load p50':>9} {'load p99':>9} "
           f"{'load cells/s':>12}")
     for name, row in report.items():

@@ -90,7 +90,7 @@ _X_AT = NTOR_ONIONSKIN_LEN - 32  # the client's X ends an ntor onionskin (ID | B
 
 def _cells(circ_id: int, count: int) -> memoryview:
     """``count`` wire RELAY cells for ``circ_id`` with random payloads (written as slices,
-    never changed)."""
+    never changed). Any thread (pure)."""
     return memoryview(wire_cells(circ_id, _RELAY, os.urandom(count * CELL_PAYLOAD_LEN)))
 
 

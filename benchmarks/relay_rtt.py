@@ -134,6 +134,7 @@ def request_stats(child: ChildProcess, timeout: float = 5.0) -> dict[str, Any] |
 
 
 def _bulk_argv(network: LocalNetwork, tls: bool, circuits: int, size: int) -> list[str]:
+    """The bulk client's command line for ``network``. Any thread (pure)."""
     host, port = network.echo_address
     return [sys.executable, "-m", "examples.client", "--directory",
             str(network.directory_path), "--target", f"{host}:{port}", "--circuits",
@@ -142,6 +143,7 @@ def _bulk_argv(network: LocalNetwork, tls: bool, circuits: int, size: int) -> li
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99/max in ms and the count of round-trip samples (s). Any thread (pure)."""
     return {"p50_ms": percentile(samples, 0.50) * 1e3, "p90_ms": percentile(samples, 0.90) * 1e3,
             "p99_ms": percentile(samples, 0.99) * 1e3,
             "max_ms": max(samples) * 1e3 if samples else 0.0, "samples": len(samples)}

@@ -54,7 +54,8 @@ def tor_missing() -> str | None:
 
 
 def _stats(relay: ExternalRelay, timeout: float = 10.0) -> dict[str, Any]:
-    """Our relay's live counters: SIGUSR1, then the next STATS line on its stdout."""
+    """Our relay's live counters: SIGUSR1, then the next STATS line on its stdout. Main
+    thread (blocks)."""
     assert relay.process is not None
     seen = sum(1 for line in relay.process.stdout_lines() if line.startswith("STATS "))
     os.kill(relay.pid, signal.SIGUSR1)
@@ -68,6 +69,7 @@ def _stats(relay: ExternalRelay, timeout: float = 10.0) -> dict[str, Any]:
 
 
 def _spread(values: list[float]) -> list[float]:
+    """``[min, max]`` ([] when empty). Any thread (pure)."""
     return [min(values), max(values)] if values else []
 
 

@@ -67,15 +67,18 @@ _MAIN = threading.main_thread().ident
 
 
 def _thread() -> str:
+    """``L`` on the main thread, ``W`` elsewhere. Any thread."""
     return "L" if threading.get_ident() == _MAIN else "W"
 
 
 def _record(event: str) -> None:
+    """Append one event of the calling thread. Any thread."""
     EVENTS.append((perf_counter_ns(), event, _thread(), thread_time_ns(),
                    threading.get_native_id()))
 
 
 def _before(owner: Any, name: str, event: str) -> None:
+    """Wrap ``owner.name`` to record ``event`` before each call. Main thread (set-up)."""
     original = getattr(owner, name)
 
     @functools.wraps(original)
@@ -88,6 +91,8 @@ def _before(owner: Any, name: str, event: str) -> None:
 
 def _after(owner: Any, name: str, event: str,
            when: Callable[[Any], bool] = lambda result: True) -> None:
+    """Wrap ``owner.name`` to record ``event`` after each call whose result passes ``when``.
+    Main thread (set-up)."""
     original = getattr(owner, name)
 
     @functools.wraps(original)
@@ -101,6 +106,8 @@ def _after(owner: Any, name: str, event: str,
 
 
 def _traced_group(group: Any) -> Any:
+    """``group`` (a kernel group function, called by workers) recording ``crypt`` and
+    ``crypted`` around each call. Any thread."""
     if group is None:
         return None
 
