@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
-from OpenSSL import SSL
 from support_tls import (
     SocketServer,
     credentials,
@@ -35,6 +34,7 @@ from support_tls import (
     write_pem,
 )
 
+from relay._tls import TLS1_2_VERSION
 from relay.tls import (
     TlsClientContext,
     TlsClientSession,
@@ -149,8 +149,7 @@ def test_exporter_equal_on_both_ends_and_bound_to_label_and_context(
 def test_tls12_session_and_its_exporter(server_context: TlsServerContext) -> None:
     """A peer that stops at TLS 1.2 still gets a link (tor's minimum), with an ECDHE suite;
     the exporter agrees on both ends and, in TLS 1.2, tells "no context" from an empty one."""
-    old = TlsClientContext()
-    old.ssl_context.set_max_proto_version(SSL.TLS1_2_VERSION)  # before any session uses it
+    old = TlsClientContext(max_version=TLS1_2_VERSION)
     client, server = connected(server_context, old)
     assert client.version() == server.version() == "TLSv1.2"
     assert (client.cipher() or "").startswith("ECDHE-")
