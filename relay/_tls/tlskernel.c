@@ -1002,7 +1002,7 @@ run_write(Job *job)
     const Input *in = &job->in;
     size_t written;
     if (in->count == 1 && in->len > 0) {
-        if (SSL_write_ex(s->ssl, in->one.buf, in->len, &written) != 1)
+        if (SSL_write_ex(s->ssl, in->pieces[0].buf, in->len, &written) != 1)
             job_fail(job, "TLS write failed", SSL_get_error(s->ssl, 0));
         return;
     }
