@@ -13,14 +13,16 @@ on the system's libssl):
   Neither context verifies anything.
 * No client certificate: an initiating relay proves its identity in-protocol with AUTHENTICATE,
   which binds the TLS session through the RFC 5705 exporter. The server context asks for none
-  (no CertificateRequest), the client context has none. (tor's own server context sets
-  ``SSL_VERIFY_PEER`` with an accept-everything callback, so a tor server may ask; our client
-  then answers with no certificate, which tor accepts.)
+  (no CertificateRequest; a tor 0.4.9 server sends none either, in TLS 1.2 or 1.3: seen with
+  ``openssl s_client -msg``), the client context has none.
 * The server: forward-secret ECDHE suites for TLS 1.2 in the server's order of preference
   (``relay._tls.SERVER_TLS12_CIPHERS``; tor's list starts with the same suites, its DHE
   fallbacks are for tors older than 0.2.4), OpenSSL's TLS 1.3 suites; no session tickets in
-  TLS 1.2 or 1.3, no session cache, no compression (tor sets the same options). A client offers
-  tickets, as tor's client does, and caches nothing.
+  TLS 1.2 or 1.3, no session cache, no compression. tor sets the same options, but sets only
+  ``SSL_OP_NO_TICKET``, which in TLS 1.3 makes OpenSSL send a stateful ticket instead of none:
+  a tor 0.4.9 server sends one NewSessionTicket after a TLS 1.3 handshake (useless to the
+  client: the server caches no session); ours sends none. A client offers tickets, as tor's
+  client does, and caches nothing.
 * No renegotiation in either direction (``SSL_OP_NO_RENEGOTIATION``; TLS 1.3 has none): tor's
   v3 link handshake never renegotiates, and a session's certificates and keys therefore stay
   what the handshake fixed.

@@ -61,16 +61,19 @@
  * The pipe: a BIO without copies
  * ------------------------------
  * A memory BIO would copy every byte twice more than needed (into its buffer, then out of it).
- * The pipe BIO instead reads straight from the caller's pinned input (bytes OpenSSL has not read
- * when a call ends -- only after close_notify or an error -- are kept in the session's carry
- * buffer and read first next time) and writes records straight into the result bytes object,
- * allocated beforehand with a bound: for encrypt, the input plus the most a record can add
- * (RECORD_OVERHEAD_MAX) per 16 KiB record; for decrypt, the input plus one record's plaintext
- * when OpenSSL holds part of a record from an earlier call (SSL_has_pending). Output beyond the
- * bound goes, in order, to a growable spill buffer joined at the end (never needed for encrypt
- * with OpenSSL's overheads; for decrypt only if a partial record was not seen), and the result
- * is shrunk to its length. Output produced while no result is being built (while decrypting)
- * goes to the session's pending buffer.
+ * The pipe BIO instead reads straight from the caller's pinned input and writes records straight
+ * into the result bytes object. Input OpenSSL has not read when a call ends (none in practice:
+ * a read runs until OpenSSL wants more) is kept in the session's carry buffer and read first
+ * next time, so no byte can be lost; after close_notify or an error it is dropped, so a peer
+ * cannot grow it. The result is
+ * allocated beforehand with a bound: for encrypt, the waiting output plus the input plus the
+ * most a record can add (RECORD_OVERHEAD_MAX) per 16 KiB record; for decrypt, the input plus one
+ * record's plaintext when OpenSSL holds part of a record from an earlier call (SSL_has_pending).
+ * Output beyond the bound goes, in order, to a growable spill buffer joined at the end (not
+ * needed with OpenSSL's overheads; the tests pass, under valgrind too, in a build without the
+ * slack, where every result takes that path), and the
+ * result is shrunk to its length. Output made while no result is being built (while
+ * decrypting) goes to the session's pending buffer and leaves with the next result.
  *
  * Threads
  * -------
@@ -1134,6 +1137,12 @@ job_run(Job *job)
     if (job->finished_handshake && !job->failed)
         run_note_handshake(job);
     int nomem = p->nomem;
+    if (atomic_load(&s->peer_closed) || atomic_load(&s->closed)) {
+        /* Nothing after close_notify (or a fatal error) will ever be read: drop it rather than
+         * keep it, so a peer cannot grow the carry buffer by sending on. */
+        p->in = NULL;
+        p->carry.len = p->carry_off = 0;
+    }
     pipe_end(p);
     if (p->nomem && !nomem && !job->failed) {
         /* keeping unread input failed: the byte stream has a hole */
