@@ -13,7 +13,8 @@
  * release of the GIL, and tls_group() does that for several links' jobs at once, so a worker
  * of the pool can own a link's record crypto the way it owns a circuit's relay crypto.
  * It links the system's libssl (OpenSSL 3, the library tor, Python's ssl and the C kernels
- * use); only standard TLS passes between it and other implementations (tests/test_tls_kernel).
+ * use); only standard TLS passes between it and other implementations
+ * (tests/test_tls_kernel_interop.py).
  *
  * API
  * ---
@@ -38,9 +39,10 @@
  *     peer_certificate_der(), own_certificate_der(), version(), cipher(), server_name()
  *     properties handshake_done, peer_closed, closed, wants_write, in_use, server
  *     `data` is a bytes-like object or a list/tuple of them read as their concatenation.
- *     TLS bytes OpenSSL produces while reading (a TLS 1.3 KeyUpdate answer) are kept and leave,
- *     in order, at the head of the next encrypt()/feed()/close() result; wants_write says some
- *     are waiting (encrypt(b"") hands them out).
+ *     TLS bytes OpenSSL produces while reading (the alert refusing a TLS 1.2 renegotiation,
+ *     say; OpenSSL itself holds a TLS 1.3 KeyUpdate answer until the next write) are kept and
+ *     leave, in order, at the head of the next encrypt()/feed()/close() result; wants_write
+ *     says some are waiting (encrypt(b"") hands them out).
  * tls_group(jobs) -> list: several sessions' (session, OP_DECRYPT | OP_ENCRYPT, data) jobs with
  *     ONE release of the GIL; one result per job, in order: what decrypt/encrypt returns, or the
  *     exception instance it raises (errors stay with their job; the other jobs run). Jobs run
@@ -65,22 +67,21 @@
  * into the result bytes object. Input OpenSSL has not read when a call ends (none in practice:
  * a read runs until OpenSSL wants more) is kept in the session's carry buffer and read first
  * next time, so no byte can be lost; after close_notify or an error it is dropped, so a peer
- * cannot grow it. The result is
- * allocated beforehand with a bound: for encrypt, the waiting output plus the input plus the
- * most a record can add (RECORD_OVERHEAD_MAX) per 16 KiB record; for decrypt, the input plus one
- * record's plaintext when OpenSSL holds part of a record from an earlier call (SSL_has_pending).
- * Output beyond the bound goes, in order, to a growable spill buffer joined at the end (not
- * needed with OpenSSL's overheads; the tests pass, under valgrind too, in a build without the
- * slack, where every result takes that path), and the
- * result is shrunk to its length. Output made while no result is being built (while
- * decrypting) goes to the session's pending buffer and leaves with the next result.
+ * cannot grow it. The result is allocated beforehand with a bound: for encrypt, the waiting
+ * output plus the input plus the most a record can add (RECORD_OVERHEAD_MAX) per 16 KiB record;
+ * for decrypt, the input plus one record's plaintext when OpenSSL holds part of a record from an
+ * earlier call (SSL_has_pending). Output beyond the bound goes, in order, to a growable spill
+ * buffer joined at the end (not needed with OpenSSL's overheads; the tests pass, under valgrind
+ * too, in a build without the slack, where every result takes that path), and the result is
+ * shrunk to its length. Output made while no result is being built (while decrypting) goes to
+ * the session's pending buffer and leaves with the next result.
  *
  * Threads
  * -------
  * Any thread may call any method, but one session must be used by one thread at a time:
  * OpenSSL's SSL object is not thread-safe, not even one thread reading while another writes, so
- * decrypt and encrypt of one link must not run at once either (the pool keeps a link's record
- * jobs in one ordered lane). A violation is made loud: every method claims the session with an
+ * decrypt and encrypt of one link must not run at once either (relay.tlslanes makes a link's
+ * session one pool circuit, whose two lanes one worker at a time runs). A violation is made loud: every method claims the session with an
  * atomic flag and raises RuntimeError if it is already claimed; the lock-free properties
  * (handshake_done, peer_closed, closed, wants_write, in_use) and the values fixed by the
  * handshake (version, cipher, certificates, server name: cached as Python objects when it
