@@ -10,7 +10,7 @@ CACHE  := .cache
 venv: $(STAMP)
 
 # Rebuilt only when something it depends on changed: fast when nothing did.
-$(STAMP): pyproject.toml setup.py tools/build_pyuv.py tools/setup_system.sh $(wildcard tor1/_kernel/*.c) $(wildcard relay/_ntor/*.c) $(wildcard relay/_cells/*.c)
+$(STAMP): pyproject.toml setup.py tools/build_pyuv.py tools/setup_system.sh $(wildcard tor1/_kernel/*.c) $(wildcard relay/_ntor/*.c) $(wildcard relay/_cells/*.c) $(wildcard relay/_tls/*.c)
 	bash tools/setup_system.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade "setuptools>=77" wheel

@@ -1,8 +1,9 @@
-"""Build hook for the C kernels (tor1/_kernel, relay/_ntor, relay/_cells). Metadata lives in pyproject.toml.
+"""Build hook for the C kernels (tor1/_kernel, relay/_ntor, relay/_tls, relay/_cells). Metadata
+lives in pyproject.toml.
 
 Each kernel's build description is loaded by file path, not imported as a module: importing
-``tor1._kernel`` or ``relay._ntor`` would run its ``__init__.py``, which serves names from the
-very extension this script is about to build.
+``tor1._kernel``, ``relay._ntor``, ``relay._tls`` or ``relay._cells`` would run its ``__init__.py``, which serves
+names from the very extension this script is about to build.
 """
 
 import importlib.util
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parent
 BUILD_FILES = {
     "relaycrypt_kernel_build": ROOT / "tor1" / "_kernel" / "build.py",
     "relaycrypt_ntor_build": ROOT / "relay" / "_ntor" / "build.py",
+    "relaycrypt_tls_build": ROOT / "relay" / "_tls" / "build.py",
     "relaycrypt_cells_build": ROOT / "relay" / "_cells" / "build.py",
 }
 

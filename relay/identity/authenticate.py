@@ -23,8 +23,8 @@ AUTHENTICATE (initiator -> responder), method 3::
 * ``SCERT``: SHA-256 of the responder's TLS certificate (DER).
 * ``TLSSECRETS``: the TLS session's RFC 5705 keying-material exporter, called **with label
   :data:`EXPORTER_LABEL` (``b"EXPORTER FOR TOR TLS CLIENT BINDING AUTH0003"``), context =
-  CID (the 32-byte SHA-256 of the initiator's RSA identity key) and length 32**; with
-  pyOpenSSL, ``connection.export_keying_material(EXPORTER_LABEL, 32, cid)``. tor-spec says
+  CID (the 32-byte SHA-256 of the initiator's RSA identity key) and length 32**; with a
+  ``relay.tls`` session, ``session.export_keying_material(EXPORTER_LABEL, 32, cid)``. tor-spec says
   the context is the initiator's Ed25519 key, but tor passes CID
   (``connection_or_compute_authenticate_cell_body``), and tor's behaviour is what peers check.
 * ``RAND``: 24 random bytes; ``SIG``: Ed25519 signature of everything before it by the

@@ -17,8 +17,7 @@ a running tor 0.4.9.11):
 tor replaces the whole TLS context (link key, both certificates) every two hours and signs a
 new Ed25519 type 5 certificate for the new link certificate (:mod:`relay.identity.keys` does
 the rotation). :func:`make_tls_link_certs` returns the certificates as ``cryptography`` objects
-plus their DER, ready for pyOpenSSL (``OpenSSL.crypto.X509.from_cryptography`` and
-``PKey.from_cryptography_key``, or ``use_certificate`` with the DER).
+plus their DER, ready for ``relay.tlscontext.TlsServerContext`` (which takes either).
 
 CERTS bodies: :func:`responder_certs_body` (types 1, 2, 4, 5, 7: what a tor responder sends)
 and :func:`initiator_certs_body` (types 2, 4, 6, 7: what a tor relay sends as initiator for
