@@ -2,8 +2,8 @@
 lives in pyproject.toml.
 
 Each kernel's build description is loaded by file path, not imported as a module: importing
-``tor1._kernel``, ``relay._ntor``, ``relay._tls`` or ``relay._cells`` would run its ``__init__.py``, which serves
-names from the very extension this script is about to build.
+``tor1._kernel``, ``relay._ntor``, ``relay._tls`` or ``relay._cells`` would run its
+``__init__.py``, which serves names from the very extension this script is about to build.
 """
 
 import importlib.util
