@@ -134,11 +134,16 @@ class Config:
 
 def measure(config: Config, log: Any = None) -> dict[str, Any]:
     """Run every design on every workload; return the JSON document (see the module doc)."""
+    previous_interval = sys.getswitchinterval()
     sys.setswitchinterval(config.switch_interval)
     results: dict[str, Any] = {}
-    for name in config.workloads:
-        workload = build(name, config.circuits, config.cells_per_circuit, config.chunk_cells)
-        results[name] = measure_workload(workload, config, log)
+    try:
+        for name in config.workloads:
+            workload = build(name, config.circuits, config.cells_per_circuit,
+                             config.chunk_cells)
+            results[name] = measure_workload(workload, config, log)
+    finally:  # the interval is process-wide: a caller (or a test) must get its own back
+        sys.setswitchinterval(previous_interval)
     ceiling = openssl_cells_per_s() if config.openssl else None
     add_ratios(results, ceiling)
     document: dict[str, Any] = {"workloads": results}
