@@ -14,8 +14,8 @@ Wire cells
 ----------
 After crypto, a circuit's batch is ``n`` joined 509-byte payloads; on the link each needs the
 5-byte ``CircID | Command`` header (link protocol v4). :func:`wire_cells` builds the whole batch
-as one ``bytes`` with one list comprehension and one ``bytes.join`` (the header is the join
-separator), which is what a relay hands to ``Stream.write`` per reply: no per-cell Python call.
+as one ``bytes`` in one C call (``relay._cells.frame``, with RELAY_EARLY at given positions),
+which is what a relay hands to its link per reply: no per-cell Python call.
 
 SENDME windows (tor-spec 7.3, 7.4)
 ----------------------------------
@@ -53,10 +53,10 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Generic, Protocol, TypeVar
 
-from relay.cells import RelayCommand
+from relay.cells import CellCommand, RelayCommand
 from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "pack_relay",
     "relay_body",
     "wire_cells",
+    "wire_cells_py",
 ]
 
 CIRCWINDOW_START = 1000
@@ -107,6 +108,7 @@ _ZERO_DIGEST = bytes(4)
 _PAD_GAP = bytes(4)
 _DATA = int(RelayCommand.DATA)
 _CELL_HEADER = struct.Struct(">IB")
+_RELAY_EARLY = CellCommand.RELAY_EARLY
 
 
 def pack_relay(command: int, stream_id: int, data: bytes = b"") -> bytes:
@@ -152,16 +154,40 @@ def relay_body(plain: bytes | memoryview, offset: int = 0) -> tuple[int, int, by
     return command, stream_id, bytes(plain[start : start + length])
 
 
-def wire_cells(circ_id: int, command: int, payloads: bytes) -> bytes:
-    """Link-protocol-v4 wire bytes of ``n`` joined 509-byte payloads, all with one header.
+def wire_cells_py(circ_id: int, command: int, payloads: bytes,
+                  early: Sequence[int] | None = None) -> bytes:
+    """Link-protocol-v4 wire bytes of ``n`` joined 509-byte payloads behind ``(circ_id,
+    command)`` headers; the cells at the positions in ``early`` get RELAY_EARLY instead.
 
-    One comprehension and one ``join``: the header is the separator. Any thread.
+    The reference for the C ``relay._cells.frame`` (same results): one comprehension and one
+    ``join``, the header being the separator. Any thread (pure).
     """
-    header = _CELL_HEADER.pack(circ_id, command)
     size = CELL_PAYLOAD_LEN
-    return header + header.join(
-        [payloads[i : i + size] for i in range(0, len(payloads), size)]
-    )
+    if len(payloads) % size:
+        raise ValueError(f"payloads of {len(payloads)} bytes are not whole 509-byte cells")
+    header = _CELL_HEADER.pack(circ_id, command)
+    pieces = [payloads[i : i + size] for i in range(0, len(payloads), size)]
+    if not early:
+        return header + header.join(pieces) if pieces else b""
+    marked = set(early)
+    if min(marked) < 0 or max(marked) >= len(pieces):
+        raise ValueError(f"early positions outside {len(pieces)} cells")
+    other = _CELL_HEADER.pack(circ_id, _RELAY_EARLY)
+    return b"".join((other if i in marked else header) + piece
+                    for i, piece in enumerate(pieces))
+
+
+def _c_frame() -> Callable[..., bytes] | None:
+    try:
+        from relay._cells import frame
+    except ImportError:
+        return None
+    return frame
+
+
+wire_cells: Callable[..., bytes] = _c_frame() or wire_cells_py
+"""``wire_cells(circ_id, command, payloads, early=None)``: the C ``relay._cells.frame`` when
+built, else :func:`wire_cells_py` (same contract). Any thread (pure)."""
 
 
 class Pausable(Protocol):

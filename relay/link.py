@@ -6,15 +6,15 @@ Layers, one module each
 
     Stream (TCP bytes) --on_data--> [TlsClientSession.feed] --plaintext--> Link._on_plain
         --> relay.linkhandshake.LinkHandshake (one cell at a time, until done)
-        --> relay.framing.CellFramer (every complete cell, to its circuit's handler)
+        --> relay.framing.CellFramer (RELAY cells grouped per circuit in C, other cells one by one)
     send_cell / write_cells --> [TlsClientSession.encrypt] --> Stream.write
 
 * :mod:`relay.linkhandshake`: the tor-spec 4 handshake (VERSIONS, CERTS, AUTH_CHALLENGE,
   NETINFO) as a state machine without I/O of its own; the initiator side is
   :meth:`Link.connect` (optionally over TLS to a real tor, giving :attr:`Link.peer_fingerprint`),
   the responder side :meth:`Link.accept` (plain TCP between this project's relays);
-* :mod:`relay.framing`: the incremental framing of an open link's cells (one
-  ``struct.unpack_from`` and one slice per cell, one dict lookup to its circuit's handler);
+* :mod:`relay.framing`: the incremental framing of an open link's cells (a read's RELAY cells
+  grouped per circuit in one C call, each control cell to its circuit's handler);
 * :mod:`relay.netinfo`: the NETINFO body codec; :mod:`relay.linkerrors`: :class:`CloseKind`
   and :class:`LinkError`;
 * this module: the :class:`Link` itself -- the transport (TCP, TLS), the link's state, circuit
@@ -52,7 +52,14 @@ from collections.abc import Callable, Sequence
 
 from reactor import CloseReason, Reactor, Stream, TimerHandle, connect
 from relay.cells import CellCommand, CellFormatError, DestroyReason, is_var_length
-from relay.framing import FIXED_CELL_LEN, CellFramer, CellHandler, fixed_cell, var_cell
+from relay.framing import (
+    FIXED_CELL_LEN,
+    BatchHandler,
+    CellFramer,
+    CellHandler,
+    fixed_cell,
+    var_cell,
+)
 from relay.linkauth import LinkCredentials, PeerIdentity, ServerCredentials
 from relay.linkerrors import CloseKind, LinkError
 from relay.linkhandshake import HandshakeFailed, LinkHandshake, command_name
@@ -139,9 +146,10 @@ class Link:
         self.close_reason: str | None = None
         self.close_kind: CloseKind | None = None
         self._circuits: dict[int, CellHandler] = {}
+        self._batches: dict[int, BatchHandler] = {}
         self._next_id = 1
         self._id_mask = _HIGH_BIT if initiator else 0
-        self._framer = CellFramer(self._circuits, self._unrouted)
+        self._framer = CellFramer(self._circuits, self._unrouted, self._batches)
         self._paused = False
         self._padding: LinkPadding | None = None
         self._dispatching = False
@@ -314,11 +322,13 @@ class Link:
 
     # ------------------------------------------------------------------ circuits
 
-    def add_circuit(self, handler: CellHandler, circ_id: int | None = None) -> int:
+    def add_circuit(self, handler: CellHandler, circ_id: int | None = None,
+                    batch: BatchHandler | None = None) -> int:
         """Register a circuit's ``handler(command, payload)``; return its id. ``circ_id=None``
         allocates a free id from our half (high bit set iff we initiated the link); otherwise
-        ``circ_id`` must be a free, non-zero id from the peer's half (``LinkError``).
-        O(1) amortized. Loop thread only."""
+        ``circ_id`` must be a free, non-zero id from the peer's half (``LinkError``). With
+        ``batch``, the circuit's RELAY and RELAY_EARLY cells go to ``batch(payloads, count,
+        early)`` per read instead (:mod:`relay.framing`). O(1) amortized. Loop thread only."""
         circuits = self._circuits
         if circ_id is None:
             if len(circuits) >= _ID_SPACE:
@@ -328,6 +338,8 @@ class Link:
                 self._next_id = self._next_id % _ID_SPACE + 1
                 if candidate not in circuits:
                     circuits[candidate] = handler
+                    if batch is not None:
+                        self._batches[candidate] = batch
                     return candidate
         if not 0 < circ_id <= 0xFFFFFFFF:
             raise LinkError(f"circuit id {circ_id} is not a valid 4-byte non-zero id")
@@ -336,11 +348,14 @@ class Link:
         if circ_id in circuits:
             raise LinkError(f"circuit id {circ_id:#x} is already in use")
         circuits[circ_id] = handler
+        if batch is not None:
+            self._batches[circ_id] = batch
         return circ_id
 
     def remove_circuit(self, circ_id: int) -> None:
         """Forget a circuit id (idempotent). Loop thread only."""
         self._circuits.pop(circ_id, None)
+        self._batches.pop(circ_id, None)
 
     def circuit_handler(self, circ_id: int) -> CellHandler | None:
         """The handler registered for ``circ_id``, or None. Loop thread only."""
@@ -393,6 +408,7 @@ class Link:
         """Send DESTROY for ``circ_id`` and forget it. No-op on a closed link.
         Loop thread only."""
         self._circuits.pop(circ_id, None)
+        self._batches.pop(circ_id, None)
         if self._state is _State.OPEN:
             self.send_cell(circ_id, CellCommand.DESTROY, bytes((reason,)))
 
@@ -457,6 +473,7 @@ class Link:
         if self._padding is not None:
             self._padding.stop()
         self._framer.running = False
+        self._framer.closed = True
         self.close_kind = kind
         self.close_reason = reason
         if self._timer is not None:
@@ -471,6 +488,7 @@ class Link:
         # The framer holds the same dict: empty it in place, after taking the entries.
         circuits = dict(self._circuits)
         self._circuits.clear()
+        self._batches.clear()
         destroy = bytes((DestroyReason.CHANNEL_CLOSED,))
         for circ_id, handler in circuits.items():
             try:

@@ -293,12 +293,14 @@ class OrCircuit:
 
     __slots__ = (
         "_bwd",
+        "_bwd_cells",
         "_dirty",
         "_earlies",
         "_early",
         "_edge_paused",
         "_extend",
         "_fwd",
+        "_fwd_cells",
         "_fwd_delivered",
         "_fwd_flight",
         "_fwd_submitted",
@@ -335,7 +337,7 @@ class OrCircuit:
         only."""
         self.host = host
         self.prev = prev
-        self.prev_id = prev.link.add_circuit(self._from_prev, prev_id)
+        self.prev_id = prev.link.add_circuit(self._from_prev, prev_id, batch=self._relay_from_prev)
         self.next: Peer | None = None
         self.next_id = 0
         self.state = _OPEN
@@ -348,8 +350,11 @@ class OrCircuit:
             on_pressure=self._on_pressure,
             context=self,
         )
+        # cells gathered since the last flush, per direction: joined payloads, as read
         self._fwd: list[bytes] = []
+        self._fwd_cells = 0
         self._bwd: list[bytes] = []
+        self._bwd_cells = 0
         self._dirty = False
         self._early: deque[int] = deque()
         self._earlies = 0  # RELAY_EARLY cells received (tor allows 8)
@@ -364,8 +369,8 @@ class OrCircuit:
         self._edge_paused = False
         self._kb_lane = BACKWARD
         self._kb_in_flight = 0
-        self._kb_ready: list[tuple[Circuit, int, list[bytes]]] = []
-        self._kb_held: deque[tuple[int, list[bytes]]] = deque()
+        self._kb_ready: list[tuple[Circuit, int, Any, int]] = []
+        self._kb_held: deque[tuple[int, Any, int]] = deque()
         self._extend: ExtendRequest | None = None
         self._pressure = False
         self.edge: ExitEdge | None = None
@@ -380,21 +385,44 @@ class OrCircuit:
 
     # ------------------------------------------------------------------ cells from the links
 
+    def _relay_from_prev(self, payloads: bytes, count: int,
+                         early: tuple[int, ...] | None) -> None:
+        """A read's RELAY/RELAY_EARLY cells from the previous hop (joined payloads)."""
+        if self.state is _CLOSED:
+            return
+        if early is not None:
+            self._earlies += len(early)
+            if self._earlies > MAX_RELAY_EARLY_CELLS_PER_CIRCUIT:
+                log.info("%r: more than %d RELAY_EARLY cells; closing the circuit", self,
+                         MAX_RELAY_EARLY_CELLS_PER_CIRCUIT)
+                self.close(f"more than {MAX_RELAY_EARLY_CELLS_PER_CIRCUIT} RELAY_EARLY "
+                           "cells", DestroyReason.PROTOCOL)
+                return
+            base = self._fwd_submitted + self._fwd_cells
+            self._early.extend(base + position for position in early)
+        self._fwd.append(payloads)
+        self._fwd_cells += count
+        if not self._dirty:
+            self._dirty = True
+            self.host.mark_dirty(self)
+
+    def _relay_from_next(self, payloads: bytes, count: int,
+                         early: tuple[int, ...] | None) -> None:
+        """A read's RELAY/RELAY_EARLY cells from the next hop (joined payloads)."""
+        if self.state is _CLOSED:
+            return
+        if early is not None:  # tor: RELAY_EARLY toward the client is a protocol violation
+            self.close("RELAY_EARLY cell from the next hop", DestroyReason.PROTOCOL)
+            return
+        self._bwd.append(payloads)
+        self._bwd_cells += count
+        if not self._dirty:
+            self._dirty = True
+            self.host.mark_dirty(self)
+
     def _from_prev(self, command: int, payload: bytes) -> None:
-        if command == _RELAY or command == _RELAY_EARLY:
-            if command == _RELAY_EARLY:
-                self._earlies += 1
-                if self._earlies > MAX_RELAY_EARLY_CELLS_PER_CIRCUIT:
-                    log.info("%r: more than %d RELAY_EARLY cells; closing the circuit", self,
-                             MAX_RELAY_EARLY_CELLS_PER_CIRCUIT)
-                    self.close(f"more than {MAX_RELAY_EARLY_CELLS_PER_CIRCUIT} RELAY_EARLY "
-                               "cells", DestroyReason.PROTOCOL)
-                    return
-                self._early.append(self._fwd_submitted + len(self._fwd))
-            self._fwd.append(payload)
-            if not self._dirty:
-                self._dirty = True
-                self.host.mark_dirty(self)
+        if command == _RELAY or command == _RELAY_EARLY:  # not grouped (e.g. a direct call)
+            self._relay_from_prev(payload, 1, (0,) if command == _RELAY_EARLY else None)
         elif command == _DESTROY:
             self.close("DESTROY from the previous hop", _reason(payload), tell_prev=False)
         elif command not in _PADDINGS and self.host.unexpected_cell(
@@ -403,11 +431,8 @@ class OrCircuit:
             self.close(f"unexpected cell command {command} from the previous hop")
 
     def _from_next(self, command: int, payload: bytes) -> None:
-        if command == _RELAY:
-            self._bwd.append(payload)
-            if not self._dirty:
-                self._dirty = True
-                self.host.mark_dirty(self)
+        if command == _RELAY or command == _RELAY_EARLY:  # not grouped (e.g. a direct call)
+            self._relay_from_next(payload, 1, (0,) if command == _RELAY_EARLY else None)
         elif command == _DESTROY:
             self.close("DESTROY from the next hop", _reason(payload), tell_next=False)
         elif command == CellCommand.CREATED2 and self.state is _EXTENDING:
@@ -419,37 +444,38 @@ class OrCircuit:
                 return
             self.state = _OPEN
             self.originate([extended2])
-        elif command == _RELAY_EARLY:  # tor: RELAY_EARLY toward the client is a violation
-            self.close("RELAY_EARLY cell from the next hop", DestroyReason.PROTOCOL)
         elif command not in _PADDINGS:
             assert self.next is not None
             if self.host.unexpected_cell(self.next, self.next_id, command):
                 self.close(f"unexpected cell command {command} from the next hop")
 
-    def take_submits(self, out: list[tuple[Circuit, int, Any]]) -> None:
+    def take_submits(self, out: list[tuple[Circuit, int, Any, int]]) -> None:
         """Move the batches gathered since the last flush to ``out`` as ``(pool circuit, lane,
-        cells)`` entries, at most one per lane, for the node's one ``submit_many``. Loop thread
-        only (the node calls it at the end of the loop iteration)."""
+        cells, count)`` entries, at most one per lane, for the node's one ``submit_many``.
+        Loop thread only (the node calls it at the end of the loop iteration)."""
         self._dirty = False
         if self.state is _CLOSED:
             self._fwd.clear()
             self._bwd.clear()
+            self._fwd_cells = self._bwd_cells = 0
             self._kb_ready.clear()
             return
         if not self._within_caps():
             return
         now = time.monotonic()
         if self._fwd:
-            cells, self._fwd = self._fwd, []
-            self._fwd_submitted += len(cells)
-            self._fwd_flight.append((now, len(cells)))
-            out.append((self.pool_circuit, FORWARD, cells))
+            pieces, self._fwd = self._fwd, []
+            count, self._fwd_cells = self._fwd_cells, 0
+            self._fwd_submitted += count
+            self._fwd_flight.append((now, count))
+            out.append((self.pool_circuit, FORWARD, _joined(pieces), count))
         if self._bwd:
-            cells, self._bwd = self._bwd, []
-            self._queue_kb(BACKWARD, cells)
+            pieces, self._bwd = self._bwd, []
+            count, self._bwd_cells = self._bwd_cells, 0
+            self._queue_kb(BACKWARD, _joined(pieces), count)
         if self._kb_ready:
             for entry in self._kb_ready:
-                self._kb_flight.append((now, len(entry[2])))
+                self._kb_flight.append((now, entry[3]))
             out.extend(self._kb_ready)
             self._kb_ready.clear()
         self.host.queued_changed(self)
@@ -461,14 +487,14 @@ class OrCircuit:
         """Cells from the previous hop not yet written to the next: waiting for the flush,
         in the pool, or in the queue for the next link. Loop thread only."""
         ahead = self._to_next.cells if self._to_next is not None else 0
-        return len(self._fwd) + self._fwd_submitted - self._fwd_delivered + ahead
+        return self._fwd_cells + self._fwd_submitted - self._fwd_delivered + ahead
 
     @property
     def queued_toward_client(self) -> int:
         """Cells for the previous hop not yet written to it (from the next hop or made
         here). Loop thread only."""
-        held = sum(len(cells) for _, cells in self._kb_held)
-        return len(self._bwd) + self._kb_in_flight + held + self._to_prev.cells
+        held = sum(count for _, _, count in self._kb_held)
+        return self._bwd_cells + self._kb_in_flight + held + self._to_prev.cells
 
     def oldest_queued(self) -> float | None:
         """When the oldest cell this circuit still holds was queued (monotonic seconds), or
@@ -498,7 +524,7 @@ class OrCircuit:
         flush. Loop thread only."""
         if self.state is _CLOSED or not payloads:
             return
-        self._queue_kb(ORIGINATE, payloads)
+        self._queue_kb(ORIGINATE, payloads, len(payloads))
         self._mark_dirty()
 
     def _mark_dirty(self) -> None:
@@ -506,15 +532,16 @@ class OrCircuit:
             self._dirty = True
             self.host.mark_dirty(self)
 
-    def _queue_kb(self, lane: int, cells: list[bytes]) -> None:
-        """Queue a Kb batch for the next flush, unless the other Kb lane has cells in flight
-        (then it is held until they are delivered: see "BACKWARD and ORIGINATE" above)."""
+    def _queue_kb(self, lane: int, cells: Any, count: int) -> None:
+        """Queue a Kb batch (joined payloads or a list) for the next flush, unless the other Kb
+        lane has cells in flight (then it is held until they are delivered: see "BACKWARD and
+        ORIGINATE" above)."""
         if self._kb_held or (self._kb_in_flight and self._kb_lane != lane):
-            self._kb_held.append((lane, cells))
+            self._kb_held.append((lane, cells, count))
             return
         self._kb_lane = lane
-        self._kb_in_flight += len(cells)
-        self._kb_ready.append((self.pool_circuit, lane, cells))
+        self._kb_in_flight += count
+        self._kb_ready.append((self.pool_circuit, lane, cells, count))
 
     def _kb_delivered(self, count: int) -> None:
         self._kb_in_flight -= count
@@ -523,10 +550,10 @@ class OrCircuit:
             return
         lane = held[0][0]
         while held and held[0][0] == lane:
-            _, cells = held.popleft()
+            _, cells, count = held.popleft()
             self._kb_lane = lane
-            self._kb_in_flight += len(cells)
-            self._kb_ready.append((self.pool_circuit, lane, cells))
+            self._kb_in_flight += count
+            self._kb_ready.append((self.pool_circuit, lane, cells, count))
         self._mark_dirty()
 
     # ------------------------------------------------------------------ results
@@ -617,15 +644,7 @@ class OrCircuit:
             log.warning("%r: %s; destroying the circuit", self, why)
             self.close(why, DestroyReason.PROTOCOL)
             return
-        if early:
-            parts = [
-                wire_cells(self.next_id, _RELAY_EARLY if i in early else _RELAY,
-                           out[i * _SIZE : (i + 1) * _SIZE])
-                for i in range(count)
-            ]
-            data = b"".join(parts)
-        else:
-            data = wire_cells(self.next_id, _RELAY, out)
+        data = wire_cells(self.next_id, _RELAY, out, tuple(early) if early else None)
         assert self._to_next is not None
         nxt.scheduler.send(self._to_next, data, count, time.monotonic())
 
@@ -687,7 +706,7 @@ class OrCircuit:
         request, self._extend = self._extend, None
         extend = request.body
         self.next = peer
-        self.next_id = peer.link.add_circuit(self._from_next)
+        self.next_id = peer.link.add_circuit(self._from_next, batch=self._relay_from_next)
         self.host.link_in_use(peer)
         self._to_next = OutQueue(peer.scheduler, self._sent_toward_exit)
         if self._pressure:
@@ -732,6 +751,7 @@ class OrCircuit:
         self.host.pool.close_circuit(self.pool_circuit)
         self._fwd.clear()
         self._bwd.clear()
+        self._fwd_cells = self._bwd_cells = 0
         self._kb_held.clear()
         self._kb_ready.clear()
         self._fwd_flight.clear()
@@ -751,6 +771,11 @@ class OrCircuit:
         if self.edge is not None:
             self.edge.close()
         self.host.circuit_closed(self, why)
+
+
+def _joined(pieces: list[bytes]) -> bytes:
+    """One buffer of a flush's pieces (usually one piece: a read's group, not copied)."""
+    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _pop_flight(flight: deque[tuple[float, int]], cells: int) -> None:

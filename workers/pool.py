@@ -395,8 +395,9 @@ class WorkerPool:
         self._scheduler.schedule(circuit)
         return self._pressure.add(circuit, n)
 
-    def submit_many(self, work: Iterable[tuple[Circuit, int, Any]]) -> bool:
-        """Submit ``(circuit, lane, cells)`` triples, taking the pool lock once.
+    def submit_many(self, work: Iterable[tuple[Any, ...]]) -> bool:
+        """Submit ``(circuit, lane, cells)`` or ``(circuit, lane, cells, count)`` entries (as
+        :meth:`submit`'s arguments), taking the pool lock once.
 
         Loop thread only. If an entry is rejected (closed circuit, bad lane or size), the
         entries before it are accepted and scheduled, and the exception propagates. Returns False
@@ -408,8 +409,10 @@ class WorkerPool:
         counts: list[int] = []
         below = True
         try:
-            for circuit, lane, cells in work:
-                n = self._append(circuit, lane, cells, None)
+            for entry in work:
+                circuit = entry[0]
+                n = self._append(circuit, entry[1], entry[2],
+                                 entry[3] if len(entry) > 3 else None)
                 if n:
                     appended.append(circuit)
                     counts.append(n)

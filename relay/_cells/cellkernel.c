@@ -20,7 +20,8 @@
  *     after it, so the caller handles the groups, then `other`, then calls again: cells keep
  *     their order relative to control cells (a DESTROY, then a CREATE reusing the id, then
  *     RELAY cells for the new circuit). Without such a cell, `other` is None and `end` is the
- *     offset of the first incomplete cell (or the end of buf).
+ *     offset of the first incomplete cell, the end of buf, or the first cell of a circuit that
+ *     would be the call's 65th (a call groups at most MAX_GROUPS circuits: call again).
  *
  * frame(circ_id, command, payloads, early=None) -> bytes
  *     The wire bytes of n joined 509-byte payloads, each behind the 5-byte header
@@ -42,9 +43,12 @@
 #define CMD_VERSIONS 7
 #define CMD_RELAY 3
 #define CMD_RELAY_EARLY 9
+/* Circuits per call: the lookup of a cell's group is a scan of the groups so far, so a read
+ * that touches many circuits is cut into calls of at most this many (the caller calls again). */
+#define MAX_GROUPS 64
 
 typedef struct {
-    PyObject *handler;    /* borrowed from the dict (kept alive by the caller's dict) */
+    PyObject *handler;    /* a new reference: a finalizer run by the GC may change the dict */
     uint32_t circ_id;
     Py_ssize_t count;
     Py_ssize_t earlies;
@@ -197,6 +201,8 @@ route(PyObject *module, PyObject *args)
                     if (handler == NULL && PyErr_Occurred())
                         goto done;
                     if (handler != NULL) {
+                        if (ngroups == MAX_GROUPS)
+                            break;  /* the caller calls again from this cell */
                         if (ngroups == cap_groups) {
                             cap_groups *= 2;
                             Group *bigger = PyMem_Realloc(groups, sizeof(Group) * (size_t)cap_groups);
@@ -206,7 +212,7 @@ route(PyObject *module, PyObject *args)
                             }
                             groups = bigger;
                         }
-                        groups[ngroups] = (Group){handler, circ_id, 0, 0};
+                        groups[ngroups] = (Group){Py_NewRef(handler), circ_id, 0, 0};
                         g = ngroups++;
                     }
                 }
@@ -245,6 +251,10 @@ route(PyObject *module, PyObject *args)
 done:
     Py_XDECREF(list);
     Py_XDECREF(other);
+    if (groups != NULL) {
+        for (Py_ssize_t k = 0; k < ngroups; k++)
+            Py_DECREF(groups[k].handler);
+    }
     PyMem_Free(groups);
     PyMem_Free(slots);
     PyBuffer_Release(&view);

@@ -1,0 +1,171 @@
+"""The link's per-read cell routing and per-batch framing: C against the Python reference.
+
+``relay._cells.route``/``frame`` (C) must give exactly what ``relay.framing.route_py`` and
+``relay.circuits.wire_cells_py`` give, on any byte stream: fixed and variable-length cells,
+RELAY_EARLY among RELAY, circuits with and without batch handlers, unknown ids, a partial tail,
+more circuits than one call groups. Then the framer on top: order against control cells, a pause
+inside a batch handler, a close.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import _cells
+from relay.circuits import wire_cells_py
+from relay.framing import FIXED_CELL_LEN, MAX_GROUPS, CellFramer, fixed_cell, route_py, var_cell
+
+RELAY, EARLY, DESTROY, CREATE2, VPADDING = 3, 9, 4, 10, 128
+
+
+def handler_for(circ_id: int) -> tuple[str, int]:
+    return ("batch", circ_id)  # any object: route only hands it back
+
+
+def cell_strategy() -> st.SearchStrategy[bytes]:
+    ids = st.integers(min_value=0, max_value=12) | st.integers(min_value=1, max_value=2**32 - 1)
+    fixed = st.tuples(ids, st.sampled_from([RELAY, RELAY, RELAY, EARLY, DESTROY, CREATE2, 0]),
+                      st.binary(min_size=0, max_size=509)).map(
+        lambda t: fixed_cell(t[0], t[1], t[2]))
+    variable = st.tuples(ids, st.sampled_from([VPADDING, 7, 130]),
+                         st.binary(max_size=600)).map(lambda t: var_cell(*t))
+    return st.one_of(fixed, fixed, fixed, variable)
+
+
+def normalized(result: tuple) -> tuple:
+    end, groups, other = result
+    return end, [(h, bytes(p), n, e) for h, p, n, e in groups], other
+
+
+@settings(max_examples=300, deadline=None)
+@given(cells=st.lists(cell_strategy(), max_size=40), cut=st.integers(min_value=0, max_value=600),
+       registered=st.sets(st.integers(min_value=1, max_value=12)))
+def test_c_route_equals_the_python_reference(cells: list[bytes], cut: int,
+                                             registered: set[int]) -> None:
+    stream = b"".join(cells)
+    stream = stream[: max(0, len(stream) - cut)]  # a partial tail, often
+    batches = {circ_id: handler_for(circ_id) for circ_id in registered}
+    offset = 0
+    while True:
+        c_result = normalized(_cells.route(stream, offset, batches))
+        assert c_result == normalized(route_py(stream, offset, batches))
+        end, groups, other = c_result
+        if not groups and other is None:
+            break
+        offset = end
+    assert offset <= len(stream)
+
+
+def test_every_cell_is_routed_once_in_order_across_calls() -> None:
+    """A read of 3 * MAX_GROUPS circuits' cells, a DESTROY and a CREATE2 in the middle: every
+    RELAY payload reaches its circuit once, in order, and the control cells come in place."""
+    circuits = 3 * MAX_GROUPS
+    expected: dict[int, list[bytes]] = {c: [] for c in range(1, circuits + 1)}
+    stream = []
+    events: list[tuple] = []
+    for round_ in range(3):
+        for circ_id in range(1, circuits + 1):
+            payload = os.urandom(509)
+            expected[circ_id].append(payload)
+            stream.append(fixed_cell(circ_id, RELAY, payload))
+        stream.append(fixed_cell(5, DESTROY, bytes([round_])))
+    data = b"".join(stream)
+    seen: dict[int, list[bytes]] = {c: [] for c in expected}
+    batches = {c: c for c in expected}
+    for route in (_cells.route, route_py):
+        for key in seen:
+            seen[key] = []
+        events.clear()
+        offset = 0
+        calls = 0
+        while offset < len(data):
+            offset, groups, other = route(data, offset, batches)
+            calls += 1
+            for circ_id, payloads, count, early in groups:
+                assert early is None and len(payloads) == count * 509
+                seen[circ_id].extend(payloads[i * 509 : (i + 1) * 509] for i in range(count))
+            if other is not None:
+                events.append((other[0], other[1], other[2][:1], sum(map(len, seen.values()))))
+        assert seen == expected
+        # each DESTROY arrived after exactly the RELAY cells before it in the stream
+        assert [e[:3] for e in events] == [(5, DESTROY, bytes([r])) for r in range(3)]
+        assert [e[3] for e in events] == [circuits * (r + 1) for r in range(3)]
+        assert calls == 3 * 3  # 64 circuits per call at most, the third ends at the DESTROY
+
+
+def test_relay_early_positions_are_per_group() -> None:
+    data = b"".join([fixed_cell(1, RELAY, b"a"), fixed_cell(2, EARLY, b"b"),
+                     fixed_cell(1, EARLY, b"c"), fixed_cell(1, RELAY, b"d"),
+                     fixed_cell(2, RELAY, b"e")])
+    for route in (_cells.route, route_py):
+        end, groups, other = route(data, 0, {1: "one", 2: "two"})
+        assert end == len(data) and other is None
+        assert [(h, n, e) for h, _, n, e in groups] == [("one", 3, (1,)), ("two", 2, (0,))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(circ_id=st.integers(min_value=0, max_value=2**32 - 1),
+       command=st.sampled_from([RELAY, EARLY, 0, 128]), count=st.integers(0, 20),
+       early=st.sets(st.integers(0, 19)))
+def test_c_frame_equals_the_python_reference(circ_id: int, command: int, count: int,
+                                             early: set[int]) -> None:
+    payloads = os.urandom(509 * count)
+    positions = tuple(sorted(p for p in early if p < count)) or None
+    assert _cells.frame(circ_id, command, payloads, positions) == wire_cells_py(
+        circ_id, command, payloads, positions)
+
+
+def test_frame_refuses_partial_cells_and_positions_outside() -> None:
+    with pytest.raises(ValueError):
+        _cells.frame(1, RELAY, b"x" * 510)
+    with pytest.raises(ValueError):
+        _cells.frame(1, RELAY, b"x" * 509, (1,))
+    with pytest.raises(ValueError):
+        wire_cells_py(1, RELAY, b"x" * 509, (1,))
+
+
+def test_a_pause_in_a_batch_handler_keeps_the_next_control_cell_pending() -> None:
+    got: list[tuple] = []
+    circuits = {1: lambda command, payload: got.append(("cell", 1, command)),
+                2: lambda command, payload: got.append(("cell", 2, command))}
+    framer = CellFramer(circuits, lambda c, command, p: got.append(("unrouted", c, command)))
+    framer.version = 4
+    framer.running = True
+
+    def batch1(payloads: bytes, count: int, early: object) -> None:
+        got.append(("batch", 1, count))
+        framer.running = False  # e.g. the pool went over its high-water mark
+
+    framer.batches.update({1: batch1, 2: lambda p, n, e: got.append(("batch", 2, n))})
+    data = b"".join([fixed_cell(1, RELAY), fixed_cell(2, RELAY), fixed_cell(1, RELAY),
+                     fixed_cell(2, DESTROY), fixed_cell(1, RELAY)])
+    offset = framer.dispatch(data, 0)
+    # the groups of the call are all delivered; the DESTROY is not consumed
+    assert got == [("batch", 1, 2), ("batch", 2, 1)]
+    assert offset == 3 * FIXED_CELL_LEN
+    framer.running = True
+    offset = framer.dispatch(data, offset)
+    assert offset == len(data)
+    assert got[2:] == [("cell", 2, DESTROY), ("batch", 1, 1)]
+    assert framer.cells == 5
+
+
+def test_nothing_is_delivered_after_the_link_closes() -> None:
+    got: list[tuple] = []
+    framer = CellFramer({}, lambda c, command, p: got.append((c, command)))
+    framer.version = 4
+    framer.running = True
+
+    def closing(payloads: bytes, count: int, early: object) -> None:
+        got.append(("batch", 1))
+        framer.running = False
+        framer.closed = True
+
+    framer.batches.update({1: closing, 2: lambda p, n, e: got.append(("batch", 2))})
+    data = b"".join([fixed_cell(1, RELAY), fixed_cell(2, RELAY), fixed_cell(3, CREATE2)])
+    framer.dispatch(data, 0)
+    assert got == [("batch", 1)]
