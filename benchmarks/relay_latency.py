@@ -15,7 +15,9 @@ of the loop iteration, TCP between processes). The report gives, per stage and p
 the median over probes of the time it took in a probe and its share of the median round trip.
 
 The switches of :mod:`benchmarks.relay_trace` (``RELAYTRACE_IDLE_WORKERS``,
-``RELAYTRACE_SWITCH_INTERVAL``) apply to the relays when set in this program's environment.
+``RELAYTRACE_SWITCH_INTERVAL``) apply to the relays when set in this program's environment;
+``--inline-cells N`` is passed to the relays (0: every batch through the pool, so the pool's
+stages show; by default an idle probe's cell is crypted on each relay's loop thread).
 
 Threads: main thread only.
 """
@@ -55,6 +57,7 @@ STAGES: dict[tuple[str, str], str] = {
     ("crypted", "put"): "worker after the kernel",
     ("put", "woke"): "loop wake-up (reply queue)",
     ("woke", "result"): "reply to the circuit",
+    ("flush", "result"): "relay crypto on the loop thread (small batch)",
     ("result", "link_write"): "reply to the circuit",
     ("link_write", "tls_out"): "TLS encrypt",
     ("tls_out", "write"): "write",
@@ -91,11 +94,14 @@ class TracedNetwork(LocalNetwork):
     False: only the switches in ``switches`` apply). Owner thread."""
 
     def __init__(self, workdir: Path, *, tls: bool, threads: int = 2, trace: bool = True,
-                 switches: dict[str, str] | None = None) -> None:
-        """Configure; :meth:`start` starts it. Owner thread."""
+                 switches: dict[str, str] | None = None,
+                 relay_args: list[str] | None = None) -> None:
+        """Configure; :meth:`start` starts it. ``relay_args`` are added to every relay's
+        command line. Owner thread."""
         super().__init__(3, threads=threads, workdir=workdir, plain_links=not tls)
         self.trace = trace
         self.switches = dict(switches or {})
+        self.relay_args = list(relay_args or [])
 
     def _out(self, name: str) -> str:
         """Where child ``name`` writes its events (``-``: untraced). Owner thread."""
@@ -118,7 +124,7 @@ class TracedNetwork(LocalNetwork):
                     "--threads", str(self.threads), "--testing-network",
                     "--exit-policy", "accept 127.0.0.1:*, reject *:*",
                     "--dos-circuit-creation-enabled", "0", "--dos-connection-enabled", "0",
-                    *(["--plain-links"] if self.plain_links else [])],
+                    *(["--plain-links"] if self.plain_links else []), *self.relay_args],
                     self.workdir / f"{name}.log", env=env))
             info = self.echo.wait_ready(timeout)
             self.echo_address = (str(info["address"]), int(info["port"]))
@@ -136,26 +142,20 @@ class TracedNetwork(LocalNetwork):
 
 
 def run_traced(workdir: Path, *, tls: bool, samples: int, gap: float, threads: int = 2,
+               relay_args: list[str] | None = None,
                ) -> tuple[list[tuple[float, float]], list[dict[str, Any]]]:
     """Run the traced network and the probes, idle; ``(probe marks, traces of every process,
     this one -- the client -- first)``. Main thread."""
-    network = TracedNetwork(workdir, tls=tls, threads=threads)
+    network = TracedNetwork(workdir, tls=tls, threads=threads, relay_args=relay_args)
     network.start()
     marks: list[tuple[float, float]] = []
     failures: list[str] = []
     try:
         relay_trace.install()
-        with Reactor() as reactor:
-            def failed(why: str) -> None:
-                failures.append(why)
-                reactor.stop()
-
-            prober = Prober(reactor, network.descriptors, network.echo_address, tls=tls,
-                            gap=gap, on_ready=lambda: prober.run(samples, 600.0, reactor.stop),
-                            on_failure=failed)
-            reactor.run()
-            prober.close()
-            marks = list(prober.marks)
+        try:
+            marks = _probe(network, tls=tls, samples=samples, gap=gap, failures=failures)
+        finally:
+            relay_trace.uninstall()
     finally:
         network.stop()
     if failures:
@@ -165,13 +165,30 @@ def run_traced(workdir: Path, *, tls: bool, samples: int, gap: float, threads: i
     return marks, traces + network.traces()
 
 
-VARIANTS: dict[str, dict[str, str]] = {
-    "as is": {},
-    "no SCHED_IDLE worker": {"RELAYTRACE_IDLE_WORKERS": "0"},
-    "GIL switch interval 0.5 ms": {"RELAYTRACE_SWITCH_INTERVAL": "0.0005"},
-    "lone batches crypted inline (experiment)": {"RELAYTRACE_INLINE_MAX": "16"},
+def _probe(network: TracedNetwork, *, tls: bool, samples: int, gap: float,
+           failures: list[str]) -> list[tuple[float, float]]:
+    """Send the probes through ``network``; their ``(sent, back)`` marks. Main thread."""
+    with Reactor() as reactor:
+        def failed(why: str) -> None:
+            failures.append(why)
+            reactor.stop()
+
+        prober = Prober(reactor, network.descriptors, network.echo_address, tls=tls,
+                        gap=gap, on_ready=lambda: prober.run(samples, 600.0, reactor.stop),
+                        on_failure=failed)
+        reactor.run()
+        prober.close()
+        return list(prober.marks)
+
+
+VARIANTS: dict[str, tuple[dict[str, str], list[str]]] = {
+    "as is": ({}, []),
+    "every batch on the pool (--inline-cells 0)": ({}, ["--inline-cells", "0"]),
+    "no SCHED_IDLE worker": ({"RELAYTRACE_IDLE_WORKERS": "0"}, []),
+    "GIL switch interval 0.5 ms": ({"RELAYTRACE_SWITCH_INTERVAL": "0.0005"}, []),
 }
-"""The switch settings :func:`compare` runs side by side (see :mod:`benchmarks.relay_trace`)."""
+"""What :func:`compare` runs side by side: per variant the :mod:`benchmarks.relay_trace`
+switches (environment) and extra relay arguments."""
 
 
 def compare(workdir: Path, *, tls: bool, rounds: int, samples: int, gap: float,
@@ -182,9 +199,10 @@ def compare(workdir: Path, *, tls: bool, rounds: int, samples: int, gap: float,
     Main thread."""
     runs: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for round_index in range(rounds):
-        for name, switches in VARIANTS.items():
-            network = TracedNetwork(workdir / f"r{round_index}-{len(runs[name])}-{name[:8]}",
-                                    tls=tls, threads=threads, trace=False, switches=switches)
+        for index, (name, (switches, relay_args)) in enumerate(VARIANTS.items()):
+            network = TracedNetwork(workdir / f"r{round_index}-v{index}", tls=tls,
+                                    threads=threads, trace=False, switches=switches,
+                                    relay_args=relay_args)
             runs[name].append(measure_rtt(tls, workdir, samples=samples, gap=gap,
                                           load_seconds=load_seconds, network=network))
     out: dict[str, Any] = {}
@@ -299,8 +317,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between a probe's echo and the next probe")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compare", action="store_true",
-                        help="untraced round trips, idle and under load, for each variant of "
-                             "the relay_trace switches, side by side")
+                        help="untraced round trips, idle and under load, for each variant "
+                             "(VARIANTS), side by side")
+    parser.add_argument("--inline-cells", type=int,
+                        help="the relays' --inline-cells (default: theirs)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of --compare")
     parser.add_argument("--load-seconds", type=float, default=4.0)
     parser.add_argument("--json", action="store_true")
@@ -317,8 +337,10 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 _print_compare(report)
             return 0
+        relay_args = [] if args.inline_cells is None else ["--inline-cells",
+                                                            str(args.inline_cells)]
         marks, traces = run_traced(workdir, tls=tls, samples=args.samples, gap=args.gap,
-                                   threads=args.threads)
+                                   threads=args.threads, relay_args=relay_args)
     report = analyse(marks, traces)
     report.update({"tls": tls, "gap_s": args.gap, "threads": args.threads})
     if args.json:

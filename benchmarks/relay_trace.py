@@ -16,7 +16,8 @@ on the CPU and time waiting):
 =================  ==========================================================================
 ``read``           a TCP read reached the Stream (``reactor.stream.Stream._on_read``)
 ``tls_in``         TLS records decrypted (``feed`` of a TLS session returned)
-``cell``           a relay circuit's link handler got a cell (``OrCircuit._from_prev/_next``)
+``cell``           a relay circuit's link handler got cells (``OrCircuit._from_prev/_next``,
+                   ``_relay_from_prev/_next``)
 ``client_cells``   the client's circuit handles its cells (``OriginCircuit.flush_in``)
 ``soon``           the loop runs its ``call_soon`` callbacks (``Reactor._run_ready``)
 ``flush``          the relay's end-of-iteration flush (``RelayNode._flush``)
@@ -36,11 +37,11 @@ Run as a program, it is a traced child: ``python -m benchmarks.relay_trace OUT.j
 ARGS...`` runs ``examples.relay`` (``echo``: ``examples.echo``) with the probes installed and
 writes the events to ``OUT.json`` when it exits (``-`` instead of a file: no probes, only the
 switches). Switches for experiments, from the environment (:func:`apply_switches`):
-``RELAYTRACE_IDLE_WORKERS`` (how many workers run at SCHED_IDLE instead of the pool's default),
-``RELAYTRACE_SWITCH_INTERVAL`` (``sys.setswitchinterval``, seconds) and
-``RELAYTRACE_INLINE_MAX`` (an experiment that changes the relay's behaviour: batches of at most
-this many cells of a circuit with nothing in flight are crypted on the loop thread instead of a
-worker; see :func:`_inline_submit`).
+``RELAYTRACE_IDLE_WORKERS`` (how many workers run at SCHED_IDLE instead of the pool's default)
+and ``RELAYTRACE_SWITCH_INTERVAL`` (``sys.setswitchinterval``, seconds). A small batch of an idle
+circuit is crypted on the loop thread (``relay.orcircuit``, "Small batches"): its cell shows
+``cell``, ``flush``, ``result`` and no pool stage; ``--inline-cells 0`` on the relay sends every
+batch to the pool.
 
 Threads: :func:`install` and :func:`dump` on the main thread; the probes record from any
 thread (a list append is atomic under the GIL).
@@ -58,12 +59,16 @@ from pathlib import Path
 from time import perf_counter_ns, thread_time_ns
 from typing import Any
 
-__all__ = ["EVENTS", "apply_switches", "dump", "install", "main"]
+__all__ = ["EVENTS", "apply_switches", "dump", "install", "main", "uninstall"]
 
 EVENTS: list[tuple[int, str, str, int, int]] = []
 """The recorded events of this process: ``(ns, event, thread, thread CPU ns, native thread
 id)``."""
 _MAIN = threading.main_thread().ident
+_MISSING = object()
+_INSTALLED: list[tuple[Any, str, Any]] = []
+"""What :func:`install` replaced, as ``(owner, name, what owner.__dict__ held)``, for
+:func:`uninstall`."""
 
 
 def _thread() -> str:
@@ -77,6 +82,12 @@ def _record(event: str) -> None:
                    threading.get_native_id()))
 
 
+def _replace(owner: Any, name: str, value: Any) -> None:
+    """Set ``owner.name`` to ``value``, remembering what was there. Main thread (set-up)."""
+    _INSTALLED.append((owner, name, vars(owner).get(name, _MISSING)))
+    setattr(owner, name, value)
+
+
 def _before(owner: Any, name: str, event: str) -> None:
     """Wrap ``owner.name`` to record ``event`` before each call. Main thread (set-up)."""
     original = getattr(owner, name)
@@ -86,7 +97,7 @@ def _before(owner: Any, name: str, event: str) -> None:
         _record(event)
         return original(*args, **kwargs)
 
-    setattr(owner, name, wrapper)
+    _replace(owner, name, wrapper)
 
 
 def _after(owner: Any, name: str, event: str,
@@ -102,7 +113,7 @@ def _after(owner: Any, name: str, event: str,
             _record(event)
         return result
 
-    setattr(owner, name, wrapper)
+    _replace(owner, name, wrapper)
 
 
 def _traced_group(group: Any) -> Any:
@@ -122,7 +133,8 @@ def _traced_group(group: Any) -> Any:
 
 
 def install() -> None:
-    """Wrap the classes (see the module docstring). Main thread, before any object is made."""
+    """Wrap the classes (see the module docstring) until :func:`uninstall`. Main thread,
+    before any object is made."""
     from reactor.loop import Reactor
     from reactor.replyqueue import ReplyQueue
     from reactor.stream import Stream
@@ -141,8 +153,8 @@ def install() -> None:
     for session in (TlsClientSession, TlsServerSession):
         _after(session, "feed", "tls_in")
         _after(session, "encrypt", "tls_out")
-    _before(OrCircuit, "_from_prev", "cell")
-    _before(OrCircuit, "_from_next", "cell")
+    for handler in ("_from_prev", "_from_next", "_relay_from_prev", "_relay_from_next"):
+        _before(OrCircuit, handler, "cell")
     _before(OrCircuit, "_on_result", "result")
     _before(OriginCircuit, "flush_in", "client_cells")
     _before(Reactor, "_run_ready", "soon")
@@ -162,17 +174,28 @@ def install() -> None:
             _record("put")
         return original_put_many(self, items)
 
-    ReplyQueue.put, ReplyQueue.put_many = put, put_many  # type: ignore[method-assign]
+    _replace(ReplyQueue, "put", put)
+    _replace(ReplyQueue, "put_many", put_many)
     _before(ReplyQueue, "_on_wakeup", "woke")
     make_group = node_module.new_relay_group
-    node_module.new_relay_group = lambda: _traced_group(make_group())  # type: ignore[assignment]
+    _replace(node_module, "new_relay_group", lambda: _traced_group(make_group()))
+
+
+def uninstall() -> None:
+    """Undo :func:`install`, so that objects made from now on are not traced (a process that
+    traced a run and goes on, e.g. a test session). Main thread."""
+    while _INSTALLED:
+        owner, name, previous = _INSTALLED.pop()
+        if previous is _MISSING:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, previous)
 
 
 def apply_switches() -> None:
     """The experiment switches of the module docstring, from the environment. Main thread,
     before any object is made."""
     from workers import tuning
-    from workers.pool import WorkerPool
 
     idle_workers = os.environ.get("RELAYTRACE_IDLE_WORKERS")
     if idle_workers is not None:
@@ -181,35 +204,6 @@ def apply_switches() -> None:
     interval = os.environ.get("RELAYTRACE_SWITCH_INTERVAL")
     if interval:
         sys.setswitchinterval(float(interval))
-    inline = int(os.environ.get("RELAYTRACE_INLINE_MAX", "0"))
-    if inline > 0:
-        WorkerPool.submit_many = _inline_submit(WorkerPool.submit_many,  # type: ignore[method-assign]
-                                                inline)
-
-
-def _inline_submit(original: Callable[..., bool], limit: int) -> Callable[..., bool]:
-    """An EXPERIMENT, not the relay's behaviour: ``submit_many`` that crypts a batch of at
-    most ``limit`` cells on the loop thread, and delivers it at once, when its circuit has
-    nothing in flight (so the order of its batches is kept), instead of handing it to a
-    worker. It measures what the hand-off costs a lone cell."""
-    from workers.batching import assemble
-    from workers.circuit import Reply
-
-    def submit_many(pool: Any, work: Any) -> bool:
-        handed: list[Any] = []
-        for circuit, lane, cells in work:
-            count = len(cells) if isinstance(cells, list) else len(cells) // 509
-            if count > limit or circuit.in_flight or circuit.busy or circuit.queued:
-                handed.append((circuit, lane, cells))
-                continue
-            _record("inline")
-            result = circuit.process(circuit.state, lane,
-                                     assemble([(cells, count)], circuit.joined))
-            pool._pressure.add_many([circuit], [count])
-            pool.deliver(Reply(circuit, lane, result, count, None))
-        return original(pool, handed) if handed else not pool.over_high_water
-
-    return submit_many
 
 
 def dump(path: Path, name: str) -> None:

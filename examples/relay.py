@@ -40,7 +40,7 @@ from relay.config import RelayConfig, parse_dir_authority, split_policy
 from relay.connlimit import raise_nofile_limit
 from relay.dos import DosConfig
 from relay.identity.keys import RelayIdentity
-from relay.node import DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
+from relay.node import DEFAULT_INLINE_CELLS, DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
 from workers.pool import DEFAULT_BATCH_CELLS
 
 __all__ = ["config_from_args", "main", "parse_args", "parse_hostport", "ready_line",
@@ -144,6 +144,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="worker threads (default 2)")
     parser.add_argument("--batch-cells", type=int, default=DEFAULT_BATCH_CELLS,
                         help=f"worker batch cap in cells (default {DEFAULT_BATCH_CELLS})")
+    parser.add_argument("--inline-cells", type=int, default=DEFAULT_INLINE_CELLS,
+                        help="a circuit's batch of at most this many cells, with nothing on "
+                             "the pool, is crypted on the loop thread; 0: always on the pool "
+                             f"(default {DEFAULT_INLINE_CELLS})")
     parser.add_argument("--max-circuits-per-link", type=int,
                         default=DEFAULT_MAX_CIRCUITS_PER_LINK,
                         help="CREATEs beyond this many circuits on one link get DESTROY "
@@ -194,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
     identity = RelayIdentity.load_or_create(args.data_dir, config.nickname)
     with Reactor() as reactor:
         node = RelayNode(reactor, identity, config, batch_cells=args.batch_cells,
-                         max_circuits_per_link=args.max_circuits_per_link)
+                         max_circuits_per_link=args.max_circuits_per_link,
+                         inline_cells=args.inline_cells)
         node.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, reactor.stop)

@@ -33,6 +33,17 @@ to its circuit's handler through one dict lookup. Cells for unregistered non-zer
 ``on_cell`` they are answered with ``DESTROY``. When the link closes, every circuit still
 registered gets a synthesized ``DESTROY`` (reason ``CHANNEL_CLOSED``) before ``on_close``.
 
+Writing
+-------
+What a link sends during one loop iteration (cells of many circuits' results, DESTROYs,
+padding) is gathered and leaves at the start of the next iteration in one piece: one TLS
+``encrypt`` of the whole list (so full records, not one per batch) and one libuv write. The
+order of the bytes is the order of the calls. What is gathered counts as written for the
+stream's high watermark: once gathered plus unsent bytes pass it, they are sent at once, so
+``on_write_high`` fires during the write that passed it, as it would without gathering (the
+circuit scheduler, ``relay.circuitmux``, relies on that to stop writing). Closing the link
+writes what is gathered before TLS close_notify.
+
 Errors
 ------
 Everything that ends a link ends up in ``on_close(link, reason)`` once, with a human reason and
@@ -155,6 +166,9 @@ class Link:
         self._dispatching = False
         self._handshake_cells_in = 0
         self.cells_out = 0
+        self.writes = 0  # libuv writes of gathered output (see "Writing")
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._out_bytes = 0
         self._timer: TimerHandle | None = None
         if handshake_timeout is not None:
             self._timer = reactor.call_later(handshake_timeout, self._on_handshake_timeout,
@@ -313,7 +327,7 @@ class Link:
     def stats(self) -> dict[str, object]:
         """Counters and state as a plain dict. Loop thread only."""
         return {"state": self.state, "link_version": self.link_version,
-                "cells_in": self.cells_in, "cells_out": self.cells_out,
+                "cells_in": self.cells_in, "cells_out": self.cells_out, "writes": self.writes,
                 "circuits": len(self._circuits), "close_kind":
                 self.close_kind.value if self.close_kind else None}
 
@@ -395,14 +409,12 @@ class Link:
         self._write(data)
 
     def writelines(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Send several buffers of whole cells at once (one ``writev`` on plain TCP).
-        Loop thread only."""
+        """Send several buffers of whole cells at once. The buffers are sent as they are,
+        without a copy: do not change a mutable one afterwards. Loop thread only."""
         self._check_open()
         self.cells_out += sum(len(b) for b in buffers) // FIXED_CELL_LEN
-        if self._tls is not None:
-            self._write(b"".join(buffers))
-        else:
-            self.stream.writelines(buffers)
+        for buffer in buffers:
+            self._write(buffer)
 
     def destroy_circuit(self, circ_id: int, reason: int = DestroyReason.REQUESTED) -> None:
         """Send DESTROY for ``circ_id`` and forget it. No-op on a closed link.
@@ -417,13 +429,35 @@ class Link:
             raise LinkError(f"{self.name} is {self.state}, not open")
 
     def _write(self, data: bytes | bytearray | memoryview) -> None:
+        """Gather ``data`` for :meth:`_send_gathered` (see "Writing")."""
+        out = self._out
+        out.append(data)
+        if len(out) == 1:
+            self.reactor.call_soon(self._send_gathered)
+        self._out_bytes += len(data)
+        stream = self.stream
+        if self._out_bytes + stream.write_buffer_size > stream.write_watermarks[0]:
+            self._send_gathered()  # past the high watermark: on_write_high now, not later
+
+    def _send_gathered(self) -> None:
+        """Send what :meth:`_write` gathered: one encrypt, one write. Also called by
+        :meth:`_finish` before close_notify; a call with nothing gathered does nothing."""
+        out, self._out = self._out, []
+        self._out_bytes = 0
+        if not out or self.stream.closed:
+            return
+        self.writes += 1
         if self._tls is not None:
             try:
-                data = self._tls.encrypt(bytes(data))
+                records = self._tls.encrypt(out)
             except TlsError as exc:
                 self._fail(CloseKind.TLS_FAILED, str(exc))
                 return
-        self.stream.write(data)
+            self.stream.write(records)
+        elif len(out) == 1:
+            self.stream.write(out[0])
+        else:
+            self.stream.writelines(out)
 
     def _send_handshake(self, data: bytes, cells: int) -> None:
         """What the handshake sends (VERSIONS, NETINFO), through TLS if any."""
@@ -479,6 +513,8 @@ class Link:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if not self.stream.closed:
+            self._send_gathered()
         if not self.stream.closed:
             if self._tls is not None:
                 alert = self._tls.close()

@@ -112,6 +112,9 @@ log = logging.getLogger("relay.node")
 _POOL = "pool"
 RELAY_POOL_HIGH_WATER = 32768
 """Cells in flight on a relay's pool before its links stop reading (about 16 MB)."""
+DEFAULT_INLINE_CELLS = 8
+"""A circuit's flush of at most this many cells, with nothing of it on the pool, is crypted on the
+loop thread: two thread wake-ups cost far more than the AES (docs/tuning.md)."""
 DEFAULT_MAX_CIRCUITS_PER_LINK = 4096
 """Circuits one link may hold (created by the peer or extended through it) before CREATEs on
 it are refused with DESTROY (RESOURCELIMIT)."""
@@ -144,6 +147,7 @@ class RelayNode:
         link_write_water: tuple[int, int] | None = None,
         max_circuits_per_link: int = DEFAULT_MAX_CIRCUITS_PER_LINK,
         queue_memory_limit: int | None = None,
+        inline_cells: int = DEFAULT_INLINE_CELLS,
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
@@ -154,9 +158,14 @@ class RelayNode:
         ``link_write_water``: ``(high, low)`` write-buffer watermarks of every link, in bytes
         (default: the reactor's). ``max_circuits_per_link``: CREATEs beyond it get DESTROY
         (RESOURCELIMIT). ``queue_memory_limit`` (bytes) overrides MaxMemInQueues, below tor's
-        64 MiB floor too (tests, benchmarks)."""
+        64 MiB floor too (tests, benchmarks). ``inline_cells``: a circuit's flush of at most
+        this many cells, with none of its cells on the pool, is crypted on the loop thread
+        (``relay.orcircuit``, "Small batches"); 0 sends every batch to the pool."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
+        if inline_cells < 0:
+            raise ValueError(f"inline_cells must be >= 0, got {inline_cells}")
+        self.inline_cells = inline_cells
         self.identity = identity
         self.config = config
         self.nickname = nickname = config.nickname
@@ -228,6 +237,9 @@ class RelayNode:
         self.write_congestions = 0
         self.submits = 0
         self.cells_written = 0
+        self.cells_crypted = 0  # relay cells, on the pool or here (CircuitHost)
+        self.cells_crypted_inline = 0
+        self.inline_crypto_errors = 0
         self._exit_totals: Counter[str] = Counter()
         self._first_cell: float | None = None
         self._cpu_at_first_cell = 0.0
@@ -768,7 +780,7 @@ class RelayNode:
         """Counters as a plain dict (JSON-ready). Loop thread only."""
         pool = self.pool.stats()
         replies = self._replies.stats() if self._replies is not None else {}
-        cells = pool["cells"]
+        cells = self.cells_crypted
         cpu = sum(os.times()[:2])
         wakeups = replies.get("wakeups_sent", 0)
         span = (
@@ -781,7 +793,12 @@ class RelayNode:
             "pid": os.getpid(),
             "backend": backend_name(),
             "threads": pool["threads"],
+            # relay cells crypted (either direction, on the pool or on the loop thread)
             "cells_crypted": cells,
+            "cells_crypted_inline": self.cells_crypted_inline,
+            "inline_crypto_errors": self.inline_crypto_errors,
+            # everything the pool counted: relay cells, onionskins, TLS bytes in cells
+            "pool_cells": pool["cells"],
             "batches": pool["batches"],
             "batch_mean": pool["batch_mean"],
             # kernel calls that crypted several circuits' batches (grouped path), and batches

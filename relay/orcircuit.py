@@ -45,6 +45,17 @@ independently, so their relative order is kept here: a batch of one waits in ``_
 cells of the other are in flight (a fence that honest traffic never trips: a middle relay
 originates only EXTENDED2 before any backward cell exists, and an exit has no next hop).
 
+Small batches
+-------------
+Handing a batch to a worker costs two thread wake-ups (the worker's, then the loop's through the
+reply queue): tens to hundreds of microseconds on a virtual machine, against about 0.1 µs of AES
+per cell. So a flush of a circuit holds at most ``host.inline_cells`` cells (8 by default) and
+the circuit has nothing in the pool, its cells are crypted on the loop thread, with the same
+process function, and the results handled at once: an idle circuit's cell crosses the relay
+without waiting for any thread, and a busy circuit's (whose cells are in the pool) still queues
+behind them, so the order per direction holds. Under load, batches grow and circuits have cells
+in flight: the pool does the work (docs/tuning.md has the measurements).
+
 RELAY_EARLY is passed on as RELAY_EARLY: the circuit remembers the forward index of each one
 (there are at most a few per circuit), so the common batch needs no per-cell command.
 
@@ -239,6 +250,15 @@ class CircuitHost(Protocol):
     reactor: Reactor
     pool: WorkerPool
     circuit_pressure_pauses: int
+    inline_cells: int
+    """A flush of at most this many cells, of a circuit with nothing in the pool, is crypted
+    on the loop thread (see "Small batches" above); 0: never."""
+    cells_crypted: int
+    """Relay cells crypted for this host's circuits, here or on the pool."""
+    cells_crypted_inline: int
+    """Of those, the cells crypted on the loop thread."""
+    inline_crypto_errors: int
+    """Batches whose crypto raised on the loop thread (each closed its circuit)."""
 
     def mark_dirty(self, circuit: OrCircuit) -> None:
         """Call ``circuit.take_submits(work)`` at the end of this loop iteration. Loop thread
@@ -294,6 +314,7 @@ class OrCircuit:
     __slots__ = (
         "_bwd",
         "_bwd_cells",
+        "_crypto",
         "_dirty",
         "_earlies",
         "_early",
@@ -341,6 +362,7 @@ class OrCircuit:
         self.next: Peer | None = None
         self.next_id = 0
         self.state = _OPEN
+        self._crypto = crypto
         self.pool_circuit: Circuit = host.pool.open_circuit(
             crypto,
             process=crypt_batch,
@@ -462,13 +484,17 @@ class OrCircuit:
             return
         if not self._within_caps():
             return
+        # nothing of this circuit in the pool: ``_kb_in_flight`` also counts ``_kb_ready``
+        idle = (self._fwd_submitted == self._fwd_delivered
+                and self._kb_in_flight == sum(entry[3] for entry in self._kb_ready))
         now = time.monotonic()
+        entries: list[tuple[Circuit, int, Any, int]] = []
         if self._fwd:
             pieces, self._fwd = self._fwd, []
             count, self._fwd_cells = self._fwd_cells, 0
             self._fwd_submitted += count
             self._fwd_flight.append((now, count))
-            out.append((self.pool_circuit, FORWARD, _joined(pieces), count))
+            entries.append((self.pool_circuit, FORWARD, _joined(pieces), count))
         if self._bwd:
             pieces, self._bwd = self._bwd, []
             count, self._bwd_cells = self._bwd_cells, 0
@@ -476,9 +502,31 @@ class OrCircuit:
         if self._kb_ready:
             for entry in self._kb_ready:
                 self._kb_flight.append((now, entry[3]))
-            out.extend(self._kb_ready)
+            entries.extend(self._kb_ready)
             self._kb_ready.clear()
+        if idle and entries and sum(e[3] for e in entries) <= self.host.inline_cells:
+            self._crypt_here(entries)
+        else:
+            out.extend(entries)
         self.host.queued_changed(self)
+
+    def _crypt_here(self, entries: list[tuple[Circuit, int, Any, int]]) -> None:
+        """Crypt a small flush on the loop thread, with the pool's process function, and
+        deliver the results as the pool would. Only called while none of this circuit's cells
+        are in the pool, so no worker holds its crypto state and the results keep their order
+        (see "Small batches" above). Loop thread only."""
+        host = self.host
+        for pool_circuit, lane, cells, count in entries:
+            try:
+                result = crypt_batch(self._crypto, lane, cells)
+            except Exception as exc:  # as a worker's exception: this circuit only
+                host.inline_crypto_errors += 1
+                self._on_error(pool_circuit, lane, exc, where="the loop thread")
+                return
+            host.cells_crypted_inline += count
+            self._on_result(pool_circuit, lane, result)
+            if self.state is _CLOSED:
+                return
 
     # ------------------------------------------------------------------ queue accounting
 
@@ -561,6 +609,7 @@ class OrCircuit:
     def _on_result(self, pool_circuit: Circuit, direction: int, result: Any) -> None:
         if direction == FORWARD:
             out, flags, tags = result
+            self.host.cells_crypted += len(flags)
             _pop_flight(self._fwd_flight, len(flags))
             self._forward_done(out, flags, tags)
             if self.state is not _CLOSED:
@@ -573,6 +622,7 @@ class OrCircuit:
             if tags and self.edge is not None and self.state is not _CLOSED:
                 self.edge.record_tags(tags)  # before the cells leave: a SENDME can follow
         count = len(out) // _SIZE
+        self.host.cells_crypted += count
         _pop_flight(self._kb_flight, count)
         self._kb_delivered(count)
         if self.state is _CLOSED:
@@ -718,8 +768,9 @@ class OrCircuit:
         """The next hop could not be reached (or must not be). Loop thread only."""
         self.close(f"extend failed: {why}", reason)
 
-    def _on_error(self, pool_circuit: Circuit, direction: int, exc: BaseException) -> None:
-        log.error("%r: crypto failed on a worker: %r", self, exc)
+    def _on_error(self, pool_circuit: Circuit, direction: int, exc: BaseException,
+                  where: str = "a worker") -> None:
+        log.error("%r: crypto failed on %s: %r", self, where, exc)
         self.close(f"crypto error: {exc!r}", DestroyReason.INTERNAL)
 
     def _on_pressure(self, pool_circuit: Circuit, over: bool) -> None:

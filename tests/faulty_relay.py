@@ -1,10 +1,11 @@
 """Run ``examples.relay`` with one injected fault: the K-th circuit this relay creates gets
 crypto that raises on its N-th batch (``--fail-circuit K --fail-batch N -- RELAY ARGS``).
 
-Used by ``test_faults_network.py`` to put a worker exception inside one circuit of a real relay
-process: the exception is raised on a worker thread by the circuit's own crypto, exactly where
-a broken kernel or a corrupted state would raise, and everything around it (pool, circuit,
-links, the other circuits) is the unmodified relay. Not a test module (no ``test_`` prefix).
+Used by ``test_faults_network.py`` to put a crypto exception inside one circuit of a real relay
+process: the exception is raised by the circuit's own crypto (on a worker, or on the loop thread
+for a small batch), exactly where a broken kernel or a corrupted state would raise, and
+everything around it (pool, circuit, links, the other circuits) is the unmodified relay. Not a
+test module (no ``test_`` prefix).
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ class InjectedFault(RuntimeError):
 
 
 class FaultyCrypto:
-    """A circuit's real relay crypto that raises on its ``fail_batch``-th batch. Worker thread
-    (only the worker owning the circuit calls it)."""
+    """A circuit's real relay crypto that raises on its ``fail_batch``-th batch. Called by the
+    worker owning the circuit, or by the loop thread for a small batch of an idle circuit:
+    never by two threads at once."""
 
     def __init__(self, inner: Any, fail_batch: int) -> None:
         self._inner = inner

@@ -34,7 +34,7 @@ from benchmarks.relay_latency import analyse, run_traced
 from benchmarks.relay_load import RelayLoad
 from benchmarks.relay_proc import CLOCK_TICKS, CpuSplit, RelayProcess, ThreadTimes
 from benchmarks.relay_tor import tor_missing
-from reactor import Reactor
+from reactor import Reactor, ReplyQueue
 
 REPO = Path(__file__).resolve().parent.parent
 FIGURES = ("loop_cpu_us_per_cell", "workers_cpu_us_per_cell", "cpu_us_per_cell",
@@ -150,10 +150,12 @@ def test_load_cells_are_the_relays_relayed_cells(tmp_path: Path, tls: bool,
     assert outcome["delivered"] >= target
     stats = outcome["stats"]
     # Beyond the relayed cells, per circuit: one EXTEND2 (forward) and one EXTENDED2
-    # (originated); and the relay's counter also counts the CREATE2 onionskins it answered on
-    # the pool (one per circuit). Nothing crypted during a measurement window is either.
+    # (originated); the pool also counted the CREATE2 onionskins it answered (one per
+    # circuit), and not the cells crypted on the loop thread.
     assert stats["onion"]["answered"] == circuits
-    assert stats["cells_crypted"] == outcome["delivered"] + 2 * circuits + circuits
+    assert stats["cells_crypted"] == outcome["delivered"] + 2 * circuits
+    assert stats["pool_cells"] == (stats["cells_crypted"] - stats["cells_crypted_inline"]
+                                   + circuits)
     assert stats["circuits_created"] == circuits
     assert stats["circuits_closed_queue"] == 0
 
@@ -192,21 +194,34 @@ def test_analyse_cuts_probes_into_segments_that_sum_to_the_round_trip() -> None:
         pytest.approx(8.0))
 
 
-@pytest.mark.parametrize("tls", [True, False], ids=["tls", "plain"])
-def test_traced_network_records_every_stage_in_each_relay(tmp_path: Path, tls: bool) -> None:
-    marks, traces = run_traced(tmp_path, tls=tls, samples=8, gap=0.002)
+POOL_STAGES = {"submitted", "worker", "crypt", "crypted", "put", "woke"}
+
+
+@pytest.mark.parametrize("tls,inline", [(True, 0), (False, 0), (True, 8)],
+                         ids=["tls-pool", "plain-pool", "tls-inline"])
+def test_traced_network_records_every_stage_in_each_relay(tmp_path: Path, tls: bool,
+                                                          inline: int) -> None:
+    marks, traces = run_traced(tmp_path, tls=tls, samples=8, gap=0.002,
+                               relay_args=["--inline-cells", str(inline)])
     assert len(marks) == 8 and all(back > sent for sent, back in marks)
+    # the probes of this process are gone again (a traced put would slow every later test)
+    assert ReplyQueue.put.__qualname__ == "ReplyQueue.put"
     names = {trace["name"] for trace in traces}
     assert names == {"client", "echo", "relay0", "relay1", "relay2"}
-    stages = {"read", "cell", "soon", "flush", "submitted", "worker", "crypt", "crypted",
-              "put", "woke", "result", "write"}
+    stages = {"read", "cell", "soon", "flush", "result", "write"}
     by_name = {trace["name"]: trace["events"] for trace in traces}
     for sent, back in marks:
         t0, t1 = int(sent * 1e9), int(back * 1e9)
         for relay in ("relay0", "relay1", "relay2"):
-            # every relay took the probe's cell in, handed it to a worker and wrote it on
             seen = {event for ns, event, *_ in by_name[relay] if t0 <= ns <= t1}
             assert stages <= seen, (relay, stages - seen)
+            if inline:
+                # an idle probe's lone cell is crypted on each relay's loop thread: no worker
+                # took it, nothing came back through the reply queue
+                assert not POOL_STAGES & seen, (relay, POOL_STAGES & seen)
+            else:
+                # every relay handed the probe's cell to a worker and got it back
+                assert POOL_STAGES <= seen, (relay, POOL_STAGES - seen)
     report = analyse(marks, traces, skip=0)
     assert report["probes"] == len(marks)
     assert sum(row["mean_us"] for row in report["stages"].values()) == pytest.approx(

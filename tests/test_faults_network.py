@@ -343,7 +343,12 @@ def test_peer_that_stops_reading_is_bounded_by_back_pressure(reactor: Reactor) -
 FAULTY_RELAY = Path(__file__).with_name("faulty_relay.py")
 
 
-def test_worker_exception_in_one_circuit_of_a_relay(reactor: Reactor, tmp_path: Path) -> None:
+@pytest.mark.parametrize("inline_cells", [0, 8], ids=["pool-only", "inline-small"])
+def test_worker_exception_in_one_circuit_of_a_relay(reactor: Reactor, tmp_path: Path,
+                                                    inline_cells: int) -> None:
+    """The crypto of one circuit raises: with ``--inline-cells 0`` on a worker, by default on
+    whichever thread crypts that batch (a small batch of an idle circuit is crypted on the loop
+    thread). Either way exactly that circuit closes and everything else goes on."""
     net = start_network(2)
     faulty: ChildProcess | None = None
     try:
@@ -353,7 +358,7 @@ def test_worker_exception_in_one_circuit_of_a_relay(reactor: Reactor, tmp_path: 
                        "--fail-batch", "4", "--", "--listen", "127.0.0.1:0",
                        "--nickname", "faulty", "--data-dir", str(tmp_path / "faulty"),
                        "--testing-network", "--exit-policy", "accept 127.0.0.1:*",
-                       "--log-level", "INFO"],
+                       "--inline-cells", str(inline_cells), "--log-level", "INFO"],
             tmp_path / "faulty.log", env=env)
         middle = RelayDescriptor.from_json(faulty.wait_ready(30)["descriptor"])
         guard, exit_ = net.descriptors
@@ -371,9 +376,13 @@ def test_worker_exception_in_one_circuit_of_a_relay(reactor: Reactor, tmp_path: 
         assert f"reason {int(DestroyReason.INTERNAL)}" in (failed[0].failure or "")
         jobs.close()
         log = (tmp_path / "faulty.log").read_text(errors="replace")
-        assert log.count("crypto failed on a worker") == 1 and "InjectedFault" in log
+        on_worker = log.count("crypto failed on a worker")
+        on_loop = log.count("crypto failed on the loop thread")
+        assert on_worker + on_loop == 1 and "InjectedFault" in log
         stats = relay_stats(faulty)
-        assert stats["pool_errors"] == 1
+        assert (stats["pool_errors"], stats["inline_crypto_errors"]) == (on_worker, on_loop)
+        if inline_cells == 0:
+            assert on_worker == 1 and stats["cells_crypted_inline"] == 0
         assert stats["worker_threads_alive"] == stats["threads"]  # the worker lived on
         fresh_circuit_works(reactor, net.echo_address, [guard, middle, exit_])
         check_survivors(net)

@@ -159,6 +159,47 @@ def test_many_cells_arrive_in_order_on_their_circuits(reactor: Reactor) -> None:
     assert pair.client.cells_out >= 3000
 
 
+def test_one_iteration_of_writes_leaves_in_one_write_and_close_sends_it_first(
+        reactor: Reactor) -> None:
+    pair = Pair(reactor)
+    run_until(reactor, pair.both_open)
+    server = pair.server
+    assert server is not None
+    received: list[tuple[int, bytes]] = []
+    cid = pair.client.add_circuit(lambda c, p: None)
+    server.add_circuit(lambda c, p: received.append((c, p)), cid)
+    writes = pair.client.writes
+    payloads = [bytes([i]) * 509 for i in range(30)]
+    for i, payload in enumerate(payloads):  # three ways of writing, interleaved
+        frame = cid.to_bytes(4, "big") + bytes((CellCommand.RELAY,)) + payload
+        if i % 3 == 0:
+            pair.client.send_cell(cid, CellCommand.RELAY, payload)
+        elif i % 3 == 1:
+            pair.client.write_cells(frame)
+        else:
+            pair.client.writelines([frame[:100], frame[100:]])
+    assert pair.client.writes == writes  # gathered, nothing sent yet
+    pair.client.close("done")  # sends what was gathered, then closes
+    run_until(reactor, lambda: len(pair.closes) == 2)
+    assert pair.client.writes == writes + 1
+    destroy = (CellCommand.DESTROY, bytes((DestroyReason.CHANNEL_CLOSED,)))
+    assert received == [(CellCommand.RELAY, p) for p in payloads] + [destroy]
+
+
+def test_gathered_output_past_the_high_watermark_is_sent_at_once(reactor: Reactor) -> None:
+    pair = Pair(reactor)
+    run_until(reactor, pair.both_open)
+    assert pair.server is not None
+    pair.client.stream.set_write_watermarks(4096, 1024)
+    cid = pair.client.add_circuit(lambda c, p: None)
+    writes = pair.client.writes
+    for _ in range(7):  # 7 x 514 bytes: still below 4096
+        pair.client.send_cell(cid, CellCommand.RELAY)
+    assert pair.client.writes == writes
+    pair.client.send_cell(cid, CellCommand.RELAY)  # the 8th passes 4096: sent now
+    assert pair.client.writes == writes + 1
+
+
 def test_cells_split_at_every_byte_boundary_are_reassembled(reactor: Reactor) -> None:
     got: list[tuple[int, int, bytes]] = []
     server_links: list[Link] = []

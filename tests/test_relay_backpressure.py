@@ -130,6 +130,41 @@ def test_relays_in_one_process_echo_with_default_marks(
         echo.close()
 
 
+@pytest.mark.parametrize("inline_cells", [0, 8, 1 << 30], ids=["pool", "small", "all-idle"])
+def test_inline_and_pooled_crypto_echo_the_same_bytes(
+    reactor: Reactor, relay_keys: list[RelayIdentity], inline_cells: int
+) -> None:
+    """A small batch of a circuit with nothing on the pool is crypted on the loop thread: with
+    none (0), some (8) or every such batch (no size limit) crypted there, and the rest on the
+    pool, every byte comes back in order and the counters say which thread crypted what."""
+    nodes = [RelayNode(reactor, keys, config(f"in{i}"), inline_cells=inline_cells)
+             for i, keys in enumerate(relay_keys[:3])]
+    for node in nodes:
+        node.start()
+    echo = EchoServer(reactor)
+    try:
+        transfer = run_transfer(reactor, nodes, echo, circuits=4, size=150_000)
+        results = transfer.results()
+        assert results["ok"], results["failures"]
+        assert results["bytes_echoed_intact"] == 4 * 150_000
+        run_until_closed(reactor, nodes)
+        for node in nodes:
+            stats = node.stats()
+            # 150,000 bytes each way per circuit are at least 2 x 300 DATA cells at every hop
+            assert stats["cells_crypted"] >= 4 * 2 * 300
+            assert stats["pool_errors"] == stats["inline_crypto_errors"] == 0
+            inline = stats["cells_crypted_inline"]
+            if inline_cells == 0:
+                assert inline == 0
+            else:
+                assert 0 < inline <= stats["cells_crypted"]
+            assert node.pool.in_flight == 0
+    finally:
+        for node in nodes:
+            node.close()
+        echo.close()
+
+
 class StalledNextRelay:
     """A fake next relay on a blocking socket, with ``identity``'s certificates: answers the
     link handshake and CREATE2, then reads nothing until ``may_read`` is set, and then counts
