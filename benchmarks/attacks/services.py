@@ -241,6 +241,11 @@ class FakeNextRelay:
             peer = RawPeer.serve(conn, self.identity)
             self.links += 1
             peer.sock.settimeout(0.05)
+            # cells that came with the handshake's last read (a relay may send its first
+            # CREATE2 in the same write as its NETINFO)
+            cells, peer.buf = split_cells(peer.buf)
+            for circ_id, command, payload in cells:
+                self._on_cell(peer, circ_id, command, payload)
             while not self._stop.is_set():
                 if self._stall.is_set():
                     self._stop.wait(0.05)
