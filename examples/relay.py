@@ -41,6 +41,7 @@ from relay.connlimit import raise_nofile_limit
 from relay.dos import DosConfig
 from relay.identity.keys import RelayIdentity
 from relay.node import DEFAULT_INLINE_CELLS, DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
+from relay.tlspipe import DEFAULT_INLINE_TLS_BYTES
 from workers.pool import DEFAULT_BATCH_CELLS
 
 __all__ = ["config_from_args", "main", "parse_args", "parse_hostport", "ready_line",
@@ -148,6 +149,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a circuit's batch of at most this many cells, with nothing on "
                              "the pool, is crypted on the loop thread; 0: always on the pool "
                              f"(default {DEFAULT_INLINE_CELLS})")
+    parser.add_argument("--tls-on-loop", action="store_true",
+                        help="TLS record crypto of open links on the loop thread, not the pool")
+    parser.add_argument("--tls-inline-bytes", type=int, default=DEFAULT_INLINE_TLS_BYTES,
+                        help="a link's read or write of at most this many bytes, with nothing "
+                             "of the link on the pool, is TLS-crypted on the loop thread "
+                             f"(default {DEFAULT_INLINE_TLS_BYTES})")
     parser.add_argument("--max-circuits-per-link", type=int,
                         default=DEFAULT_MAX_CIRCUITS_PER_LINK,
                         help="CREATEs beyond this many circuits on one link get DESTROY "
@@ -199,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     with Reactor() as reactor:
         node = RelayNode(reactor, identity, config, batch_cells=args.batch_cells,
                          max_circuits_per_link=args.max_circuits_per_link,
-                         inline_cells=args.inline_cells)
+                         inline_cells=args.inline_cells, tls_on_pool=not args.tls_on_loop,
+                         tls_inline_bytes=args.tls_inline_bytes)
         node.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             reactor.add_signal_handler(signum, reactor.stop)

@@ -107,8 +107,8 @@ class Client:
         guard = _GuardLink(link, relay.identity_digest)
         self._guards[key] = guard
         self._by_link[link] = guard
-        link.stream.on_write_high = lambda: self._on_write_high(guard)
-        link.stream.on_write_low = lambda: self._on_write_low(guard)
+        link.on_write_high = lambda: self._on_write_high(guard)
+        link.on_write_low = lambda: self._on_write_low(guard)
         return guard
 
     def _on_link_open(self, link: Link) -> None:

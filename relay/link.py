@@ -4,10 +4,11 @@ Layers, one module each
 -----------------------
 ::
 
-    Stream (TCP bytes) --on_data--> [TlsClientSession.feed] --plaintext--> Link._on_plain
+    Stream (TCP bytes) --on_data--> [TLS: session.feed, or the pool] --plaintext--> Link._on_plain
         --> relay.linkhandshake.LinkHandshake (one cell at a time, until done)
         --> relay.framing.CellFramer (RELAY cells grouped per circuit in C, other cells one by one)
-    send_cell / write_cells --> [TlsClientSession.encrypt] --> Stream.write
+    send_cell / write_cells --> gathered per iteration --> [TLS: session.encrypt, or the pool]
+        --> Stream.write
 
 * :mod:`relay.linkhandshake`: the tor-spec 4 handshake (VERSIONS, CERTS, AUTH_CHALLENGE,
   NETINFO) as a state machine without I/O of its own; the initiator side is
@@ -15,6 +16,8 @@ Layers, one module each
   the responder side :meth:`Link.accept` (plain TCP between this project's relays);
 * :mod:`relay.framing`: the incremental framing of an open link's cells (a read's RELAY cells
   grouped per circuit in one C call, each control cell to its circuit's handler);
+* :mod:`relay.tlspipe`: an open link's TLS record crypto on the worker pool (when the link is
+  given one: ``tls_pool``), small pieces on the loop thread;
 * :mod:`relay.netinfo`: the NETINFO body codec; :mod:`relay.linkerrors`: :class:`CloseKind`
   and :class:`LinkError`;
 * this module: the :class:`Link` itself -- the transport (TCP, TLS), the link's state, circuit
@@ -43,6 +46,11 @@ stream's high watermark: once gathered plus unsent bytes pass it, they are sent 
 ``on_write_high`` fires during the write that passed it, as it would without gathering (the
 circuit scheduler, ``relay.circuitmux``, relies on that to stop writing). Closing the link
 writes what is gathered before TLS close_notify.
+
+Write watermarks: :attr:`Link.on_write_high` runs when the link's output backlog (gathered,
+being TLS-encrypted on the pool, and not yet taken by the kernel) passes the stream's high
+watermark, :attr:`Link.on_write_low` when it is back at or below the low one and the stream's
+own buffer is too.
 
 Errors
 ------
@@ -76,7 +84,8 @@ from relay.linkerrors import CloseKind, LinkError
 from relay.linkhandshake import HandshakeFailed, LinkHandshake, command_name
 from relay.netinfo import NetInfo, decode_netinfo, encode_netinfo
 from relay.padding import LinkPadding, decode_padding_negotiate
-from relay.tls import TlsClientSession, TlsError, TlsServerSession
+from relay.tls import TlsClientContext, TlsClientSession, TlsError, TlsServerSession
+from relay.tlspipe import TlsOffload, TlsPipe
 from relay.torcerts import RelayCerts
 from tor1 import CELL_PAYLOAD_LEN
 
@@ -127,10 +136,12 @@ class Link:
         on_open: Callable[[Link], object] | None = None,
         on_close: Callable[[Link, str], object] | None = None,
         on_cell: Callable[[Link, int, int, bytes], object] | None = None,
+        tls_offload: TlsOffload | None = None,
     ) -> None:
         """Wrap ``stream`` (connected or connecting). Prefer :meth:`connect` / :meth:`accept`.
         ``require_certs`` (initiator) defaults to True over TLS; ``credentials`` make this side
-        authenticate as a relay (TLS only). Loop thread only."""
+        authenticate as a relay (TLS only). With ``tls_offload``, the TLS record crypto of the
+        open link runs on its pool (:mod:`relay.tlspipe`). Loop thread only."""
         if not versions or min(versions) < 4:
             raise ValueError(f"only link protocols >= 4 are supported, got {list(versions)}")
         if tls is not None and isinstance(tls, TlsServerSession) == initiator:
@@ -169,6 +180,15 @@ class Link:
         self.writes = 0  # libuv writes of gathered output (see "Writing")
         self._out: list[bytes | bytearray | memoryview] = []
         self._out_bytes = 0
+        self._tls_offload = tls_offload if tls is not None else None
+        self._pipe: TlsPipe | None = None
+        self._read_full = False  # the pipe's decrypt backlog is full: not reading
+        self.on_write_high: Callable[[], object] | None = None
+        self.on_write_low: Callable[[], object] | None = None
+        self._write_high = False  # on_write_high ran, on_write_low not yet
+        self._stream_high = False
+        stream.on_write_high = self._on_stream_high
+        stream.on_write_low = self._on_stream_low
         self._timer: TimerHandle | None = None
         if handshake_timeout is not None:
             self._timer = reactor.call_later(handshake_timeout, self._on_handshake_timeout,
@@ -195,10 +215,13 @@ class Link:
         on_open: Callable[[Link], object] | None = None,
         on_close: Callable[[Link, str], object] | None = None,
         on_cell: Callable[[Link, int, int, bytes], object] | None = None,
+        tls_context: TlsClientContext | None = None,
+        tls_offload: TlsOffload | None = None,
     ) -> Link:
-        """Connect to ``host:port`` and run the initiator's handshake (TLS first if ``tls``;
-        with ``credentials`` this side authenticates as that relay). ``on_open(link)``
-        follows, or ``on_close(link, reason)``. Loop thread only."""
+        """Connect to ``host:port`` and run the initiator's handshake (TLS first if ``tls``,
+        with ``tls_context`` when given: one per relay saves building one per link; with
+        ``credentials`` this side authenticates as that relay). ``on_open(link)`` follows, or
+        ``on_close(link, reason)``. ``tls_offload``: see the constructor. Loop thread only."""
         holder: list[Link] = []
 
         def connected(stream: Stream) -> None:
@@ -210,11 +233,11 @@ class Link:
 
         stream = connect(reactor, host, port, connected, failed)
         link = cls(reactor, stream, initiator=True,
-                   tls=TlsClientSession() if tls else None, credentials=credentials,
-                   versions=versions,
+                   tls=TlsClientSession(context=tls_context) if tls else None,
+                   credentials=credentials, versions=versions,
                    require_certs=require_certs, handshake_timeout=handshake_timeout,
                    name=name or f"link to {host}:{port}", on_open=on_open, on_close=on_close,
-                   on_cell=on_cell)
+                   on_cell=on_cell, tls_offload=tls_offload)
         holder.append(link)
         return link
 
@@ -231,16 +254,18 @@ class Link:
         on_open: Callable[[Link], object] | None = None,
         on_close: Callable[[Link, str], object] | None = None,
         on_cell: Callable[[Link, int, int, bytes], object] | None = None,
+        tls_offload: TlsOffload | None = None,
     ) -> Link:
         """Run the responder's handshake on an accepted stream: over TLS with ``server``'s
         context, sending its CERTS and AUTH_CHALLENGE; without ``server``, plain TCP and no
-        certificates (only for the in-process demos and tests). Loop thread only."""
+        certificates (only for the in-process demos and tests). ``tls_offload``: see the
+        constructor. Loop thread only."""
         return cls(reactor, stream, initiator=False,
                    tls=TlsServerSession(server.tls) if server is not None else None,
                    credentials=server.link if server is not None else None,
                    versions=versions, handshake_timeout=handshake_timeout,
                    name=name or "accepted link", on_open=on_open, on_close=on_close,
-                   on_cell=on_cell)
+                   on_cell=on_cell, tls_offload=tls_offload)
 
     # ------------------------------------------------------------------ state
 
@@ -328,6 +353,8 @@ class Link:
         """Counters and state as a plain dict. Loop thread only."""
         return {"state": self.state, "link_version": self.link_version,
                 "cells_in": self.cells_in, "cells_out": self.cells_out, "writes": self.writes,
+                "tls_on_pool": self._pipe.pool_jobs if self._pipe else 0,
+                "tls_inline": self._pipe.inline_jobs if self._pipe else 0,
                 "circuits": len(self._circuits), "close_kind":
                 self.close_kind.value if self.close_kind else None}
 
@@ -438,16 +465,20 @@ class Link:
         stream = self.stream
         if self._out_bytes + stream.write_buffer_size > stream.write_watermarks[0]:
             self._send_gathered()  # past the high watermark: on_write_high now, not later
+        if not self._write_high:
+            self._check_backlog()
 
     def _send_gathered(self) -> None:
         """Send what :meth:`_write` gathered: one encrypt, one write. Also called by
         :meth:`_finish` before close_notify; a call with nothing gathered does nothing."""
         out, self._out = self._out, []
-        self._out_bytes = 0
+        size, self._out_bytes = self._out_bytes, 0
         if not out or self.stream.closed:
             return
         self.writes += 1
-        if self._tls is not None:
+        if self._pipe is not None:
+            self._pipe.encrypt(out, size)  # records come to _on_records
+        elif self._tls is not None:
             try:
                 records = self._tls.encrypt(out)
             except TlsError as exc:
@@ -474,8 +505,7 @@ class Link:
         Loop thread only."""
         self._paused = True
         self._framer.running = False
-        if not self.stream.closed:
-            self.stream.pause_reading()
+        self._update_reading()
 
     def resume_reading(self) -> None:
         """Deliver cells again, first any already buffered. Loop thread only."""
@@ -483,10 +513,46 @@ class Link:
             return
         self._paused = False
         self._framer.running = self._state is _State.OPEN
-        if not self.stream.closed:
-            self.stream.resume_reading()
+        self._update_reading()
         if self._framer.pending and not self._dispatching and self._state is not _State.CLOSED:
             self._on_plain(b"")
+
+    def _update_reading(self) -> None:
+        """Read from the socket unless paused or the TLS decrypt backlog is full."""
+        if self.stream.closed:
+            return
+        if self._paused or self._read_full:
+            self.stream.pause_reading()
+        else:
+            self.stream.resume_reading()
+
+    def _on_read_full(self, full: bool) -> None:
+        self._read_full = full
+        self._update_reading()
+
+    # ------------------------------------------------------------------ write watermarks
+
+    def _check_backlog(self) -> None:
+        """Run on_write_high / on_write_low as the output backlog crosses the watermarks."""
+        encrypting = self._pipe.encrypting if self._pipe is not None else 0
+        high, low = self.stream.write_watermarks
+        if not self._write_high:
+            if self._stream_high or self._out_bytes + encrypting > high:
+                self._write_high = True
+                if self.on_write_high is not None:
+                    self.on_write_high()
+        elif not self._stream_high and self._out_bytes + encrypting <= low:
+            self._write_high = False
+            if self.on_write_low is not None:
+                self.on_write_low()
+
+    def _on_stream_high(self) -> None:
+        self._stream_high = True
+        self._check_backlog()
+
+    def _on_stream_low(self) -> None:
+        self._stream_high = False
+        self._check_backlog()
 
     # ------------------------------------------------------------------ closing
 
@@ -513,7 +579,16 @@ class Link:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        if not self.stream.closed:
+        pipe = self._pipe
+        if pipe is not None and not self.stream.closed:
+            if self._out and pipe.idle:  # the last cells, e.g. DESTROYs: on this thread
+                self._pipe = None
+                self._send_gathered()
+            alert = pipe.close()  # None if work was on the pool: abandoned, no close_notify
+            if alert and not self.stream.closed:
+                self.stream.write(alert)
+            self.stream.close(reason)
+        elif not self.stream.closed:
             self._send_gathered()
         if not self.stream.closed:
             if self._tls is not None:
@@ -622,6 +697,8 @@ class Link:
         return offset
 
     def _opened(self) -> None:
+        if self._tls is not None and self._tls_offload is not None:
+            self._start_pipe(self._tls, self._tls_offload)
         self._state = _State.OPEN
         self._framer.version = self.link_version
         self._framer.running = not self._paused
@@ -632,6 +709,37 @@ class Link:
                     f", peer {self.peer_fingerprint}" if self.peer_certs else "")
         if self.on_open is not None:
             self.on_open(self)
+
+    def _start_pipe(self, session: TlsClientSession | TlsServerSession,
+                    offload: TlsOffload) -> None:
+        """From now on the session's record crypto goes through the pool (the handshake, and
+        everything the link authentication reads of the session, is done)."""
+        self._pipe = TlsPipe(offload.pool, session, on_plain=self._on_decrypted,
+                             on_records=self._on_records, on_error=self._on_pipe_error,
+                             on_read_full=self._on_read_full, inline_bytes=offload.inline_bytes,
+                             read_limit=offload.read_limit)
+        self.stream.on_data = self._pipe.decrypt
+
+    def _on_decrypted(self, plain: bytes) -> None:
+        if self._state is _State.CLOSED:
+            return
+        if plain:
+            self._on_plain(plain)
+        pipe = self._pipe
+        if pipe is None or self._state is _State.CLOSED:
+            return
+        if pipe.session.peer_closed:
+            self._on_stream_close(CloseReason.EOF, "TLS close_notify from the peer")
+        elif pipe.session.wants_write and not self._out:
+            self._write(b"")  # TLS bytes made while reading (an alert, say) go out next
+
+    def _on_records(self, records: bytes) -> None:
+        if records and not self.stream.closed:
+            self.stream.write(records)
+        self._check_backlog()
+
+    def _on_pipe_error(self, exc: TlsError) -> None:
+        self._fail(CloseKind.TLS_FAILED, str(exc))
 
     # ------------------------------------------------------------------ the data path
 

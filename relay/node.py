@@ -96,6 +96,8 @@ from relay.orcircuit import (
 )
 from relay.publication import RelayDirectory
 from relay.relaylimits import CellQueueCaps, QueueMemory
+from relay.tls import TlsClientContext
+from relay.tlspipe import DEFAULT_INLINE_TLS_BYTES, TlsOffload
 from tor1.backend import backend_name, relay_crypto_for
 from tor1.reference import HopKeys
 from workers.pool import (
@@ -148,6 +150,8 @@ class RelayNode:
         max_circuits_per_link: int = DEFAULT_MAX_CIRCUITS_PER_LINK,
         queue_memory_limit: int | None = None,
         inline_cells: int = DEFAULT_INLINE_CELLS,
+        tls_on_pool: bool = True,
+        tls_inline_bytes: int = DEFAULT_INLINE_TLS_BYTES,
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
 
@@ -160,12 +164,17 @@ class RelayNode:
         (RESOURCELIMIT). ``queue_memory_limit`` (bytes) overrides MaxMemInQueues, below tor's
         64 MiB floor too (tests, benchmarks). ``inline_cells``: a circuit's flush of at most
         this many cells, with none of its cells on the pool, is crypted on the loop thread
-        (``relay.orcircuit``, "Small batches"); 0 sends every batch to the pool."""
+        (``relay.orcircuit``, "Small batches"); 0 sends every batch to the pool. ``tls_on_pool``:
+        the TLS record crypto of open links runs on the pool (``relay.tlspipe``), reads and
+        writes of at most ``tls_inline_bytes`` on the loop thread; False: all of it on the
+        loop thread."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
         if inline_cells < 0:
             raise ValueError(f"inline_cells must be >= 0, got {inline_cells}")
         self.inline_cells = inline_cells
+        # one client context for every outgoing link (building one costs ~150 µs)
+        self._tls_client = None if config.plain_links else TlsClientContext()
         self.identity = identity
         self.config = config
         self.nickname = nickname = config.nickname
@@ -201,6 +210,8 @@ class RelayNode:
             on_pool_pressure=self._on_pool_pressure,
             name=f"{nickname}-worker",
         )
+        self._tls_offload = (TlsOffload(self.pool, tls_inline_bytes)
+                             if tls_on_pool and not config.plain_links else None)
         self._onion = OnionHandshakes(self.pool, self._ntor_keys, self._on_onionskin_answered,
                                       lanes=config.threads)
         # One group function for all of this node's kernel circuits: the pool crypts circuits
@@ -331,11 +342,12 @@ class RelayNode:
 
     # ------------------------------------------------------------------ links
 
-    def _watch_writes(self, peer: Peer, stream: Stream) -> None:
+    def _watch_writes(self, peer: Peer) -> None:
+        link = peer.link
         if self._link_write_water is not None:
-            stream.set_write_watermarks(*self._link_write_water)
-        stream.on_write_high = lambda: self._on_write_high(peer)
-        stream.on_write_low = lambda: self._on_write_low(peer)
+            link.stream.set_write_watermarks(*self._link_write_water)
+        link.on_write_high = lambda: self._on_write_high(peer)
+        link.on_write_low = lambda: self._on_write_low(peer)
 
     def _on_accept(self, stream: Stream) -> None:
         address = stream.peer_address
@@ -359,14 +371,14 @@ class RelayNode:
         link = Link.accept(
             self.reactor, stream, server=self._server, handshake_timeout=self._handshake_timeout,
             name=name, on_open=self._on_accepted_open, on_close=self._on_link_closed,
-            on_cell=self._on_unrouted,
+            on_cell=self._on_unrouted, tls_offload=self._tls_offload,
         )
         peer = Peer(link)
         if client_ip is not None:
             peer.client_ip = client_ip
             peer.dos_ticket = self.dos.connection_opened(client_ip, time.monotonic())
         self._peers[link] = peer
-        self._watch_writes(peer, stream)
+        self._watch_writes(peer)
         self.links_accepted += 1
 
     def _open_sockets(self, exit_streams: int | None = None) -> int:
@@ -384,11 +396,12 @@ class RelayNode:
             handshake_timeout=self._handshake_timeout,
             name=f"{self.nickname}->{host}:{port}", on_open=self._on_link_open,
             on_close=self._on_link_closed, on_cell=self._on_unrouted,
+            tls_context=self._tls_client, tls_offload=self._tls_offload,
         )
         peer = Peer(link, address, identity)
         self._peers[link] = peer
         self._outgoing[(address, identity)] = peer
-        self._watch_writes(peer, link.stream)
+        self._watch_writes(peer)
         self.links_opened += 1
         return peer
 

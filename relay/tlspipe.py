@@ -1,0 +1,241 @@
+"""A link's TLS record crypto after its handshake: on the worker pool, small pieces on the loop.
+
+Once a link is open, every byte it reads is TLS-decrypted and every byte it writes
+TLS-encrypted: for a relay that forwards cells, as much AES as the relay crypto itself, and on
+the loop thread it would cap the relay at one core. A :class:`TlsPipe` moves that work to the
+pool: the link's session becomes the state of ONE pool circuit with two lanes
+(``relay.tlslanes``: decrypt and encrypt), so one worker at a time owns the session, each
+lane's results come back in the order it was fed, and the link only moves bytes between the
+socket and the pool.
+
+Small pieces on the loop thread
+-------------------------------
+A hand-off costs two thread wake-ups, far more than decrypting one cell's record. So a piece
+of at most ``inline_bytes`` is done on the loop thread, at once, when nothing of the link is on
+the pool: no worker holds the session then (the pool lets go of a circuit before its results
+are delivered, and ``in_flight`` counts until delivery), and nothing queued ahead of the piece
+could be overtaken, in either lane. Under load, reads and writes are large or the pool is busy
+with the link: the pool does the work.
+
+Bounds
+------
+Ciphertext read and not yet decrypted counts against ``read_limit``: past it,
+``on_read_full(True)`` asks the link to stop reading until the backlog is decrypted
+(``on_read_full(False)``). Plaintext handed to :meth:`encrypt` and not yet back as records is
+:attr:`encrypting` bytes: the link counts it as written, so its write watermarks (and the circuit
+scheduler behind them) see it.
+
+Errors and closing: a TLS error on either lane (a corrupt record from the peer, say) kills the
+session: ``on_error(exc)`` once, and the pipe takes nothing more. :meth:`close` returns the
+close_notify to send when the session is idle; with work in flight it abandons that work (the
+pool discards it) and returns None: the link then closes without close_notify.
+
+Threads: loop thread only (the callbacks run on the loop thread); the pool's workers run
+``relay.tlslanes.process``/``group`` on the session while they own the circuit.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from relay import tlslanes
+from relay.tlscontext import TlsError
+from workers.circuit import Circuit
+from workers.pool import WorkerPool
+
+__all__ = ["DEFAULT_INLINE_TLS_BYTES", "DEFAULT_TLS_READ_LIMIT", "TlsOffload", "TlsPipe"]
+
+DEFAULT_INLINE_TLS_BYTES = 4096
+"""A read or write of at most this many bytes, with nothing of its link on the pool, is
+TLS-crypted on the loop thread (docs/tuning.md)."""
+DEFAULT_TLS_READ_LIMIT = 1 << 20
+"""Ciphertext a link may have waiting for decryption before it stops reading."""
+
+Piece = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class TlsOffload:
+    """Where and how a link's TLS record crypto runs once the link is open: on ``pool``,
+    pieces of at most ``inline_bytes`` on the loop thread, at most ``read_limit`` bytes of
+    ciphertext waiting for decryption. Any thread (immutable)."""
+
+    pool: WorkerPool
+    inline_bytes: int = DEFAULT_INLINE_TLS_BYTES
+    read_limit: int = DEFAULT_TLS_READ_LIMIT
+
+
+class TlsPipe:
+    """One open link's TLS session, crypted on ``pool`` (see the module docstring). Loop thread
+    only."""
+
+    __slots__ = (
+        "_backlog",
+        "_circuit",
+        "_dead",
+        "_inline_bytes",
+        "_pending",
+        "_pool",
+        "_read_full",
+        "_read_limit",
+        "_session",
+        "decrypting",
+        "encrypting",
+        "inline_jobs",
+        "on_error",
+        "on_plain",
+        "on_read_full",
+        "on_records",
+        "pool_jobs",
+    )
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        session: Any,
+        *,
+        on_plain: Callable[[bytes], object],
+        on_records: Callable[[bytes], object],
+        on_error: Callable[[TlsError], object],
+        on_read_full: Callable[[bool], object],
+        inline_bytes: int = DEFAULT_INLINE_TLS_BYTES,
+        read_limit: int = DEFAULT_TLS_READ_LIMIT,
+    ) -> None:
+        """Take over ``session`` (handshake done, idle). ``on_plain(data)`` gets decrypted bytes
+        in read order, ``on_records(data)`` the records to write in write order. Loop thread
+        only."""
+        if not session.handshake_done:
+            raise ValueError("TlsPipe needs a session whose handshake is done")
+        self._pool = pool
+        self._session = session
+        self.on_plain = on_plain
+        self.on_records = on_records
+        self.on_error = on_error
+        self.on_read_full = on_read_full
+        self._inline_bytes = inline_bytes
+        self._read_limit = read_limit
+        self._read_full = False
+        self._dead = False
+        self.decrypting = 0  # ciphertext bytes on the pool
+        self.encrypting = 0  # plaintext bytes on the pool
+        self.inline_jobs = 0
+        self.pool_jobs = 0
+        # Per lane, the submitted pieces not yet delivered: (cells counted, bytes). A delivery
+        # covers whole pieces (the pool joins a lane's pieces into one batch), and how many
+        # cells it covered is what the circuit's in_flight lost.
+        self._pending: tuple[deque[tuple[int, int]], deque[tuple[int, int]]] = (deque(), deque())
+        self._backlog = 0  # cells submitted, not delivered, both lanes
+        self._circuit: Circuit = pool.open_circuit(
+            session, process=tlslanes.process, group=tlslanes.group, joined=True,
+            on_result=self._on_result, on_error=self._on_job_error, context="tls")
+
+    @property
+    def idle(self) -> bool:
+        """Nothing of this link is on the pool (no worker holds the session). Loop thread
+        only."""
+        return self._circuit.in_flight == 0
+
+    @property
+    def session(self) -> Any:
+        """The TLS session (its flags may be read at any time). Loop thread only."""
+        return self._session
+
+    # ------------------------------------------------------------------ the two lanes
+
+    def decrypt(self, data: bytes) -> None:
+        """TLS bytes read from the socket, in read order. Loop thread only."""
+        if self._dead or not data:
+            return
+        if self.idle and len(data) <= self._inline_bytes:
+            self.inline_jobs += 1
+            try:
+                plain = self._session.decrypt(data)
+            except TlsError as exc:
+                self._die(exc)
+                return
+            self.on_plain(plain)
+            return
+        self._submit(tlslanes.LANE_DECRYPT, data, len(data))
+        self.decrypting += len(data)
+        if not self._read_full and self.decrypting > self._read_limit:
+            self._read_full = True
+            self.on_read_full(True)
+
+    def encrypt(self, pieces: Sequence[Piece], size: int) -> None:
+        """Plaintext to send (``size`` bytes in ``pieces``), in write order. Loop thread only."""
+        if self._dead:
+            return
+        if self.idle and size <= self._inline_bytes:
+            self.inline_jobs += 1
+            try:
+                records = self._session.encrypt(pieces)
+            except TlsError as exc:
+                self._die(exc)
+                return
+            self.on_records(records)
+            return
+        item = list(pieces)
+        self._submit(tlslanes.LANE_ENCRYPT, item, size)
+        self.encrypting += size
+
+    def _submit(self, lane: int, item: Any, size: int) -> None:
+        cells = tlslanes.count(item)
+        self._pending[lane].append((cells, size))
+        self._backlog += cells
+        self.pool_jobs += 1
+        self._pool.submit(self._circuit, lane, item, count=cells)
+
+    def _delivered(self, lane: int) -> int:
+        """Pop the pieces a delivery on ``lane`` covered; their bytes."""
+        cells = self._backlog - self._circuit.in_flight
+        self._backlog -= cells
+        pending = self._pending[lane]
+        size = 0
+        while cells > 0:
+            piece_cells, piece_size = pending.popleft()
+            cells -= piece_cells
+            size += piece_size
+        return size
+
+    def _on_result(self, circuit: Circuit, lane: int, result: bytes) -> None:
+        size = self._delivered(lane)
+        if lane == tlslanes.LANE_DECRYPT:
+            self.decrypting -= size
+            if self._read_full and self.decrypting <= self._read_limit // 2:
+                self._read_full = False
+                self.on_read_full(False)
+            self.on_plain(result)
+        else:
+            self.encrypting -= size
+            self.on_records(result)
+
+    def _on_job_error(self, circuit: Circuit, lane: int, exc: BaseException) -> None:
+        if isinstance(exc, TlsError):
+            self._die(exc)
+        else:  # not TLS's refusal: a bug or a broken kernel; still this link only
+            self._die(TlsError(f"TLS {('decrypt', 'encrypt')[lane]} failed: {exc!r}"))
+
+    def _die(self, exc: TlsError) -> None:
+        if self._dead:
+            return
+        self._dead = True
+        self._pool.close_circuit(self._circuit)
+        self.on_error(exc)
+
+    # ------------------------------------------------------------------ closing
+
+    def close(self) -> bytes | None:
+        """Stop: the close_notify to send, or None when work was in flight (abandoned, see the
+        module docstring) or the session is dead. Idempotent. Loop thread only."""
+        idle = self.idle
+        dead, self._dead = self._dead, True
+        self._pool.close_circuit(self._circuit)
+        if dead or not idle:
+            return None
+        try:
+            return self._session.close()
+        except TlsError:
+            return None
