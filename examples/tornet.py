@@ -3,10 +3,9 @@
 ``python -m examples.tornet`` (``make tornet``) builds a :class:`tornet.network.TorNet` -- one
 directory authority, three tor relays (t1, t2, t3, exits to the echo service only), a tor client,
 an echo service -- plus two *external relays* started with ``--relay-command``: ``xrelay`` (an
-exit to the echo service) and ``xbridge`` (a bridge, with a bridge client of its own). Until
-relaycrypt's relay speaks enough Tor, the default command is the stand-in
-``python -m tornet.standin`` (a real tor configured from the same options); pass
-``--relay-command "python -m examples.relay"`` once it does.
+exit to the echo service) and ``xbridge`` (a bridge, with a bridge client of its own). The
+default command is relaycrypt's relay, ``python -m examples.relay``; ``--relay-command "python
+-m tornet.standin"`` runs a real tor configured from the same options in its place.
 
 Then it pushes ``--size`` MiB to the echo service and back through circuits pinned hop by hop
 (``EXTENDCIRCUIT`` + ``ATTACHSTREAM`` on the client's control port), one per position:

@@ -1,8 +1,8 @@
 """How a relay that is not one of tor's own joins the network: its command line and READY line.
 
 An *external relay* is any program that behaves as a Tor relay (relaycrypt's
-``python -m examples.relay``; for now the stand-in ``python -m tornet.standin``, a real tor
-configured from the same options). The network runs it as
+``python -m examples.relay``, the default; or the stand-in ``python -m tornet.standin``, a real
+tor configured from the same options). The network runs it as
 
     <command prefix> --testing-network --nickname NAME --data-dir DIR
                      --orport 127.0.0.1:PORT --dirauth "LINE" [--dirauth "LINE" ...]
