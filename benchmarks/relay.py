@@ -1,10 +1,12 @@
 """What one relay costs per relayed cell, its saturation throughput and round trips, side by side.
 
-``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor]``
+``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor] [--modes M,...]``
 
-For each link mode -- ``tls`` (the relay's default: TLS with tor's link authentication) and
-``plain`` (``--plain-links``) -- and each of ``--runs`` rounds (the modes interleaved, so the
-host's changing load spreads over both):
+For each mode -- ``tls`` (the relay's default: TLS with tor's link authentication, its record
+crypto on the pool), ``plain`` (``--plain-links``), and on request ``tls-loop`` (TLS record
+crypto on the loop thread, ``--tls-on-loop``) and ``pool-only`` (nothing crypted on the loop
+thread: ``--inline-cells 0 --tls-inline-bytes 0``) -- and each of ``--runs`` rounds (the modes
+interleaved, so the host's changing load spreads over all):
 
 1. **CPU per relayed cell and saturation throughput** (:mod:`benchmarks.relay_cpu`): one
    unmodified ``python -m examples.relay`` in the middle of ``--circuits`` circuits driven by
@@ -75,7 +77,17 @@ from tornet.push import PinError
 
 __all__ = ["FIGURES", "MODES", "main", "summarize_mode"]
 
-MODES = ("tls", "plain")
+MODES = ("tls", "plain", "tls-loop", "pool-only")
+"""Link modes, in table order; ``--modes`` picks some (default: the first two)."""
+MODE_SETTINGS: dict[str, tuple[bool, tuple[str, ...]]] = {
+    "tls": (True, ()),
+    "plain": (False, ()),
+    # TLS record crypto on the loop thread (as before relay.tlspipe)
+    "tls-loop": (True, ("--tls-on-loop",)),
+    # nothing crypted on the loop thread: every batch and every TLS piece to the pool
+    "pool-only": (True, ("--inline-cells", "0", "--tls-inline-bytes", "0")),
+}
+"""Per mode: TLS links or not, and the relay's extra arguments."""
 FIGURES = {
     "loop_cpu_us_per_cell": "cpu", "workers_cpu_us_per_cell": "cpu", "cpu_us_per_cell": "cpu",
     "cells_per_s": "cpu", "mb_per_s": "cpu", "loop_busy": "cpu",
@@ -144,7 +156,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one short run of each")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-tor", action="store_true", help="skip the tornet comparison")
-    parser.add_argument("--modes", default=",".join(MODES), help="tls,plain or one of them")
+    parser.add_argument("--modes", default="tls,plain",
+                        help=f"comma-separated, of {','.join(MODES)} (default tls,plain)")
     parser.add_argument("--threads", type=int, default=2, help="worker threads per relay")
     parser.add_argument("--circuits", type=int, default=32)
     parser.add_argument("--links", type=int, default=2)
@@ -198,17 +211,17 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
               "window": args.window, "window_cells": args.window_cells}
     for index in range(args.runs):
         for mode in args.modes:
-            tls = mode == "tls"
+            tls, relay_args = MODE_SETTINGS[mode]
             progress(f"run {index + 1}/{args.runs}, {mode}: relay under saturating load")
             result = measure(tls, workdir / f"cpu-{mode}-{index}", threads=args.threads,
-                             **common)
+                             extra_args=relay_args, **common)
             cpu_runs[mode].append(result)
             progress(f"  {result['cells_per_s']:.0f} cells/s, "
                      f"{result['cpu_us_per_cell']:.2f} us/cell "
                      f"(loop {result['loop_cpu_us_per_cell']:.2f})")
             if args.paced_rate:
                 result = measure(tls, workdir / f"paced-{mode}-{index}", threads=args.threads,
-                                 rate=args.paced_rate, **common)
+                                 rate=args.paced_rate, extra_args=relay_args, **common)
                 paced_runs[mode].append(result)
                 progress(f"  paced at {args.paced_rate:.0f} cells/s: "
                          f"{result['cpu_us_per_cell']:.2f} us/cell "
@@ -216,7 +229,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             progress(f"run {index + 1}/{args.runs}, {mode}: round trips through 3 relays")
             rtt = measure_rtt(tls, workdir / f"rtt-{mode}-{index}", samples=args.rtt_samples,
                               gap=args.rtt_gap, load_seconds=args.load_seconds,
-                              load_bytes=load_bytes, threads=args.threads)
+                              load_bytes=load_bytes, threads=args.threads,
+                              relay_args=relay_args)
             rtt_runs[mode].append(rtt)
             progress(f"  idle p50 {rtt['idle']['p50_ms']:.2f} ms, under load p99 "
                      f"{rtt['load']['p99_ms']:.1f} ms")

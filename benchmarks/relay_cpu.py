@@ -50,12 +50,12 @@ class LoadFailed(RuntimeError):
 
 def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, links: int = 2,
             warmup: float = 1.0, window: float = 5.0, window_cells: int = DEFAULT_WINDOW,
-            rate: float = 0.0, tor: bool = False, build_timeout: float = 60.0
-            ) -> dict[str, Any]:
+            rate: float = 0.0, tor: bool = False, build_timeout: float = 60.0,
+            extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One run (see the module docstring); the figures as a JSON-ready dict. ``rate``: offer
     that many cells/s (paced, :class:`benchmarks.relay_load.RelayLoad`) instead of saturating
-    the relay. ``tor``: the relay under test is C tor
-    (:class:`benchmarks.relay_torpeer.TorRelayProcess`, TLS only), its relayed cells counted
+    the relay; ``extra_args`` go to our relay's command line. ``tor``: the relay under test is
+    C tor (:class:`benchmarks.relay_torpeer.TorRelayProcess`, TLS only), its relayed cells counted
     at the far ends (``load_cells``). Raises :class:`LoadFailed` or
     :class:`benchmarks.relay_proc.RelayStartError`. Main thread."""
     relay: RelayProcess | TorRelayProcess
@@ -65,7 +65,7 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
         relay = TorRelayProcess(workdir / "tor")
     else:
         relay = RelayProcess(workdir / ("relay-tls" if tls else "relay-plain"), tls=tls,
-                             threads=threads)
+                             threads=threads, extra_args=extra_args)
     relay.start()
     edges: list[dict[str, Any]] = []
     failures: list[str] = []

@@ -152,16 +152,17 @@ def _percentiles(samples: list[float]) -> dict[str, float]:
 def measure_rtt(tls: bool, workdir: Path, *, samples: int = 400, gap: float = 0.002,
                 load_seconds: float = 5.0, load_circuits: int = 4,
                 load_bytes: int = 64 << 20, threads: int = 2,
-                network: LocalNetwork | None = None) -> dict[str, Any]:
+                network: LocalNetwork | None = None,
+                relay_args: tuple[str, ...] = ()) -> dict[str, Any]:
     """One run (see the module docstring): ``{"idle": {...}, "load": {...}}`` with p50/p90/
     p99/max in ms and the sample counts; ``load`` also holds the middle relay's cells/s while
     probing. ``network``: a LocalNetwork (or subclass) not yet started, configured with
-    ``tls`` (default: a new one). Raises RuntimeError when the network or the prober fails.
-    Main thread."""
+    ``tls`` (default: a new one, its relays run with ``relay_args``). Raises RuntimeError when
+    the network or the prober fails. Main thread."""
     if network is None:
         network = LocalNetwork(3, threads=threads,
                                workdir=workdir / ("rtt-tls" if tls else "rtt-plain"),
-                               plain_links=not tls)
+                               plain_links=not tls, relay_args=relay_args)
     network.start()
     failures: list[str] = []
     result: dict[str, Any] = {}
