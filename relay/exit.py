@@ -115,10 +115,12 @@ EARLY_CHUNK_OVERHEAD = 56
 rounding (it is past pymalloc's 512-byte limit) and its list slot; measured 52.3 B of RSS per
 chunk (``python -m benchmarks.exit_costs``), rounded up."""
 
-STREAM_COST = 2304
+STREAM_COST = 3072
 """Bytes a stream costs with nothing buffered: the ``_ExitStream`` and its closures, the
-reactor's ``Stream``, the libuv TCP handle; measured 2,290 B of RSS per half-open stream
-(``python -m benchmarks.exit_costs``; the socket's kernel memory is not RSS), rounded up."""
+reactor's ``Stream``, the libuv TCP handle; measured 2.1-2.7 KB of RSS per half-open stream
+(``python -m benchmarks.exit_costs``, more per stream with more streams; 2.1 KB of it Python)
+and about 3.3 KB inside a relay under the ``streams_fds`` attack: 3 KiB. The socket's kernel
+memory is not RSS and not counted."""
 
 _EMPTY_BYTEARRAY = sys.getsizeof(bytearray())
 
