@@ -54,6 +54,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import struct
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -85,8 +86,8 @@ from relay.exitpolicy import ExitVerdict
 from relay.sendme import SendmeTags, encode_sendme_v1, mark_cell, sendme_due
 from tor1 import RELAY_DATA_MAX, RELAY_HEADER_LEN
 
-__all__ = ["ExitCheck", "ExitEdge", "Lookups", "Sockets", "TagLookup", "parse_begin",
-           "refuse_every_exit"]
+__all__ = ["EARLY_CHUNK_OVERHEAD", "STREAM_COST", "ExitCheck", "ExitEdge", "Lookups", "Sockets",
+           "TagLookup", "parse_begin", "refuse_every_exit"]
 
 TagLookup = Callable[[int], bytes]
 """``tag_of(offset)``: the SENDME tag of the recognized cell at ``offset`` of a handed batch."""
@@ -108,6 +109,20 @@ _RESOLVED_NONTRANSIENT = 0xF1
 _MAX_ANSWERS = 8
 _WINDOW = "window"
 _LINK = "link"
+
+EARLY_CHUNK_OVERHEAD = 56
+"""Bytes an early DATA chunk costs beyond its payload: the bytes object's header and malloc's
+rounding (it is past pymalloc's 512-byte limit) and its list slot; measured 52.3 B of RSS per
+chunk (``python -m benchmarks.exit_costs``), rounded up."""
+
+STREAM_COST = 3072
+"""Bytes a stream costs with nothing buffered: the ``_ExitStream`` and its closures, the
+reactor's ``Stream``, the libuv TCP handle; measured 2.1-2.7 KB of RSS per half-open stream
+(``python -m benchmarks.exit_costs``, more per stream with more streams; 2.1 KB of it Python)
+and about 3.3 KB inside a relay under the ``streams_fds`` attack: 3 KiB. The socket's kernel
+memory is not RSS and not counted."""
+
+_EMPTY_BYTEARRAY = sys.getsizeof(bytearray())
 
 
 ExitCheck = Callable[[str, int], ExitVerdict]
@@ -200,10 +215,12 @@ class _ExitStream:
         "counted",
         "deliver_window",
         "early",
+        "early_cost",
         "eof",
         "gate",
         "package_window",
         "pending",
+        "pending_cost",
         "stream_id",
         "target",
         "withheld",
@@ -217,7 +234,9 @@ class _ExitStream:
         self.package_window = STREAMWINDOW_START
         self.deliver_window = STREAMWINDOW_START
         self.pending = bytearray()  # read from the target, not yet packaged (window closed)
+        self.pending_cost = 0  # what `pending` allocates beyond an empty bytearray
         self.early: list[bytes] | None = []  # DATA before CONNECTED; None once connected
+        self.early_cost = 0  # its chunks' payloads plus EARLY_CHUNK_OVERHEAD each
         self.eof: int | None = None  # END reason to send once `pending` is empty
         self.withheld = False  # stream SENDMEs held back while the target's writes back up
         self.counted = False  # holds one of the relay's exit sockets (Sockets)
@@ -257,6 +276,9 @@ class ExitEdge:
         self._dir_server = dir_server
         self._name = name
         self._streams: dict[int, _ExitStream] = {}
+        self._held = 0  # STREAM_COST per stream plus what their buffers cost (buffered_bytes)
+        self._buffers = 0  # the buffers' part of it
+        self._buffers_since: float | None = None  # when `_buffers` last rose from zero
         self._blocked: dict[_ExitStream, None] = {}  # waiting for the circuit window
         self._out: list[bytes] = []
         self._closed = False
@@ -324,6 +346,9 @@ class ExitEdge:
             return
         if stream.early is not None:
             stream.early.append(data)
+            cost = len(data) + EARLY_CHUNK_OVERHEAD
+            stream.early_cost += cost
+            self._charge(cost)
         else:
             batch = writes.get(stream)
             if batch is None:
@@ -404,12 +429,12 @@ class ExitEdge:
         if not self._stream_allowed(stream_id):
             return
         stream = _ExitStream(stream_id, None)
-        self._streams[stream_id] = stream
+        self._add_stream(stream)
         self.streams_opened += 1
         if _is_address(host):
             self._connect(stream, host, port)
         elif not self._lookups.take():
-            self._streams.pop(stream_id, None)
+            self._drop_stream(stream_id)
             log.info("%s: stream %d: too many name lookups under way", self._name, stream_id)
             self._end_stream(stream_id, END_REASON_RESOLVEFAILED)
         else:
@@ -422,7 +447,7 @@ class ExitEdge:
         if self._streams.get(stream.stream_id) is not stream or self._closed:
             return  # ended meanwhile
         if not found:
-            self._streams.pop(stream.stream_id, None)
+            self._drop_stream(stream.stream_id)
             log.info("%s: stream %d: %s does not resolve: %s", self._name, stream.stream_id,
                      host, error)
             self._end_stream(stream.stream_id, END_REASON_RESOLVEFAILED)
@@ -436,12 +461,12 @@ class ExitEdge:
         stream_id = stream.stream_id
         verdict = self._check(address, port)
         if not verdict.allowed:
-            self._streams.pop(stream_id, None)
+            self._drop_stream(stream_id)
             self._refuse(stream_id, address, port, verdict)
             return
         why = self._sockets.take()
         if why is not None:
-            self._streams.pop(stream_id, None)
+            self._drop_stream(stream_id)
             log.warning("%s: stream %d refused: %s", self._name, stream_id, why)
             self._end_stream(stream_id, END_REASON_RESOURCELIMIT)
             return
@@ -517,7 +542,7 @@ class ExitEdge:
             return
         target = DirTarget(self._reactor, self._dir_server)
         stream = _ExitStream(stream_id, target)
-        self._streams[stream_id] = stream
+        self._add_stream(stream)
         self.streams_opened += 1
         self.dir_streams += 1
         self._on_connected(stream_id, target, None)
@@ -557,7 +582,7 @@ class ExitEdge:
         self._out.append(pack_relay(_RESOLVED, stream_id, b"".join(answers)))
 
     def _on_end(self, stream_id: int) -> None:
-        stream = self._streams.pop(stream_id, None)
+        stream = self._drop_stream(stream_id)
         if stream is None:
             return
         self._blocked.pop(stream, None)
@@ -577,6 +602,8 @@ class ExitEdge:
             return
         assert stream.gate is not None
         early, stream.early = stream.early or [], None
+        self._charge(-stream.early_cost)  # handed to the target's write queue below
+        stream.early_cost = 0
         released = target.on_close  # the socket count's release, if any (_socket_connected)
 
         def on_close(reason: CloseReason, detail: str) -> None:
@@ -604,7 +631,7 @@ class ExitEdge:
         self._flush()
 
     def _on_connect_failed(self, stream_id: int, reason: CloseReason, detail: str) -> None:
-        stream = self._streams.pop(stream_id, None)
+        stream = self._drop_stream(stream_id)
         if stream is None or self._closed:
             return
         log.info("%s: stream %d: connect failed: %s", self._name, stream_id, detail)
@@ -615,6 +642,7 @@ class ExitEdge:
     def _on_target_data(self, stream: _ExitStream, data: bytes) -> None:
         self.bytes_from_targets += len(data)
         stream.pending += data
+        self._cost_pending(stream)
         self._package(stream)
         self._flush()
 
@@ -654,6 +682,7 @@ class ExitEdge:
             self.data_cells_out += cells
         if offset:
             del pending[:offset]
+            self._cost_pending(stream)
         if pending:
             stream.gate.hold(_WINDOW)
             if self.package_window <= 0:
@@ -661,8 +690,45 @@ class ExitEdge:
             return
         stream.gate.release(_WINDOW)
         if stream.eof is not None:
-            self._streams.pop(stream_id, None)
+            self._drop_stream(stream_id)
             self._out.append(pack_relay(_END, stream_id, bytes((stream.eof,))))
+
+    # ------------------------------------------------------------------ memory
+
+    def _add_stream(self, stream: _ExitStream) -> None:
+        """A new stream: it costs STREAM_COST from now on. Loop thread only."""
+        self._streams[stream.stream_id] = stream
+        self._held += STREAM_COST
+
+    def _drop_stream(self, stream_id: int) -> _ExitStream | None:
+        """Forget stream ``stream_id`` (None if unknown): its cost and its buffers' leave the
+        count, and it is charged nothing more. Loop thread only."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._held -= STREAM_COST
+            self._charge(-(stream.early_cost + stream.pending_cost))
+            stream.early_cost = stream.pending_cost = 0
+        return stream
+
+    def _charge(self, delta: int) -> None:
+        """The streams' buffers grew by ``delta`` bytes (or shrank). Loop thread only."""
+        if not delta:
+            return
+        before = self._buffers
+        self._buffers = before + delta
+        self._held += delta
+        if not self._buffers:
+            self._buffers_since = None
+        elif not before:
+            self._buffers_since = time.monotonic()
+
+    def _cost_pending(self, stream: _ExitStream) -> None:
+        """``stream.pending`` changed: count what it allocates now (its capacity, which
+        ``sys.getsizeof`` reads in O(1)), if the stream is still ours. Loop thread only."""
+        cost = sys.getsizeof(stream.pending) - _EMPTY_BYTEARRAY
+        if self._streams.get(stream.stream_id) is stream:
+            self._charge(cost - stream.pending_cost)
+            stream.pending_cost = cost
 
     def _flush(self) -> None:
         if self._out and not self._closed:
@@ -692,6 +758,8 @@ class ExitEdge:
             return
         self._closed = True
         streams, self._streams = self._streams, {}
+        self._held = self._buffers = 0
+        self._buffers_since = None
         self._blocked.clear()
         self._out.clear()
         for stream in streams.values():
@@ -707,11 +775,28 @@ class ExitEdge:
 
     @property
     def buffered_bytes(self) -> int:
-        """Bytes this edge holds: read from targets and not yet packaged (the package windows
-        are closed), and DATA that came before a stream connected (optimistic data). Counted
-        toward MaxMemInQueues. O(streams). Loop thread only."""
-        return sum(len(s.pending) + sum(len(c) for c in s.early or ()) for s in
-                   self._streams.values())
+        """The memory this edge's streams hold, as allocated, counted toward MaxMemInQueues:
+        STREAM_COST per open stream, what each ``pending`` buffer (read from the target, not
+        yet packaged: the package windows are closed) allocates, and each early DATA chunk
+        (before CONNECTED: optimistic data) with EARLY_CHUNK_OVERHEAD. A running count, kept
+        where streams open and close and buffers change: O(1). Bytes already handed to a
+        target's write queue are not in it. Loop thread only."""
+        return self._held
+
+    @property
+    def buffered_since(self) -> float | None:
+        """When the streams' buffers (not their fixed cost) last went from empty to holding
+        something (monotonic seconds), or None while they hold nothing: the age the OOM
+        handler orders this edge by. An upper bound on the age of the oldest byte (that one
+        may have left since). Loop thread only."""
+        return self._buffers_since
+
+    def recount(self) -> int:
+        """:attr:`buffered_bytes` computed from scratch, O(streams + chunks): a check on the
+        running count. Loop thread only."""
+        return sum(STREAM_COST + sys.getsizeof(s.pending) - _EMPTY_BYTEARRAY
+                   + sum(len(c) + EARLY_CHUNK_OVERHEAD for c in s.early or ())
+                   for s in self._streams.values())
 
     def stats(self) -> dict[str, Any]:
         """Counters of this edge. Loop thread only."""

@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import os
 import random
 import time
@@ -682,9 +683,17 @@ class RelayNode:
         """Account what ``circuit`` holds against MaxMemInQueues; past it, close the circuits
         with the oldest queued cells first (tor's OOM handler). Loop thread only."""
         queued = circuit.queued_toward_exit + circuit.queued_toward_client
-        held = queued * _CELL_BYTES + (circuit.edge.buffered_bytes if circuit.edge else 0)
+        edge = circuit.edge
+        held = queued * _CELL_BYTES
         oldest = circuit.oldest_queued()
-        if not self._memory.update(circuit, held, oldest if oldest is not None else 0.0):
+        if edge is not None:  # its streams and buffers, as allocated (O(1))
+            held += edge.buffered_bytes
+            since = edge.buffered_since
+            if since is not None and (oldest is None or since < oldest):
+                oldest = since
+        if oldest is None:  # only open streams, nothing buffered: closed last
+            oldest = math.inf
+        if not self._memory.update(circuit, held, oldest):
             return
         victims = self._memory.victims()
         self.oom_closes += len(victims)
