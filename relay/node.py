@@ -2,47 +2,54 @@
 
 Shape
 -----
-:class:`RelayNode` accepts links on its OR port (``relay.link.Link.accept``: plain TCP between
-this project's relays) and opens links to other relays when a circuit asks to be extended
-(``Link.connect``; an open or opening link to the same address is reused). Circuits are
-:class:`relay.orcircuit.OrCircuit`; this module is the host they call back into.
+:class:`RelayNode` accepts links on its OR port (``relay.link.Link.accept``: TLS with tor's
+link authentication, or plain TCP behind ``plain_links`` for the in-process demos) and opens
+links to other relays when a circuit asks to be extended (``Link.connect``; an open or opening
+link to the same relay is reused). Circuits are :class:`relay.orcircuit.OrCircuit`; this module
+is the host they call back into.
 
 * **Creating circuits.** A cell for a circuit id the link does not know arrives in
-  :meth:`_on_unrouted`: CREATE_FAST is answered with CREATED_FAST (first hop), CREATE2 with
-  the ntor handshake and CREATED2 (hops reached through EXTEND2). Handshakes run on the loop
-  thread: there is one per circuit, against thousands of cells. Any other cell for an unknown
-  id is answered with DESTROY (PROTOCOL); DESTROY and padding are dropped. A link already
-  holding ``max_circuits_per_link`` circuits gets DESTROY (RESOURCELIMIT) for any further
-  CREATE, so one peer cannot make the relay hold circuits without limit. A command that is
-  not a Tor cell command at all means the peer sends garbage: the link is closed with that
-  reason (logged by the link and counted here).
-* **Per iteration, not per cell.** A circuit's link handler only appends a payload and marks
-  the circuit dirty; the first mark of an iteration schedules :meth:`_flush` with
-  ``Reactor.call_soon`` (``relay.circuits.IterationFlush``), which runs after every read
-  callback of this loop iteration and does one pool submit per dirty circuit and direction.
-* **Pool.** ``WorkerPool`` with three directions (forward, backward, originate) over the fast
+  :meth:`_on_unrouted`: CREATE_FAST is answered at once with CREATED_FAST (first hop); CREATE2
+  goes through tor's onion queue to the ntor handshake lanes on the pool
+  (``relay.onionworkers``) and is answered with CREATED2. Any other cell for an unknown id is
+  answered with DESTROY (PROTOCOL); DESTROY and padding are dropped. A link already holding
+  ``max_circuits_per_link`` circuits gets DESTROY (RESOURCELIMIT) for any further CREATE, and
+  the DoS guard (``relay.dos``) limits connections and circuit creation per address. A command
+  that is not a Tor cell command at all means the peer sends garbage: the link is closed with
+  that reason (logged by the link and counted here).
+* **Per iteration, not per cell.** A link hands each circuit its cells of one read as one
+  buffer (``relay.framing``); the circuit appends it and marks itself dirty; the first mark of
+  an iteration schedules :meth:`_flush` with ``Reactor.call_soon``
+  (``relay.circuits.IterationFlush``), which runs after every read callback of this loop
+  iteration: small batches of idle circuits are crypted there (``inline_cells``), the rest go
+  to the pool in ONE ``submit_many``.
+* **Pool.** ``WorkerPool`` with three lanes (forward, backward, originate) over the fast
   crypto backend (``tor1.backend.relay_crypto_for``: the C kernel unless
   ``RELAYCRYPT_PURE=1``). A kernel circuit is opened with the node's one ``group`` function
   (``relay.orcircuit.new_relay_group``), so a worker crypts the batches of several circuits in
   one GIL-free ``crypt_group`` call (the pool's grouped path); a reference circuit gets
-  ``relay.orcircuit.crypt_batch`` per batch. Its replies come back through a
-  ``reactor.ReplyQueue`` owned by the node, whose counters give the wake-ups per cell.
+  ``relay.orcircuit.crypt_batch`` per batch. The same pool runs the ntor handshakes (a higher
+  priority class) and, once a link is open, its TLS record crypto (``relay.tlspipe``). Replies
+  come back through a ``reactor.ReplyQueue`` owned by the node, whose counters give the
+  wake-ups per cell.
 
-Back-pressure (three sources, combined per link by :class:`relay.circuits.ReadGate`)
-------------------------------------------------------------------------------------
+Back-pressure and memory
+------------------------
 * pool over its high-water mark after a flush: the links that fed the flushed circuits stop
-  reading until the pool's low-water signal;
-* one circuit over its mark: its circuit holds the gates of its own links (``OrCircuit``);
-* a link's write buffer above its high watermark: each source that writes into it (the link a
-  forwarded batch came from, or an exit's targets) is paused and remembered in that link's
-  ``drain_waiters``, and released when the buffer drains to the low watermark (or the link
-  closes);
-  a relay-to-relay link is not paused for another relay-to-relay link (see
-  :mod:`relay.orcircuit`: that could deadlock a ring of relays).
-Each of these does work proportional to what it pauses, never to all circuits.
+  reading until the pool's low-water signal (``relay.circuits.ReadGate`` combines the reasons
+  a link is paused);
+* one circuit over its mark on the pool: the circuit holds the gates of its own links
+  (``OrCircuit``);
+* a link whose output backlog is above its high watermark (``Link.on_write_high``): nothing
+  stops reading; cells bound for it wait in their circuits' queues and the link's round-robin
+  (``relay.circuitmux``) writes them as it drains. A circuit whose queue passes tor's cap is
+  closed (RESOURCELIMIT), and the relay-wide total, exit stream buffers included, is bounded
+  by the OOM handler (MaxMemInQueues, ``relay.relaylimits.QueueMemory``): it closes the
+  circuits with the oldest queued data first.
+Each of these does work proportional to what it pauses or closes, never to all circuits.
 
-Threads: everything is loop thread only; the pool's workers only run the group function or
-``crypt_batch``.
+Threads: everything is loop thread only; the pool's workers only run the process and group
+functions of the relay crypto, the ntor lanes and the TLS lanes.
 """
 
 from __future__ import annotations
