@@ -26,7 +26,7 @@ on the CPU and time waiting):
 ``crypt``/``crypted``  the kernel's group call started / returned (worker, GIL released inside)
 ``put``            a worker put replies (``ReplyQueue.put``/``put_many``)
 ``woke``           the loop's reply-queue wake-up callback ran (``ReplyQueue._on_wakeup``)
-``result``         a circuit got its crypted batch (``OrCircuit._on_result``)
+``result``         a circuit got its crypted batch (``OrCircuit._deliver``)
 ``link_write``     cells handed to a link (``Link.write_cells``)
 ``tls_out``        TLS records made (``encrypt`` returned)
 ``write``          bytes handed to libuv (``Stream.write``/``writelines``; libuv writes at once
@@ -155,7 +155,7 @@ def install() -> None:
         _after(session, "encrypt", "tls_out")
     for handler in ("_from_prev", "_from_next", "_relay_from_prev", "_relay_from_next"):
         _before(OrCircuit, handler, "cell")
-    _before(OrCircuit, "_on_result", "result")
+    _before(OrCircuit, "_deliver", "result")
     _before(OriginCircuit, "flush_in", "client_cells")
     _before(Reactor, "_run_ready", "soon")
     _before(RelayNode, "_flush", "flush")

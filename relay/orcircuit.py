@@ -506,6 +506,8 @@ class OrCircuit:
             self._kb_ready.clear()
         if idle and entries and sum(e[3] for e in entries) <= self.host.inline_cells:
             self._crypt_here(entries)
+            if self.state is _CLOSED:
+                return
         else:
             out.extend(entries)
         self.host.queued_changed(self)
@@ -524,7 +526,7 @@ class OrCircuit:
                 self._on_error(pool_circuit, lane, exc, where="the loop thread")
                 return
             host.cells_crypted_inline += count
-            self._on_result(pool_circuit, lane, result)
+            self._deliver(lane, result)
             if self.state is _CLOSED:
                 return
 
@@ -607,13 +609,18 @@ class OrCircuit:
     # ------------------------------------------------------------------ results
 
     def _on_result(self, pool_circuit: Circuit, direction: int, result: Any) -> None:
+        self._deliver(direction, result)
+        if self.state is not _CLOSED:
+            self.host.queued_changed(self)
+
+    def _deliver(self, direction: int, result: Any) -> None:
+        """A crypted batch, from the pool or from :meth:`_crypt_here`: pass it on. The caller
+        accounts the queues afterwards."""
         if direction == FORWARD:
             out, flags, tags = result
             self.host.cells_crypted += len(flags)
             _pop_flight(self._fwd_flight, len(flags))
             self._forward_done(out, flags, tags)
-            if self.state is not _CLOSED:
-                self.host.queued_changed(self)
             return
         if direction == BACKWARD:
             out = result
@@ -630,7 +637,6 @@ class OrCircuit:
         self.prev.scheduler.send(self._to_prev, wire_cells(self.prev_id, _RELAY, out), count,
                                  time.monotonic())
         self._consider_edge_reading()
-        self.host.queued_changed(self)
 
     def _sent_toward_client(self, cells: int) -> None:
         """Queued cells for the previous hop were written. Loop thread only."""

@@ -48,7 +48,7 @@ from workers.pool import WorkerPool
 
 __all__ = ["DEFAULT_INLINE_TLS_BYTES", "DEFAULT_TLS_READ_LIMIT", "TlsOffload", "TlsPipe"]
 
-DEFAULT_INLINE_TLS_BYTES = 4096
+DEFAULT_INLINE_TLS_BYTES = 16384
 """A read or write of at most this many bytes, with nothing of its link on the pool, is
 TLS-crypted on the loop thread (docs/tuning.md)."""
 DEFAULT_TLS_READ_LIMIT = 1 << 20
