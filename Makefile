@@ -23,7 +23,7 @@ test: venv
 	$(PY) -m pytest -q tests
 
 demo: venv
-	$(PY) -m examples.network --compare-pure
+	$(PY) -m examples.network --compare-pure --compare-plain
 
 latency: venv
 	$(PY) -m examples.wakeup_latency

@@ -460,6 +460,9 @@ def main(argv: list[str] | None = None) -> int:
                              "relays and compare relay CPU per cell (make demo does this)")
     parser.add_argument("--plain-links", action="store_true",
                         help="links without TLS (faster, refused by any tor; for comparison)")
+    parser.add_argument("--compare-plain", action="store_true",
+                        help="then run the same network with plain links and compare echo "
+                             "throughput and relay CPU (what TLS costs; make demo does this)")
     parser.add_argument("--log-level", default="WARNING", help="relays' and client's log level")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
@@ -472,22 +475,33 @@ def main(argv: list[str] | None = None) -> int:
             return code
         summary["compare_pure"] = _compare_backends(summary, reference)
         summary["ok"] = summary["ok"] and reference["ok"]
+    if args.compare_plain and summary["ok"] and not args.plain_links:
+        plain, code = _run_network(args, pure=args.pure, plain_links=True)
+        if code is not None:
+            return code
+        summary["compare_plain"] = _compare_links(summary, plain)
+        summary["ok"] = summary["ok"] and plain["ok"]
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
         _print_summary(summary)
         if "compare_pure" in summary:
             _print_comparison(summary["compare_pure"])
+        if "compare_plain" in summary:
+            _print_links(summary["compare_plain"])
     return 0 if summary["ok"] else 1
 
 
-def _run_network(args: argparse.Namespace, *, pure: bool) -> tuple[dict[str, Any], int | None]:
+def _run_network(args: argparse.Namespace, *, pure: bool, plain_links: bool | None = None,
+                 ) -> tuple[dict[str, Any], int | None]:
     """Run one network and transfer; the summary, and an exit code if it could not run.
 
     Main thread.
     """
     from examples.client import EchoTransfer
     from reactor import Reactor
+
+    plain_links = args.plain_links if plain_links is None else plain_links
 
     per_circuit = max(1, args.total_bytes // max(args.circuits, 1))
     interactive = sys.stderr.isatty() and not args.json
@@ -508,7 +522,7 @@ def _run_network(args: argparse.Namespace, *, pure: bool) -> tuple[dict[str, Any
                 transfer_holder[0].abort("the echo service died")
 
         network = LocalNetwork(args.relays, threads=args.threads, pure=pure,
-                               plain_links=args.plain_links,
+                               plain_links=plain_links,
                                relay_args=["--log-level", args.log_level], on_exit=relay_died)
         try:
             try:
@@ -523,7 +537,7 @@ def _run_network(args: argparse.Namespace, *, pure: bool) -> tuple[dict[str, Any
             transfer = EchoTransfer(
                 reactor, network.descriptors, network.echo_address, circuits=args.circuits,
                 bytes_per_circuit=per_circuit, hops=args.hops, seed=args.seed,
-                stall_timeout=args.stall_timeout, tls=not args.plain_links,
+                stall_timeout=args.stall_timeout, tls=not plain_links,
                 on_finished=lambda t: reactor.stop(),
             )
             transfer_holder.append(transfer)
@@ -589,6 +603,29 @@ def _print_comparison(comparison: dict[str, Any]) -> None:
     print(f"  echo throughput: kernel {comparison['kernel_mbytes_per_s']:.1f} MB/s, reference "
           f"{comparison['reference_mbytes_per_s']:.1f} MB/s (the in-process client and the "
           "relays' per-cell link work on the loop threads share the 2 cores with the crypto)")
+
+
+def _compare_links(tls: dict[str, Any], plain: dict[str, Any]) -> dict[str, Any]:
+    """The same network over TLS links and over plain ones. Any thread."""
+    return {
+        "tls_mbytes_per_s": tls["mbytes_per_s"],
+        "plain_mbytes_per_s": plain["mbytes_per_s"],
+        "throughput_ratio": (tls["mbytes_per_s"] / plain["mbytes_per_s"]
+                             if plain["mbytes_per_s"] else 0.0),
+        "tls_cpu_us_per_cell": _relay_cpu_per_cell(tls),
+        "plain_cpu_us_per_cell": _relay_cpu_per_cell(plain),
+        "plain_ok": plain["ok"],
+    }
+
+
+def _print_links(comparison: dict[str, Any]) -> None:
+    print("\nThe same network with plain TCP links (no TLS):"
+          f" {'every byte intact' if comparison['plain_ok'] else 'FAILED'}")
+    print(f"  echo throughput: TLS {comparison['tls_mbytes_per_s']:.1f} MB/s, plain "
+          f"{comparison['plain_mbytes_per_s']:.1f} MB/s "
+          f"({comparison['throughput_ratio']:.2f}x of plain with TLS)")
+    print(f"  relay CPU per crypted cell: TLS {comparison['tls_cpu_us_per_cell']:.2f} us, plain "
+          f"{comparison['plain_cpu_us_per_cell']:.2f} us")
 
 
 if __name__ == "__main__":

@@ -146,3 +146,19 @@ def test_compare_pure_runs_both_backends_and_reports_relay_cpu() -> None:
         comparison["reference_cpu_us_per_cell"] / comparison["kernel_cpu_us_per_cell"])
     assert "relays on the pure-Python crypto" in stderr  # the second network really ran
     assert_gone(summary["pids"])
+
+
+def test_compare_plain_runs_tls_then_plain_links_and_reports_both() -> None:
+    """What make demo also runs: the same network over plain links, throughput side by side."""
+    code, summary, stderr = run_demo("--circuits", "2", "--total-bytes", "400k",
+                                     "--compare-plain")
+    assert code == 0, stderr
+    assert summary["ok"] is True and summary["bytes_echoed_intact"] == 400 * 1024
+    comparison = summary["compare_plain"]
+    assert comparison["plain_ok"] is True
+    assert comparison["tls_mbytes_per_s"] == summary["mbytes_per_s"]
+    assert comparison["plain_mbytes_per_s"] > 0
+    assert comparison["throughput_ratio"] == (
+        comparison["tls_mbytes_per_s"] / comparison["plain_mbytes_per_s"])
+    assert comparison["tls_cpu_us_per_cell"] > 0 and comparison["plain_cpu_us_per_cell"] > 0
+    assert_gone(summary["pids"])
