@@ -485,8 +485,8 @@ class OrCircuit:
         if not self._within_caps():
             return
         # nothing of this circuit in the pool: ``_kb_in_flight`` also counts ``_kb_ready``
-        idle = (self._fwd_submitted == self._fwd_delivered
-                and self._kb_in_flight == sum(entry[3] for entry in self._kb_ready))
+        ready = sum(entry[3] for entry in self._kb_ready) if self._kb_ready else 0
+        idle = self._fwd_submitted == self._fwd_delivered and self._kb_in_flight == ready
         now = time.monotonic()
         entries: list[tuple[Circuit, int, Any, int]] = []
         if self._fwd:
@@ -543,7 +543,7 @@ class OrCircuit:
     def queued_toward_client(self) -> int:
         """Cells for the previous hop not yet written to it (from the next hop or made
         here). Loop thread only."""
-        held = sum(count for _, _, count in self._kb_held)
+        held = sum(count for _, _, count in self._kb_held) if self._kb_held else 0
         return self._bwd_cells + self._kb_in_flight + held + self._to_prev.cells
 
     def oldest_queued(self) -> float | None:
@@ -561,8 +561,10 @@ class OrCircuit:
         its cap is closed (RESOURCELIMIT). Honest circuits stay far below: SENDME windows
         bound what a circuit may have in flight. Loop thread only."""
         caps = self.host.cell_queue_caps()
-        for queued, toward_exit in ((self.queued_toward_exit, True),
-                                    (self.queued_toward_client, False)):
+        outbound, inbound = self.queued_toward_exit, self.queued_toward_client
+        if outbound <= caps.toward_exit and inbound <= caps.toward_client:
+            return True  # the common case, without building verdicts
+        for queued, toward_exit in ((outbound, True), (inbound, False)):
             verdict = caps.check(queued, toward_exit, 0)
             if not verdict.allowed:
                 self.host.queue_full(self, toward_exit, verdict.why)
