@@ -160,5 +160,6 @@ def test_compare_plain_runs_tls_then_plain_links_and_reports_both() -> None:
     assert comparison["plain_mbytes_per_s"] > 0
     assert comparison["throughput_ratio"] == (
         comparison["tls_mbytes_per_s"] / comparison["plain_mbytes_per_s"])
-    assert comparison["tls_cpu_us_per_cell"] > 0 and comparison["plain_cpu_us_per_cell"] > 0
+    # process CPU comes in 10 ms ticks: a run this small may show none
+    assert comparison["tls_cpu_us_per_cell"] >= 0 and comparison["plain_cpu_us_per_cell"] >= 0
     assert_gone(summary["pids"])
