@@ -45,7 +45,9 @@ order of the bytes is the order of the calls. What is gathered counts as written
 stream's high watermark: once gathered plus unsent bytes pass it, they are sent at once, so
 ``on_write_high`` fires during the write that passed it, as it would without gathering (the
 circuit scheduler, ``relay.circuitmux``, relies on that to stop writing). Closing the link
-writes what is gathered before TLS close_notify.
+writes what is gathered before TLS close_notify. With the TLS records on the pool, the socket
+closes once the pool has handed back the last records (at most :data:`TLS_CLOSE_LINGER`
+seconds), and when the peer's socket ends, what it sent before is handled first.
 
 Write watermarks: :attr:`Link.on_write_high` runs when the link's output backlog (gathered,
 being TLS-encrypted on the pool, and not yet taken by the kernel) passes the stream's high
@@ -104,6 +106,10 @@ logger = logging.getLogger("relay.link")
 
 DEFAULT_VERSIONS: tuple[int, ...] = (4, 5)
 """Link protocols we speak: both have 4-byte circuit ids and the same cell formats."""
+
+TLS_CLOSE_LINGER = 1.0
+"""Seconds a closing link waits for its TLS work on the pool (the last cells' records) before
+it closes the socket without close_notify."""
 
 _HIGH_BIT = 0x80000000
 _ID_SPACE = 0x7FFFFFFF
@@ -183,6 +189,9 @@ class Link:
         self._tls_offload = tls_offload if tls is not None else None
         self._pipe: TlsPipe | None = None
         self._read_full = False  # the pipe's decrypt backlog is full: not reading
+        self._eof: tuple[CloseReason, str] | None = None  # the socket ended; decrypts pending
+        self._closing: str | None = None  # closed; the socket waits for the pipe to drain
+        self._linger: TimerHandle | None = None
         self.on_write_high: Callable[[], object] | None = None
         self.on_write_low: Callable[[], object] | None = None
         self._write_high = False  # on_write_high ran, on_write_low not yet
@@ -580,22 +589,28 @@ class Link:
             self._timer.cancel()
             self._timer = None
         pipe = self._pipe
-        if pipe is not None and not self.stream.closed:
-            if self._out and pipe.idle:  # the last cells, e.g. DESTROYs: on this thread
-                self._pipe = None
+        if pipe is None:
+            if not self.stream.closed:
                 self._send_gathered()
-            alert = pipe.close()  # None if work was on the pool: abandoned, no close_notify
-            if alert and not self.stream.closed:
-                self.stream.write(alert)
-            self.stream.close(reason)
-        elif not self.stream.closed:
+            if not self.stream.closed:
+                if self._tls is not None:
+                    alert = self._tls.close()
+                    if alert:
+                        self.stream.write(alert)
+                self.stream.close(reason)
+        elif self.stream.closed:
+            pipe.close()  # nothing can be sent: the pool's work for this link is dropped
+        else:
+            # What was written before the close still goes out, through the pipe; the socket
+            # closes (after close_notify) once the pipe is idle, or after TLS_CLOSE_LINGER.
+            self.stream.pause_reading()
+            self._closing = reason
             self._send_gathered()
-        if not self.stream.closed:
-            if self._tls is not None:
-                alert = self._tls.close()
-                if alert:
-                    self.stream.write(alert)
-            self.stream.close(reason)
+            if pipe.idle:
+                self._close_after_pipe()
+            else:
+                self._linger = self.reactor.call_later(TLS_CLOSE_LINGER,
+                                                       self._close_after_pipe)
         # The framer holds the same dict: empty it in place, after taking the entries.
         circuits = dict(self._circuits)
         self._circuits.clear()
@@ -615,8 +630,27 @@ class Link:
             except Exception:
                 logger.exception("%s: on_close raised", self.name)
 
+    def _close_after_pipe(self) -> None:
+        """The closed link's last records are written (or the linger ran out): close_notify if
+        the session is idle, then the socket."""
+        reason, self._closing = self._closing, None
+        if reason is None or self._pipe is None:
+            return
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
+        alert = self._pipe.close()  # None if work is still on the pool: it is dropped
+        if not self.stream.closed:
+            if alert:
+                self.stream.write(alert)
+            self.stream.close(reason)
+
     def _on_stream_close(self, reason: CloseReason, detail: str) -> None:
         if self._state is _State.CLOSED:
+            return
+        if self._pipe is not None and self._pipe.decrypting and self._state is _State.OPEN:
+            # What the peer sent before it hung up is still being decrypted: handle it first
+            self._eof = (reason, detail)
             return
         if self._state is _State.OPEN:
             pending = self._framer.pending
@@ -722,13 +756,19 @@ class Link:
 
     def _on_decrypted(self, plain: bytes) -> None:
         if self._state is _State.CLOSED:
+            if self._closing is not None and self._pipe is not None and self._pipe.idle:
+                self._close_after_pipe()
             return
         if plain:
             self._on_plain(plain)
         pipe = self._pipe
         if pipe is None or self._state is _State.CLOSED:
             return
-        if pipe.session.peer_closed:
+        if self._eof is not None and not pipe.decrypting:
+            reason, detail = self._eof
+            self._eof = None
+            self._on_stream_close(reason, detail)
+        elif pipe.session.peer_closed:
             self._on_stream_close(CloseReason.EOF, "TLS close_notify from the peer")
         elif pipe.session.wants_write and not self._out:
             self._write(b"")  # TLS bytes made while reading (an alert, say) go out next
@@ -736,9 +776,16 @@ class Link:
     def _on_records(self, records: bytes) -> None:
         if records and not self.stream.closed:
             self.stream.write(records)
+        if self._closing is not None:
+            if self._pipe is not None and self._pipe.idle:
+                self._close_after_pipe()
+            return
         self._check_backlog()
 
     def _on_pipe_error(self, exc: TlsError) -> None:
+        if self._closing is not None:
+            self._close_after_pipe()  # the session is dead: no close_notify
+            return
         self._fail(CloseKind.TLS_FAILED, str(exc))
 
     # ------------------------------------------------------------------ the data path
