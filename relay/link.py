@@ -498,6 +498,8 @@ class Link:
             self.stream.write(out[0])
         else:
             self.stream.writelines(out)
+        if self._write_high:
+            self._check_backlog()  # the gathered bytes left: maybe below the low mark now
 
     def _send_handshake(self, data: bytes, cells: int) -> None:
         """What the handshake sends (VERSIONS, NETINFO), through TLS if any."""
@@ -525,10 +527,13 @@ class Link:
         self._update_reading()
         if self._framer.pending and not self._dispatching and self._state is not _State.CLOSED:
             self._on_plain(b"")
+        if self._eof is not None and self._state is _State.OPEN:
+            self._end_of_input()
 
     def _update_reading(self) -> None:
-        """Read from the socket unless paused or the TLS decrypt backlog is full."""
-        if self.stream.closed:
+        """Read from the socket unless paused, the TLS decrypt backlog is full, or the link is
+        closed (a closing link's socket lingers for its last records)."""
+        if self.stream.closed or self._state is _State.CLOSED:
             return
         if self._paused or self._read_full:
             self.stream.pause_reading()
@@ -606,7 +611,7 @@ class Link:
             self.stream.pause_reading()
             self._closing = reason
             self._send_gathered()
-            if pipe.idle:
+            if not pipe.busy:
                 self._close_after_pipe()
             else:
                 self._linger = self.reactor.call_later(TLS_CLOSE_LINGER,
@@ -648,8 +653,10 @@ class Link:
     def _on_stream_close(self, reason: CloseReason, detail: str) -> None:
         if self._state is _State.CLOSED:
             return
-        if self._pipe is not None and self._pipe.decrypting and self._state is _State.OPEN:
-            # What the peer sent before it hung up is still being decrypted: handle it first
+        if self._pipe is not None and self._state is _State.OPEN and (
+                self._pipe.decrypting or (self._paused and self._framer.pending)):
+            # What the peer sent before it hung up is still being decrypted, or waits behind a
+            # pause: handle it first (_end_of_input)
             self._eof = (reason, detail)
             return
         if self._state is _State.OPEN:
@@ -756,7 +763,7 @@ class Link:
 
     def _on_decrypted(self, plain: bytes) -> None:
         if self._state is _State.CLOSED:
-            if self._closing is not None and self._pipe is not None and self._pipe.idle:
+            if self._closing is not None and self._pipe is not None and not self._pipe.busy:
                 self._close_after_pipe()
             return
         if plain:
@@ -764,20 +771,31 @@ class Link:
         pipe = self._pipe
         if pipe is None or self._state is _State.CLOSED:
             return
-        if self._eof is not None and not pipe.decrypting:
-            reason, detail = self._eof
-            self._eof = None
-            self._on_stream_close(reason, detail)
-        elif pipe.session.peer_closed:
-            self._on_stream_close(CloseReason.EOF, "TLS close_notify from the peer")
+        if self._eof is None and pipe.session.peer_closed:
+            self._eof = (CloseReason.EOF, "TLS close_notify from the peer")
+        if self._eof is not None:
+            self._end_of_input()
         elif pipe.session.wants_write and not self._out:
             self._write(b"")  # TLS bytes made while reading (an alert, say) go out next
+
+    def _end_of_input(self) -> None:
+        """The peer's input ended (socket or close_notify): close once every cell it sent
+        before is handled -- nothing left to decrypt, and none buffered behind a pause (that
+        waits for :meth:`resume_reading`)."""
+        pipe = self._pipe
+        if self._eof is None or (pipe is not None and pipe.decrypting):
+            return
+        if self._paused and self._framer.pending:
+            return
+        reason, detail = self._eof
+        self._eof = None
+        self._on_stream_close(reason, detail)
 
     def _on_records(self, records: bytes) -> None:
         if records and not self.stream.closed:
             self.stream.write(records)
         if self._closing is not None:
-            if self._pipe is not None and self._pipe.idle:
+            if self._pipe is not None and not self._pipe.busy:
                 self._close_after_pipe()
             return
         self._check_backlog()

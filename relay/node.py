@@ -648,6 +648,10 @@ class RelayNode:
         for circuit in dirty:
             circuit.take_submits(work)
         if work:
+            # a small batch crypted here (take_submits) can close another circuit whose entry
+            # is already in ``work`` (its link failed, or the OOM handler chose it)
+            work = [entry for entry in work if not entry[0].closed]
+        if work:
             self.submits += len(work)
             try:
                 self.pool.submit_many(work)

@@ -12,9 +12,12 @@ Small pieces on the loop thread
 -------------------------------
 A hand-off costs two thread wake-ups, far more than decrypting one cell's record. So a piece
 of at most ``inline_bytes`` is done on the loop thread, at once, when nothing of the link is on
-the pool: no worker holds the session then (the pool lets go of a circuit before its results
-are delivered, and ``in_flight`` counts until delivery), and nothing queued ahead of the piece
-could be overtaken, in either lane. Under load, reads and writes are large or the pool is busy
+the pool (``in_flight`` is 0): no worker is inside the session then (a worker's call on the
+session returns before it puts the reply, and ``in_flight`` counts every piece until its reply
+is delivered; a worker that still owns the circuit only takes pieces submitted later), and
+nothing queued ahead of the piece could be overtaken, in either lane. Once the pipe is dead
+(its circuit closed, ``in_flight`` forced to 0) it is never idle: a worker may still be inside
+the session. Under load, reads and writes are large or the pool is busy
 with the link: the pool does the work.
 
 Bounds
@@ -44,7 +47,7 @@ from typing import Any
 from relay import tlslanes
 from relay.tlscontext import TlsError
 from workers.circuit import Circuit
-from workers.pool import WorkerPool
+from workers.pool import PoolClosedError, WorkerPool
 
 __all__ = ["DEFAULT_INLINE_TLS_BYTES", "DEFAULT_TLS_READ_LIMIT", "TlsOffload", "TlsPipe"]
 
@@ -134,9 +137,14 @@ class TlsPipe:
 
     @property
     def idle(self) -> bool:
-        """Nothing of this link is on the pool (no worker holds the session). Loop thread
-        only."""
-        return self._circuit.in_flight == 0
+        """Open and nothing of this link on the pool: the loop thread may use the session.
+        Loop thread only."""
+        return not self._dead and self._circuit.in_flight == 0
+
+    @property
+    def busy(self) -> bool:
+        """Open with work on the pool: results are still to come. Loop thread only."""
+        return not self._dead and self._circuit.in_flight != 0
 
     @property
     def session(self) -> Any:
@@ -158,7 +166,8 @@ class TlsPipe:
                 return
             self.on_plain(plain)
             return
-        self._submit(tlslanes.LANE_DECRYPT, data, len(data))
+        if not self._submit(tlslanes.LANE_DECRYPT, data, len(data)):
+            return
         self.decrypting += len(data)
         if not self._read_full and self.decrypting > self._read_limit:
             self._read_full = True
@@ -177,16 +186,21 @@ class TlsPipe:
                 return
             self.on_records(records)
             return
-        item = list(pieces)
-        self._submit(tlslanes.LANE_ENCRYPT, item, size)
-        self.encrypting += size
+        if self._submit(tlslanes.LANE_ENCRYPT, list(pieces), size):
+            self.encrypting += size
 
-    def _submit(self, lane: int, item: Any, size: int) -> None:
+    def _submit(self, lane: int, item: Any, size: int) -> bool:
+        """Hand ``item`` to the pool; False (and the pipe dead) if the pool takes no more."""
         cells = tlslanes.count(item)
+        try:
+            self._pool.submit(self._circuit, lane, item, count=cells)
+        except PoolClosedError:
+            self._die(TlsError("the worker pool is closed"))
+            return False
         self._pending[lane].append((cells, size))
         self._backlog += cells
         self.pool_jobs += 1
-        self._pool.submit(self._circuit, lane, item, count=cells)
+        return True
 
     def _delivered(self, lane: int) -> int:
         """Pop the pieces a delivery on ``lane`` covered; their bytes."""
@@ -230,10 +244,10 @@ class TlsPipe:
     def close(self) -> bytes | None:
         """Stop: the close_notify to send, or None when work was in flight (abandoned, see the
         module docstring) or the session is dead. Idempotent. Loop thread only."""
-        idle = self.idle
-        dead, self._dead = self._dead, True
+        idle = self.idle  # False once dead
+        self._dead = True
         self._pool.close_circuit(self._circuit)
-        if dead or not idle:
+        if not idle:
             return None
         try:
             return self._session.close()

@@ -144,3 +144,36 @@ def test_encrypting_bytes_count_toward_the_write_watermarks(
     assert events == ["high"]  # during the writes, before any record reached the socket
     support_loop.run_until_met(reactor, lambda: len(pair.at_client) == 400, 30.0)
     support_loop.run_until_met(reactor, lambda: events == ["high", "low"], 10.0)
+
+
+def test_cells_held_behind_a_pause_when_the_peer_hangs_up_are_handled_on_resume(
+        reactor: Reactor, pool: WorkerPool, server_credentials: ServerCredentials) -> None:
+    pair = Pair(reactor, pool, server_credentials)
+    server = pair.server
+    assert server is not None
+    pipe = server._pipe
+    assert pipe is not None
+    deliver = pipe.on_plain
+
+    def pause_while_more_is_on_the_pool(plain: bytes) -> None:
+        # the socket has ended with records still on the pool, and the link pauses (as a relay
+        # does under pool or circuit pressure): the rest is decrypted into the paused framer
+        if pipe.decrypting and server.stream.closed:
+            server.pause_reading()
+        deliver(plain)
+
+    pipe.on_plain = pause_while_more_is_on_the_pool
+    up = payloads(CELLS)
+    for payload in up:
+        pair.client.send_cell(pair.circ_id, CellCommand.RELAY, payload)
+    pair.client.close("done")
+    support_loop.run_until_met(
+        reactor, lambda: server.stream.closed and not pipe.decrypting, 20.0)
+    if len(pair.at_server) > CELLS:  # every read came before the socket's end: no pause
+        pytest.skip("the socket's end came after the last decrypt: nothing to pause behind")
+    assert "server" not in pair.closes  # the cells behind the pause are not dropped
+    assert len(pair.at_server) < CELLS  # some are still behind the pause
+    server.resume_reading()
+    support_loop.run_until_met(reactor, lambda: "server" in pair.closes, 20.0)
+    assert pair.at_server[:-1] == [(CellCommand.RELAY, p) for p in up]
+    assert pair.closes["server"][0] is CloseKind.PEER_CLOSED
