@@ -203,12 +203,15 @@ class TlsPipe:
         return True
 
     def _delivered(self, lane: int) -> int:
-        """Pop the pieces a delivery on ``lane`` covered; their bytes."""
-        cells = self._backlog - self._circuit.in_flight
-        self._backlog -= cells
+        """Pop the pieces a delivery on ``lane`` covered; their bytes. The cells it covered
+        are what ``in_flight`` lost since the last delivery; when the pool also cancelled
+        pieces (a pool closing without draining), those are popped with it: the counts stay
+        consistent, and nothing more is asked of a pipe whose pool is closing."""
+        in_flight = self._circuit.in_flight
+        cells, self._backlog = self._backlog - in_flight, in_flight
         pending = self._pending[lane]
         size = 0
-        while cells > 0:
+        while cells > 0 and pending:
             piece_cells, piece_size = pending.popleft()
             cells -= piece_cells
             size += piece_size
@@ -217,13 +220,13 @@ class TlsPipe:
     def _on_result(self, circuit: Circuit, lane: int, result: bytes) -> None:
         size = self._delivered(lane)
         if lane == tlslanes.LANE_DECRYPT:
-            self.decrypting -= size
+            self.decrypting = max(0, self.decrypting - size)
             if self._read_full and self.decrypting <= self._read_limit // 2:
                 self._read_full = False
                 self.on_read_full(False)
             self.on_plain(result)
         else:
-            self.encrypting -= size
+            self.encrypting = max(0, self.encrypting - size)
             self.on_records(result)
 
     def _on_job_error(self, circuit: Circuit, lane: int, exc: BaseException) -> None:

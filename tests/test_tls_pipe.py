@@ -168,3 +168,24 @@ def test_close_with_work_on_the_pool_abandons_it(pool: WorkerPool,
     assert end.pipe.close() is None
     pump(pool, lambda: pool.in_flight == 0)
     assert end.records == [] and not end.errors  # the abandoned result is not delivered
+
+
+def test_a_pool_closing_without_draining_leaves_the_pipe_consistent(
+        context: TlsServerContext) -> None:
+    sink = Collector()
+    pool = WorkerPool(sink, threads=1, lanes=3, batch_cells=64)
+    pool.start()
+    end = End(pool, context)
+    sent = b""
+    for _ in range(20):  # far more than one batch: most wait in the pool's queue
+        data = os.urandom(60_000)
+        sent += data
+        end.pipe.encrypt([data], 60_000)
+        end.pipe.decrypt(end.server.encrypt(os.urandom(60_000)))
+    pool.close(drain=False, timeout=10.0)  # cancels what waits; results already put remain
+    for reply in sink.take(0.1):
+        pool.deliver(reply)  # the results of the batches a worker had taken
+    assert not end.errors
+    assert end.pipe.decrypting >= 0 and end.pipe.encrypting >= 0
+    out = end.server.decrypt(b"".join(end.records))  # whole records, in order: a prefix
+    assert sent.startswith(out)
