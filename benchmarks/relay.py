@@ -3,10 +3,10 @@
 ``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor] [--modes M,...]``
 
 For each mode -- ``tls`` (the relay's default: TLS with tor's link authentication, its record
-crypto on the pool), ``plain`` (``--plain-links``), and on request ``tls-loop`` (TLS record
-crypto on the loop thread, ``--tls-on-loop``) and ``pool-only`` (nothing crypted on the loop
-thread: ``--inline-cells 0 --tls-inline-bytes 0``) -- and each of ``--runs`` rounds (the modes
-interleaved, so the host's changing load spreads over all):
+crypto on the loop thread), ``plain`` (``--plain-links``), and on request ``tls-pool`` (TLS
+record crypto on the pool, ``--tls-on-pool``) and ``pool-only`` (nothing crypted on the loop
+thread: ``--tls-on-pool --inline-cells 0 --tls-inline-bytes 0``) -- and each of ``--runs``
+rounds (the modes interleaved, so the host's changing load spreads over all):
 
 1. **CPU per relayed cell and saturation throughput** (:mod:`benchmarks.relay_cpu`): one
    unmodified ``python -m examples.relay`` in the middle of ``--circuits`` circuits driven by
@@ -77,15 +77,15 @@ from tornet.push import PinError
 
 __all__ = ["FIGURES", "MODES", "main", "summarize_mode"]
 
-MODES = ("tls", "plain", "tls-loop", "pool-only")
+MODES = ("tls", "plain", "tls-pool", "pool-only")
 """Link modes, in table order; ``--modes`` picks some (default: the first two)."""
 MODE_SETTINGS: dict[str, tuple[bool, tuple[str, ...]]] = {
     "tls": (True, ()),
     "plain": (False, ()),
-    # TLS record crypto on the loop thread (as before relay.tlspipe)
-    "tls-loop": (True, ("--tls-on-loop",)),
+    # TLS record crypto on the pool (relay.tlspipe)
+    "tls-pool": (True, ("--tls-on-pool",)),
     # nothing crypted on the loop thread: every batch and every TLS piece to the pool
-    "pool-only": (True, ("--inline-cells", "0", "--tls-inline-bytes", "0")),
+    "pool-only": (True, ("--tls-on-pool", "--inline-cells", "0", "--tls-inline-bytes", "0")),
 }
 """Per mode: TLS links or not, and the relay's extra arguments."""
 FIGURES = {

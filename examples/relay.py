@@ -149,12 +149,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a circuit's batch of at most this many cells, with nothing on "
                              "the pool, is crypted on the loop thread; 0: always on the pool "
                              f"(default {DEFAULT_INLINE_CELLS})")
-    parser.add_argument("--tls-on-loop", action="store_true",
-                        help="TLS record crypto of open links on the loop thread, not the pool")
+    parser.add_argument("--tls-on-pool", action="store_true",
+                        help="TLS record crypto of open links on the worker pool (less loop "
+                             "CPU per cell; more RSS: see docs/tuning.md)")
     parser.add_argument("--tls-inline-bytes", type=int, default=DEFAULT_INLINE_TLS_BYTES,
-                        help="a link's read or write of at most this many bytes, with nothing "
-                             "of the link on the pool, is TLS-crypted on the loop thread "
-                             f"(default {DEFAULT_INLINE_TLS_BYTES})")
+                        help="with --tls-on-pool: a link's read or write of at most this many "
+                             "bytes, with nothing of the link on the pool, is TLS-crypted on "
+                             f"the loop thread (default {DEFAULT_INLINE_TLS_BYTES})")
     parser.add_argument("--max-circuits-per-link", type=int,
                         default=DEFAULT_MAX_CIRCUITS_PER_LINK,
                         help="CREATEs beyond this many circuits on one link get DESTROY "
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     with Reactor() as reactor:
         node = RelayNode(reactor, identity, config, batch_cells=args.batch_cells,
                          max_circuits_per_link=args.max_circuits_per_link,
-                         inline_cells=args.inline_cells, tls_on_pool=not args.tls_on_loop,
+                         inline_cells=args.inline_cells, tls_on_pool=args.tls_on_pool,
                          tls_inline_bytes=args.tls_inline_bytes)
         node.start()
         for signum in (signal.SIGTERM, signal.SIGINT):

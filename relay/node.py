@@ -29,7 +29,8 @@ is the host they call back into.
   (``relay.orcircuit.new_relay_group``), so a worker crypts the batches of several circuits in
   one GIL-free ``crypt_group`` call (the pool's grouped path); a reference circuit gets
   ``relay.orcircuit.crypt_batch`` per batch. The same pool runs the ntor handshakes (a higher
-  priority class) and, once a link is open, its TLS record crypto (``relay.tlspipe``). Replies
+  priority class) and, with ``tls_on_pool``, open links' TLS record crypto
+  (``relay.tlspipe``). Replies
   come back through a ``reactor.ReplyQueue`` owned by the node, whose counters give the
   wake-ups per cell.
 
@@ -158,7 +159,7 @@ class RelayNode:
         max_circuits_per_link: int = DEFAULT_MAX_CIRCUITS_PER_LINK,
         queue_memory_limit: int | None = None,
         inline_cells: int = DEFAULT_INLINE_CELLS,
-        tls_on_pool: bool = True,
+        tls_on_pool: bool = False,
         tls_inline_bytes: int = DEFAULT_INLINE_TLS_BYTES,
     ) -> None:
         """Configure; :meth:`start` listens and starts the pool. Loop thread only.
@@ -174,8 +175,9 @@ class RelayNode:
         this many cells, with none of its cells on the pool, is crypted on the loop thread
         (``relay.orcircuit``, "Small batches"); 0 sends every batch to the pool. ``tls_on_pool``:
         the TLS record crypto of open links runs on the pool (``relay.tlspipe``), reads and
-        writes of at most ``tls_inline_bytes`` on the loop thread; False: all of it on the
-        loop thread."""
+        writes of at most ``tls_inline_bytes`` on the loop thread; by default all of it on the
+        loop thread (records made on workers and freed here fragment glibc's per-thread arenas:
+        docs/tuning.md)."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
         if inline_cells < 0:

@@ -165,6 +165,35 @@ def test_inline_and_pooled_crypto_echo_the_same_bytes(
         echo.close()
 
 
+def test_relays_with_tls_records_on_the_pool_echo_every_byte(
+    reactor: Reactor, relay_keys: list[RelayIdentity]
+) -> None:
+    """``tls_on_pool``: every link's TLS records crypted by the pool's workers (small pieces of
+    an idle link on the loop thread), with tiny watermarks so that the links pause and resume
+    while records are on the pool."""
+    nodes = [RelayNode(reactor, keys, config(f"tp{i}"), tls_on_pool=True, pool_high_water=64,
+                       link_write_water=(8192, 2048))
+             for i, keys in enumerate(relay_keys[:3])]
+    for node in nodes:
+        node.start()
+    echo = EchoServer(reactor)
+    try:
+        transfer = run_transfer(reactor, nodes, echo, circuits=4, size=300_000)
+        results = transfer.results()
+        assert results["ok"], results["failures"]
+        assert results["bytes_echoed_intact"] == 4 * 300_000
+        run_until_closed(reactor, nodes)
+        for node in nodes:
+            stats = node.stats()
+            assert stats["pool_errors"] == 0
+            # the pool crypted more than the relay cells it was given: the links' records
+            assert stats["pool_cells"] > stats["cells_crypted"] - stats["cells_crypted_inline"]
+    finally:
+        for node in nodes:
+            node.close()
+        echo.close()
+
+
 class StalledNextRelay:
     """A fake next relay on a blocking socket, with ``identity``'s certificates: answers the
     link handshake and CREATE2, then reads nothing until ``may_read`` is set, and then counts
