@@ -188,7 +188,6 @@ class Link:
         self._out_bytes = 0
         self._tls_offload = tls_offload if tls is not None else None
         self._pipe: TlsPipe | None = None
-        self._read_full = False  # the pipe's decrypt backlog is full: not reading
         self._eof: tuple[CloseReason, str] | None = None  # the socket ended; decrypts pending
         self._closing: str | None = None  # closed; the socket waits for the pipe to drain
         self._linger: TimerHandle | None = None
@@ -535,14 +534,13 @@ class Link:
         closed (a closing link's socket lingers for its last records)."""
         if self.stream.closed or self._state is _State.CLOSED:
             return
-        if self._paused or self._read_full:
+        if self._paused or (self._pipe is not None and self._pipe.read_full):
             self.stream.pause_reading()
         else:
             self.stream.resume_reading()
 
     def _on_read_full(self, full: bool) -> None:
-        self._read_full = full
-        self._update_reading()
+        self._update_reading()  # reads the pipe's read_full
 
     # ------------------------------------------------------------------ write watermarks
 

@@ -147,6 +147,12 @@ class TlsPipe:
         return not self._dead and self._circuit.in_flight != 0
 
     @property
+    def read_full(self) -> bool:
+        """The decrypt backlog passed ``read_limit`` and has not yet drained to half of it:
+        the link should not read. Loop thread only."""
+        return self._read_full
+
+    @property
     def session(self) -> Any:
         """The TLS session (its flags may be read at any time). Loop thread only."""
         return self._session
@@ -158,13 +164,7 @@ class TlsPipe:
         if self._dead or not data:
             return
         if self.idle and len(data) <= self._inline_bytes:
-            self.inline_jobs += 1
-            try:
-                plain = self._session.decrypt(data)
-            except TlsError as exc:
-                self._die(exc)
-                return
-            self.on_plain(plain)
+            self._here(self._session.decrypt, data, self.on_plain)
             return
         if not self._submit(tlslanes.LANE_DECRYPT, data, len(data)):
             return
@@ -178,16 +178,22 @@ class TlsPipe:
         if self._dead:
             return
         if self.idle and size <= self._inline_bytes:
-            self.inline_jobs += 1
-            try:
-                records = self._session.encrypt(pieces)
-            except TlsError as exc:
-                self._die(exc)
-                return
-            self.on_records(records)
+            self._here(self._session.encrypt, pieces, self.on_records)
             return
         if self._submit(tlslanes.LANE_ENCRYPT, list(pieces), size):
             self.encrypting += size
+
+    def _here(self, crypt: Callable[[Any], bytes], item: Any,
+              deliver: Callable[[bytes], object]) -> None:
+        """Crypt ``item`` on this (the loop) thread and deliver the result at once; the pipe is
+        idle, so no worker is in the session."""
+        self.inline_jobs += 1
+        try:
+            result = crypt(item)
+        except TlsError as exc:
+            self._die(exc)
+            return
+        deliver(result)
 
     def _submit(self, lane: int, item: Any, size: int) -> bool:
         """Hand ``item`` to the pool; False (and the pipe dead) if the pool takes no more."""
