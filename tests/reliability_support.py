@@ -29,6 +29,7 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from hypothesis import HealthCheck, settings
@@ -38,7 +39,11 @@ from examples.network import ChildProcess, LocalNetwork
 from examples.soak import live_stats
 from reactor import Reactor
 from relay.client import Client
+from relay.config import RelayConfig
 from relay.directory import RelayDescriptor
+from relay.dos import DosConfig
+from relay.identity.keys import RelayIdentity
+from relay.node import RelayNode
 from relay.origin import ClientStream, OriginCircuit
 
 FUZZ_EXAMPLES_ENV = "RELAYCRYPT_FUZZ_EXAMPLES"
@@ -243,6 +248,19 @@ def stop_cleanly(net: LocalNetwork, killed: frozenset[str] = frozenset()) -> Non
         assert child.popen.returncode == 0, (child.name, child.popen.returncode,
                                              child.log_tail(20))
         assert not tracebacks_in_log(child), child.log_tail(40)
+
+
+def memory_limited_exit(reactor: Reactor, data_dir: Path, nickname: str,
+                        limit: int) -> RelayNode:
+    """A started in-process exit to loopback with MaxMemInQueues ``limit`` (below tor's floor,
+    as tests may) and the DoS limits off (one client address opens everything)."""
+    identity = RelayIdentity.load_or_create(data_dir, nickname)
+    config = RelayConfig(nickname=nickname, testing_network=True,
+                         exit_policy=("accept 127.0.0.1:*", "reject *:*"),
+                         dos=DosConfig(connection_enabled=False, circuit_creation_enabled=False))
+    node = RelayNode(reactor, identity, config, queue_memory_limit=limit)
+    node.start()
+    return node
 
 
 class EndlessSource:

@@ -20,6 +20,7 @@ from collections import Counter
 from collections.abc import Iterator
 
 import pytest
+from reliability_support import memory_limited_exit
 from support_loop import run_until, run_until_met
 
 from benchmarks.rawpeer import RawPeer
@@ -27,12 +28,8 @@ from examples.echo import EchoServer
 from reactor import Reactor, Stream, listen
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay, relay_body
-from relay.config import RelayConfig
-from relay.dos import DosConfig
 from relay.exit import EARLY_CHUNK_OVERHEAD, STREAM_COST, ExitEdge
 from relay.exitpolicy import ExitVerdict
-from relay.identity.keys import RelayIdentity
-from relay.node import RelayNode
 from tor1 import RELAY_DATA_MAX
 
 pytestmark = pytest.mark.timeout(120)
@@ -226,12 +223,7 @@ def test_the_oom_handler_counts_streams_and_chunk_overhead_and_spares_an_older_i
     stays under the 2 MiB limit; counted as allocated it passes it, and the OOM handler closes
     the flooding circuit (its buffers are the oldest), not the older honest one, whose stream
     still echoes."""
-    identity = RelayIdentity.load_or_create(tmp_path_factory.mktemp("oom") / "r", "exitoom")
-    config = RelayConfig(nickname="exitoom", testing_network=True,
-                         exit_policy=("accept 127.0.0.1:*", "reject *:*"),
-                         dos=DosConfig(connection_enabled=False, circuit_creation_enabled=False))
-    node = RelayNode(reactor, identity, config, queue_memory_limit=_LIMIT)
-    node.start()
+    node = memory_limited_exit(reactor, tmp_path_factory.mktemp("oom") / "r", "exitoom", _LIMIT)
     echo = EchoServer(reactor)
     hole = _never_accepting()
     seen: dict[str, object] = {}

@@ -10,6 +10,7 @@ stops reading the client's link until the next hop reads again, and then every c
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 import socket
@@ -69,6 +70,27 @@ def run_transfer(reactor: Reactor, nodes: list[RelayNode], echo: EchoServer,
     return transfer
 
 
+@contextlib.contextmanager
+def echo_network(reactor: Reactor, nodes: list[RelayNode]) -> Iterator[EchoServer]:
+    """Start ``nodes`` and an echo service for their exits; close them all afterwards."""
+    for node in nodes:
+        node.start()
+    echo = EchoServer(reactor)
+    try:
+        yield echo
+    finally:
+        for node in nodes:
+            node.close()
+        echo.close()
+
+
+def assert_echoed_intact(transfer: EchoTransfer, total: int) -> None:
+    """Every circuit finished and ``total`` bytes came back as sent."""
+    results = transfer.results()
+    assert results["ok"], results["failures"]
+    assert results["bytes_echoed_intact"] == total
+
+
 def test_tiny_watermarks_pause_and_resume_without_loss(
     reactor: Reactor, relay_keys: list[RelayIdentity]
 ) -> None:
@@ -77,14 +99,9 @@ def test_tiny_watermarks_pause_and_resume_without_loss(
                   pool_high_water=16, circuit_high_water=6, link_write_water=(4096, 1024))
         for i, keys in enumerate(relay_keys[:3])
     ]
-    for node in nodes:
-        node.start()
-    echo = EchoServer(reactor)
-    try:
+    with echo_network(reactor, nodes) as echo:
         transfer = run_transfer(reactor, nodes, echo, circuits=4, size=300_000)
-        results = transfer.results()
-        assert results["ok"], results["failures"]
-        assert results["bytes_echoed_intact"] == 4 * 300_000
+        assert_echoed_intact(transfer, 4 * 300_000)
         stats = [node.stats() for node in nodes]
         assert sum(s["pool_pauses"] for s in stats) > 0
         assert sum(s["circuit_pressure_pauses"] for s in stats) > 0
@@ -97,10 +114,6 @@ def test_tiny_watermarks_pause_and_resume_without_loss(
             assert node.pool.in_flight == 0
             for peer in node._peers.values():
                 assert not peer.gate.paused, peer
-    finally:
-        for node in nodes:
-            node.close()
-        echo.close()
 
 
 def test_relays_in_one_process_echo_with_default_marks(
@@ -108,10 +121,7 @@ def test_relays_in_one_process_echo_with_default_marks(
 ) -> None:
     nodes = [RelayNode(reactor, keys, config(f"n{i}", threads=1))
              for i, keys in enumerate(relay_keys[:3])]
-    for node in nodes:
-        node.start()
-    echo = EchoServer(reactor)
-    try:
+    with echo_network(reactor, nodes) as echo:
         transfer = run_transfer(reactor, nodes, echo, circuits=3, size=200_000)
         assert transfer.ok, transfer.failures()
         run_until_closed(reactor, nodes)  # the client's DESTROYs reach every hop
@@ -124,10 +134,6 @@ def test_relays_in_one_process_echo_with_default_marks(
             assert stats["exit"]["streams_opened"] == 1
             assert stats["exit"]["bytes_to_targets"] == 200_000
             assert stats["exit"]["bytes_from_targets"] == 200_000
-    finally:
-        for node in nodes:
-            node.close()
-        echo.close()
 
 
 @pytest.mark.parametrize("inline_cells", [0, 8, 1 << 30], ids=["pool", "small", "all-idle"])
@@ -139,14 +145,9 @@ def test_inline_and_pooled_crypto_echo_the_same_bytes(
     pool, every byte comes back in order and the counters say which thread crypted what."""
     nodes = [RelayNode(reactor, keys, config(f"in{i}"), inline_cells=inline_cells)
              for i, keys in enumerate(relay_keys[:3])]
-    for node in nodes:
-        node.start()
-    echo = EchoServer(reactor)
-    try:
+    with echo_network(reactor, nodes) as echo:
         transfer = run_transfer(reactor, nodes, echo, circuits=4, size=150_000)
-        results = transfer.results()
-        assert results["ok"], results["failures"]
-        assert results["bytes_echoed_intact"] == 4 * 150_000
+        assert_echoed_intact(transfer, 4 * 150_000)
         run_until_closed(reactor, nodes)
         for node in nodes:
             stats = node.stats()
@@ -159,10 +160,6 @@ def test_inline_and_pooled_crypto_echo_the_same_bytes(
             else:
                 assert 0 < inline <= stats["cells_crypted"]
             assert node.pool.in_flight == 0
-    finally:
-        for node in nodes:
-            node.close()
-        echo.close()
 
 
 def test_relays_with_tls_records_on_the_pool_echo_every_byte(
@@ -174,24 +171,15 @@ def test_relays_with_tls_records_on_the_pool_echo_every_byte(
     nodes = [RelayNode(reactor, keys, config(f"tp{i}"), tls_on_pool=True, pool_high_water=64,
                        link_write_water=(8192, 2048))
              for i, keys in enumerate(relay_keys[:3])]
-    for node in nodes:
-        node.start()
-    echo = EchoServer(reactor)
-    try:
+    with echo_network(reactor, nodes) as echo:
         transfer = run_transfer(reactor, nodes, echo, circuits=4, size=300_000)
-        results = transfer.results()
-        assert results["ok"], results["failures"]
-        assert results["bytes_echoed_intact"] == 4 * 300_000
+        assert_echoed_intact(transfer, 4 * 300_000)
         run_until_closed(reactor, nodes)
         for node in nodes:
             stats = node.stats()
             assert stats["pool_errors"] == 0
             # the pool crypted more than the relay cells it was given: the links' records
             assert stats["pool_cells"] > stats["cells_crypted"] - stats["cells_crypted_inline"]
-    finally:
-        for node in nodes:
-            node.close()
-        echo.close()
 
 
 class StalledNextRelay:

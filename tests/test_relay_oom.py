@@ -14,17 +14,13 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from reliability_support import EndlessSource
+from reliability_support import EndlessSource, memory_limited_exit
 from support_loop import run_until_met
 
 from benchmarks.rawpeer import RawPeer
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import pack_relay
-from relay.config import RelayConfig
-from relay.dos import DosConfig
-from relay.identity.keys import RelayIdentity
-from relay.node import RelayNode
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -41,12 +37,7 @@ def reactor() -> Iterator[Reactor]:
 def test_the_oom_handler_closes_the_oldest_circuits_and_holds_the_limit(
     reactor: Reactor, tmp_path_factory: pytest.TempPathFactory
 ) -> None:
-    identity = RelayIdentity.load_or_create(tmp_path_factory.mktemp("oom") / "r", "oom")
-    config = RelayConfig(nickname="oom", testing_network=True,
-                         exit_policy=("accept 127.0.0.1:*", "reject *:*"),
-                         dos=DosConfig(connection_enabled=False, circuit_creation_enabled=False))
-    node = RelayNode(reactor, identity, config, queue_memory_limit=LIMIT)
-    node.start()
+    node = memory_limited_exit(reactor, tmp_path_factory.mktemp("oom") / "r", "oom", LIMIT)
     source = EndlessSource()
     destroys: list[int] = []
     done = threading.Event()
