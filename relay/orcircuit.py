@@ -484,9 +484,9 @@ class OrCircuit:
             return
         if not self._within_caps():
             return
-        # nothing of this circuit in the pool: ``_kb_in_flight`` also counts ``_kb_ready``
-        ready = sum(entry[3] for entry in self._kb_ready) if self._kb_ready else 0
-        idle = self._fwd_submitted == self._fwd_delivered and self._kb_in_flight == ready
+        # nothing of this circuit in the pool, in any lane (the pool's own count, which it
+        # lowers before it delivers a result)
+        idle = self.pool_circuit.in_flight == 0
         now = time.monotonic()
         entries: list[tuple[Circuit, int, Any, int]] = []
         if self._fwd:
