@@ -19,6 +19,9 @@ circuit would feed them (``ExitEdge.handle``):
 The cost per stream rises with the number of streams (2,000: 2.1 KB; 4,000: 2.5 KB; 16,000:
 2.7 KB, of which 2.1 KB Python at every size), the cost per chunk does not (45-53 B beyond the
 payload; a bytes object of 531 bytes is a 544-byte malloc chunk, plus an 8-byte list slot).
+In a running exit a chunk costs more (71-76 B beyond the payload, from ``streams_fds`` in
+``python -m benchmarks.attacks``): the relay's own allocations land between the chunks;
+``EARLY_CHUNK_OVERHEAD`` is that figure.
 
 Each figure is the median of ``--reps`` runs, each in a fresh process (memory CPython frees
 is reused, not returned: a second run in the same process would measure nothing). Kernel

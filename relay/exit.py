@@ -110,10 +110,13 @@ _MAX_ANSWERS = 8
 _WINDOW = "window"
 _LINK = "link"
 
-EARLY_CHUNK_OVERHEAD = 56
+EARLY_CHUNK_OVERHEAD = 72
 """Bytes an early DATA chunk costs beyond its payload: the bytes object's header and malloc's
-rounding (it is past pymalloc's 512-byte limit) and its list slot; measured 52.3 B of RSS per
-chunk (``python -m benchmarks.exit_costs``), rounded up."""
+rounding (it is past pymalloc's 512-byte limit), its list slot, and the heap the relay's other
+allocations leave between chunks. Alone a chunk costs 52-53 B beyond its payload
+(``python -m benchmarks.exit_costs``); in a running exit, the RSS added per extra chunk between
+``streams_fds``'s two limits is 569-574 B, payload included (``python -m benchmarks.attacks``,
+``docs/attacks.md``)."""
 
 STREAM_COST = 3072
 """Bytes a stream costs with nothing buffered: the ``_ExitStream`` and its closures, the

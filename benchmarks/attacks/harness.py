@@ -45,6 +45,8 @@ __all__ = [
     "MIB",
     "PRIVATE_EXTENDS",
     "REPO",
+    "RSS_BASELINE",
+    "SMALL_MAX_MEM_IN_QUEUES",
     "AttackContext",
     "AttackResult",
     "Figure",
@@ -64,8 +66,13 @@ PRIVATE_EXTENDS = ("--extend-allow-private-addresses", "1")
 """ExtendAllowPrivateAddresses 1 (TestingTorNetwork's value): on loopback every next hop is a
 private address, which tor's default refuses to dial."""
 SMALL_MAX_MEM_IN_QUEUES = 64 * MIB
-"""tor's smallest MaxMemInQueues for a relay; the memory rows run with it when the relay can
-be told (``--max-mem-in-queues``)."""
+"""The relay's smallest MaxMemInQueues; the memory rows run with it when the relay can be told
+(``--max-mem-in-queues``)."""
+RSS_BASELINE = 4 * MIB
+"""The "fixed baseline" a relay's RSS may grow beyond MaxMemInQueues under a memory attack:
+what the count leaves out and does not scale with the limit (the allocator's free lists, the
+attack's own link buffers, objects of streams already closed). ``streams_fds`` checks that it
+is fixed by running at two limits (``docs/attacks.md``)."""
 
 Figure = float | int | dict[str, float | int]
 """A figure or a limit: a number, or a small dict of numbers whose keys name their units."""
@@ -257,10 +264,11 @@ class AttackContext:
         """The end of every relay's log, for a row that failed to run."""
         return "\n".join(relay.log_tail(lines) for relay in self.relays)
 
-    def memory_options(self) -> tuple[str, ...]:
-        """``--max-mem-in-queues`` with tor's relay minimum when the relay has the option."""
+    def memory_options(self, limit: int = SMALL_MAX_MEM_IN_QUEUES) -> tuple[str, ...]:
+        """``--max-mem-in-queues`` with ``limit`` bytes (the relay's minimum unless told) when
+        the relay has the option."""
         if self.has_max_mem_option:
-            return ("--max-mem-in-queues", str(SMALL_MAX_MEM_IN_QUEUES))
+            return ("--max-mem-in-queues", str(limit))
         return ()
 
     def memory_note(self, limit_bytes: int) -> str:

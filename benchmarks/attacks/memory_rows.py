@@ -21,6 +21,8 @@ from benchmarks.attacks.harness import (
     DOS_OFF,
     MIB,
     PRIVATE_EXTENDS,
+    RSS_BASELINE,
+    SMALL_MAX_MEM_IN_QUEUES,
     AttackContext,
     AttackResult,
     RssPeak,
@@ -36,6 +38,7 @@ from relay.circuits import (
     relay_body,
     wire_cells,
 )
+from relay.exit import EARLY_CHUNK_OVERHEAD
 from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 
 __all__ = ["next_hop_queue", "sniper", "streams_fds"]
@@ -43,6 +46,7 @@ __all__ = ["next_hop_queue", "sniper", "streams_fds"]
 _LOOPBACK_EXIT = ("--exit-policy", "accept 127.0.0.1:*, reject *:*",
                   "--exit-policy-reject-private", "0")
 _READ_CHUNK = 65536  # the most one read of an exit's target hands over
+_FD_LIMIT = 1024  # streams_fds: a common default of ulimit -n
 
 
 def next_hop_queue(ctx: AttackContext) -> AttackResult:
@@ -93,8 +97,9 @@ def next_hop_queue(ctx: AttackContext) -> AttackResult:
         "rss_growth_mib": round(rss.growth_mib, 1),
         "queued_bytes_after": stats["queued_bytes"],
     }
-    limit = {"closed_resourcelimit": count, "rss_growth_mib": limit_bytes // MIB}
-    held = resource == count and rss.growth_mib <= limit_bytes / MIB
+    limit = {"closed_resourcelimit": count,
+             "rss_growth_mib": (limit_bytes + RSS_BASELINE) // MIB}
+    held = resource == count and rss.growth_mib <= (limit_bytes + RSS_BASELINE) / MIB
     return AttackResult(
         held, figure, limit,
         config="--extend-allow-private-addresses 1 (the next hop is on loopback); DoS limits "
@@ -170,9 +175,9 @@ def sniper(ctx: AttackContext) -> AttackResult:
         "guard_rss_growth_mib": round(rss.growth_mib, 1),
     }
     limit = {"circuit_destroyed": 1, "exit_read_from_source_kib": round(window_kib, 1),
-             "guard_rss_growth_mib": limit_bytes // MIB}
+             "guard_rss_growth_mib": (limit_bytes + RSS_BASELINE) // MIB}
     held = (reason is not None and from_source / 1024 <= window_kib
-            and rss.growth_mib <= limit_bytes / MIB)
+            and rss.growth_mib <= (limit_bytes + RSS_BASELINE) / MIB)
     return AttackResult(
         held, figure, limit,
         config="guard: --extend-allow-private-addresses 1; exit: --exit-policy 'accept "
@@ -259,19 +264,38 @@ def _flood_streams(peer: RawPeer, circuit: Circuit, port: int, streams: int, dat
     return flood
 
 
-def streams_fds(ctx: AttackContext) -> AttackResult:
-    """An exit run with a descriptor limit of 1024 (a common default), a loopback port that
-    never accepts. Descriptors: 1,100 BEGINs on one circuit, 4 DATA cells each before any
-    CONNECTED, then a new honest peer opens a link and a circuit, then the circuit is
-    destroyed. Memory: on a second circuit, 1,100 BEGINs with 20 (quick) or 200 DATA cells
-    each (optimistic data, which counts toward MaxMemInQueues)."""
-    fd_limit, streams = 1024, 1100
-    relay = ctx.relay("exit", (*_LOOPBACK_EXIT, *DOS_OFF, *ctx.memory_options()),
+@dataclass
+class _ExitRun:
+    """One exit under ``streams_fds``: its MaxMemInQueues, both floods, what the honest peer
+    got, and the exit's own figures."""
+
+    limit_bytes: int
+    fds_flood: _StreamFlood
+    relay_fds: int
+    accepted: int
+    why: str
+    memory: _StreamFlood
+    cpu_s: float
+    oom_closes: int
+    rss_baseline_mib: float
+    rss_growth_mib: float
+    alive: bool
+
+    @property
+    def within(self) -> bool:
+        """RSS grew at most MaxMemInQueues plus the fixed baseline."""
+        return self.rss_growth_mib <= (self.limit_bytes + RSS_BASELINE) / MIB
+
+
+def _exit_under_streams(ctx: AttackContext, name: str, limit: int, data_cells: int,
+                        deadline: float) -> _ExitRun:
+    """One exit with MaxMemInQueues ``limit`` through both floods of :func:`streams_fds`."""
+    fd_limit, streams = _FD_LIMIT, 1100
+    relay = ctx.relay(name, (*_LOOPBACK_EXIT, *DOS_OFF, *ctx.memory_options(limit)),
                       nofile=fd_limit)
     hole = NeverAccepting()
     ctx.stack.callback(hole.close)
     peer = open_peer(ctx.stack, relay.port, timeout=30)
-    deadline = time.monotonic() + ctx.scale(90.0, 400.0)
     with RssPeak(relay.pid) as rss:
         first = one_hop(peer, FIRST_CIRC_ID)
         fds_flood = _flood_streams(peer, first, hole.port, streams, 4, deadline)
@@ -281,34 +305,68 @@ def streams_fds(ctx: AttackContext) -> AttackResult:
         peer.send_cell(first.circ_id, CellCommand.DESTROY, b"\x00")
         second = one_hop(peer, FIRST_CIRC_ID + 1)
         cpu_before = relay.cpu_s()
-        memory = _flood_streams(peer, second, hole.port, streams, ctx.scale(20, 200),
-                                deadline)
+        memory = _flood_streams(peer, second, hole.port, streams, data_cells, deadline)
         cpu = relay.cpu_s() - cpu_before
     stats = relay.stats()
-    limit_bytes = stats["max_mem_in_queues"]
+    return _ExitRun(stats["max_mem_in_queues"], fds_flood, fds, accepted, why, memory, cpu,
+                    stats["oom_closes"], rss.baseline_mib, rss.growth_mib, relay.alive)
+
+
+def streams_fds(ctx: AttackContext) -> AttackResult:
+    """An exit run with a descriptor limit of 1024 (a common default), a loopback port that
+    never accepts. Descriptors: 1,100 BEGINs on one circuit, 4 DATA cells each before any
+    CONNECTED, then a new honest peer opens a link and a circuit, then the circuit is
+    destroyed. Memory: on a second circuit, 1,100 BEGINs with 20 (quick) or 200 DATA cells
+    each (optimistic data, which counts toward MaxMemInQueues). The full run repeats both on
+    a second exit with twice the limit and twice the DATA, so that what RSS grows beyond the
+    limit is seen not to scale with it."""
+    deadline = time.monotonic() + ctx.scale(90.0, 400.0)
+    data_cells = ctx.scale(20, 200)
+    runs = [_exit_under_streams(ctx, "exit", SMALL_MAX_MEM_IN_QUEUES, data_cells, deadline)]
+    if not ctx.quick:
+        runs.append(_exit_under_streams(ctx, "exit2x", 2 * SMALL_MAX_MEM_IN_QUEUES,
+                                        2 * data_cells, deadline))
+    run = runs[0]
     figure = {
-        "fd_limit": fd_limit,
-        "streams_begun": fds_flood.streams,
-        "streams_refused_resourcelimit": fds_flood.ends[END_REASON_RESOURCELIMIT],
-        "streams_ended": sum(fds_flood.ends.values()),
-        "relay_fds": fds,
-        "honest_link_accepted": accepted,
-        "memory_streams_begun": memory.streams,
-        "optimistic_data_mib": round(memory.sent * RELAY_DATA_MAX / MIB, 1),
-        "memory_push_s": round(memory.push_s, 2),
-        "memory_relay_cpu_s": round(cpu, 2),
-        "oom_closes": stats["oom_closes"],
-        "rss_growth_mib": round(rss.growth_mib, 1),
+        "fd_limit": _FD_LIMIT,
+        "streams_begun": run.fds_flood.streams,
+        "streams_refused_resourcelimit": run.fds_flood.ends[END_REASON_RESOURCELIMIT],
+        "streams_ended": sum(run.fds_flood.ends.values()),
+        "relay_fds": run.relay_fds,
+        "honest_link_accepted": run.accepted,
+        "memory_streams_begun": run.memory.streams,
+        "optimistic_data_mib": round(run.memory.sent * RELAY_DATA_MAX / MIB, 1),
+        "memory_push_s": round(run.memory.push_s, 2),
+        "memory_relay_cpu_s": round(run.cpu_s, 2),
+        "oom_closes": run.oom_closes,
+        "rss_growth_mib": round(run.rss_growth_mib, 1),
     }
-    limit = {"honest_link_accepted": 1, "rss_growth_mib": limit_bytes // MIB}
-    held = accepted == 1 and rss.growth_mib <= limit_bytes / MIB and relay.alive
+    limit = {"honest_link_accepted": 1,
+             "rss_growth_mib": (run.limit_bytes + RSS_BASELINE) // MIB}
+    for other in runs[1:]:
+        figure["rss_growth_mib_2x"] = round(other.rss_growth_mib, 1)
+        figure["oom_closes_2x"] = other.oom_closes
+        figure["memory_streams_begun_2x"] = other.memory.streams
+        figure["optimistic_data_mib_2x"] = round(other.memory.sent * RELAY_DATA_MAX / MIB, 1)
+        if other.memory.sent > run.memory.sent:
+            figure["rss_per_early_chunk_b"] = round(
+                (other.rss_growth_mib - run.rss_growth_mib) * MIB
+                / (other.memory.sent - run.memory.sent))
+            limit["rss_per_early_chunk_b"] = RELAY_DATA_MAX + EARLY_CHUNK_OVERHEAD
+        limit["rss_growth_mib_2x"] = (other.limit_bytes + RSS_BASELINE) // MIB
+    held = all(r.accepted == 1 and r.within and r.alive for r in runs)
+    if "rss_per_early_chunk_b" in figure:  # the count keeps up with what a chunk costs
+        held = held and figure["rss_per_early_chunk_b"] <= 1.02 * limit["rss_per_early_chunk_b"]
+    beyond = ", ".join(f"{r.rss_growth_mib - r.limit_bytes / MIB:+.1f} MiB at "
+                       f"{r.limit_bytes // MIB} MiB" for r in runs)
     return AttackResult(
         held, figure, limit,
-        config=f"descriptor limit {fd_limit} (ulimit -n, soft and hard; ConnLimit 1000, "
+        config=f"descriptor limit {_FD_LIMIT} (ulimit -n, soft and hard; ConnLimit 1000, "
                "tor's default); --exit-policy 'accept 127.0.0.1:*, reject *:*' "
                "--exit-policy-reject-private 0 (the target is on loopback); DoS limits off "
-               f"(not about DoS); {ctx.memory_note(limit_bytes)}",
-        note=(f"honest peer: {why}; " if why else "")
-        + f"END reasons on the descriptor circuit: {dict(fds_flood.ends)}; memory circuit "
-          f"destroyed: {memory.destroyed}; relay alive: {relay.alive}; RSS baseline "
-          f"{rss.baseline_mib:.1f} MiB")
+               f"(not about DoS); {ctx.memory_note(run.limit_bytes)}; RSS may grow the limit "
+               f"plus a fixed {RSS_BASELINE // MIB} MiB",
+        note=(f"honest peer: {run.why}; " if run.why else "")
+        + f"END reasons on the descriptor circuit: {dict(run.fds_flood.ends)}; memory "
+          f"circuit destroyed: {run.memory.destroyed}; relay alive: {run.alive}; RSS "
+          f"baseline {run.rss_baseline_mib:.1f} MiB; RSS growth beyond the limit: {beyond}")
