@@ -19,14 +19,15 @@ on the CPU and time waiting):
 ``cell``           a relay circuit's link handler got cells (``OrCircuit._from_prev/_next``,
                    ``_relay_from_prev/_next``)
 ``client_cells``   the client's circuit handles its cells (``OriginCircuit.flush_in``)
-``soon``           the loop runs its ``call_soon`` callbacks (``Reactor._run_ready``)
+``after_io``       the loop runs its end-of-iteration callbacks (``Reactor._run_after_io``)
 ``flush``          the relay's end-of-iteration flush (``RelayNode._flush``)
 ``submitted``      ``WorkerPool.submit_many`` returned (the worker was notified)
 ``worker``         a worker's ``Scheduler.turn`` returned circuits (it woke and took them)
 ``crypt``/``crypted``  the kernel's group call started / returned (worker, GIL released inside)
 ``put``            a worker put replies (``ReplyQueue.put``/``put_many``)
 ``woke``           the loop's reply-queue wake-up callback ran (``ReplyQueue._on_wakeup``)
-``result``         a circuit got its crypted batch (``OrCircuit._deliver``)
+``result``         a circuit got its crypted batch, from the pool or its own small batch
+                   (``OrCircuit._forward_done`` / ``_send_toward_client``)
 ``link_write``     cells handed to a link (``Link.write_cells``)
 ``tls_out``        TLS records made (``encrypt`` returned)
 ``write``          bytes handed to libuv (``Stream.write``/``writelines``; libuv writes at once
@@ -155,9 +156,10 @@ def install() -> None:
         _after(session, "encrypt", "tls_out")
     for handler in ("_from_prev", "_from_next", "_relay_from_prev", "_relay_from_next"):
         _before(OrCircuit, handler, "cell")
-    _before(OrCircuit, "_deliver", "result")
+    _before(OrCircuit, "_forward_done", "result")
+    _before(OrCircuit, "_send_toward_client", "result")
     _before(OriginCircuit, "flush_in", "client_cells")
-    _before(Reactor, "_run_ready", "soon")
+    _before(Reactor, "_run_after_io", "after_io")
     _before(RelayNode, "_flush", "flush")
     _after(WorkerPool, "submit_many", "submitted")
     _after(Scheduler, "turn", "worker", when=bool)

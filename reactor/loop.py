@@ -13,6 +13,13 @@ keep driving itself with ``loop.run()``). It adds what pyuv leaves out:
   only while the deque is non-empty (an active Idle makes libuv poll with a zero timeout). Each
   Idle callback runs the callbacks that were queued when it started; callbacks they queue run
   on the next iteration, so a callback chain cannot starve I/O.
+* **call_after_io** (loop thread): the end of *this* iteration, for work that gathers what the
+  iteration's I/O callbacks produced (a relay's flush of its circuits, a link's one write).
+  It runs in libuv's check phase, right after the poll phase's callbacks, so the loop does
+  not go round once more with a zero-timeout poll as a ``call_soon`` would make it; callbacks
+  queued by these callbacks run in the same pass (a flush queues the writes it makes). Work
+  queued before the poll (from a timer or a ``call_soon``) also starts an Idle that does
+  nothing, only so that the poll does not block before the check phase comes.
 * **call_soon_threadsafe / stop from any thread**: both go through an internal ``ReplyQueue``
   whose handler calls ``fn(*args)``; so they inherit its coalesced wake-up (one ``Async.send``
   per empty -> non-empty transition) and its no-lost-wake-up argument. ``Loop.stop()`` is not
@@ -56,6 +63,12 @@ __all__ = ["Reactor", "SignalHandle", "TimerHandle"]
 logger = logging.getLogger("reactor")
 
 _Call = tuple[Callable[..., object], tuple[Any, ...]]
+_AFTER_IO_ROUNDS = 8  # call_after_io: rounds of newly queued callbacks run in one pass
+
+
+def _nothing(handle: pyuv.Idle) -> None:
+    """The call_after_io nudge's callback: an active Idle alone keeps the poll from
+    blocking."""
 
 
 class _Resource(Protocol):
@@ -192,6 +205,10 @@ class Reactor:
         self._ready: deque[_Call] = deque()
         self._idle = pyuv.Idle(self._loop)
         self._idle_started = False
+        self._after_io: deque[_Call] = deque()
+        self._check = pyuv.Check(self._loop)
+        self._nudge = pyuv.Idle(self._loop)  # keeps the poll from blocking (call_after_io)
+        self._check_started = False
         self._calls: ReplyQueue[_Call] = ReplyQueue(self, self._run_threadsafe_call)
 
     # ------------------------------------------------------------------ threads
@@ -277,6 +294,20 @@ class Reactor:
             self._idle_started = True
             self._idle.start(self._run_ready)
 
+    def call_after_io(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` at the end of this loop iteration, once its I/O callbacks have
+        run (libuv's check phase), in call order; see "call_after_io" above. Loop thread
+        only."""
+        if threading.get_ident() != self._loop_thread_id:
+            self.check_loop_thread("Reactor.call_after_io()")
+        if self._closed:
+            raise RuntimeError("Reactor.call_after_io() after close()")
+        self._after_io.append((fn, args))
+        if not self._check_started:
+            self._check_started = True
+            self._check.start(self._run_after_io)
+            self._nudge.start(_nothing)
+
     def call_soon_threadsafe(self, fn: Callable[..., object], *args: Any) -> None:
         """Run ``fn(*args)`` on the loop thread soon, in call order per thread. Any thread.
 
@@ -361,14 +392,19 @@ class Reactor:
                 resource._close_for_reactor()
         self._calls.close()
         for _ in range(1000):  # callbacks that keep queueing callbacks must not hang close()
-            if not self._ready:
+            if not self._ready and not self._after_io:
                 break
             self._run_ready(self._idle)
-        if self._ready:
-            logger.error("Reactor.close(): dropped %d call_soon callbacks", len(self._ready))
+            self._run_after_io(self._check)
+        if self._ready or self._after_io:
+            logger.error("Reactor.close(): dropped %d call_soon and %d call_after_io callbacks",
+                         len(self._ready), len(self._after_io))
             self._ready.clear()
+            self._after_io.clear()
         self._closed = True
         self._close_handle(self._idle)
+        self._close_handle(self._check)
+        self._close_handle(self._nudge)
         if self._owns_loop:
             for _ in range(100):
                 if self._handles_closing == 0:
@@ -453,6 +489,25 @@ class Reactor:
         if not ready and self._idle_started:
             self._idle_started = False
             idle.stop()
+
+    def _run_after_io(self, check: pyuv.Check) -> None:
+        after_io = self._after_io
+        # Callbacks queued meanwhile run in this pass too; a bounded number of rounds, so one
+        # that queues itself again and again cannot hold the loop (it runs next iteration).
+        for _ in range(_AFTER_IO_ROUNDS):
+            if not after_io:
+                break
+            for _ in range(len(after_io)):
+                fn, args = after_io.popleft()
+                try:
+                    fn(*args)
+                except Exception:
+                    self._callback_errors += 1
+                    logger.exception("call_after_io callback %r raised; the loop continues", fn)
+        if not after_io and self._check_started:
+            self._check_started = False
+            check.stop()
+            self._nudge.stop()  # before the next poll: it may block again
 
     def __repr__(self) -> str:
         state = (

@@ -43,8 +43,8 @@ Per iteration, not per cell
 A relay's and a client's circuits only append what a link hands them and mark themselves dirty
 (once per iteration: the circuit keeps its own flag); the work is done for every dirty circuit
 in one call at the end of the loop iteration. :class:`IterationFlush` is that list: the first
-mark of an iteration schedules the flush with ``Reactor.call_soon``, which runs after every read
-callback of the iteration.
+mark of an iteration schedules the flush with ``Reactor.call_after_io``, which runs after every
+read callback of the iteration, before the loop polls again.
 
 Threads: pure functions and loop-thread objects; nothing here is shared between threads.
 """
@@ -244,15 +244,16 @@ T = TypeVar("T")
 class IterationFlush(Generic[T]):
     """What was marked during this loop iteration, handed to ``flush`` once at its end.
 
-    ``call_soon`` is the reactor's (``Reactor.call_soon``). Loop thread only.
+    ``call_at_end`` is the reactor's ``Reactor.call_after_io``: the flush runs in the same
+    iteration, after its I/O callbacks. Loop thread only.
     """
 
-    __slots__ = ("_call_soon", "_flush", "_marked", "_scheduled")
+    __slots__ = ("_call_at_end", "_flush", "_marked", "_scheduled")
 
-    def __init__(self, call_soon: Callable[[Callable[[], None]], object],
+    def __init__(self, call_at_end: Callable[[Callable[[], None]], object],
                  flush: Callable[[list[T]], None]) -> None:
         """Nothing marked yet. Loop thread only."""
-        self._call_soon = call_soon
+        self._call_at_end = call_at_end
         self._flush = flush
         self._marked: list[T] = []
         self._scheduled = False
@@ -263,7 +264,7 @@ class IterationFlush(Generic[T]):
         self._marked.append(item)
         if not self._scheduled:
             self._scheduled = True
-            self._call_soon(self._run)
+            self._call_at_end(self._run)
 
     def _run(self) -> None:
         marked, self._marked = self._marked, []

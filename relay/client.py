@@ -8,7 +8,7 @@ every circuit through that guard, and opens it on first use.
 
 Per iteration, not per cell: a circuit's link handler only appends the RELAY payload and marks
 the circuit dirty; the first mark of a loop iteration schedules :meth:`Client._flush` with
-``Reactor.call_soon`` (``relay.circuits.IterationFlush``), which lets each dirty circuit decrypt
+``Reactor.call_after_io`` (``relay.circuits.IterationFlush``), which lets each dirty circuit decrypt
 and handle its cells in one batch.
 
 Back-pressure on the guard link: while its write buffer is above the high watermark, circuits
@@ -59,7 +59,7 @@ class Client:
         self.tls = tls
         self._guards: dict[tuple[tuple[str, int], bytes], _GuardLink] = {}
         self._by_link: dict[Link, _GuardLink] = {}
-        self._dirty: IterationFlush[OriginCircuit] = IterationFlush(reactor.call_soon,
+        self._dirty: IterationFlush[OriginCircuit] = IterationFlush(reactor.call_after_io,
                                                                      self._flush)
         self.circuits: set[OriginCircuit] = set()
         self.circuits_built = 0

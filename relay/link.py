@@ -39,7 +39,8 @@ registered gets a synthesized ``DESTROY`` (reason ``CHANNEL_CLOSED``) before ``o
 Writing
 -------
 What a link sends during one loop iteration (cells of many circuits' results, DESTROYs,
-padding) is gathered and leaves at the start of the next iteration in one piece: one TLS
+padding) is gathered and leaves at the end of the iteration (``Reactor.call_after_io``, after
+the relay's flush of its circuits) in one piece: one TLS
 ``encrypt`` of the whole list (so full records, not one per batch) and one libuv write. The
 order of the bytes is the order of the calls. What is gathered counts as written for the
 stream's high watermark: once gathered plus unsent bytes pass it, they are sent at once, so
@@ -468,12 +469,16 @@ class Link:
         out = self._out
         out.append(data)
         if len(out) == 1:
-            self.reactor.call_soon(self._send_gathered)
+            self.reactor.call_after_io(self._send_gathered)
         self._out_bytes += len(data)
         stream = self.stream
         if self._out_bytes + stream.write_buffer_size > stream.write_watermarks[0]:
             self._send_gathered()  # past the high watermark: on_write_high now, not later
-        if not self._write_high:
+            if not self._write_high:
+                self._check_backlog()
+        elif not self._write_high and (self._stream_high or self._pipe is not None):
+            # below the mark, gathered bytes alone cannot cross it: only the stream's own
+            # state or the bytes being encrypted can
             self._check_backlog()
 
     def _send_gathered(self) -> None:

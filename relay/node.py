@@ -19,10 +19,10 @@ is the host they call back into.
   that reason (logged by the link and counted here).
 * **Per iteration, not per cell.** A link hands each circuit its cells of one read as one
   buffer (``relay.framing``); the circuit appends it and marks itself dirty; the first mark of
-  an iteration schedules :meth:`_flush` with ``Reactor.call_soon``
+  an iteration schedules :meth:`_flush` with ``Reactor.call_after_io``
   (``relay.circuits.IterationFlush``), which runs after every read callback of this loop
-  iteration: small batches of idle circuits are crypted there (``inline_cells``), the rest go
-  to the pool in ONE ``submit_many``.
+  iteration, in the same iteration: small batches of idle circuits are crypted there
+  (``inline_cells``), the rest go to the pool in ONE ``submit_many``.
 * **Pool.** ``WorkerPool`` with three lanes (forward, backward, originate) over the fast
   crypto backend (``tor1.backend.relay_crypto_for``: the C kernel unless
   ``RELAYCRYPT_PURE=1``). A kernel circuit is opened with the node's one ``group`` function
@@ -232,7 +232,7 @@ class RelayNode:
         self._peers: dict[Link, Peer] = {}
         # Links we opened, by the relay they are to: (address, RSA identity digest).
         self._outgoing: dict[tuple[tuple[str, int], bytes], Peer] = {}
-        self._dirty: IterationFlush[OrCircuit] = IterationFlush(reactor.call_soon, self._flush)
+        self._dirty: IterationFlush[OrCircuit] = IterationFlush(reactor.call_after_io, self._flush)
         self._pool_paused: dict[ReadGate, None] = {}
         self._closed = False
         # statistics
@@ -697,15 +697,18 @@ class RelayNode:
         with the oldest queued cells first (tor's OOM handler). Loop thread only."""
         queued = circuit.queued_toward_exit + circuit.queued_toward_client
         edge = circuit.edge
-        held = queued * _CELL_BYTES
-        oldest = circuit.oldest_queued()
-        if edge is not None:  # its streams and buffers, as allocated (O(1))
-            held += edge.buffered_bytes
-            since = edge.buffered_since
-            if since is not None and (oldest is None or since < oldest):
-                oldest = since
-        if oldest is None:  # only open streams, nothing buffered: closed last
-            oldest = math.inf
+        if queued or edge is not None:
+            held = queued * _CELL_BYTES
+            oldest = circuit.oldest_queued()
+            if edge is not None:  # its streams and buffers, as allocated (O(1))
+                held += edge.buffered_bytes
+                since = edge.buffered_since
+                if since is not None and (oldest is None or since < oldest):
+                    oldest = since
+            if oldest is None:  # only open streams, nothing buffered: closed last
+                oldest = math.inf
+        else:  # the common case of a middle relay: everything it took is written
+            held, oldest = 0, math.inf
         if not self._memory.update(circuit, held, oldest):
             return
         victims = self._memory.victims()

@@ -487,6 +487,13 @@ class OrCircuit:
         # nothing of this circuit in the pool, in any lane (the pool's own count, which it
         # lowers before it delivers a result)
         idle = self.pool_circuit.in_flight == 0
+        if (idle and not self._kb_ready
+                and self._fwd_cells + self._bwd_cells <= self.host.inline_cells):
+            # nothing in the pool and nothing ready: no Kb batch is held or in flight either
+            self._crypt_small()
+            if self.state is not _CLOSED:
+                self.host.queued_changed(self)
+            return
         now = time.monotonic()
         entries: list[tuple[Circuit, int, Any, int]] = []
         if self._fwd:
@@ -513,10 +520,9 @@ class OrCircuit:
         self.host.queued_changed(self)
 
     def _crypt_here(self, entries: list[tuple[Circuit, int, Any, int]]) -> None:
-        """Crypt a small flush on the loop thread, with the pool's process function, and
-        deliver the results as the pool would. Only called while none of this circuit's cells
-        are in the pool, so no worker holds its crypto state and the results keep their order
-        (see "Small batches" above). Loop thread only."""
+        """Crypt a small flush that holds cells this relay originates on the loop thread, as
+        :meth:`_crypt_small` does, through the pool's entries and delivery. Loop thread
+        only."""
         host = self.host
         for pool_circuit, lane, cells, count in entries:
             try:
@@ -529,6 +535,42 @@ class OrCircuit:
             self._deliver(lane, result)
             if self.state is _CLOSED:
                 return
+
+    def _crypt_small(self) -> None:
+        """Crypt a small flush on the loop thread, with the pool's process function, and pass
+        the results on at once, forward first, as the pool would deliver them. Only called
+        while none of this circuit's cells are in the pool or ready for it, so no worker holds
+        its crypto state and the results keep their order (see "Small batches" above); the
+        batches never enter the flight records. Loop thread only."""
+        host = self.host
+        if self._fwd:
+            pieces, self._fwd = self._fwd, []
+            count, self._fwd_cells = self._fwd_cells, 0
+            self._fwd_submitted += count
+            try:
+                out, flags, tags = crypt_batch(self._crypto, FORWARD, _joined(pieces))
+            except Exception as exc:  # as a worker's exception: this circuit only
+                host.inline_crypto_errors += 1
+                self._on_error(self.pool_circuit, FORWARD, exc, where="the loop thread")
+                return
+            host.cells_crypted_inline += count
+            host.cells_crypted += count
+            self._forward_done(out, flags, tags)
+            if self.state is _CLOSED:
+                return
+        if self._bwd:
+            pieces, self._bwd = self._bwd, []
+            count, self._bwd_cells = self._bwd_cells, 0
+            self._kb_lane = BACKWARD
+            try:
+                out = crypt_batch(self._crypto, BACKWARD, _joined(pieces))
+            except Exception as exc:
+                host.inline_crypto_errors += 1
+                self._on_error(self.pool_circuit, BACKWARD, exc, where="the loop thread")
+                return
+            host.cells_crypted_inline += count
+            host.cells_crypted += count
+            self._send_toward_client(out, count)
 
     # ------------------------------------------------------------------ queue accounting
 
@@ -636,9 +678,14 @@ class OrCircuit:
         self._kb_delivered(count)
         if self.state is _CLOSED:
             return
+        self._send_toward_client(out, count)
+
+    def _send_toward_client(self, out: bytes, count: int) -> None:
+        """Crypted cells for the previous hop: to its link, or its queue. Loop thread only."""
         self.prev.scheduler.send(self._to_prev, wire_cells(self.prev_id, _RELAY, out), count,
                                  time.monotonic())
-        self._consider_edge_reading()
+        if self.edge is not None:
+            self._consider_edge_reading()
 
     def _sent_toward_client(self, cells: int) -> None:
         """Queued cells for the previous hop were written. Loop thread only."""

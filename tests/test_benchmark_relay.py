@@ -208,7 +208,7 @@ def test_traced_network_records_every_stage_in_each_relay(tmp_path: Path, tls: b
     assert ReplyQueue.put.__qualname__ == "ReplyQueue.put"
     names = {trace["name"] for trace in traces}
     assert names == {"client", "echo", "relay0", "relay1", "relay2"}
-    stages = {"read", "cell", "soon", "flush", "result", "write"}
+    stages = {"read", "cell", "after_io", "flush", "result", "write"}
     by_name = {trace["name"]: trace["events"] for trace in traces}
     for sent, back in marks:
         t0, t1 = int(sent * 1e9), int(back * 1e9)
