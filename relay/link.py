@@ -440,7 +440,8 @@ class Link:
         """Send bytes that are already whole cells in this link's format (e.g. a batch built
         with ``relay.circuits.wire_cells``); ``count`` only feeds the statistics.
         Loop thread only."""
-        self._check_open()
+        if self._state is not _State.OPEN:
+            self._check_open()  # raises
         self.cells_out += count or len(data) // FIXED_CELL_LEN
         self._write(data)
 

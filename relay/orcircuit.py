@@ -537,18 +537,19 @@ class OrCircuit:
                 return
 
     def _crypt_small(self) -> None:
-        """Crypt a small flush on the loop thread, with the pool's process function, and pass
-        the results on at once, forward first, as the pool would deliver them. Only called
-        while none of this circuit's cells are in the pool or ready for it, so no worker holds
-        its crypto state and the results keep their order (see "Small batches" above); the
-        batches never enter the flight records. Loop thread only."""
+        """Crypt a small flush on the loop thread, with the kernel calls of the pool's process
+        function (``crypt_batch``), and pass the results on at once, forward first, as the
+        pool would deliver them. Only called while none of this circuit's cells are in the pool
+        or ready for it, so no worker holds its crypto state and the results keep their order
+        (see "Small batches" above); the batches never enter the flight records. Loop thread
+        only."""
         host = self.host
         if self._fwd:
             pieces, self._fwd = self._fwd, []
             count, self._fwd_cells = self._fwd_cells, 0
             self._fwd_submitted += count
             try:
-                out, flags, tags = crypt_batch(self._crypto, FORWARD, _joined(pieces))
+                out, flags, tags = self._crypto.forward_tagged_buf(_joined(pieces))
             except Exception as exc:  # as a worker's exception: this circuit only
                 host.inline_crypto_errors += 1
                 self._on_error(self.pool_circuit, FORWARD, exc, where="the loop thread")
@@ -563,7 +564,7 @@ class OrCircuit:
             count, self._bwd_cells = self._bwd_cells, 0
             self._kb_lane = BACKWARD
             try:
-                out = crypt_batch(self._crypto, BACKWARD, _joined(pieces))
+                out = self._crypto.backward_buf(_joined(pieces))
             except Exception as exc:
                 host.inline_crypto_errors += 1
                 self._on_error(self.pool_circuit, BACKWARD, exc, where="the loop thread")
