@@ -27,7 +27,7 @@ on the CPU and time waiting):
 ``put``            a worker put replies (``ReplyQueue.put``/``put_many``)
 ``woke``           the loop's reply-queue wake-up callback ran (``ReplyQueue._on_wakeup``)
 ``result``         a circuit got its crypted batch, from the pool or its own small batch
-                   (``OrCircuit._forward_done`` / ``_send_toward_client``)
+                   (``OrCircuit._forward_done``, ``_pass_on_framed``, ``_send_toward_client``)
 ``link_write``     cells handed to a link (``Link.write_cells``)
 ``tls_out``        TLS records made (``encrypt`` returned)
 ``write``          bytes handed to libuv (``Stream.write``/``writelines``; libuv writes at once
@@ -156,8 +156,8 @@ def install() -> None:
         _after(session, "encrypt", "tls_out")
     for handler in ("_from_prev", "_from_next", "_relay_from_prev", "_relay_from_next"):
         _before(OrCircuit, handler, "cell")
-    _before(OrCircuit, "_forward_done", "result")
-    _before(OrCircuit, "_send_toward_client", "result")
+    for handler in ("_forward_done", "_pass_on_framed", "_send_toward_client"):
+        _before(OrCircuit, handler, "result")
     _before(OriginCircuit, "flush_in", "client_cells")
     _before(Reactor, "_run_after_io", "after_io")
     _before(RelayNode, "_flush", "flush")

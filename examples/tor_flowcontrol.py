@@ -46,7 +46,7 @@ class OneLinkOwner:
         self.reactor = reactor
         self.circuits_built = 0
         self.closed: list[OriginCircuit] = []
-        self._dirty: IterationFlush[OriginCircuit] = IterationFlush(reactor.call_soon,
+        self._dirty: IterationFlush[OriginCircuit] = IterationFlush(reactor.call_after_io,
                                                                      self._flush)
 
     def mark_dirty(self, circuit: OriginCircuit) -> None:

@@ -31,11 +31,11 @@ keep driving itself with ``loop.run()``). It adds what pyuv leaves out:
   exceptions are logged and counted instead of reaching pyuv's excepthook.
 * **close()** closes everything created through this Reactor (timers, signal handlers, reply
   queues, listeners, streams; each registered in an insertion-ordered dict, O(1) per
-  add/remove), handles what reply queues already hold, runs pending ``call_soon`` callbacks,
-  and then closes its own handles. If the Reactor owns its loop it also runs the loop (without
-  blocking) until every close callback has run, so afterwards ``loop.handles`` is empty. Over an
-  application's loop, the application's next iteration finishes the closes. The Reactor never
-  starts a thread.
+  add/remove), handles what reply queues already hold, runs pending ``call_soon`` and
+  ``call_after_io`` callbacks, and then closes its own handles. If the Reactor owns its loop it
+  also runs the loop (without blocking) until every close callback has run, so afterwards
+  ``loop.handles`` is empty. Over an application's loop, the application's next iteration
+  finishes the closes. The Reactor never starts a thread.
 
 Signals: libuv's signal handling replaces Python's C-level handler for that signal while a
 ``pyuv.Signal`` is active and installs ``SIG_DFL`` when the last one stops. Removing a handler
@@ -356,12 +356,14 @@ class Reactor:
         return True
 
     def stats(self) -> dict[str, int]:
-        """Counters: callback_errors, threadsafe_calls, ready, resources. Any thread."""
+        """Counters: callback_errors, threadsafe_calls, ready, after_io (pending callbacks of
+        each kind), resources. Any thread."""
         calls = self._calls.stats()
         return {
             "callback_errors": self._callback_errors + calls["handler_errors"],
             "threadsafe_calls": calls["puts"],
             "ready": len(self._ready),
+            "after_io": len(self._after_io),
             "resources": len(self._resources),
         }
 
@@ -376,10 +378,10 @@ class Reactor:
         """Close everything created through this Reactor, then its own handles. Idempotent.
 
         Loop thread only, and not while ``run()`` is running (``stop()`` first). Reply queues
-        handle what they already hold; pending ``call_soon_threadsafe`` and ``call_soon``
-        callbacks run; timers are cancelled; streams are closed without flushing; signal
-        handlers are removed. When the Reactor owns its loop, this returns after every handle's
-        close callback has run.
+        handle what they already hold; pending ``call_soon_threadsafe``, ``call_soon`` and
+        ``call_after_io`` callbacks run; timers are cancelled; streams are closed without
+        flushing; signal handlers are removed. When the Reactor owns its loop, this returns
+        after every handle's close callback has run.
         """
         self.check_loop_thread("Reactor.close()")
         if self._closing:

@@ -54,7 +54,7 @@ from __future__ import annotations
 import os
 import struct
 from collections.abc import Callable, Hashable, Sequence
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from relay.cells import CellCommand, RelayCommand
 from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
@@ -78,6 +78,8 @@ __all__ = [
     "IterationFlush",
     "Pausable",
     "ReadGate",
+    "crypt_frame",
+    "crypt_frame_py",
     "pack_data_cells",
     "pack_relay",
     "relay_body",
@@ -108,6 +110,7 @@ _ZERO_DIGEST = bytes(4)
 _PAD_GAP = bytes(4)
 _DATA = int(RelayCommand.DATA)
 _CELL_HEADER = struct.Struct(">IB")
+_RELAY = CellCommand.RELAY
 _RELAY_EARLY = CellCommand.RELAY_EARLY
 
 
@@ -188,6 +191,35 @@ def _c_frame() -> Callable[..., bytes] | None:
 wire_cells: Callable[..., bytes] = _c_frame() or wire_cells_py
 """``wire_cells(circ_id, command, payloads, early=None)``: the C ``relay._cells.frame`` when
 built, else :func:`wire_cells_py` (same contract). Any thread (pure)."""
+
+
+def crypt_frame_py(crypt: Callable[[bytes], Any], payloads: bytes, circ_id: int) -> Any:
+    """``crypt(payloads)``, then its output as RELAY wire cells behind ``circ_id`` headers:
+    when it returns bytes, or an ``(out, recognized, tags)`` tuple with no recognized cell;
+    such a tuple with a recognized cell is returned as it is.
+
+    The reference for the C ``relay._cells.crypt_frame`` (same results). Whatever thread may
+    call ``crypt``."""
+    result = crypt(payloads)
+    if isinstance(result, tuple):
+        out, recognized, _ = result
+        if any(recognized):
+            return result
+        return wire_cells(circ_id, _RELAY, out)
+    return wire_cells(circ_id, _RELAY, result)
+
+
+def _c_crypt_frame() -> Callable[..., Any] | None:
+    try:
+        from relay._cells import crypt_frame
+    except ImportError:
+        return None
+    return crypt_frame
+
+
+crypt_frame: Callable[..., Any] = _c_crypt_frame() or crypt_frame_py
+"""``crypt_frame(crypt, payloads, circ_id)``: the C ``relay._cells.crypt_frame`` when built,
+else :func:`crypt_frame_py` (same contract)."""
 
 
 class Pausable(Protocol):

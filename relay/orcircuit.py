@@ -96,7 +96,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuitmux import LinkScheduler, OutQueue
-from relay.circuits import ReadGate, pack_relay, relay_body, wire_cells
+from relay.circuits import ReadGate, crypt_frame, pack_relay, relay_body, wire_cells
 from relay.exit import ExitEdge, TagLookup
 from relay.handshakes import (
     BodyError,
@@ -312,6 +312,7 @@ class OrCircuit:
     """One circuit at a relay: previous hop, optional next hop, crypto on the pool."""
 
     __slots__ = (
+        "_backward_crypt",
         "_bwd",
         "_bwd_cells",
         "_crypto",
@@ -320,6 +321,7 @@ class OrCircuit:
         "_early",
         "_edge_paused",
         "_extend",
+        "_forward_crypt",
         "_fwd",
         "_fwd_cells",
         "_fwd_delivered",
@@ -363,6 +365,9 @@ class OrCircuit:
         self.next_id = 0
         self.state = _OPEN
         self._crypto = crypto
+        # the kernel calls of small batches (see _crypt_small), looked up once
+        self._forward_crypt = crypto.forward_tagged_buf
+        self._backward_crypt = crypto.backward_buf
         self.pool_circuit: Circuit = host.pool.open_circuit(
             crypto,
             process=crypt_batch,
@@ -520,9 +525,9 @@ class OrCircuit:
         self.host.queued_changed(self)
 
     def _crypt_here(self, entries: list[tuple[Circuit, int, Any, int]]) -> None:
-        """Crypt a small flush that holds cells this relay originates on the loop thread, as
-        :meth:`_crypt_small` does, through the pool's entries and delivery. Loop thread
-        only."""
+        """Crypt a small flush on the loop thread that :meth:`_crypt_small` does not take
+        (one with Kb batches made ready: originated cells, or backward cells released from
+        ``_kb_held``), through the pool's entries and delivery. Loop thread only."""
         host = self.host
         for pool_circuit, lane, cells, count in entries:
             try:
@@ -541,37 +546,45 @@ class OrCircuit:
         function (``crypt_batch``), and pass the results on at once, forward first, as the
         pool would deliver them. Only called while none of this circuit's cells are in the pool
         or ready for it, so no worker holds its crypto state and the results keep their order
-        (see "Small batches" above); the batches never enter the flight records. Loop thread
-        only."""
+        (see "Small batches" above); the batches never enter the flight records. A batch with
+        nothing for this relay is crypted and framed in one call (``crypt_frame``). Loop
+        thread only."""
         host = self.host
         if self._fwd:
             pieces, self._fwd = self._fwd, []
             count, self._fwd_cells = self._fwd_cells, 0
             self._fwd_submitted += count
             try:
-                out, flags, tags = self._crypto.forward_tagged_buf(_joined(pieces))
+                if self._early or self.next is None or self.state is not _OPEN:
+                    result = self._forward_crypt(_joined(pieces))
+                else:  # bytes when nothing is for this relay: wire cells for the next hop
+                    result = crypt_frame(self._forward_crypt, _joined(pieces), self.next_id)
             except Exception as exc:  # as a worker's exception: this circuit only
                 host.inline_crypto_errors += 1
                 self._on_error(self.pool_circuit, FORWARD, exc, where="the loop thread")
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
-            self._forward_done(out, flags, tags)
+            if result.__class__ is bytes:
+                self._pass_on_framed(result, count)
+            else:
+                self._forward_done(*result)
             if self.state is _CLOSED:
                 return
         if self._bwd:
             pieces, self._bwd = self._bwd, []
             count, self._bwd_cells = self._bwd_cells, 0
-            self._kb_lane = BACKWARD
+            # _kb_lane is left alone: these cells are crypted and sent now, and cells the
+            # forward half made this relay originate may be waiting in _kb_ready under it
             try:
-                out = self._crypto.backward_buf(_joined(pieces))
+                wire = crypt_frame(self._backward_crypt, _joined(pieces), self.prev_id)
             except Exception as exc:
                 host.inline_crypto_errors += 1
                 self._on_error(self.pool_circuit, BACKWARD, exc, where="the loop thread")
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
-            self._send_toward_client(out, count)
+            self._send_toward_client(wire, count)
 
     # ------------------------------------------------------------------ queue accounting
 
@@ -679,12 +692,12 @@ class OrCircuit:
         self._kb_delivered(count)
         if self.state is _CLOSED:
             return
-        self._send_toward_client(out, count)
+        self._send_toward_client(wire_cells(self.prev_id, _RELAY, out), count)
 
-    def _send_toward_client(self, out: bytes, count: int) -> None:
-        """Crypted cells for the previous hop: to its link, or its queue. Loop thread only."""
-        self.prev.scheduler.send(self._to_prev, wire_cells(self.prev_id, _RELAY, out), count,
-                                 time.monotonic())
+    def _send_toward_client(self, wire: bytes, count: int) -> None:
+        """Crypted cells for the previous hop, framed: to its link, or its queue. Loop thread
+        only."""
+        self.prev.scheduler.send(self._to_prev, wire, count, time.monotonic())
         if self.edge is not None:
             self._consider_edge_reading()
 
@@ -740,6 +753,14 @@ class OrCircuit:
             if self.state is _CLOSED:
                 return
         self._handle_local(out, local, early, _tag_lookup(tags, local))
+
+    def _pass_on_framed(self, wire: bytes, count: int) -> None:
+        """A small batch with nothing for this relay, crypted and framed (open, extended, no
+        RELAY_EARLY among them: see :meth:`_crypt_small`): to the next hop. Loop thread
+        only."""
+        self._fwd_delivered += count
+        assert self.next is not None and self._to_next is not None
+        self.next.scheduler.send(self._to_next, wire, count, time.monotonic())
 
     def _pass_on(self, out: bytes, count: int, early: set[int]) -> None:
         """Send unrecognized forward cells to the next hop (RELAY_EARLY kept as such)."""

@@ -1,10 +1,10 @@
 """The link's per-read cell routing and per-batch framing: C against the Python reference.
 
-``relay._cells.route``/``frame`` (C) must give exactly what ``relay.framing.route_py`` and
-``relay.circuits.wire_cells_py`` give, on any byte stream: fixed and variable-length cells,
-RELAY_EARLY among RELAY, circuits with and without batch handlers, unknown ids, a partial tail,
-more circuits than one call groups. Then the framer on top: order against control cells, a pause
-inside a batch handler, a close.
+``relay._cells.route``/``frame``/``crypt_frame`` (C) must give exactly what
+``relay.framing.route_py``, ``relay.circuits.wire_cells_py`` and ``crypt_frame_py`` give, on
+any byte stream: fixed and variable-length cells, RELAY_EARLY among RELAY, circuits with and
+without batch handlers, unknown ids, a partial tail, more circuits than one call groups. Then
+the framer on top: order against control cells, a pause inside a batch handler, a close.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay import _cells
-from relay.circuits import wire_cells_py
+from relay.circuits import crypt_frame_py, wire_cells_py
 from relay.framing import FIXED_CELL_LEN, MAX_GROUPS, CellFramer, fixed_cell, route_py, var_cell
 
 RELAY, EARLY, DESTROY, CREATE2, VPADDING = 3, 9, 4, 10, 128
@@ -126,6 +126,59 @@ def test_frame_refuses_partial_cells_and_positions_outside() -> None:
         _cells.frame(1, RELAY, b"x" * 509, (1,))
     with pytest.raises(ValueError):
         wire_cells_py(1, RELAY, b"x" * 509, (1,))
+
+
+@settings(max_examples=200, deadline=None)
+@given(circ_id=st.integers(min_value=0, max_value=2**32 - 1), count=st.integers(0, 12),
+       kind=st.sampled_from(["bytes", "tuple"]), recognized=st.sets(st.integers(0, 11)))
+def test_c_crypt_frame_equals_the_python_reference(circ_id: int, count: int, kind: str,
+                                                   recognized: set[int]) -> None:
+    payloads, out = os.urandom(509 * count), os.urandom(509 * count)
+    flags = bytes(int(i in recognized) for i in range(count))
+    result = out if kind == "bytes" else (out, flags, b"tags")
+    calls: list[bytes] = []
+
+    def crypt(buf: bytes) -> object:
+        calls.append(buf)
+        return result
+
+    c_result = _cells.crypt_frame(crypt, payloads, circ_id)
+    py_result = crypt_frame_py(crypt, payloads, circ_id)
+    assert calls == [payloads, payloads]  # crypt called once each, on the payloads given
+    if kind == "tuple" and any(flags):  # a cell for this relay: the tuple, untouched
+        assert c_result is result and py_result is result
+    else:
+        assert c_result == py_result == wire_cells_py(circ_id, RELAY, out)
+
+
+def test_crypt_frame_with_the_kernel_gives_the_bytes_of_crypt_then_frame() -> None:
+    from tor1.backend import ReferenceRelayCrypto
+    from tor1.fast import FastRelayCrypto
+    from tor1.reference import HopKeys
+
+    keys = HopKeys.from_material(os.urandom(72))
+    batch = os.urandom(509 * 7)
+    for make in (FastRelayCrypto, ReferenceRelayCrypto):
+        fused, apart = make(keys), make(keys)  # two states in step
+        for _ in range(3):  # the states advance alike, call after call
+            assert _cells.crypt_frame(fused.backward_buf, batch, 77) == _cells.frame(
+                77, RELAY, apart.backward_buf(batch))
+            out, flags, _ = apart.forward_tagged_buf(batch)
+            assert not any(flags)  # random cells are never recognized
+            assert _cells.crypt_frame(fused.forward_tagged_buf, batch, 78) == _cells.frame(
+                78, RELAY, out)
+
+
+def test_crypt_frame_passes_errors_on() -> None:
+    def broken(buf: bytes) -> bytes:
+        raise RuntimeError("crypto failed")
+
+    with pytest.raises(RuntimeError, match="crypto failed"):
+        _cells.crypt_frame(broken, b"x" * 509, 1)
+    with pytest.raises(ValueError):
+        _cells.crypt_frame(lambda buf: b"x" * 510, b"x" * 509, 1)  # not whole cells
+    with pytest.raises(TypeError):
+        _cells.crypt_frame(lambda buf: (b"", b""), b"", 1)  # not (out, recognized, tags)
 
 
 def test_a_pause_in_a_batch_handler_keeps_the_next_control_cell_pending() -> None:

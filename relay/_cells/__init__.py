@@ -1,5 +1,6 @@
 """The link data path's per-cell work in C: ``route`` (an open link's read, cut into cells and
-grouped per circuit) and ``frame`` (a circuit's payloads with their cell headers).
+grouped per circuit), ``frame`` (a circuit's payloads with their cell headers) and
+``crypt_frame`` (a small batch crypted and framed in one call).
 
 ``_cellkernel`` is built from ``cellkernel.c`` by ``setup.py build_ext --inplace`` (``make
 venv``); see the C source's top comment for the contract. Importing this package never fails
@@ -15,7 +16,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["CELL_LEN", "PAYLOAD_LEN", "frame", "route"]
+__all__ = ["CELL_LEN", "PAYLOAD_LEN", "crypt_frame", "frame", "route"]
 
 
 def __getattr__(name: str) -> Any:

@@ -27,6 +27,14 @@
  *     The wire bytes of n joined 509-byte payloads, each behind the 5-byte header
  *     (circ_id, command); the cells whose positions are in `early` get RELAY_EARLY (9).
  *
+ * crypt_frame(crypt, payloads, circ_id) -> bytes or crypt's tuple
+ *     A small batch crypted on the loop thread and passed on in one call: result =
+ *     crypt(payloads); when it is bytes (Kb toward the client), or a tuple (out, recognized,
+ *     tags) whose recognized flags are all 0 (Kf, nothing for this relay), the RELAY wire
+ *     cells of the output behind circ_id headers; a tuple with a recognized cell is returned
+ *     as it is, for the caller's cell handling. `crypt` is the circuit's kernel method; an
+ *     exception it raises propagates.
+ *
  * Both run with the GIL held (they touch Python objects; the work is a memcpy per cell and a
  * dict lookup per change of circuit). Any thread; they keep no state. Refusals: a payload
  * length that is not a whole number of cells raises ValueError; a circuit id key that is not
@@ -266,6 +274,24 @@ PyDoc_STRVAR(frame_doc,
 "The wire bytes of n joined 509-byte payloads behind (circ_id, command) headers; positions in\n"
 "`early` (a sequence of ints) get RELAY_EARLY.");
 
+/* New bytes: n cells of payloads from src, each behind (circ_id, command). */
+static PyObject *
+frame_payloads(unsigned long circ_id, int command, const unsigned char *src, Py_ssize_t n)
+{
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n * CELL_LEN);
+    if (out == NULL)
+        return NULL;
+    unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char header[HEADER_LEN] = {
+        (unsigned char)(circ_id >> 24), (unsigned char)(circ_id >> 16),
+        (unsigned char)(circ_id >> 8), (unsigned char)circ_id, (unsigned char)command};
+    for (Py_ssize_t i = 0; i < n; i++) {
+        memcpy(dst + i * CELL_LEN, header, HEADER_LEN);
+        memcpy(dst + i * CELL_LEN + HEADER_LEN, src + i * PAYLOAD_LEN, PAYLOAD_LEN);
+    }
+    return out;
+}
+
 static PyObject *
 frame(PyObject *module, PyObject *args)
 {
@@ -286,18 +312,10 @@ frame(PyObject *module, PyObject *args)
         goto done;
     }
     Py_ssize_t n = view.len / PAYLOAD_LEN;
-    out = PyBytes_FromStringAndSize(NULL, n * CELL_LEN);
+    out = frame_payloads(circ_id, command, view.buf, n);
     if (out == NULL)
         goto done;
     unsigned char *dst = (unsigned char *)PyBytes_AS_STRING(out);
-    const unsigned char *src = view.buf;
-    unsigned char header[HEADER_LEN] = {
-        (unsigned char)(circ_id >> 24), (unsigned char)(circ_id >> 16),
-        (unsigned char)(circ_id >> 8), (unsigned char)circ_id, (unsigned char)command};
-    for (Py_ssize_t i = 0; i < n; i++) {
-        memcpy(dst + i * CELL_LEN, header, HEADER_LEN);
-        memcpy(dst + i * CELL_LEN + HEADER_LEN, src + i * PAYLOAD_LEN, PAYLOAD_LEN);
-    }
     if (early != Py_None) {
         PyObject *seq = PySequence_Fast(early, "early must be a sequence of positions");
         if (seq == NULL) {
@@ -327,9 +345,66 @@ done:
     return out;
 }
 
+PyDoc_STRVAR(crypt_frame_doc,
+"crypt_frame(crypt, payloads, circ_id) -> bytes or crypt's tuple\n\n"
+"crypt(payloads), then its output as RELAY wire cells behind circ_id headers, unless it is a\n"
+"tuple (out, recognized, tags) with a recognized cell: then the tuple; see the module comment.");
+
+static PyObject *
+crypt_frame(PyObject *module, PyObject *args)
+{
+    PyObject *crypt, *payloads;
+    unsigned long circ_id;
+    if (!PyArg_ParseTuple(args, "OOk:crypt_frame", &crypt, &payloads, &circ_id))
+        return NULL;
+    if (circ_id > 0xFFFFFFFFUL) {
+        PyErr_SetString(PyExc_ValueError, "circuit id out of range");
+        return NULL;
+    }
+    PyObject *result = PyObject_CallOneArg(crypt, payloads);
+    if (result == NULL)
+        return NULL;
+    PyObject *out = result;
+    if (PyTuple_Check(result)) {
+        if (PyTuple_GET_SIZE(result) != 3) {
+            PyErr_SetString(PyExc_TypeError, "crypt returned a tuple that is not (out, "
+                            "recognized, tags)");
+            Py_DECREF(result);
+            return NULL;
+        }
+        Py_buffer flags;
+        if (PyObject_GetBuffer(PyTuple_GET_ITEM(result, 1), &flags, PyBUF_SIMPLE) < 0) {
+            Py_DECREF(result);
+            return NULL;
+        }
+        int recognized = 0;
+        for (Py_ssize_t i = 0; i < flags.len && !recognized; i++)
+            recognized = ((const unsigned char *)flags.buf)[i] != 0;
+        PyBuffer_Release(&flags);
+        if (recognized)
+            return result;  /* cells for this relay: the caller's slow path */
+        out = PyTuple_GET_ITEM(result, 0);
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(out, &view, PyBUF_SIMPLE) < 0) {
+        Py_DECREF(result);
+        return NULL;
+    }
+    PyObject *framed = NULL;
+    if (view.len % PAYLOAD_LEN)
+        PyErr_Format(PyExc_ValueError, "crypt returned %zd bytes: not whole 509-byte cells",
+                     view.len);
+    else
+        framed = frame_payloads(circ_id, CMD_RELAY, view.buf, view.len / PAYLOAD_LEN);
+    PyBuffer_Release(&view);
+    Py_DECREF(result);
+    return framed;
+}
+
 static PyMethodDef methods[] = {
     {"route", route, METH_VARARGS, route_doc},
     {"frame", frame, METH_VARARGS, frame_doc},
+    {"crypt_frame", crypt_frame, METH_VARARGS, crypt_frame_doc},
     {NULL, NULL, 0, NULL},
 };
 
