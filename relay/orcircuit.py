@@ -365,9 +365,11 @@ class OrCircuit:
         self.next_id = 0
         self.state = _OPEN
         self._crypto = crypto
-        # the kernel calls of small batches (see _crypt_small), looked up once
-        self._forward_crypt = crypto.forward_tagged_buf
-        self._backward_crypt = crypto.backward_buf
+        # the kernel calls of small batches (see _crypt_small), looked up once: the kernel's
+        # own methods when it has them, else the backend's
+        methods = getattr(crypto, "kernel_batch_methods", None)
+        self._forward_crypt, self._backward_crypt = (
+            methods if methods is not None else (crypto.forward_tagged_buf, crypto.backward_buf))
         self.pool_circuit: Circuit = host.pool.open_circuit(
             crypto,
             process=crypt_batch,

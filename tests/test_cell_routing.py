@@ -167,6 +167,10 @@ def test_crypt_frame_with_the_kernel_gives_the_bytes_of_crypt_then_frame() -> No
             assert not any(flags)  # random cells are never recognized
             assert _cells.crypt_frame(fused.forward_tagged_buf, batch, 78) == _cells.frame(
                 78, RELAY, out)
+    kernel, wrapped = FastRelayCrypto(keys), FastRelayCrypto(keys)
+    forward, backward = kernel.kernel_batch_methods  # the same bytes without the wrapper
+    assert forward(batch) == wrapped.forward_tagged_buf(batch)
+    assert backward(batch) == wrapped.backward_buf(batch)
 
 
 def test_crypt_frame_passes_errors_on() -> None:

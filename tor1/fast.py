@@ -53,7 +53,7 @@ one object concurrently get ``RuntimeError`` from the kernel instead of corrupt 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tor1._kernel import (
@@ -139,6 +139,14 @@ class FastRelayCrypto:
     def forward_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes, bytes]:
         """``forward_buf``, and the tags of the recognized cells: ``(out, recognized, tags)``."""
         return self._state.forward_tagged(buf)
+
+    @property
+    def kernel_batch_methods(self) -> tuple[Callable[[CellBuffer], tuple[bytes, bytes, bytes]],
+                                            Callable[[CellBuffer], bytes]]:
+        """``(forward_tagged_buf, backward_buf)`` as the kernel's own bound methods: the same
+        results without this class's Python frame, for a caller that keeps them (a relay's
+        small batches on the loop thread)."""
+        return self._state.forward_tagged, self._state.backward
 
     def originate_tagged_buf(self, buf: CellBuffer) -> tuple[bytes, bytes]:
         """``originate_buf``, and the tags of the marked cells: ``(out, tags)``."""
