@@ -261,6 +261,7 @@ class RelayNode:
         self.cells_crypted = 0  # relay cells, on the pool or here (CircuitHost)
         self.cells_crypted_inline = 0
         self.inline_crypto_errors = 0
+        self.flush_errors = 0  # circuits closed because their flush raised
         self._exit_totals: Counter[str] = Counter()
         self._first_cell: float | None = None
         self._cpu_at_first_cell = 0.0
@@ -648,7 +649,12 @@ class RelayNode:
         self._last_cell = now
         work: list[tuple[Any, int, Any]] = []
         for circuit in dirty:
-            circuit.take_submits(work)
+            try:
+                circuit.take_submits(work)
+            except Exception as exc:  # a bug: that circuit only, and the others still flush
+                self.flush_errors += 1
+                log.exception("%r: its flush failed; closing the circuit", circuit)
+                circuit.close(f"internal error in the flush: {exc!r}", DestroyReason.INTERNAL)
         if work:
             # a small batch crypted here (take_submits) can close another circuit whose entry
             # is already in ``work`` (its link failed, or the OOM handler chose it)
@@ -835,6 +841,7 @@ class RelayNode:
             "cells_crypted": cells,
             "cells_crypted_inline": self.cells_crypted_inline,
             "inline_crypto_errors": self.inline_crypto_errors,
+            "flush_errors": self.flush_errors,
             # everything the pool counted: relay cells, onionskins, TLS bytes in cells
             "pool_cells": pool["cells"],
             "batches": pool["batches"],

@@ -30,6 +30,7 @@ from relay.config import RelayConfig
 from relay.handshakes import HTYPE_NTOR, Extend2Body, LinkSpecifier, encode_created2
 from relay.identity.keys import RelayIdentity
 from relay.node import RelayNode
+from relay.orcircuit import OrCircuit
 from relay.relaylimits import CellQueueCaps
 from tor1 import CELL_PAYLOAD_LEN
 
@@ -160,6 +161,48 @@ def test_inline_and_pooled_crypto_echo_the_same_bytes(
             else:
                 assert 0 < inline <= stats["cells_crypted"]
             assert node.pool.in_flight == 0
+
+
+def test_a_circuit_whose_flush_raises_is_closed_and_the_others_go_on(
+    reactor: Reactor, relay_keys: list[RelayIdentity], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exception inside one circuit's end-of-iteration flush (a bug, injected here into
+    the first circuit of a flush that holds several) closes that circuit only: the circuits
+    after it in the same flush are still flushed, and keep moving (before, they stayed marked
+    dirty and were never flushed again)."""
+    nodes = [RelayNode(reactor, keys, config(f"fe{i}")) for i, keys in enumerate(relay_keys[:3])]
+    middle = nodes[1]
+    node_flush = middle._dirty._flush  # RelayNode._flush, bound
+    original = OrCircuit.take_submits
+    doomed: list[OrCircuit] = []
+    raised: list[OrCircuit] = []
+
+    def flush(dirty: list[OrCircuit]) -> None:
+        if not doomed and len(dirty) >= 2 and middle.circuits_open == 4:
+            doomed.append(dirty[0])  # the others come after it in this flush
+        node_flush(dirty)
+
+    def take_submits(circuit: OrCircuit, out: list) -> None:
+        if doomed and circuit is doomed[0] and not raised:
+            raised.append(circuit)
+            raise RuntimeError("injected flush failure")
+        original(circuit, out)
+
+    monkeypatch.setattr(middle._dirty, "_flush", flush)
+    monkeypatch.setattr(OrCircuit, "take_submits", take_submits)
+    with echo_network(reactor, nodes) as echo:
+        transfer = EchoTransfer(reactor, [n.descriptor() for n in nodes], echo.address,
+                                circuits=4, bytes_per_circuit=150_000, stall_timeout=8,
+                                on_finished=lambda t: reactor.stop())
+        guard = reactor.call_later(60, transfer.abort, "test timeout")
+        transfer.start()
+        reactor.run()
+        guard.cancel()
+        results = transfer.results()
+        assert len(raised) == 1
+        assert len(results["failures"]) == 1, results["failures"]
+        assert results["bytes_echoed_intact"] == 3 * 150_000  # the three others, every byte
+        assert middle.stats()["flush_errors"] == 1
 
 
 def test_relays_with_tls_records_on_the_pool_echo_every_byte(
