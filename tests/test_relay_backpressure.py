@@ -330,6 +330,9 @@ def test_cells_for_a_stalled_next_hop_wait_on_their_circuit_then_all_arrive(
         assert "error" not in outcome and fake.error is None, (outcome, fake.error)
         assert node.write_congestions > 0 and node.stats()["queued_writes"] > 0
         assert node.stats()["queued_bytes"] > 0
+        # once the pool has crypted what it took (its own back-pressure may hold the links
+        # meanwhile), the cells wait in the circuit's queue and no link is paused for them
+        run_until_met(reactor, lambda: node.pool.in_flight == 0, 30)
         assert not any(p.gate.paused for p in node._peers.values())
         fake.may_read.set()
         run_until_met(reactor, lambda: fake.done.is_set() and client_done.is_set(), 60)
