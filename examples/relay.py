@@ -9,7 +9,8 @@ tor's link authentication; ``--plain-links`` (the in-process demos only) turns t
 
 Options follow torrc's names: ``--dirauth "DirAuthority line"`` (repeatable), ``--exit-policy
 "accept 127.0.0.1:7777, reject *:*"`` (not an exit without one), ``--bridge``,
-``--testing-network``, ``--address``, ``--nickname``, ``--contact``.
+``--testing-network``, ``--address``, ``--nickname``, ``--contact``; ``--publish-tap-key``
+(the TAP onion key in the descriptor: ``docs/tornet.md``).
 
 Line protocol on stdout (what ``examples.network`` and ``tornet`` read):
 
@@ -119,6 +120,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--address", help="address to publish (default: the OR port's)")
     parser.add_argument("--nickname", default="Unnamed")
     parser.add_argument("--contact", help="ContactInfo for the descriptor")
+    parser.add_argument("--publish-tap-key", choices=("auto", "0", "1"), default="auto",
+                        help="the TAP onion key in the descriptor: 1 always, 0 never, auto "
+                             "(default) with it until an authority refuses the descriptor "
+                             "(authorities after tor 0.4.9.11 refuse TAP keys)")
     parser.add_argument("--dirauth", action="append", type=_dir_authority, default=[],
                         metavar="LINE", help="a DirAuthority line (repeatable)")
     parser.add_argument("--exit-policy", default="",
@@ -177,6 +182,7 @@ def config_from_args(args: argparse.Namespace) -> RelayConfig:
         reject_private_exits=args.exit_policy_reject_private,
         allow_private_extends=args.extend_allow_private_addresses, bridge=args.bridge,
         testing_network=args.testing_network, contact=args.contact,
+        publish_tap_key=None if args.publish_tap_key == "auto" else args.publish_tap_key == "1",
         plain_links=args.plain_links, threads=args.threads,
         max_mem_in_queues=args.max_mem_in_queues, conn_limit=args.conn_limit,
         dos=DosConfig(connection_enabled=args.dos_connection_enabled,

@@ -28,6 +28,10 @@ What each option means follows tor:
   never the default, and refused by every tor.
 * ``dos``: tor's ``DoS*`` options (:mod:`relay.dos`), with the values the live network's
   consensus sets: per-IP connection and circuit-creation limits on; stream creation off.
+* ``publish_tap_key``: whether the descriptor carries the TAP onion key (tor 0.4.9's
+  ``publish-dummy-tap-key``). None (the default) starts with it, as tor 0.4.9.11 does and
+  its authorities require, and switches to the other form when an authority refuses the
+  descriptor and none has accepted it yet (later authorities refuse TAP keys; proposal 350).
 * ``max_mem_in_queues`` (``MaxMemInQueues``, 0: tor's default from the RAM) and
   ``cell_queue_caps`` (``circ_max_cell_queue_size``/``_out``): :mod:`relay.relaylimits`.
 
@@ -133,6 +137,7 @@ class RelayConfig:
     testing_network: bool = False
     allow_private_extends: bool | None = None  # ExtendAllowPrivateAddresses; None: as testing
     contact: str | None = None
+    publish_tap_key: bool | None = None  # None: with it first, switch on a refusal
     bandwidth_rate: int = 1 << 30  # bytes/s (tor's BandwidthRate default 1 GByte)
     bandwidth_burst: int = 1 << 30
     plain_links: bool = False

@@ -63,6 +63,9 @@ class RelayDirectory:
         self.cache: DirCache | None = None
         self.uploads_ok = 0
         self.uploads_failed = 0
+        # whether the descriptor carries the TAP onion key (RelayConfig.publish_tap_key)
+        self.with_tap = config.publish_tap_key is not False
+        self.tap_switches = 0
         self.dir_requests = 0
 
     def start(self, or_port: int, exit_lines: Sequence[str]) -> None:
@@ -114,6 +117,8 @@ class RelayDirectory:
             "descriptor_uploads_ok": self.uploads_ok,
             "descriptor_uploads_failed": self.uploads_failed,
             "descriptor_accepted": bool(self.publisher and self.publisher.accepted),
+            "descriptor_with_tap_key": self.with_tap,
+            "descriptor_tap_switches": self.tap_switches,
             "dir_requests": self.dir_requests,
             "consensus_cached": self.store.consensus("microdesc") is not None,
             "microdescs_cached": self.store.microdesc_count,
@@ -135,7 +140,7 @@ class RelayDirectory:
             exit_policy=self._exit_lines,
             tunnelled_dir_server=True,
         )
-        return self._identity.server_descriptor(info, now)
+        return self._identity.server_descriptor(info, now, with_tap=self.with_tap)
 
     def _refresh(self) -> str:
         self.descriptor = self._build()
@@ -152,3 +157,16 @@ class RelayDirectory:
             log.warning("%s: descriptor upload to %s:%d failed: %s (retry in %.0f s)",
                         self._config.nickname, authority[0], authority[1], result.describe(),
                         delay)
+            if result.status == 400 and self._config.publish_tap_key is None \
+                    and self.uploads_ok == 0:
+                self._switch_tap_key()
+
+    def _switch_tap_key(self) -> None:
+        """An authority refused the descriptor and none has taken it: try the other form
+        (authorities of tor 0.4.9.11 require the TAP onion key, later ones refuse it; a refusal
+        for another reason makes the forms alternate, which costs nothing more)."""
+        self.with_tap = not self.with_tap
+        self.tap_switches += 1
+        log.warning("%s: publishing the descriptor %s the TAP onion key from now on",
+                    self._config.nickname, "with" if self.with_tap else "without")
+        self.republish("the TAP onion key " + ("added" if self.with_tap else "left out"))

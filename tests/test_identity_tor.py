@@ -160,3 +160,47 @@ def test_a_tor_relay_accepts_our_authenticate(tor: str) -> None:
     assert "bad AUTHENTICATE cell" in report["warnings"][0], context
     assert "Some field in the AUTHENTICATE cell body was not as expected" in (
         report["warnings"][0]), context
+
+
+def test_a_descriptor_refused_for_its_tap_key_form_is_published_in_the_other(
+        tor: str, tmp_path: Path) -> None:
+    """Authorities of tor 0.4.9.11 (Debian's) require the TAP onion key in a descriptor and
+    later ones refuse it (proposal 350). A relay in the default mode, started here without the
+    key (as after a later authority refused it), gets this authority's refusal (400) and
+    publishes with the key: accepted, after exactly one switch. With the form fixed by the
+    option, it never switches."""
+    from reactor import Reactor
+    from relay.config import DirAuthority, RelayConfig
+    from relay.publication import RelayDirectory
+    from relay.torauthority import start_authority
+    from tests.support_loop import run_until_met
+
+    authority = start_authority()
+    try:
+        line = DirAuthority("relaycryptauth", "127.0.0.1", authority.dirport,
+                            authority.fingerprint)
+        identity = RelayIdentity.load_or_create(tmp_path / "relay", "tapswitch")
+        with Reactor() as reactor:
+            for fixed, started_with_tap in ((None, False), (False, False)):
+                config = RelayConfig(nickname="tapswitch", dir_authorities=(line,),
+                                     testing_network=True, publish_tap_key=fixed)
+                directory = RelayDirectory(reactor, identity, config)
+                directory.with_tap = started_with_tap
+                directory.start(9001, ("reject *:*",))
+                try:
+                    if fixed is None:
+                        run_until_met(reactor, lambda d=directory: d.uploads_ok > 0, 60)
+                        assert directory.tap_switches == 1 and directory.with_tap
+                        assert directory.uploads_failed >= 1
+                        assert directory.descriptor is not None
+                        assert "\nonion-key\n" in directory.descriptor
+                    else:
+                        run_until_met(reactor, lambda d=directory: d.uploads_failed > 0, 60)
+                        assert directory.tap_switches == 0 and not directory.with_tap
+                        assert directory.uploads_ok == 0
+                        assert directory.descriptor is not None
+                        assert "\nonion-key\n" not in directory.descriptor
+                finally:
+                    directory.close()
+    finally:
+        authority.stop()

@@ -7,8 +7,8 @@ Lines, in tor's order (``router_dump_router_to_string``; optional ones in bracke
     master-key-ed25519 BASE64            platform TEXT          proto PROTOCOLS
     published YYYY-MM-DD HH:MM:SS        fingerprint XXXX XXXX ... (10 groups)
     uptime N                             bandwidth RATE BURST OBSERVED
-    onion-key + RSA PUBLIC KEY (TAP)     signing-key + RSA PUBLIC KEY (identity)
-    onion-key-crosscert + CROSSCERT      ntor-onion-key-crosscert SIGNBIT + ED25519 CERT
+    [onion-key + RSA PUBLIC KEY (TAP)]   signing-key + RSA PUBLIC KEY (identity)
+    [onion-key-crosscert + CROSSCERT]    ntor-onion-key-crosscert SIGNBIT + ED25519 CERT
     [family ...]  [hidden-service-dir]  [contact TEXT]  [bridge-distribution-request METHOD]
     ntor-onion-key BASE64                accept/reject lines (the exit policy)
     [tunnelled-dir-server]
@@ -197,12 +197,14 @@ def _ntor_crosscert(ntor_secret: bytes, ed25519_identity: bytes,
 
 def build_server_descriptor(info: RouterInfo, *, identity_key: rsa.RSAPrivateKey,
                             signing_key: ExpandedEd25519Key, signing_cert: Ed25519Cert,
-                            tap_onion_key: rsa.RSAPrivateKey, ntor_onion_secret: bytes,
+                            tap_onion_key: rsa.RSAPrivateKey | None, ntor_onion_secret: bytes,
                             published: float, ntor_crosscert_lifetime: int) -> str:
     """The signed descriptor text. ``signing_cert`` must be the type 4 certificate of
     ``signing_key`` with the master key included; the ntor cross-certificate is valid from
     ``published`` for ``ntor_crosscert_lifetime`` (tor: the onion key lifetime).
-    Any thread (pure)."""
+    ``tap_onion_key`` None leaves out ``onion-key`` and ``onion-key-crosscert`` (optional since
+    tor 0.4.9, proposal 350: authorities of 0.4.9.11 still require them, later ones refuse
+    them). Any thread (pure)."""
     master = signing_cert.signing_key
     if master is None or signing_cert.certified_key != signing_key.public:
         raise ValueError("signing_cert must certify signing_key and include the master key")
@@ -222,12 +224,15 @@ def build_server_descriptor(info: RouterInfo, *, identity_key: rsa.RSAPrivateKey
         f"fingerprint {fingerprint}\n",
         f"uptime {info.uptime}\n",
         f"bandwidth {info.bandwidth_rate} {info.bandwidth_burst} {info.bandwidth_observed}\n",
-        "onion-key\n", _rsa_public_pem(tap_onion_key.public_key()),
-        "signing-key\n", _rsa_public_pem(identity_public),
-        "onion-key-crosscert\n",
-        _object("CROSSCERT", tap_crosscert(tap_onion_key, digest, master)),
-        f"ntor-onion-key-crosscert {sign_bit}\n", _object("ED25519 CERT", ntor_cert.encoded),
     ]
+    if tap_onion_key is not None:
+        text += ["onion-key\n", _rsa_public_pem(tap_onion_key.public_key())]
+    text += ["signing-key\n", _rsa_public_pem(identity_public)]
+    if tap_onion_key is not None:
+        text += ["onion-key-crosscert\n",
+                 _object("CROSSCERT", tap_crosscert(tap_onion_key, digest, master))]
+    text += [f"ntor-onion-key-crosscert {sign_bit}\n",
+             _object("ED25519 CERT", ntor_cert.encoded)]
     if info.family:
         text.append(f"family {' '.join(info.family)}\n")
     if info.hidden_service_dir:

@@ -411,12 +411,13 @@ class RelayIdentity:
             (self.keys_dir / name).unlink(missing_ok=True)
         self.previous_onion = None
 
-    def server_descriptor(self, info: RouterInfo, now: float) -> str:
+    def server_descriptor(self, info: RouterInfo, now: float, *, with_tap: bool = True) -> str:
         """This relay's signed server descriptor, published at ``now``, with the current
-        keys (see :mod:`relay.identity.descriptor`). Any thread (pure)."""
+        keys (see :mod:`relay.identity.descriptor`); ``with_tap`` False leaves the TAP onion
+        key out. Any thread (pure)."""
         return build_server_descriptor(
             info, identity_key=self.identity_key, signing_key=self.signing_key,
-            signing_cert=self.signing_cert, tap_onion_key=self.onion.tap,
+            signing_cert=self.signing_cert, tap_onion_key=self.onion.tap if with_tap else None,
             ntor_onion_secret=self.onion.ntor_secret, published=now,
             ntor_crosscert_lifetime=self.periods.onion_key_lifetime)
 
