@@ -5,7 +5,10 @@ is back under 90% of it.
 Before, a guard whose client never read grew without bound (36 -> 95 MiB in 16 s and still
 growing: the sniper attack). The limit here is 2 MiB (tor itself will not go below 64 MiB; the
 node takes a smaller one for tests and benchmarks): each circuit's exit may queue a package
-window of cells (1,000, about 500 KB) for the client, so 20 circuits pass it.
+window of cells (1,000, about 500 KB, filled by 3 streams of 500 each) for the client, so 20
+circuits hold about 10 MB for it: past the limit even when the kernel has taken the 4 MiB its
+send buffer may grow to on loopback (with one stream per circuit, 5 MB, the kernel's share
+decided whether the limit was reached at all).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ pytestmark = pytest.mark.timeout(120)
 
 LIMIT = 2 << 20
 CIRCUITS = 20
+STREAMS = 3  # per circuit: together past the stream window, so the circuit window binds
 
 
 @pytest.fixture
@@ -47,11 +51,12 @@ def test_the_oom_handler_closes_the_oldest_circuits_and_holds_the_limit(
         peer = RawPeer(node.address[1], rcvbuf=4096)
         try:
             peer.handshake()
-            begin = pack_relay(RelayCommand.BEGIN, 1,
-                               f"{source.address[0]}:{source.address[1]}".encode() + b"\0")
+            target = f"{source.address[0]}:{source.address[1]}".encode() + b"\0"
             cryptos = [peer.create_fast(0x80000001 + i) for i in range(CIRCUITS)]
             for i, crypto in enumerate(cryptos):
-                peer.send_cell(0x80000001 + i, CellCommand.RELAY, crypto.encrypt(begin, 0))
+                for stream_id in range(1, STREAMS + 1):
+                    begin = pack_relay(RelayCommand.BEGIN, stream_id, target)
+                    peer.send_cell(0x80000001 + i, CellCommand.RELAY, crypto.encrypt(begin, 0))
             started.set()
             done.wait(60)  # reads nothing while the relay fills its queues
             peer.sock.settimeout(5)
