@@ -478,16 +478,21 @@ class Reactor:
         fn, args = call
         fn(*args)  # exceptions are logged and counted by the ReplyQueue
 
-    def _run_ready(self, idle: pyuv.Idle) -> None:
-        ready = self._ready
-        # Only what was queued before this pass: callbacks queued now run next iteration.
-        for _ in range(len(ready)):
-            fn, args = ready.popleft()
+    def _run_queued(self, calls: deque[_Call], kind: str) -> None:
+        """Run the calls ``calls`` holds now (those queued meanwhile stay for the caller); a
+        raising one is logged and counted, and the rest still run."""
+        for _ in range(len(calls)):
+            fn, args = calls.popleft()
             try:
                 fn(*args)
             except Exception:
                 self._callback_errors += 1
-                logger.exception("call_soon callback %r raised; the loop continues", fn)
+                logger.exception("%s callback %r raised; the loop continues", kind, fn)
+
+    def _run_ready(self, idle: pyuv.Idle) -> None:
+        ready = self._ready
+        # Only what was queued before this pass: callbacks queued now run next iteration.
+        self._run_queued(ready, "call_soon")
         if not ready and self._idle_started:
             self._idle_started = False
             idle.stop()
@@ -499,13 +504,7 @@ class Reactor:
         for _ in range(_AFTER_IO_ROUNDS):
             if not after_io:
                 break
-            for _ in range(len(after_io)):
-                fn, args = after_io.popleft()
-                try:
-                    fn(*args)
-                except Exception:
-                    self._callback_errors += 1
-                    logger.exception("call_after_io callback %r raised; the loop continues", fn)
+            self._run_queued(after_io, "call_after_io")
         if not after_io and self._check_started:
             self._check_started = False
             check.stop()

@@ -51,6 +51,7 @@ Threads: pure functions and loop-thread objects; nothing here is shared between 
 
 from __future__ import annotations
 
+import importlib
 import os
 import struct
 from collections.abc import Callable, Hashable, Sequence
@@ -180,15 +181,15 @@ def wire_cells_py(circ_id: int, command: int, payloads: bytes,
                     for i, piece in enumerate(pieces))
 
 
-def _c_frame() -> Callable[..., bytes] | None:
+def _c_kernel(name: str) -> Callable[..., Any] | None:
+    """``relay._cells``'s function ``name``, or None when the extension is not built."""
     try:
-        from relay._cells import frame
+        return getattr(importlib.import_module("relay._cells"), name)
     except ImportError:
         return None
-    return frame
 
 
-wire_cells: Callable[..., bytes] = _c_frame() or wire_cells_py
+wire_cells: Callable[..., bytes] = _c_kernel("frame") or wire_cells_py
 """``wire_cells(circ_id, command, payloads, early=None)``: the C ``relay._cells.frame`` when
 built, else :func:`wire_cells_py` (same contract). Any thread (pure)."""
 
@@ -209,15 +210,7 @@ def crypt_frame_py(crypt: Callable[[bytes], Any], payloads: bytes, circ_id: int)
     return wire_cells(circ_id, _RELAY, result)
 
 
-def _c_crypt_frame() -> Callable[..., Any] | None:
-    try:
-        from relay._cells import crypt_frame
-    except ImportError:
-        return None
-    return crypt_frame
-
-
-crypt_frame: Callable[..., Any] = _c_crypt_frame() or crypt_frame_py
+crypt_frame: Callable[..., Any] = _c_kernel("crypt_frame") or crypt_frame_py
 """``crypt_frame(crypt, payloads, circ_id)``: the C ``relay._cells.crypt_frame`` when built,
 else :func:`crypt_frame_py` (same contract)."""
 

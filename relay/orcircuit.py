@@ -531,17 +531,21 @@ class OrCircuit:
         (one with Kb batches made ready: originated cells, or backward cells released from
         ``_kb_held``), through the pool's entries and delivery. Loop thread only."""
         host = self.host
-        for pool_circuit, lane, cells, count in entries:
+        for _, lane, cells, count in entries:  # this circuit's own pool circuit
             try:
                 result = crypt_batch(self._crypto, lane, cells)
-            except Exception as exc:  # as a worker's exception: this circuit only
-                host.inline_crypto_errors += 1
-                self._on_error(pool_circuit, lane, exc, where="the loop thread")
+            except Exception as exc:
+                self._crypt_failed_here(lane, exc)
                 return
             host.cells_crypted_inline += count
             self._deliver(lane, result)
             if self.state is _CLOSED:
                 return
+
+    def _crypt_failed_here(self, lane: int, exc: Exception) -> None:
+        """A crypt on the loop thread raised: as a worker's exception, this circuit only."""
+        self.host.inline_crypto_errors += 1
+        self._on_error(self.pool_circuit, lane, exc, where="the loop thread")
 
     def _crypt_small(self) -> None:
         """Crypt a small flush on the loop thread, with the kernel calls of the pool's process
@@ -561,9 +565,8 @@ class OrCircuit:
                     result = self._forward_crypt(_joined(pieces))
                 else:  # bytes when nothing is for this relay: wire cells for the next hop
                     result = crypt_frame(self._forward_crypt, _joined(pieces), self.next_id)
-            except Exception as exc:  # as a worker's exception: this circuit only
-                host.inline_crypto_errors += 1
-                self._on_error(self.pool_circuit, FORWARD, exc, where="the loop thread")
+            except Exception as exc:
+                self._crypt_failed_here(FORWARD, exc)
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
@@ -581,8 +584,7 @@ class OrCircuit:
             try:
                 wire = crypt_frame(self._backward_crypt, _joined(pieces), self.prev_id)
             except Exception as exc:
-                host.inline_crypto_errors += 1
-                self._on_error(self.pool_circuit, BACKWARD, exc, where="the loop thread")
+                self._crypt_failed_here(BACKWARD, exc)
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
