@@ -1,6 +1,7 @@
 """What one relay costs per relayed cell, its saturation throughput and round trips, side by side.
 
-``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor] [--modes M,...]``
+``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor] [--modes M,...]
+[--profile]``
 
 For each mode -- ``tls`` (the relay's default: TLS with tor's link authentication, its record
 crypto on the loop thread), ``plain`` (``--plain-links``), and on request ``tls-pool`` (TLS
@@ -53,6 +54,13 @@ the few SENDME cells for tor and for ours alike.
 output records the load average before and after. ``--quick``: one short run of each (for
 tests; figures are rough).
 
+``--profile`` (needs perf, :mod:`benchmarks.cpu_profile`) also samples every CPU run, ours and
+C tor's, over its window, and adds to each run and summary ``cpu_by_group_us_per_cell`` (the
+CPU per cell split into kernel, OpenSSL, interpreter, extensions, libc, tor, libevent) and
+``floor_us_per_cell`` (kernel + OpenSSL: the reads, writes and ciphers any relay pays for the
+same cells on this machine), so each relay's figure can be set against the part of it that is
+not its own code.
+
 Threads: main thread only.
 """
 
@@ -68,6 +76,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu_profile import unavailable
 from benchmarks.relay_cpu import LoadFailed, measure
 from benchmarks.relay_proc import RelayStartError
 from benchmarks.relay_rtt import measure_rtt
@@ -123,6 +132,7 @@ def summarize_mode(cpu_runs: list[dict[str, Any]], rtt_runs: list[dict[str, Any]
         out[name] = statistics.median(values)
         spread[name] = [min(values), max(values)]
     out["spread"] = spread
+    out.update(summarize_profile(cpu_runs))
     out["samples"] = {"rtt_idle": sum(r["idle"]["samples"] for r in rtt_runs),
                       "rtt_load": sum(r["load"]["samples"] for r in rtt_runs),
                       "cells": sum(r["cells"] for r in cpu_runs)}
@@ -143,8 +153,21 @@ def summarize_runs(runs: list[dict[str, Any]], keys: tuple[str, ...] = PACED_FIG
                      for key in keys}
     if all("batch_mean" in run for run in runs):
         out["batch_mean"] = statistics.median(run["batch_mean"] for run in runs)
+    out.update(summarize_profile(runs))
     out["runs"] = runs
     return out
+
+
+def summarize_profile(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``--profile``: the median over CPU runs of ``floor_us_per_cell`` (kernel +
+    OpenSSL) and of each library group's us per cell; empty without. Any thread (pure)."""
+    if not runs or not all("floor_us_per_cell" in run for run in runs):
+        return {}
+    groups = runs[0]["cpu_by_group_us_per_cell"]
+    return {"floor_us_per_cell": statistics.median(run["floor_us_per_cell"] for run in runs),
+            "cpu_by_group_us_per_cell": {
+                name: statistics.median(run["cpu_by_group_us_per_cell"][name] for run in runs)
+                for name in groups}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -175,6 +198,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure at this many cells/s offered, in small batches "
                              "over the circuits (default 40000, about a tornet push's rate "
                              "through a relay; 0: skip)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also sample each CPU run (ours and C tor's) with perf: where the "
+                             "CPU per cell goes, by library (benchmarks.cpu_profile)")
     args = parser.parse_args(argv)
     quick = args.quick
     defaults = {"runs": (3, 1), "warmup": (1.0, 0.5), "window": (5.0, 1.0),
@@ -207,6 +233,14 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tor_runs: dict[str, list[dict[str, Any]]] = {"saturated": [], "paced": []}
     tor_here = not args.no_tor and tor_missing() is None
     load_bytes = (16 if args.quick else 64) * MIB
+    if args.profile:
+        why_not = unavailable()
+        if why_not is not None:
+            raise RuntimeError(f"--profile: {why_not}")
+
+    def profile(name: str) -> Path | None:
+        return workdir / f"{name}.perf" if args.profile else None
+
     common = {"circuits": args.circuits, "links": args.links, "warmup": args.warmup,
               "window": args.window, "window_cells": args.window_cells}
     for index in range(args.runs):
@@ -214,14 +248,16 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             tls, relay_args = MODE_SETTINGS[mode]
             progress(f"run {index + 1}/{args.runs}, {mode}: relay under saturating load")
             result = measure(tls, workdir / f"cpu-{mode}-{index}", threads=args.threads,
-                             extra_args=relay_args, **common)
+                             extra_args=relay_args,
+                             profile=profile(f"cpu-{mode}-{index}"), **common)
             cpu_runs[mode].append(result)
             progress(f"  {result['cells_per_s']:.0f} cells/s, "
                      f"{result['cpu_us_per_cell']:.2f} us/cell "
                      f"(loop {result['loop_cpu_us_per_cell']:.2f})")
             if args.paced_rate:
                 result = measure(tls, workdir / f"paced-{mode}-{index}", threads=args.threads,
-                                 rate=args.paced_rate, extra_args=relay_args, **common)
+                                 rate=args.paced_rate, extra_args=relay_args,
+                                 profile=profile(f"paced-{mode}-{index}"), **common)
                 paced_runs[mode].append(result)
                 progress(f"  paced at {args.paced_rate:.0f} cells/s: "
                          f"{result['cpu_us_per_cell']:.2f} us/cell "
@@ -240,7 +276,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if kind == "paced" and not rate:
                     continue
                 result = measure(True, workdir / f"tor-{kind}-{index}", rate=rate, tor=True,
-                                 **common)
+                                 profile=profile(f"tor-{kind}-{index}"), **common)
                 tor_runs[kind].append(result)
                 progress(f"  {kind}: {result['cells_per_s']:.0f} cells/s, "
                          f"{result['cpu_us_per_cell']:.2f} us/cell")
@@ -277,7 +313,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report["machine"]["load_after"] = _load()
     report["settings"] = {key: getattr(args, key) for key in (
         "runs", "quick", "threads", "circuits", "links", "window_cells", "warmup", "window",
-        "rtt_samples", "rtt_gap", "load_seconds", "tor_mib", "paced_rate", "modes")}
+        "rtt_samples", "rtt_gap", "load_seconds", "tor_mib", "paced_rate", "modes",
+        "profile")}
     report["definitions"] = {
         "relayed_cell": "a RELAY cell the relay received on one link and sent on the other "
                         "after one layer of relay crypto, either direction (its cells_crypted "
@@ -332,6 +369,7 @@ def print_table(report: dict[str, Any], out: Any = sys.stdout) -> None:
         for what, key in (("loop", "loop_cpu_us_per_cell"), ("relay", "cpu_us_per_cell")):
             label = f"paced {rate / 1000:.0f}k cells/s: {what} us/cell"
             print(_row(label, paced, key, "us", ".2f", None, modes), file=out)
+    print_profile(report, modes, out)
     same = report.get("c_tor_same_load")
     if same:
         for kind, figures in same.items():
@@ -356,6 +394,35 @@ def print_table(report: dict[str, Any], out: Any = sys.stdout) -> None:
               f"{ours['loop_cpu_us_per_cell']:.2f}) = {ours['ratio_to_tor']:.2f}x tor's "
               "(target <= 0.5x)", file=out)
     print("relayed cell: " + report["definitions"]["relayed_cell"], file=out)
+
+
+def _groups(figures: dict[str, Any]) -> str:
+    """``kernel 1.34 openssl 1.16 ...`` (us per cell, groups above 0.005). Any thread
+    (pure)."""
+    return " ".join(f"{name} {value:.2f}"
+                    for name, value in figures["cpu_by_group_us_per_cell"].items()
+                    if value >= 0.005)
+
+
+def print_profile(report: dict[str, Any], modes: list[str], out: Any) -> None:
+    """With ``--profile``: where each CPU figure goes, by library, and the floor (kernel +
+    OpenSSL) beside C tor's under the same load. Main thread."""
+    lines = []
+    for mode in modes:
+        for kind, figures in (("saturated", report[mode]), ("paced", report[mode].get("paced"))):
+            if figures and "floor_us_per_cell" in figures:
+                lines.append(f"  ours {mode}, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
+                             f"{_groups(figures)}; kernel + OpenSSL "
+                             f"{figures['floor_us_per_cell']:.2f}")
+    for kind, figures in (report.get("c_tor_same_load") or {}).items():
+        if "floor_us_per_cell" in figures:
+            lines.append(f"  C tor, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
+                         f"{_groups(figures)}; kernel + OpenSSL "
+                         f"{figures['floor_us_per_cell']:.2f}")
+    if lines:
+        print("where the CPU per relayed cell goes (perf, medians; us per cell):", file=out)
+        for line in lines:
+            print(line, file=out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu_profile import Recorder
 from benchmarks.relay_load import DEFAULT_WINDOW, RelayLoad
 from benchmarks.relay_proc import RelayProcess
 from benchmarks.relay_torpeer import TorRelayProcess
@@ -51,12 +52,14 @@ class LoadFailed(RuntimeError):
 def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, links: int = 2,
             warmup: float = 1.0, window: float = 5.0, window_cells: int = DEFAULT_WINDOW,
             rate: float = 0.0, tor: bool = False, build_timeout: float = 60.0,
-            extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+            extra_args: tuple[str, ...] = (), profile: Path | None = None) -> dict[str, Any]:
     """One run (see the module docstring); the figures as a JSON-ready dict. ``rate``: offer
     that many cells/s (paced, :class:`benchmarks.relay_load.RelayLoad`) instead of saturating
     the relay; ``extra_args`` go to our relay's command line. ``tor``: the relay under test is
     C tor (:class:`benchmarks.relay_torpeer.TorRelayProcess`, TLS only), its relayed cells counted
-    at the far ends (``load_cells``). Raises :class:`LoadFailed` or
+    at the far ends (``load_cells``). ``profile``: also sample the relay with perf over the
+    window into that file (:mod:`benchmarks.cpu_profile`), adding ``cpu_by_group_us_per_cell``
+    and ``floor_us_per_cell`` (kernel + OpenSSL). Raises :class:`LoadFailed` or
     :class:`benchmarks.relay_proc.RelayStartError`. Main thread."""
     relay: RelayProcess | TorRelayProcess
     if tor:
@@ -69,6 +72,7 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
     relay.start()
     edges: list[dict[str, Any]] = []
     failures: list[str] = []
+    recorder = Recorder(relay.pid, profile) if profile is not None else None
     try:
         with Reactor() as reactor:
             assert relay.descriptor is not None
@@ -82,11 +86,15 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
             def begin(_: RelayLoad) -> None:
                 def first() -> None:
                     edge()
+                    if recorder is not None:
+                        recorder.start()
                     reactor.call_later(window, last)
                 reactor.call_later(warmup, first)
 
             def last() -> None:
                 edge()
+                if recorder is not None:
+                    recorder.halt()
                 reactor.stop()
 
             def failed(why: str) -> None:
@@ -107,7 +115,15 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
             reactor.run()
             load.close()
     finally:
-        final = relay.stop()
+        groups = None
+        try:
+            if recorder is not None:
+                groups = recorder.stop()
+        except RuntimeError:
+            if len(edges) == 2:
+                raise  # a window was measured, and perf has nothing for it
+        finally:
+            final = relay.stop()
     if failures or len(edges) != 2:
         raise LoadFailed("; ".join(failures) or "the window did not complete"
                          + f"\n{relay.log_tail()}")
@@ -147,6 +163,11 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
         "loadgen_cpu_us_per_cell": (last_edge["own_cpu"] - first["own_cpu"]) * per_cell,
         "steady": first["all_open"] and last_edge["all_open"],
     }
+    if groups is not None:
+        total = result["cpu_us_per_cell"]
+        result["cpu_by_group_us_per_cell"] = {name: share * total
+                                              for name, share in groups.items()}
+        result["floor_us_per_cell"] = (groups["kernel"] + groups["openssl"]) * total
     if after:
         batches = after["batches"] - before["batches"]
         result.update({

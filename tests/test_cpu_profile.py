@@ -1,0 +1,105 @@
+"""benchmarks.cpu_profile: where a process's CPU goes, by library.
+
+* the grouping of perf's shared-object names, and the parsing of its report;
+* with perf here: a process busy in the interpreter is sampled as ``python``, one hashing
+  through OpenSSL as ``openssl``;
+* ``benchmarks.relay_cpu.measure(profile=...)``: the groups of a real relay's window add up
+  to its CPU per cell, and the floor is its kernel + OpenSSL part.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.cpu_profile import GROUPS, Recorder, by_group, classify, parse_report, unavailable
+from benchmarks.relay_cpu import measure
+
+REPORT = """\
+# To display the perf.data header info, please use --header/--header-only options.
+#
+# Samples: 23K of event 'cpu-clock:ppp'
+#
+    51.36%  libpython3.11.so.1.0
+    20.23%  [kernel.kallsyms]
+    13.08%  libcrypto.so.3
+     8.54%  libc.so.6
+     1.87%  _cellkernel.cpython-311-x86_64-linux-gnu.so
+     1.69%  libssl.so.3
+     1.08%  _cpyuv.cpython-311-x86_64-linux-gnu.so
+     0.38%  [vdso]
+     0.10%  [unknown]
+"""
+
+
+@pytest.mark.parametrize(("dso", "group"), [
+    ("[kernel.kallsyms]", "kernel"), ("[vdso]", "kernel"), ("libcrypto.so.3", "openssl"),
+    ("libssl.so.3", "openssl"), ("libpython3.11.so.1.0", "python"), ("python3.11", "python"),
+    ("_cellkernel.cpython-311-x86_64-linux-gnu.so", "extensions"), ("libc.so.6", "libc"),
+    ("/usr/lib/x86_64-linux-gnu/libm.so.6", "libc"), ("tor", "tor"),
+    ("libevent-2.1.so.7.0.1", "libevent"), ("[unknown]", "other"), ("libz.so.1", "other"),
+])
+def test_classify(dso: str, group: str) -> None:
+    assert classify(dso) == group
+
+
+def test_report_parsed_and_grouped() -> None:
+    shares = parse_report(REPORT)
+    assert len(shares) == 9  # the header lines are not objects
+    assert shares["libcrypto.so.3"] == pytest.approx(0.1308)
+    groups = by_group(shares)
+    assert tuple(groups) == GROUPS
+    assert groups["python"] == pytest.approx(0.5136)
+    assert groups["kernel"] == pytest.approx(0.2023 + 0.0038)
+    assert groups["openssl"] == pytest.approx(0.1308 + 0.0169)
+    assert groups["extensions"] == pytest.approx(0.0187 + 0.0108)
+    assert groups["other"] == pytest.approx(0.0010)
+    assert groups["tor"] == 0.0
+    assert math.fsum(groups.values()) == pytest.approx(math.fsum(shares.values()))
+
+
+_NO_PERF = unavailable()
+needs_perf = pytest.mark.skipif(_NO_PERF is not None, reason=f"perf: {_NO_PERF}")
+
+BUSY = {
+    "python": "import time\nend = time.monotonic() + 20\nn = 0\n"
+              "while time.monotonic() < end:\n    n += 1\n",
+    "openssl": "import hashlib, time\nblock = bytes(1 << 20)\nend = time.monotonic() + 20\n"
+               "while time.monotonic() < end:\n    hashlib.sha256(block).digest()\n",
+}
+
+
+@needs_perf
+@pytest.mark.parametrize("group", sorted(BUSY))
+def test_busy_process_lands_in_its_group(tmp_path: Path, group: str) -> None:
+    child = subprocess.Popen([sys.executable, "-c", BUSY[group]])
+    try:
+        time.sleep(0.3)  # past start-up
+        recorder = Recorder(child.pid, tmp_path / "busy.perf")
+        recorder.start()
+        time.sleep(1.0)
+        groups = recorder.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert groups[group] > 0.6, groups
+    assert math.fsum(groups.values()) == pytest.approx(1.0, abs=0.01)
+
+
+@needs_perf
+def test_relay_window_split_adds_up(tmp_path: Path) -> None:
+    result = measure(True, tmp_path / "run", circuits=8, warmup=0.3, window=1.0, rate=20_000,
+                     profile=tmp_path / "relay.perf")
+    groups = result["cpu_by_group_us_per_cell"]
+    assert set(groups) == set(GROUPS)
+    assert math.fsum(groups.values()) == pytest.approx(result["cpu_us_per_cell"], rel=0.01)
+    assert result["floor_us_per_cell"] == pytest.approx(groups["kernel"] + groups["openssl"])
+    # a relay with TLS links: system calls, ciphers and the interpreter all take their share
+    for name in ("kernel", "openssl", "python"):
+        assert groups[name] > 0.0, groups
+    assert groups["tor"] == groups["libevent"] == 0.0
