@@ -1,7 +1,7 @@
 """What one relay costs per relayed cell, its saturation throughput and round trips, side by side.
 
 ``python -m benchmarks.relay [--runs N] [--quick] [--json] [--no-tor] [--modes M,...]
-[--profile]``
+[--perf]``
 
 For each mode -- ``tls`` (the relay's default: TLS with tor's link authentication, its record
 crypto on the loop thread), ``plain`` (``--plain-links``), and on request ``tls-pool`` (TLS
@@ -54,7 +54,7 @@ the few SENDME cells for tor and for ours alike.
 output records the load average before and after. ``--quick``: one short run of each (for
 tests; figures are rough).
 
-``--profile`` (needs perf, :mod:`benchmarks.cpu_profile`) also samples every CPU run, ours and
+``--perf`` (needs perf, :mod:`benchmarks.cpu_profile`) also samples every CPU run, ours and
 C tor's, over its window, and adds to each run and summary ``cpu_by_group_us_per_cell`` (the
 CPU per cell split into kernel, OpenSSL, interpreter, extensions, libc, tor, libevent) and
 ``floor_us_per_cell`` (kernel + OpenSSL: the reads, writes and ciphers any relay pays for the
@@ -132,7 +132,7 @@ def summarize_mode(cpu_runs: list[dict[str, Any]], rtt_runs: list[dict[str, Any]
         out[name] = statistics.median(values)
         spread[name] = [min(values), max(values)]
     out["spread"] = spread
-    out.update(summarize_profile(cpu_runs))
+    out.update(summarize_perf(cpu_runs))
     out["samples"] = {"rtt_idle": sum(r["idle"]["samples"] for r in rtt_runs),
                       "rtt_load": sum(r["load"]["samples"] for r in rtt_runs),
                       "cells": sum(r["cells"] for r in cpu_runs)}
@@ -153,13 +153,13 @@ def summarize_runs(runs: list[dict[str, Any]], keys: tuple[str, ...] = PACED_FIG
                      for key in keys}
     if all("batch_mean" in run for run in runs):
         out["batch_mean"] = statistics.median(run["batch_mean"] for run in runs)
-    out.update(summarize_profile(runs))
+    out.update(summarize_perf(runs))
     out["runs"] = runs
     return out
 
 
-def summarize_profile(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """With ``--profile``: the median over CPU runs of ``floor_us_per_cell`` (kernel +
+def summarize_perf(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """With ``--perf``: the median over CPU runs of ``floor_us_per_cell`` (kernel +
     OpenSSL) and of each library group's us per cell; empty without. Any thread (pure)."""
     if not runs or not all("floor_us_per_cell" in run for run in runs):
         return {}
@@ -198,7 +198,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="also measure at this many cells/s offered, in small batches "
                              "over the circuits (default 40000, about a tornet push's rate "
                              "through a relay; 0: skip)")
-    parser.add_argument("--profile", action="store_true",
+    parser.add_argument("--perf", action="store_true",
                         help="also sample each CPU run (ours and C tor's) with perf: where the "
                              "CPU per cell goes, by library (benchmarks.cpu_profile)")
     args = parser.parse_args(argv)
@@ -233,13 +233,13 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tor_runs: dict[str, list[dict[str, Any]]] = {"saturated": [], "paced": []}
     tor_here = not args.no_tor and tor_missing() is None
     load_bytes = (16 if args.quick else 64) * MIB
-    if args.profile:
+    if args.perf:
         why_not = unavailable()
         if why_not is not None:
-            raise RuntimeError(f"--profile: {why_not}")
+            raise RuntimeError(f"--perf: {why_not}")
 
-    def profile(name: str) -> Path | None:
-        return workdir / f"{name}.perf" if args.profile else None
+    def perf_data(name: str) -> Path | None:
+        return workdir / f"{name}.perf" if args.perf else None
 
     common = {"circuits": args.circuits, "links": args.links, "warmup": args.warmup,
               "window": args.window, "window_cells": args.window_cells}
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             progress(f"run {index + 1}/{args.runs}, {mode}: relay under saturating load")
             result = measure(tls, workdir / f"cpu-{mode}-{index}", threads=args.threads,
                              extra_args=relay_args,
-                             profile=profile(f"cpu-{mode}-{index}"), **common)
+                             perf_data=perf_data(f"cpu-{mode}-{index}"), **common)
             cpu_runs[mode].append(result)
             progress(f"  {result['cells_per_s']:.0f} cells/s, "
                      f"{result['cpu_us_per_cell']:.2f} us/cell "
@@ -257,7 +257,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             if args.paced_rate:
                 result = measure(tls, workdir / f"paced-{mode}-{index}", threads=args.threads,
                                  rate=args.paced_rate, extra_args=relay_args,
-                                 profile=profile(f"paced-{mode}-{index}"), **common)
+                                 perf_data=perf_data(f"paced-{mode}-{index}"), **common)
                 paced_runs[mode].append(result)
                 progress(f"  paced at {args.paced_rate:.0f} cells/s: "
                          f"{result['cpu_us_per_cell']:.2f} us/cell "
@@ -276,7 +276,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if kind == "paced" and not rate:
                     continue
                 result = measure(True, workdir / f"tor-{kind}-{index}", rate=rate, tor=True,
-                                 profile=profile(f"tor-{kind}-{index}"), **common)
+                                 perf_data=perf_data(f"tor-{kind}-{index}"), **common)
                 tor_runs[kind].append(result)
                 progress(f"  {kind}: {result['cells_per_s']:.0f} cells/s, "
                          f"{result['cpu_us_per_cell']:.2f} us/cell")
@@ -314,7 +314,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     report["settings"] = {key: getattr(args, key) for key in (
         "runs", "quick", "threads", "circuits", "links", "window_cells", "warmup", "window",
         "rtt_samples", "rtt_gap", "load_seconds", "tor_mib", "paced_rate", "modes",
-        "profile")}
+        "perf")}
     report["definitions"] = {
         "relayed_cell": "a RELAY cell the relay received on one link and sent on the other "
                         "after one layer of relay crypto, either direction (its cells_crypted "
@@ -369,7 +369,7 @@ def print_table(report: dict[str, Any], out: Any = sys.stdout) -> None:
         for what, key in (("loop", "loop_cpu_us_per_cell"), ("relay", "cpu_us_per_cell")):
             label = f"paced {rate / 1000:.0f}k cells/s: {what} us/cell"
             print(_row(label, paced, key, "us", ".2f", None, modes), file=out)
-    print_profile(report, modes, out)
+    print_perf(report, modes, out)
     same = report.get("c_tor_same_load")
     if same:
         for kind, figures in same.items():
@@ -404,8 +404,8 @@ def _groups(figures: dict[str, Any]) -> str:
                     if value >= 0.005)
 
 
-def print_profile(report: dict[str, Any], modes: list[str], out: Any) -> None:
-    """With ``--profile``: where each CPU figure goes, by library, and the floor (kernel +
+def print_perf(report: dict[str, Any], modes: list[str], out: Any) -> None:
+    """With ``--perf``: where each CPU figure goes, by library, and the floor (kernel +
     OpenSSL) beside C tor's under the same load. Main thread."""
     lines = []
     for mode in modes:

@@ -52,12 +52,12 @@ class LoadFailed(RuntimeError):
 def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, links: int = 2,
             warmup: float = 1.0, window: float = 5.0, window_cells: int = DEFAULT_WINDOW,
             rate: float = 0.0, tor: bool = False, build_timeout: float = 60.0,
-            extra_args: tuple[str, ...] = (), profile: Path | None = None) -> dict[str, Any]:
+            extra_args: tuple[str, ...] = (), perf_data: Path | None = None) -> dict[str, Any]:
     """One run (see the module docstring); the figures as a JSON-ready dict. ``rate``: offer
     that many cells/s (paced, :class:`benchmarks.relay_load.RelayLoad`) instead of saturating
     the relay; ``extra_args`` go to our relay's command line. ``tor``: the relay under test is
     C tor (:class:`benchmarks.relay_torpeer.TorRelayProcess`, TLS only), its relayed cells counted
-    at the far ends (``load_cells``). ``profile``: also sample the relay with perf over the
+    at the far ends (``load_cells``). ``perf_data``: also sample the relay with perf over the
     window into that file (:mod:`benchmarks.cpu_profile`), adding ``cpu_by_group_us_per_cell``
     and ``floor_us_per_cell`` (kernel + OpenSSL). Raises :class:`LoadFailed` or
     :class:`benchmarks.relay_proc.RelayStartError`. Main thread."""
@@ -72,7 +72,7 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
     relay.start()
     edges: list[dict[str, Any]] = []
     failures: list[str] = []
-    recorder = Recorder(relay.pid, profile) if profile is not None else None
+    recorder = Recorder(relay.pid, perf_data) if perf_data is not None else None
     try:
         with Reactor() as reactor:
             assert relay.descriptor is not None

@@ -3,7 +3,7 @@
 * the grouping of perf's shared-object names, and the parsing of its report;
 * with perf here: a process busy in the interpreter is sampled as ``python``, one hashing
   through OpenSSL as ``openssl``;
-* ``benchmarks.relay_cpu.measure(profile=...)``: the groups of a real relay's window add up
+* ``benchmarks.relay_cpu.measure(perf_data=...)``: the groups of a real relay's window add up
   to its CPU per cell, and the floor is its kernel + OpenSSL part.
 """
 
@@ -94,7 +94,7 @@ def test_busy_process_lands_in_its_group(tmp_path: Path, group: str) -> None:
 @needs_perf
 def test_relay_window_split_adds_up(tmp_path: Path) -> None:
     result = measure(True, tmp_path / "run", circuits=8, warmup=0.3, window=1.0, rate=20_000,
-                     profile=tmp_path / "relay.perf")
+                     perf_data=tmp_path / "relay.perf")
     groups = result["cpu_by_group_us_per_cell"]
     assert set(groups) == set(GROUPS)
     assert math.fsum(groups.values()) == pytest.approx(result["cpu_us_per_cell"], rel=0.01)
