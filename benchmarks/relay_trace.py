@@ -28,7 +28,7 @@ on the CPU and time waiting):
 ``woke``           the loop's reply-queue wake-up callback ran (``ReplyQueue._on_wakeup``)
 ``result``         a circuit got its crypted batch, from the pool or its own small batch
                    (``OrCircuit._forward_done``, ``_pass_on_framed``, ``_send_toward_client``)
-``link_write``     cells handed to a link (``Link.write_cells``)
+``link_write``     cells handed to a link (``Link.write_cells``, ``Link.send_cells``)
 ``tls_out``        TLS records made (``encrypt`` returned)
 ``write``          bytes handed to libuv (``Stream.write``/``writelines``; libuv writes at once
                    when it can)
@@ -140,6 +140,7 @@ def install() -> None:
     from reactor.replyqueue import ReplyQueue
     from reactor.stream import Stream
     from relay import node as node_module
+    from relay import orcircuit as orcircuit_module
     from relay.link import Link
     from relay.node import RelayNode
     from relay.orcircuit import OrCircuit
@@ -156,14 +157,17 @@ def install() -> None:
         _after(session, "encrypt", "tls_out")
     for handler in ("_from_prev", "_from_next", "_relay_from_prev", "_relay_from_next"):
         _before(OrCircuit, handler, "cell")
-    for handler in ("_forward_done", "_pass_on_framed", "_send_toward_client"):
+    for handler in ("_forward_done", "_send_toward_client"):
         _before(OrCircuit, handler, "result")
+    # a small batch crypted and framed in one call on the loop thread (OrCircuit._crypt_small)
+    _after(orcircuit_module, "crypt_frame", "result")
     _before(OriginCircuit, "flush_in", "client_cells")
     _before(Reactor, "_run_after_io", "after_io")
     _before(RelayNode, "_flush", "flush")
     _after(WorkerPool, "submit_many", "submitted")
     _after(Scheduler, "turn", "worker", when=bool)
     _before(Link, "write_cells", "link_write")
+    _before(Link, "send_cells", "link_write")
     original_put, original_put_many = ReplyQueue.put, ReplyQueue.put_many
 
     def put(self: Any, item: Any) -> bool:

@@ -159,6 +159,13 @@ class Stream:
             return 0
         return int(self._tcp.write_queue_size)
 
+    def above_high(self, extra: int) -> bool:
+        """Would ``extra`` more bytes put the write buffer above the high watermark? (One
+        call where a data path would read ``write_buffer_size`` and ``write_watermarks``.)
+        Loop thread only."""
+        queued = 0 if self._tcp.closed else self._tcp.write_queue_size
+        return queued + extra > self._high
+
     @property
     def write_watermarks(self) -> tuple[int, int]:
         """``(high, low)`` in bytes. Any thread."""

@@ -25,6 +25,7 @@ Threads: loop thread only.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -74,14 +75,13 @@ class LinkScheduler:
         self.congested = False  # the link's write buffer is above its high watermark
         self.queued_writes = 0  # chunks that had to wait (a counter for the stats)
 
-    def send(self, queue: OutQueue, data: bytes, count: int, now: float) -> bool:
+    def send(self, queue: OutQueue, data: bytes, count: int) -> bool:
         """Write ``count`` cells at once, or queue them behind ``queue``'s earlier cells;
         True when written now. Loop thread only."""
         if not self.congested and not queue.chunks:
-            if self.link.is_open:
-                self.link.write_cells(data, count)
+            self.link.send_cells(data, count)  # nothing when the link is no longer open
             return True
-        queue.chunks.append((data, count, now))
+        queue.chunks.append((data, count, time.monotonic()))
         queue.cells += count
         self.queued_writes += 1
         if not queue.waiting:

@@ -445,6 +445,13 @@ class Link:
         self.cells_out += count or len(data) // FIXED_CELL_LEN
         self._write(data)
 
+    def send_cells(self, data: bytes | bytearray | memoryview, count: int) -> None:
+        """:meth:`write_cells` for a sender that may find the link no longer open: then
+        nothing is sent (its circuits are being closed). Loop thread only."""
+        if self._state is _State.OPEN:
+            self.cells_out += count
+            self._write(data)
+
     def writelines(self, buffers: Sequence[bytes | bytearray | memoryview]) -> None:
         """Send several buffers of whole cells at once. The buffers are sent as they are,
         without a copy: do not change a mutable one afterwards. Loop thread only."""
@@ -472,8 +479,7 @@ class Link:
         if len(out) == 1:
             self.reactor.call_after_io(self._send_gathered)
         self._out_bytes += len(data)
-        stream = self.stream
-        if self._out_bytes + stream.write_buffer_size > stream.write_watermarks[0]:
+        if self.stream.above_high(self._out_bytes):
             self._send_gathered()  # past the high watermark: on_write_high now, not later
             if not self._write_high:
                 self._check_backlog()

@@ -105,7 +105,11 @@ from relay.handshakes import (
     encode_create2,
     encode_extended2,
 )
-from relay.relaylimits import MAX_RELAY_EARLY_CELLS_PER_CIRCUIT, CellQueueCaps
+from relay.relaylimits import (
+    MAX_RELAY_EARLY_CELLS_PER_CIRCUIT,
+    RELAY_CIRC_CELL_QUEUE_SIZE_MIN,
+    CellQueueCaps,
+)
 from tor1 import CELL_PAYLOAD_LEN, SENDME_TAG_LEN
 from workers.circuit import Circuit, GroupFn
 from workers.pool import WorkerPool
@@ -335,6 +339,7 @@ class OrCircuit:
         "_pressure",
         "_to_next",
         "_to_prev",
+        "accounted_bytes",
         "edge",
         "host",
         "next",
@@ -403,6 +408,10 @@ class OrCircuit:
         self._extend: ExtendRequest | None = None
         self._pressure = False
         self.edge: ExitEdge | None = None
+        self.accounted_bytes = 0
+        """What the host's MaxMemInQueues accounting holds for this circuit (its
+        ``queued_changed`` sets it): a flush that leaves a circuit accounted at 0 holding
+        nothing skips that call."""
 
     def __repr__(self) -> str:
         return f"<OrCircuit {self.prev_id:#x} on {self.prev.link.name} {self.state}>"
@@ -489,17 +498,22 @@ class OrCircuit:
             self._fwd_cells = self._bwd_cells = 0
             self._kb_ready.clear()
             return
-        if not self._within_caps():
-            return
         # nothing of this circuit in the pool, in any lane (the pool's own count, which it
         # lowers before it delivers a result)
         idle = self.pool_circuit.in_flight == 0
-        if (idle and not self._kb_ready
-                and self._fwd_cells + self._bwd_cells <= self.host.inline_cells):
+        new = self._fwd_cells + self._bwd_cells
+        small = idle and not self._kb_ready and new <= self.host.inline_cells
+        # The caps cannot be reached by fewer new cells than the smallest cap tor allows when
+        # nothing else is queued: skip building the two queue figures then.
+        if (not (small and new <= RELAY_CIRC_CELL_QUEUE_SIZE_MIN and self._queues_empty())
+                and not self._within_caps()):
+            return
+        if small:
             # nothing in the pool and nothing ready: no Kb batch is held or in flight either
             self._crypt_small()
-            if self.state is not _CLOSED:
-                self.host.queued_changed(self)
+            if self.state is not _CLOSED and (self.accounted_bytes or self.edge is not None
+                                              or not self._queues_empty()):
+                self.host.queued_changed(self)  # else it would account 0 bytes, as before
             return
         now = time.monotonic()
         entries: list[tuple[Circuit, int, Any, int]] = []
@@ -564,14 +578,18 @@ class OrCircuit:
                 if self._early or self.next is None or self.state is not _OPEN:
                     result = self._forward_crypt(_joined(pieces))
                 else:  # bytes when nothing is for this relay: wire cells for the next hop
-                    result = crypt_frame(self._forward_crypt, _joined(pieces), self.next_id)
+                    result = crypt_frame(self._forward_crypt,
+                                         pieces[0] if len(pieces) == 1 else b"".join(pieces),
+                                         self.next_id)
             except Exception as exc:
                 self._crypt_failed_here(FORWARD, exc)
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
-            if result.__class__ is bytes:
-                self._pass_on_framed(result, count)
+            if result.__class__ is bytes:  # wire cells for the next hop, nothing for us
+                self._fwd_delivered += count
+                assert self.next is not None and self._to_next is not None
+                self.next.scheduler.send(self._to_next, result, count)
             else:
                 self._forward_done(*result)
             if self.state is _CLOSED:
@@ -582,15 +600,26 @@ class OrCircuit:
             # _kb_lane is left alone: these cells are crypted and sent now, and cells the
             # forward half made this relay originate may be waiting in _kb_ready under it
             try:
-                wire = crypt_frame(self._backward_crypt, _joined(pieces), self.prev_id)
+                wire = crypt_frame(self._backward_crypt,
+                                   pieces[0] if len(pieces) == 1 else b"".join(pieces),
+                                   self.prev_id)
             except Exception as exc:
                 self._crypt_failed_here(BACKWARD, exc)
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
-            self._send_toward_client(wire, count)
+            self.prev.scheduler.send(self._to_prev, wire, count)
+            if self.edge is not None:
+                self._consider_edge_reading()
 
     # ------------------------------------------------------------------ queue accounting
+
+    def _queues_empty(self) -> bool:
+        """No cell of this circuit waits in the pool, behind the Kb fence or in a link's
+        queue (cells gathered for the next flush aside). Loop thread only."""
+        return (self._fwd_submitted == self._fwd_delivered and not self._kb_in_flight
+                and not self._kb_held and not self._to_prev.cells
+                and (self._to_next is None or not self._to_next.cells))
 
     @property
     def queued_toward_exit(self) -> int:
@@ -701,7 +730,7 @@ class OrCircuit:
     def _send_toward_client(self, wire: bytes, count: int) -> None:
         """Crypted cells for the previous hop, framed: to its link, or its queue. Loop thread
         only."""
-        self.prev.scheduler.send(self._to_prev, wire, count, time.monotonic())
+        self.prev.scheduler.send(self._to_prev, wire, count)
         if self.edge is not None:
             self._consider_edge_reading()
 
@@ -758,14 +787,6 @@ class OrCircuit:
                 return
         self._handle_local(out, local, early, _tag_lookup(tags, local))
 
-    def _pass_on_framed(self, wire: bytes, count: int) -> None:
-        """A small batch with nothing for this relay, crypted and framed (open, extended, no
-        RELAY_EARLY among them: see :meth:`_crypt_small`): to the next hop. Loop thread
-        only."""
-        self._fwd_delivered += count
-        assert self.next is not None and self._to_next is not None
-        self.next.scheduler.send(self._to_next, wire, count, time.monotonic())
-
     def _pass_on(self, out: bytes, count: int, early: set[int]) -> None:
         """Send unrecognized forward cells to the next hop (RELAY_EARLY kept as such)."""
         nxt = self.next
@@ -777,7 +798,7 @@ class OrCircuit:
             return
         data = wire_cells(self.next_id, _RELAY, out, tuple(early) if early else None)
         assert self._to_next is not None
-        nxt.scheduler.send(self._to_next, data, count, time.monotonic())
+        nxt.scheduler.send(self._to_next, data, count)
 
     def _handle_local(self, out: bytes, indices: Sequence[int], early: set[int],
                       tag_of: TagLookup) -> None:
