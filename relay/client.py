@@ -6,10 +6,11 @@ takes a path of :class:`relay.directory.RelayDescriptor` (guard first) and retur
 :mod:`relay.origin`). The client keeps one :class:`relay.link.Link` per guard address, shared by
 every circuit through that guard, and opens it on first use.
 
-Per iteration, not per cell: a circuit's link handler only appends the RELAY payload and marks
-the circuit dirty; the first mark of a loop iteration schedules :meth:`Client._flush` with
-``Reactor.call_after_io`` (``relay.circuits.IterationFlush``), which lets each dirty circuit decrypt
-and handle its cells in one batch.
+Per iteration, not per cell: a circuit's link handler only appends a read's RELAY payloads
+(the link's framer groups them per circuit in C) and marks the circuit dirty; the first mark of
+a loop iteration schedules :meth:`Client._flush` with ``Reactor.call_after_io``
+(``relay.circuits.IterationFlush``), which lets each dirty circuit decrypt and handle its cells
+in one batch.
 
 Back-pressure on the guard link: while its write buffer is above the high watermark, circuits
 stop packaging DATA and wait on the link; the low watermark releases them.

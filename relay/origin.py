@@ -248,7 +248,7 @@ class OriginCircuit:
         """Register on the open guard ``link`` and send CREATE_FAST. Loop thread only (the
         owning client calls it)."""
         self.link = link
-        self.circ_id = link.add_circuit(self._on_cell)
+        self.circ_id = link.add_circuit(self._on_cell, batch=self._relay_batch)
         self.state = "building"
         self._timer = self.client.reactor.call_later(
             build_timeout, self._build_timed_out, build_timeout
@@ -296,12 +296,21 @@ class OriginCircuit:
 
     # ------------------------------------------------------------------ cells in
 
+    def _relay_batch(self, payloads: bytes, count: int, early: tuple[int, ...] | None) -> None:
+        """A read's RELAY cells from the guard, payloads joined (the link's framer groups
+        them per circuit in C); a RELAY_EARLY among them closes the circuit, as tor's clients
+        do (nothing of the read is handled: the close drops what is queued)."""
+        if early is not None:
+            self._on_cell(CellCommand.RELAY_EARLY, b"")
+            return
+        self._incoming.append(payloads)
+        if not self._dirty:
+            self._dirty = True
+            self.client.mark_dirty(self)
+
     def _on_cell(self, command: int, payload: bytes) -> None:
-        if command == _RELAY:
-            self._incoming.append(payload)
-            if not self._dirty:
-                self._dirty = True
-                self.client.mark_dirty(self)
+        if command == _RELAY:  # not grouped (a direct call)
+            self._relay_batch(payload, 1, None)
             return
         if command == CellCommand.DESTROY:
             reason = payload[0] if payload else 0
@@ -331,13 +340,14 @@ class OriginCircuit:
         if self.crypto is None:
             self.close("RELAY cell before the circuit was created")
             return
+        joined = cells[0] if len(cells) == 1 else b"".join(cells)
         try:
-            plain, hops, tags = self.crypto.decrypt_tagged_buf(b"".join(cells))
+            plain, hops, tags = self.crypto.decrypt_tagged_buf(joined)
         except UnrecognizedCell:
             self.close("a relay cell no hop recognized (digest mismatch)",
                        destroy_reason=DestroyReason.PROTOCOL)
             return
-        self.cells_received += len(cells)
+        self.cells_received += len(joined) // _SIZE
         unpack = RELAY_HEADER.unpack_from
         gathered: dict[int, list[bytes]] = {}
         data_cells = 0
