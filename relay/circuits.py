@@ -81,6 +81,8 @@ __all__ = [
     "ReadGate",
     "crypt_frame",
     "crypt_frame_py",
+    "data_runs",
+    "data_runs_py",
     "pack_data_cells",
     "pack_relay",
     "relay_body",
@@ -113,6 +115,7 @@ _DATA = int(RelayCommand.DATA)
 _CELL_HEADER = struct.Struct(">IB")
 _RELAY = CellCommand.RELAY
 _RELAY_EARLY = CellCommand.RELAY_EARLY
+_MAX_RUNS = 64  # streams per data_runs call (the C kernel's MAX_RUNS)
 
 
 def pack_relay(command: int, stream_id: int, data: bytes = b"") -> bytes:
@@ -213,6 +216,43 @@ def crypt_frame_py(crypt: Callable[[bytes], Any], payloads: bytes, circ_id: int)
 crypt_frame: Callable[..., Any] = _c_kernel("crypt_frame") or crypt_frame_py
 """``crypt_frame(crypt, payloads, circ_id)``: the C ``relay._cells.crypt_frame`` when built,
 else :func:`crypt_frame_py` (same contract)."""
+
+DataRuns = tuple[int, int, list[tuple[int, bytes, int]]]
+
+
+def data_runs_py(plain: bytes, offset: int) -> DataRuns:
+    """In decrypted relay payloads (joined, 509 bytes each), the DATA cells (length at most
+    ``RELAY_DATA_MAX``) from ``offset`` up to the first cell that is not one: ``(end, cells,
+    runs)``, ``runs`` their bodies joined per stream as ``(stream_id, data, cells)`` in order
+    of each stream's first cell, ``end`` the offset of the first cell not taken (or
+    ``len(plain)``; also at a stream that would be the call's 65th, as in C: call again).
+
+    The reference for the C ``relay._cells.data_runs`` (same results). Any thread (pure)."""
+    if len(plain) % CELL_PAYLOAD_LEN or not 0 <= offset <= len(plain) \
+            or offset % CELL_PAYLOAD_LEN:
+        raise ValueError("data_runs needs whole 509-byte payloads and an offset at a "
+                         "payload's start")
+    gathered: dict[int, list[bytes]] = {}
+    end = offset
+    while end < len(plain):
+        command, _, stream_id, _, length = RELAY_HEADER.unpack_from(plain, end)
+        if command != _DATA or length > RELAY_DATA_MAX:
+            break
+        chunks = gathered.get(stream_id)
+        if chunks is None:
+            if len(gathered) == _MAX_RUNS:
+                break
+            chunks = gathered[stream_id] = []
+        start = end + RELAY_HEADER_LEN
+        chunks.append(plain[start : start + length])
+        end += CELL_PAYLOAD_LEN
+    runs = [(stream_id, b"".join(chunks), len(chunks)) for stream_id, chunks in gathered.items()]
+    return end, (end - offset) // CELL_PAYLOAD_LEN, runs
+
+
+data_runs: Callable[[bytes, int], DataRuns] = _c_kernel("data_runs") or data_runs_py
+"""``data_runs(plain, offset)``: the C ``relay._cells.data_runs`` when built, else
+:func:`data_runs_py` (same contract)."""
 
 
 class Pausable(Protocol):

@@ -64,6 +64,7 @@ from relay.circuits import (
     RELAY_HEADER,
     STREAMWINDOW_INCREMENT,
     STREAMWINDOW_START,
+    data_runs,
     pack_data_cells,
     pack_relay,
     wire_cells,
@@ -94,7 +95,6 @@ log = logging.getLogger("relay.client")
 
 _SIZE = CELL_PAYLOAD_LEN
 _RELAY = int(CellCommand.RELAY)
-_DATA = int(RC.DATA)
 
 
 class CircuitOwner(Protocol):
@@ -348,36 +348,29 @@ class OriginCircuit:
                        destroy_reason=DestroyReason.PROTOCOL)
             return
         self.cells_received += len(joined) // _SIZE
-        unpack = RELAY_HEADER.unpack_from
-        gathered: dict[int, list[bytes]] = {}
         data_cells = 0
         # The DATA cell that takes the deliver window to 900 gets a SENDME with its tag.
         due = self.deliver_window - (CIRCWINDOW_START - CIRCWINDOW_INCREMENT)
         triggers: list[int] = []
-        offset = 0
-        for hop in hops:
-            command, _, stream_id, _, length = unpack(plain, offset)
-            if command == _DATA and length <= RELAY_DATA_MAX:
-                data_cells += 1
-                if data_cells == due:  # one DATA cell in 100
-                    triggers.append(offset)
-                    due += CIRCWINDOW_INCREMENT
-                start = offset + RELAY_HEADER_LEN
-                chunks = gathered.get(stream_id)
-                if chunks is None:
-                    gathered[stream_id] = [plain[start : start + length]]
-                else:
-                    chunks.append(plain[start : start + length])
-            else:
-                if gathered:
-                    self._deliver(gathered)
-                    gathered = {}
-                self._handle(plain, offset, hop)
+        offset, size = 0, len(plain)
+        while offset < size:
+            end, cells, runs = data_runs(plain, offset)  # a run of DATA cells, per stream
+            if cells:
+                if due > data_cells:  # one DATA cell in 100
+                    while due <= data_cells + cells:
+                        triggers.append(offset + (due - data_cells - 1) * _SIZE)
+                        due += CIRCWINDOW_INCREMENT
+                data_cells += cells
+                self._deliver(runs)
+                if self.state == "closed":  # by a stream's reader, say: these were received
+                    self.data_cells_received += data_cells
+                    return
+                offset = end
+            else:  # any other cell, after the DATA before it
+                self._handle(plain, offset, hops[offset // _SIZE])
                 if self.state == "closed":
                     return
-            offset += _SIZE
-        if gathered:
-            self._deliver(gathered)
+                offset += _SIZE
         self.data_cells_received += data_cells
         if data_cells and self.state != "closed":
             self.deliver_window -= data_cells
@@ -393,20 +386,20 @@ class OriginCircuit:
                 self.sendmes_sent += 1
         self._send_out()
 
-    def _deliver(self, gathered: dict[int, list[bytes]]) -> None:
-        """Hand each stream its DATA bytes; charge and refill its deliver window."""
-        for stream_id, chunks in gathered.items():
+    def _deliver(self, runs: list[tuple[int, bytes, int]]) -> None:
+        """Hand each stream its DATA bytes (``(stream_id, data, cells)``); charge and refill
+        its deliver window."""
+        for stream_id, data, cells in runs:
             stream = self.streams.get(stream_id)
             if stream is None or stream.ended:
                 continue  # a stream we ended: its late DATA only counts for the circuit
-            stream.deliver_window -= len(chunks)
+            stream.deliver_window -= cells
             if stream.deliver_window < 0:
                 self.close(f"DATA beyond stream {stream_id}'s deliver window")
                 return
             while stream.deliver_window <= STREAMWINDOW_START - STREAMWINDOW_INCREMENT:
                 stream.deliver_window += STREAMWINDOW_INCREMENT
                 self._out.append(pack_relay(RC.SENDME, stream_id))
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             stream.bytes_received += len(data)
             if stream.on_data is not None:
                 stream.on_data(stream, data)

@@ -4,7 +4,8 @@
 ``relay.framing.route_py``, ``relay.circuits.wire_cells_py`` and ``crypt_frame_py`` give, on
 any byte stream: fixed and variable-length cells, RELAY_EARLY among RELAY, circuits with and
 without batch handlers, unknown ids, a partial tail, more circuits than one call groups. Then
-the framer on top: order against control cells, a pause inside a batch handler, a close.
+the framer on top: order against control cells, a pause inside a batch handler, a close. And
+``data_runs`` (a client's DATA bodies per stream) against ``relay.circuits.data_runs_py``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from relay import _cells
-from relay.circuits import crypt_frame_py, wire_cells_py
+from relay.circuits import crypt_frame_py, data_runs_py, wire_cells_py
 from relay.framing import FIXED_CELL_LEN, MAX_GROUPS, CellFramer, fixed_cell, route_py, var_cell
 
 RELAY, EARLY, DESTROY, CREATE2, VPADDING = 3, 9, 4, 10, 128
@@ -226,3 +227,57 @@ def test_nothing_is_delivered_after_the_link_closes() -> None:
     data = b"".join([fixed_cell(1, RELAY), fixed_cell(2, RELAY), fixed_cell(3, CREATE2)])
     framer.dispatch(data, 0)
     assert got == [("batch", 1)]
+
+
+def relay_payload(command: int, stream_id: int, body: bytes, length: int | None = None) -> bytes:
+    """A 509-byte decrypted relay payload (``length`` may lie about the body)."""
+    size = len(body) if length is None else length
+    header = bytes([command]) + bytes(2) + stream_id.to_bytes(2, "big") + bytes(4) \
+        + size.to_bytes(2, "big")
+    return (header + body).ljust(509, b"\0")
+
+
+def payload_strategy() -> st.SearchStrategy[bytes]:
+    data = st.tuples(st.integers(1, 6), st.binary(max_size=498)).map(
+        lambda t: relay_payload(2, t[0], t[1]))
+    other = st.tuples(st.sampled_from([1, 3, 4, 5, 9]), st.integers(0, 6),
+                      st.binary(max_size=20)).map(lambda t: relay_payload(*t))
+    too_long = st.integers(499, 0xFFFF).map(lambda n: relay_payload(2, 1, b"", n))
+    return st.one_of(data, data, data, other, too_long)
+
+
+@settings(max_examples=300, deadline=None)
+@given(payloads=st.lists(payload_strategy(), max_size=30), start=st.integers(0, 30))
+def test_c_data_runs_equals_the_python_reference(payloads: list[bytes], start: int) -> None:
+    plain = b"".join(payloads)
+    offset = min(start, len(payloads)) * 509
+    assert _cells.data_runs(plain, offset) == data_runs_py(plain, offset)
+
+
+def test_data_runs_gathers_each_stream_in_order_up_to_the_first_other_cell() -> None:
+    plain = b"".join([relay_payload(2, 7, b"ab"), relay_payload(2, 3, b"cd"),
+                      relay_payload(2, 7, b"ef"), relay_payload(5, 0, b"\x01"),
+                      relay_payload(2, 3, b"gh"), relay_payload(2, 1, b"x", 499)])
+    for data_runs in (_cells.data_runs, data_runs_py):
+        assert data_runs(plain, 0) == (3 * 509, 3, [(7, b"abef", 2), (3, b"cd", 1)])
+        assert data_runs(plain, 3 * 509) == (3 * 509, 0, [])  # a SENDME: not DATA
+        assert data_runs(plain, 4 * 509) == (5 * 509, 1, [(3, b"gh", 1)])
+        assert data_runs(plain, 5 * 509) == (5 * 509, 0, [])  # length 499: not a DATA body
+        assert data_runs(plain, len(plain)) == (len(plain), 0, [])
+
+
+def test_data_runs_stops_at_a_65th_stream_and_goes_on_from_there() -> None:
+    plain = b"".join(relay_payload(2, stream, bytes([stream])) for stream in range(1, 70))
+    for data_runs in (_cells.data_runs, data_runs_py):
+        end, cells, runs = data_runs(plain, 0)
+        assert (end, cells, len(runs)) == (64 * 509, 64, 64)
+        assert runs[-1] == (64, b"\x40", 1)
+        assert data_runs(plain, end) == (len(plain), 5, [(s, bytes([s]), 1)
+                                                         for s in range(65, 70)])
+
+
+@pytest.mark.parametrize(("size", "offset"), [(508, 0), (509, 1), (509, 1018), (509, -509)])
+def test_data_runs_refuses_partial_payloads_and_bad_offsets(size: int, offset: int) -> None:
+    for data_runs in (_cells.data_runs, data_runs_py):
+        with pytest.raises(ValueError):
+            data_runs(bytes(size), offset)

@@ -1,6 +1,7 @@
 """The link data path's per-cell work in C: ``route`` (an open link's read, cut into cells and
-grouped per circuit), ``frame`` (a circuit's payloads with their cell headers) and
-``crypt_frame`` (a small batch crypted and framed in one call).
+grouped per circuit), ``frame`` (a circuit's payloads with their cell headers),
+``crypt_frame`` (a small batch crypted and framed in one call) and ``data_runs`` (the DATA
+bodies of decrypted payloads, joined per stream).
 
 ``_cellkernel`` is built from ``cellkernel.c`` by ``setup.py build_ext --inplace`` (``make
 venv``); see the C source's top comment for the contract. Importing this package never fails
@@ -16,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["CELL_LEN", "PAYLOAD_LEN", "crypt_frame", "frame", "route"]
+__all__ = ["CELL_LEN", "PAYLOAD_LEN", "crypt_frame", "data_runs", "frame", "route"]
 
 
 def __getattr__(name: str) -> Any:

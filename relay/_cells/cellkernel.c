@@ -6,7 +6,7 @@
  * A relay relays cells; on the loop thread each cell used to cost a struct unpack, a slice, a
  * dict lookup, a Python call and a list append on the way in, and a slice and a join on the
  * way out: some hundreds of nanoseconds per cell, several times the AES the worker pool takes
- * off the loop. These two functions do that work per read and per batch instead:
+ * off the loop. These functions do that work per read and per batch instead:
  *
  * route(buf, offset, batch) -> (end, groups, other)
  *     Cut the complete cells of buf (link protocol 4+: 4-byte circuit ids, 514-byte fixed
@@ -35,7 +35,15 @@
  *     as it is, for the caller's cell handling. `crypt` is the circuit's kernel method; an
  *     exception it raises propagates.
  *
- * Both run with the GIL held (they touch Python objects; the work is a memcpy per cell and a
+ * data_runs(plain, offset) -> (end, cells, runs)
+ *     In decrypted relay payloads (joined, 509 bytes each; a client's or an exit's cells after
+ *     its relay crypto), the DATA cells (relay command 2 with a length of at most 498) from
+ *     offset up to the first cell that is not one: `cells` of them, their bodies joined per
+ *     stream as `runs` = [(stream_id, data, cells)] in order of each stream's first cell. `end`
+ *     is the offset of the first cell not taken (another command, a longer length, or the
+ *     first cell of a stream that would be the call's 65th: call again) or len(plain).
+ *
+ * They all run with the GIL held (they touch Python objects; the work is a memcpy per cell and a
  * dict lookup per change of circuit). Any thread; they keep no state. Refusals: a payload
  * length that is not a whole number of cells raises ValueError; a circuit id key that is not
  * an int is never matched.
@@ -51,9 +59,15 @@
 #define CMD_VERSIONS 7
 #define CMD_RELAY 3
 #define CMD_RELAY_EARLY 9
+/* A relay payload: command, recognized, stream id, digest, length, then the body. */
+#define RELAY_HEADER_LEN 11
+#define RELAY_DATA 2
+#define RELAY_DATA_MAX (PAYLOAD_LEN - RELAY_HEADER_LEN)
 /* Circuits per call: the lookup of a cell's group is a scan of the groups so far, so a read
  * that touches many circuits is cut into calls of at most this many (the caller calls again). */
 #define MAX_GROUPS 64
+/* Streams per data_runs call, for the same reason. */
+#define MAX_RUNS 64
 
 typedef struct {
     PyObject *handler;    /* a new reference: a finalizer run by the GC may change the dict */
@@ -401,10 +415,94 @@ crypt_frame(PyObject *module, PyObject *args)
     return framed;
 }
 
+PyDoc_STRVAR(data_runs_doc,
+"data_runs(plain, offset) -> (end, cells, runs)\n\n"
+"The DATA cells of decrypted relay payloads from offset up to the first other cell: their\n"
+"bodies joined per stream as [(stream_id, data, cells)]; see the module comment.");
+
+typedef struct {
+    unsigned int stream_id;
+    Py_ssize_t bytes;
+    Py_ssize_t cells;
+    char *dst;
+} Run;
+
+/* The index of stream_id among runs[0..n), or n. */
+static int
+find_run(const Run *runs, int n, unsigned int stream_id)
+{
+    int k = 0;
+    while (k < n && runs[k].stream_id != stream_id)
+        k++;
+    return k;
+}
+
+static PyObject *
+data_runs(PyObject *module, PyObject *args)
+{
+    Py_buffer view;
+    Py_ssize_t offset;
+    if (!PyArg_ParseTuple(args, "y*n:data_runs", &view, &offset))
+        return NULL;
+    PyObject *out = NULL, *list = NULL;
+    if (view.len % PAYLOAD_LEN || offset < 0 || offset > view.len || offset % PAYLOAD_LEN) {
+        PyErr_SetString(PyExc_ValueError, "data_runs needs whole 509-byte payloads and an "
+                        "offset at a payload's start");
+        goto done;
+    }
+    const unsigned char *buf = view.buf;
+    Run runs[MAX_RUNS];
+    int n = 0;
+    Py_ssize_t end = offset, cells = 0;
+    /* First pass: how far the DATA cells go and how many bytes each stream gets. */
+    for (; end < view.len; end += PAYLOAD_LEN) {
+        const unsigned char *cell = buf + end;
+        unsigned int length = (unsigned int)cell[9] << 8 | cell[10];
+        if (cell[0] != RELAY_DATA || length > RELAY_DATA_MAX)
+            break;
+        unsigned int stream_id = (unsigned int)cell[3] << 8 | cell[4];
+        int k = find_run(runs, n, stream_id);
+        if (k == n) {
+            if (n == MAX_RUNS)
+                break;
+            runs[n++] = (Run){stream_id, 0, 0, NULL};
+        }
+        runs[k].bytes += length;
+        runs[k].cells++;
+        cells++;
+    }
+    if ((list = PyList_New(n)) == NULL)
+        goto done;
+    for (int k = 0; k < n; k++) {
+        PyObject *data = PyBytes_FromStringAndSize(NULL, runs[k].bytes);
+        if (data == NULL)
+            goto done;
+        runs[k].dst = PyBytes_AS_STRING(data);
+        PyObject *item = Py_BuildValue("(INn)", runs[k].stream_id, data, runs[k].cells);
+        if (item == NULL)
+            goto done;
+        PyList_SET_ITEM(list, k, item);
+    }
+    /* Second pass: copy the bodies (the bytes objects are not shared yet). */
+    for (Py_ssize_t at = offset; at < end; at += PAYLOAD_LEN) {
+        const unsigned char *cell = buf + at;
+        unsigned int length = (unsigned int)cell[9] << 8 | cell[10];
+        Run *run = &runs[find_run(runs, n, (unsigned int)cell[3] << 8 | cell[4])];
+        memcpy(run->dst, cell + RELAY_HEADER_LEN, length);
+        run->dst += length;
+    }
+    out = Py_BuildValue("(nnO)", end, cells, list);
+done:
+    Py_XDECREF(list);
+    PyBuffer_Release(&view);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"route", route, METH_VARARGS, route_doc},
     {"frame", frame, METH_VARARGS, frame_doc},
     {"crypt_frame", crypt_frame, METH_VARARGS, crypt_frame_doc},
+    {"data_runs", data_runs, METH_VARARGS, data_runs_doc},
     {NULL, NULL, 0, NULL},
 };
 
