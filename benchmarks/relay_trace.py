@@ -27,7 +27,8 @@ on the CPU and time waiting):
 ``put``            a worker put replies (``ReplyQueue.put``/``put_many``)
 ``woke``           the loop's reply-queue wake-up callback ran (``ReplyQueue._on_wakeup``)
 ``result``         a circuit got its crypted batch, from the pool or its own small batch
-                   (``OrCircuit._forward_done``, ``_pass_on_framed``, ``_send_toward_client``)
+                   (``OrCircuit._forward_done``, ``_send_toward_client``, or the loop thread's
+                   ``crypt_frame`` when it framed the batch)
 ``link_write``     cells handed to a link (``Link.write_cells``, ``Link.send_cells``)
 ``tls_out``        TLS records made (``encrypt`` returned)
 ``write``          bytes handed to libuv (``Stream.write``/``writelines``; libuv writes at once
@@ -160,7 +161,8 @@ def install() -> None:
     for handler in ("_forward_done", "_send_toward_client"):
         _before(OrCircuit, handler, "result")
     # a small batch crypted and framed in one call on the loop thread (OrCircuit._crypt_small)
-    _after(orcircuit_module, "crypt_frame", "result")
+    # (only when it framed the batch: a tuple goes on to _forward_done, which records it)
+    _after(orcircuit_module, "crypt_frame", "result", when=lambda out: out.__class__ is bytes)
     _before(OriginCircuit, "flush_in", "client_cells")
     _before(Reactor, "_run_after_io", "after_io")
     _before(RelayNode, "_flush", "flush")

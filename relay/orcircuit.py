@@ -280,7 +280,9 @@ class CircuitHost(Protocol):
         ...
 
     def queued_changed(self, circuit: OrCircuit) -> None:
-        """What ``circuit`` holds queued changed (the OOM accounting). Loop thread only."""
+        """What ``circuit`` holds queued changed (the OOM accounting); sets
+        ``circuit.accounted_bytes`` to what it now accounts for it (a circuit accounted at 0
+        that holds nothing skips this call after a small flush). Loop thread only."""
         ...
 
     def link_in_use(self, peer: Peer) -> None:
