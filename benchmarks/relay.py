@@ -305,7 +305,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         progress("tornet: tor relays and ours at the middle of circuits")
         try:
             report["c_tor"] = measure_tor(runs=args.runs, size=int(args.tor_mib * MIB),
-                                          progress=lambda line: progress(f"tornet {line}"))
+                                          progress=lambda line: progress(f"tornet {line}"),
+                                          perf_dir=workdir if args.perf else None)
         except (NetworkFailed, PinError, TimeoutError) as exc:
             report["c_tor_error"] = f"{type(exc).__name__}: {exc}"
     else:
@@ -417,6 +418,12 @@ def print_perf(report: dict[str, Any], modes: list[str], out: Any) -> None:
     for kind, figures in (report.get("c_tor_same_load") or {}).items():
         if "floor_us_per_cell" in figures:
             lines.append(f"  C tor, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
+                         f"{_groups(figures)}; kernel + OpenSSL "
+                         f"{figures['floor_us_per_cell']:.2f}")
+    tor = report.get("c_tor")
+    if tor is not None and "floor_us_per_cell" in tor:
+        for who, figures in (("C tor", tor), ("ours", tor["ours_same_position"])):
+            lines.append(f"  {who}, tornet middle: {figures['cpu_us_per_cell']:.2f} us = "
                          f"{_groups(figures)}; kernel + OpenSSL "
                          f"{figures['floor_us_per_cell']:.2f}")
     if lines:

@@ -34,8 +34,10 @@ import signal
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from benchmarks.cpu_profile import Recorder
 from benchmarks.relay_proc import CpuSplit, thread_times
 from tornet.external import RELAYCRYPT_COMMAND
 from tornet.network import ExternalRelay, TorNet
@@ -73,25 +75,42 @@ def _spread(values: list[float]) -> list[float]:
     return [min(values), max(values)] if values else []
 
 
+def _recorder(perf_dir: Path | None, pid: int, name: str) -> Recorder | None:
+    """A started perf recorder of ``pid`` into ``perf_dir``, or None without one. Main
+    thread."""
+    if perf_dir is None:
+        return None
+    recorder = Recorder(pid, perf_dir / f"{name}.perf")
+    recorder.start()
+    return recorder
+
+
 def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The pushes of the module docstring; medians over ``runs`` with [min, max]. Raises
-    :class:`tornet.procs.NetworkFailed` / :class:`tornet.push.PinError` when the network
-    fails. Main thread."""
+                progress: Callable[[str], None] | None = None,
+                perf_dir: Path | None = None) -> dict[str, Any]:
+    """The pushes of the module docstring; medians over ``runs`` with [min, max]. With
+    ``perf_dir``, each middle relay is also sampled with perf over its push
+    (:mod:`benchmarks.cpu_profile`): ``cpu_by_group_us_per_cell`` and ``floor_us_per_cell``
+    (kernel + OpenSSL) for tor's and ours. Raises :class:`tornet.procs.NetworkFailed` /
+    :class:`tornet.push.PinError` when the network fails. Main thread."""
     net = TorNet(relay_command=RELAYCRYPT_COMMAND, progress=progress)
     ours = net.add_external_relay("xmiddle", exit=False)
     records: list[dict[str, Any]] = []
     try:
         bootstrap = net.start(timeout)
         t2 = net.relay("t2")
-        for _ in range(runs):
+        for index in range(runs):
+            recorder = _recorder(perf_dir, t2.pid, f"tornet-tor-{index}")
             before = thread_times(t2.pid)
             tor_push = net.push("all_tor", size)
             tor_split = CpuSplit.between(t2.pid, frozenset(), before, thread_times(t2.pid))
+            tor_groups = recorder.stop() if recorder is not None else None
             stats_before = _stats(ours)
+            recorder = _recorder(perf_dir, ours.pid, f"tornet-ours-{index}")
             before = thread_times(ours.pid)
             our_push = net.push("middle", size, ours)
             split = CpuSplit.between(ours.pid, frozenset(), before, thread_times(ours.pid))
+            our_groups = recorder.stop() if recorder is not None else None
             stats_after = _stats(ours)
             crypted = stats_after["cells_crypted"] - stats_before["cells_crypted"]
             batches = stats_after["batches"] - stats_before["batches"]
@@ -113,6 +132,14 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
                 "cells": tor_push.cells,
                 "intact": tor_push.result.intact and our_push.result.intact,
             })
+            if tor_groups is not None and our_groups is not None:
+                record = records[-1]
+                for who, groups in (("tor", tor_groups), ("ours", our_groups)):
+                    total = record[f"{who}_middle_cpu_us_per_cell"]
+                    record[f"{who}_cpu_by_group_us_per_cell"] = {
+                        name: share * total for name, share in groups.items()}
+                    record[f"{who}_floor_us_per_cell"] = (
+                        (groups["kernel"] + groups["openssl"]) * total)
     finally:
         where = net.description
         net.stop()
@@ -122,6 +149,14 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
 
     tor_cpu = median("tor_middle_cpu_us_per_cell")
     ours_cpu = median("ours_middle_cpu_us_per_cell")
+    profiles: dict[str, dict[str, Any]] = {"tor": {}, "ours": {}}
+    if all("tor_floor_us_per_cell" in record for record in records):
+        for who, profile in profiles.items():
+            groups = records[0][f"{who}_cpu_by_group_us_per_cell"]
+            profile["floor_us_per_cell"] = median(f"{who}_floor_us_per_cell")
+            profile["cpu_by_group_us_per_cell"] = {
+                name: statistics.median(record[f"{who}_cpu_by_group_us_per_cell"][name]
+                                        for record in records) for name in groups}
     return {
         "cpu_us_per_cell": tor_cpu,
         "position": "middle",
@@ -131,7 +166,9 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
         "exit_cpu_us_per_cell": median("tor_exit_cpu_us_per_cell"),
         "mb_per_s": median("tor_mb_per_s"),
         "cpu_us_per_cell_ns": median("tor_middle_cpu_us_per_cell_ns"),
+        **profiles["tor"],
         "ours_same_position": {
+            **profiles["ours"],
             "cpu_us_per_cell": ours_cpu,
             "cpu_us_per_cell_ns": median("ours_middle_cpu_us_per_cell_ns"),
             "loop_cpu_us_per_cell": median("ours_middle_loop_cpu_us_per_cell"),

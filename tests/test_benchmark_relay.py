@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from benchmarks.cpu_profile import GROUPS, unavailable
 from benchmarks.relay_latency import analyse, run_traced
 from benchmarks.relay_load import RelayLoad
 from benchmarks.relay_proc import CLOCK_TICKS, CpuSplit, RelayProcess, ThreadTimes
@@ -48,9 +49,13 @@ def _positive(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value) and value > 0
 
 
+NO_PERF = unavailable()
+
+
 @pytest.fixture(scope="module")
 def quick_report() -> dict[str, Any]:
-    done = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--quick", "--json"],
+    perf = [] if NO_PERF else ["--perf"]  # where the CPU goes, too, when perf runs here
+    done = subprocess.run([sys.executable, "-m", "benchmarks.relay", "--quick", "--json", *perf],
                           cwd=REPO, capture_output=True, text=True, timeout=850, check=False)
     assert done.returncode == 0, f"benchmarks.relay failed:\n{done.stderr[-3000:]}"
     return json.loads(done.stdout)
@@ -84,6 +89,28 @@ def test_quick_json_has_both_modes_and_c_tor(quick_report: dict[str, Any]) -> No
         [rtt_run] = figures["runs"]["rtt"]
         assert rtt_run["idle"]["samples"] == quick_report["settings"]["rtt_samples"]
         assert rtt_run["load"]["samples"] > 0 and rtt_run["load"]["middle_cells_per_s"] > 0
+
+
+@pytest.mark.skipif(NO_PERF is not None, reason=f"perf: {NO_PERF}")
+def test_quick_json_splits_every_cpu_figure_by_library(quick_report: dict[str, Any]) -> None:
+    """With --perf: each CPU figure (ours saturated and paced, C tor's under the same load and
+    in tornet) comes with its split by library, which adds up to it, and its floor."""
+    figures = [quick_report["tls"], quick_report["tls"]["paced"], quick_report["plain"]]
+    if quick_report["c_tor"] is not None:
+        figures += list(quick_report["c_tor_same_load"].values())
+        figures += [quick_report["c_tor"], quick_report["c_tor"]["ours_same_position"]]
+    for figure in figures:
+        groups = figure["cpu_by_group_us_per_cell"]
+        assert set(groups) == set(GROUPS)
+        assert figure["floor_us_per_cell"] == pytest.approx(groups["kernel"] + groups["openssl"])
+        assert 0 < figure["floor_us_per_cell"] < figure["cpu_us_per_cell"] * 1.05
+    for run in quick_report["tls"]["runs"]["cpu"]:  # one run's split is its own CPU per cell
+        assert math.fsum(run["cpu_by_group_us_per_cell"].values()) == pytest.approx(
+            run["cpu_us_per_cell"], rel=0.01)
+    assert quick_report["tls"]["cpu_by_group_us_per_cell"]["python"] > 0
+    if quick_report["c_tor"] is not None:
+        tor = quick_report["c_tor_same_load"]["saturated"]["cpu_by_group_us_per_cell"]
+        assert tor["tor"] > 0 and tor["python"] == 0
 
 
 def test_quick_json_c_tor_is_measured_or_explained(quick_report: dict[str, Any]) -> None:
