@@ -44,6 +44,7 @@ from relay.identity.keys import RelayIdentity
 from relay.node import DEFAULT_INLINE_CELLS, DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
 from relay.tlspipe import DEFAULT_INLINE_TLS_BYTES
 from workers.pool import DEFAULT_BATCH_CELLS
+from workers.tuning import env_without_thread_cache
 
 __all__ = ["config_from_args", "main", "parse_args", "parse_hostport", "ready_line",
            "stop_on_stdin_eof"]
@@ -156,7 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"(default {DEFAULT_INLINE_CELLS})")
     parser.add_argument("--tls-on-pool", action="store_true",
                         help="TLS record crypto of open links on the worker pool (less loop "
-                             "CPU per cell; more RSS: see docs/tuning.md)")
+                             "CPU per cell; the relay re-executes itself with glibc's "
+                             "per-thread malloc cache off: see docs/tuning.md)")
     parser.add_argument("--tls-inline-bytes", type=int, default=DEFAULT_INLINE_TLS_BYTES,
                         help="with --tls-on-pool: a link's read or write of at most this many "
                              "bytes, with nothing of the link on the pool, is TLS-crypted on "
@@ -237,5 +239,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def reexec_without_thread_cache(argv: list[str]) -> None:
+    """With ``--tls-on-pool``: run this same command again (``execve``: the same process id,
+    stdio and environment) with glibc's per-thread cache of freed blocks off, which records
+    made on the workers and freed on the loop thread otherwise turn into a creeping RSS
+    (``workers.tuning.env_without_thread_cache``; docs/tuning.md). Returns when there is nothing
+    to do (no ``--tls-on-pool``, not glibc, or already so). Main thread, before anything runs."""
+    if not parse_args(argv).tls_on_pool:
+        return
+    env = env_without_thread_cache(os.environ)
+    if env is None:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(sys.executable, sys.orig_argv, env)
+
+
 if __name__ == "__main__":
+    reexec_without_thread_cache(sys.argv[1:])
     sys.exit(main())

@@ -27,6 +27,13 @@ process-wide and for good, to keep up to ``malloc_retain`` bytes of freed memory
 to serve blocks below :data:`MALLOC_MMAP_THRESHOLD` from its arenas
 (:func:`retain_freed_memory`); ``malloc_retain=None`` opts out; another C library is left alone.
 
+When blocks cross threads both ways (a program whose workers also make what the loop thread
+writes, as a relay's TLS records on the pool), glibc's per-thread cache of freed blocks
+(tcache) hands the loop thread a worker's freed blocks for its own long-lived objects; those
+pin the worker's arena, which then cannot shrink, and RSS creeps. The cache can only be turned
+off at start-up (a glibc tunable): :func:`env_without_thread_cache` gives the environment to
+re-execute the program with.
+
 The measurements behind each rule and default are in docs/tuning.md.
 """
 
@@ -35,6 +42,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from collections.abc import Mapping
 from typing import Literal
 
 #: Freed memory glibc may keep per arena (``malloc_retain``); see "Memory handed across threads".
@@ -44,6 +52,8 @@ MALLOC_MMAP_THRESHOLD = 4 << 20
 #: glibc's ``mallopt`` parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+#: The glibc tunable that turns the per-thread cache of freed blocks off.
+NO_THREAD_CACHE_TUNABLE = "glibc.malloc.tcache_count=0"
 #: A turn at least this long (wall seconds) may count as starved; see "The loop keeps its CPU".
 STARVED_WALL_S = 0.030
 #: ... if the worker's thread ran for less than this share of the turn's wall time.
@@ -71,6 +81,21 @@ def retain_freed_memory(trim_threshold: int) -> bool:
     mallopt.restype = ctypes.c_int
     ok = mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
     return mallopt(_M_MMAP_THRESHOLD, min(trim_threshold, MALLOC_MMAP_THRESHOLD)) == 1 and ok
+
+
+def env_without_thread_cache(environ: Mapping[str, str]) -> dict[str, str] | None:
+    """The environment to re-execute this program with so that glibc keeps no per-thread cache
+    of freed blocks (``GLIBC_TUNABLES`` with :data:`NO_THREAD_CACHE_TUNABLE` added), or None
+    when the C library is not glibc or ``environ`` already sets the cache's size. Any thread."""
+    if not _glibc_version():
+        return None
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.tcache_count=" in tunables:
+        return None
+    env = dict(environ)
+    env["GLIBC_TUNABLES"] = (f"{tunables}:{NO_THREAD_CACHE_TUNABLE}" if tunables
+                             else NO_THREAD_CACHE_TUNABLE)
+    return env
 
 
 def _glibc_version() -> str | None:
