@@ -176,8 +176,9 @@ class RelayNode:
         (``relay.orcircuit``, "Small batches"); 0 sends every batch to the pool. ``tls_on_pool``:
         the TLS record crypto of open links runs on the pool (``relay.tlspipe``), reads and
         writes of at most ``tls_inline_bytes`` on the loop thread; by default all of it on the
-        loop thread (records made on workers and freed here fragment glibc's per-thread arenas:
-        docs/tuning.md)."""
+        loop thread (less CPU per cell in all; docs/tuning.md). A process that turns it on should
+        run with glibc's per-thread malloc cache off (``workers.tuning.env_without_thread_cache``:
+        records made on workers and freed here otherwise pin the workers' arenas)."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
         if inline_cells < 0:
