@@ -580,6 +580,7 @@ class OrCircuit:
                 if self._early or self.next is None or self.state is not _OPEN:
                     result = self._forward_crypt(_joined(pieces))
                 else:  # bytes when nothing is for this relay: wire cells for the next hop
+                    # (_joined written out here and below: this is the data path's hot spot)
                     result = crypt_frame(self._forward_crypt,
                                          pieces[0] if len(pieces) == 1 else b"".join(pieces),
                                          self.next_id)

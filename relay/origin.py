@@ -354,13 +354,13 @@ class OriginCircuit:
         triggers: list[int] = []
         offset, size = 0, len(plain)
         while offset < size:
-            end, cells, runs = data_runs(plain, offset)  # a run of DATA cells, per stream
-            if cells:
+            end, run_cells, runs = data_runs(plain, offset)  # a run of DATA cells, per stream
+            if run_cells:
                 if due > data_cells:  # one DATA cell in 100
-                    while due <= data_cells + cells:
+                    while due <= data_cells + run_cells:
                         triggers.append(offset + (due - data_cells - 1) * _SIZE)
                         due += CIRCWINDOW_INCREMENT
-                data_cells += cells
+                data_cells += run_cells
                 self._deliver(runs)
                 if self.state == "closed":  # by a stream's reader, say: these were received
                     self.data_cells_received += data_cells
