@@ -27,11 +27,14 @@ from __future__ import annotations
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["GROUPS", "Recorder", "by_group", "classify", "parse_report", "unavailable"]
+__all__ = ["GROUPS", "Recorder", "by_group", "classify", "median_split", "parse_report",
+           "split_per_cell", "unavailable"]
 
 GROUPS = ("kernel", "openssl", "python", "extensions", "libc", "tor", "libevent", "other")
 """The groups, in the order reports list them."""
@@ -81,6 +84,26 @@ def by_group(shares: dict[str, float]) -> dict[str, float]:
     for dso, share in shares.items():
         groups[classify(dso)] += share
     return groups
+
+
+def split_per_cell(groups: dict[str, float], us_per_cell: float) -> dict[str, Any]:
+    """``us_per_cell`` split by the group shares of one recording (:meth:`Recorder.stop`):
+    ``cpu_by_group_us_per_cell``, and ``floor_us_per_cell`` (kernel + OpenSSL). Any thread
+    (pure)."""
+    return {"cpu_by_group_us_per_cell": {name: share * us_per_cell
+                                         for name, share in groups.items()},
+            "floor_us_per_cell": (groups["kernel"] + groups["openssl"]) * us_per_cell}
+
+
+def median_split(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over several runs' :func:`split_per_cell` figures (each run a dict holding them
+    among others), group by group; empty when a run has none. Any thread (pure)."""
+    if not figures or not all("floor_us_per_cell" in figure for figure in figures):
+        return {}
+    return {"floor_us_per_cell": statistics.median(f["floor_us_per_cell"] for f in figures),
+            "cpu_by_group_us_per_cell": {
+                name: statistics.median(f["cpu_by_group_us_per_cell"][name] for f in figures)
+                for name in figures[0]["cpu_by_group_us_per_cell"]}}
 
 
 def unavailable() -> str | None:

@@ -76,7 +76,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_profile import unavailable
+from benchmarks.cpu_profile import median_split, unavailable
 from benchmarks.relay_cpu import LoadFailed, measure
 from benchmarks.relay_proc import RelayStartError
 from benchmarks.relay_rtt import measure_rtt
@@ -132,7 +132,7 @@ def summarize_mode(cpu_runs: list[dict[str, Any]], rtt_runs: list[dict[str, Any]
         out[name] = statistics.median(values)
         spread[name] = [min(values), max(values)]
     out["spread"] = spread
-    out.update(summarize_perf(cpu_runs))
+    out.update(median_split(cpu_runs))
     out["samples"] = {"rtt_idle": sum(r["idle"]["samples"] for r in rtt_runs),
                       "rtt_load": sum(r["load"]["samples"] for r in rtt_runs),
                       "cells": sum(r["cells"] for r in cpu_runs)}
@@ -153,21 +153,9 @@ def summarize_runs(runs: list[dict[str, Any]], keys: tuple[str, ...] = PACED_FIG
                      for key in keys}
     if all("batch_mean" in run for run in runs):
         out["batch_mean"] = statistics.median(run["batch_mean"] for run in runs)
-    out.update(summarize_perf(runs))
+    out.update(median_split(runs))
     out["runs"] = runs
     return out
-
-
-def summarize_perf(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """With ``--perf``: the median over CPU runs of ``floor_us_per_cell`` (kernel +
-    OpenSSL) and of each library group's us per cell; empty without. Any thread (pure)."""
-    if not runs or not all("floor_us_per_cell" in run for run in runs):
-        return {}
-    groups = runs[0]["cpu_by_group_us_per_cell"]
-    return {"floor_us_per_cell": statistics.median(run["floor_us_per_cell"] for run in runs),
-            "cpu_by_group_us_per_cell": {
-                name: statistics.median(run["cpu_by_group_us_per_cell"][name] for run in runs)
-                for name in groups}}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

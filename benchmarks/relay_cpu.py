@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_profile import Recorder
+from benchmarks.cpu_profile import Recorder, split_per_cell
 from benchmarks.relay_load import DEFAULT_WINDOW, RelayLoad
 from benchmarks.relay_proc import RelayProcess
 from benchmarks.relay_torpeer import TorRelayProcess
@@ -164,10 +164,7 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
         "steady": first["all_open"] and last_edge["all_open"],
     }
     if groups is not None:
-        total = result["cpu_us_per_cell"]
-        result["cpu_by_group_us_per_cell"] = {name: share * total
-                                              for name, share in groups.items()}
-        result["floor_us_per_cell"] = (groups["kernel"] + groups["openssl"]) * total
+        result.update(split_per_cell(groups, result["cpu_us_per_cell"]))
     if after:
         batches = after["batches"] - before["batches"]
         result.update({

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_profile import Recorder
+from benchmarks.cpu_profile import Recorder, median_split, split_per_cell
 from benchmarks.relay_proc import CpuSplit, thread_times
 from tornet.external import RELAYCRYPT_COMMAND
 from tornet.network import ExternalRelay, TorNet
@@ -135,11 +135,8 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
             if tor_groups is not None and our_groups is not None:
                 record = records[-1]
                 for who, groups in (("tor", tor_groups), ("ours", our_groups)):
-                    total = record[f"{who}_middle_cpu_us_per_cell"]
-                    record[f"{who}_cpu_by_group_us_per_cell"] = {
-                        name: share * total for name, share in groups.items()}
-                    record[f"{who}_floor_us_per_cell"] = (
-                        (groups["kernel"] + groups["openssl"]) * total)
+                    record[f"{who}_perf"] = split_per_cell(
+                        groups, record[f"{who}_middle_cpu_us_per_cell"])
     finally:
         where = net.description
         net.stop()
@@ -149,14 +146,8 @@ def measure_tor(*, runs: int, size: int, timeout: float = 150.0,
 
     tor_cpu = median("tor_middle_cpu_us_per_cell")
     ours_cpu = median("ours_middle_cpu_us_per_cell")
-    profiles: dict[str, dict[str, Any]] = {"tor": {}, "ours": {}}
-    if all("tor_floor_us_per_cell" in record for record in records):
-        for who, profile in profiles.items():
-            groups = records[0][f"{who}_cpu_by_group_us_per_cell"]
-            profile["floor_us_per_cell"] = median(f"{who}_floor_us_per_cell")
-            profile["cpu_by_group_us_per_cell"] = {
-                name: statistics.median(record[f"{who}_cpu_by_group_us_per_cell"][name]
-                                        for record in records) for name in groups}
+    profiles = {who: median_split([record.get(f"{who}_perf", {}) for record in records])
+                for who in ("tor", "ours")}
     return {
         "cpu_us_per_cell": tor_cpu,
         "position": "middle",

