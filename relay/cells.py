@@ -40,6 +40,7 @@ from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
 
 __all__ = [
     "MAX_VAR_PAYLOAD_LEN",
+    "RELAY_HEADER",
     "Cell",
     "CellCommand",
     "CellFormatError",
@@ -71,7 +72,8 @@ _RELAY_PADDING_GAP = 4
 _HEADER_V3 = struct.Struct(">HB")
 _HEADER_V4 = struct.Struct(">IB")
 _VAR_LEN = struct.Struct(">H")
-_RELAY_HEADER = struct.Struct(">BHH4sH")
+#: ``command, recognized, stream_id, digest, length`` at the start of a relay payload.
+RELAY_HEADER = struct.Struct(">BHH4sH")
 
 
 class CellCommand(IntEnum):
@@ -415,7 +417,7 @@ class RelayPayload:
         ``padding(n)`` supplies the ``n`` random bytes (default ``os.urandom``); pass e.g.
         ``random.Random(seed).randbytes`` for deterministic output.
         """
-        header = _RELAY_HEADER.pack(
+        header = RELAY_HEADER.pack(
             self.command, self.recognized, self.stream_id, bytes(self.digest), len(self.data)
         )
         used = RELAY_HEADER_LEN + len(self.data)
@@ -433,7 +435,7 @@ class RelayPayload:
             raise PayloadSizeError(
                 f"relay payload must be {CELL_PAYLOAD_LEN} bytes, got {len(payload)}"
             )
-        command, recognized, stream_id, digest, length = _RELAY_HEADER.unpack_from(payload, 0)
+        command, recognized, stream_id, digest, length = RELAY_HEADER.unpack_from(payload, 0)
         if length > RELAY_DATA_MAX:
             raise RelayLengthError(
                 f"relay length field {length} exceeds the maximum of {RELAY_DATA_MAX}"

@@ -57,7 +57,7 @@ import struct
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from relay.cells import CellCommand, RelayCommand
+from relay.cells import RELAY_HEADER, CellCommand, RelayCommand
 from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
 
 __all__ = [
@@ -106,8 +106,6 @@ END_REASON_CONNRESET = 12
 END_REASON_TORPROTOCOL = 13
 END_REASON_NOTDIRECTORY = 14
 
-#: ``command, recognized, stream_id, digest, length`` at the start of a relay payload.
-RELAY_HEADER = struct.Struct(">BHH4sH")
 _FULL_DATA = struct.Struct(f">BHH4sH{RELAY_DATA_MAX}s")
 _ZERO_DIGEST = bytes(4)
 _PAD_GAP = bytes(4)
