@@ -14,7 +14,10 @@ the share of the process's samples in each shared object, grouped as
 is written in: the same reads and writes of the same bytes and the same ciphers; the figures
 show it for C tor and for ours under the same load. Samples are cpu-clock samples of every
 thread of the process, so shares multiply with the CPU measured from /proc over the same
-window into microseconds per cell.
+window into microseconds per cell. The samples of one thread (the loop thread, whose tid is
+the process id) split that thread's own CPU the same way (:func:`thread_split`): its kernel
+part is the system calls the loop thread makes for the cells (its socket reads and writes),
+which no code of ours on that thread can avoid.
 
 :class:`Recorder` needs ``perf`` and permission to sample the process (``perf_event_paranoid``
 at most 1, or root); :func:`unavailable` says why not.
@@ -24,6 +27,7 @@ Threads: one owner thread per :class:`Recorder`; the functions are pure or block
 
 from __future__ import annotations
 
+import math
 import re
 import shutil
 import signal
@@ -34,12 +38,13 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["GROUPS", "Recorder", "by_group", "classify", "median_split", "parse_report",
-           "split_per_cell", "unavailable"]
+           "parse_thread_report", "split_per_cell", "thread_split", "unavailable"]
 
 GROUPS = ("kernel", "openssl", "python", "extensions", "libc", "tor", "libevent", "other")
 """The groups, in the order reports list them."""
 
 _LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S.*?)\s*$")
+_THREAD_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\d+):\S*\s+(\S.*?)\s*$")
 
 
 def classify(dso: str) -> str:
@@ -77,6 +82,20 @@ def parse_report(text: str) -> dict[str, float]:
     return shares
 
 
+def parse_thread_report(text: str) -> dict[int, dict[str, float]]:
+    """``perf report --sort pid,dso --stdio`` text (perf's ``pid`` is the thread): each
+    thread's shares of the samples by shared object, as fractions of ALL the samples. Any
+    thread (pure)."""
+    threads: dict[int, dict[str, float]] = {}
+    for line in text.splitlines():
+        match = _THREAD_LINE.match(line)
+        if match and not line.startswith("#"):
+            shares = threads.setdefault(int(match.group(2)), {})
+            dso = match.group(3)
+            shares[dso] = shares.get(dso, 0.0) + float(match.group(1)) / 100.0
+    return threads
+
+
 def by_group(shares: dict[str, float]) -> dict[str, float]:
     """Per-object shares summed into :data:`GROUPS` (every group present). Any thread
     (pure)."""
@@ -95,15 +114,32 @@ def split_per_cell(groups: dict[str, float], us_per_cell: float) -> dict[str, An
             "floor_us_per_cell": (groups["kernel"] + groups["openssl"]) * us_per_cell}
 
 
-def median_split(figures: list[dict[str, Any]]) -> dict[str, Any]:
-    """The median over several runs' :func:`split_per_cell` figures (each run a dict holding them
-    among others), group by group; empty when a run has none. Any thread (pure)."""
-    if not figures or not all("floor_us_per_cell" in figure for figure in figures):
+def thread_split(groups: dict[str, float], us_per_cell: float) -> dict[str, Any]:
+    """One thread's CPU per cell (``us_per_cell``, e.g. the loop thread's from /proc) split
+    by that thread's group shares (``groups``: :func:`by_group` of its
+    :func:`parse_thread_report` entry, fractions of all samples, rescaled here to the thread's
+    own): ``loop_cpu_by_group_us_per_cell`` and ``loop_kernel_us_per_cell``. Empty when the
+    thread has no samples. Any thread (pure)."""
+    total = math.fsum(groups.values())
+    if total <= 0.0:
         return {}
-    return {"floor_us_per_cell": statistics.median(f["floor_us_per_cell"] for f in figures),
-            "cpu_by_group_us_per_cell": {
-                name: statistics.median(f["cpu_by_group_us_per_cell"][name] for f in figures)
-                for name in figures[0]["cpu_by_group_us_per_cell"]}}
+    split = {name: share / total * us_per_cell for name, share in groups.items()}
+    return {"loop_cpu_by_group_us_per_cell": split, "loop_kernel_us_per_cell": split["kernel"]}
+
+
+def median_split(figures: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median over several runs' :func:`split_per_cell` (and :func:`thread_split`) figures
+    (each run a dict holding them among others), group by group; empty when a run has none.
+    Any thread (pure)."""
+    out: dict[str, Any] = {}
+    for floor, by in (("floor_us_per_cell", "cpu_by_group_us_per_cell"),
+                      ("loop_kernel_us_per_cell", "loop_cpu_by_group_us_per_cell")):
+        if not figures or not all(floor in figure for figure in figures):
+            continue
+        out[floor] = statistics.median(f[floor] for f in figures)
+        out[by] = {name: statistics.median(f[by][name] for f in figures)
+                   for name in figures[0][by]}
+    return out
 
 
 def unavailable() -> str | None:
@@ -129,6 +165,8 @@ class Recorder:
         self.output = output
         self.frequency = frequency
         self._perf: subprocess.Popen[str] | None = None
+        self.thread_groups: dict[int, dict[str, float]] = {}
+        """After :meth:`stop`: each thread's :func:`by_group` shares (of all the samples)."""
 
     def start(self) -> None:
         """Start sampling. Raises ``OSError`` when perf cannot be run. Owner thread."""
@@ -157,9 +195,14 @@ class Recorder:
             perf.kill()
             _, err = perf.communicate()
         report = subprocess.run(
-            ["perf", "report", "-i", str(self.output), "--no-children", "--sort", "dso",
+            ["perf", "report", "-i", str(self.output), "--no-children", "--sort", "pid,dso",
              "--stdio", "-q"], capture_output=True, text=True, timeout=timeout)
-        shares = parse_report(report.stdout)
+        threads = parse_thread_report(report.stdout)
+        self.thread_groups = {tid: by_group(shares) for tid, shares in threads.items()}
+        shares = {}
+        for thread in threads.values():
+            for dso, share in thread.items():
+                shares[dso] = shares.get(dso, 0.0) + share
         if not shares:
             raise RuntimeError(f"perf recorded no samples of pid {self.pid}: "
                                f"{(err or '').strip()[:200]} {report.stderr.strip()[:200]}")

@@ -59,7 +59,9 @@ C tor's, over its window, and adds to each run and summary ``cpu_by_group_us_per
 CPU per cell split into kernel, OpenSSL, interpreter, extensions, libc, tor, libevent) and
 ``floor_us_per_cell`` (kernel + OpenSSL: the reads, writes and ciphers any relay pays for the
 same cells on this machine), so each relay's figure can be set against the part of it that is
-not its own code.
+not its own code; and the loop thread's own split, ``loop_cpu_by_group_us_per_cell`` and
+``loop_kernel_us_per_cell`` (the system calls the loop thread makes for the cells: what the
+loop-thread figure cannot go below while the loop does the socket I/O).
 
 Threads: main thread only.
 """
@@ -385,11 +387,10 @@ def print_table(report: dict[str, Any], out: Any = sys.stdout) -> None:
     print("relayed cell: " + report["definitions"]["relayed_cell"], file=out)
 
 
-def _groups(figures: dict[str, Any]) -> str:
+def _groups(figures: dict[str, Any], key: str = "cpu_by_group_us_per_cell") -> str:
     """``kernel 1.34 openssl 1.16 ...`` (us per cell, groups above 0.005). Any thread
     (pure)."""
-    return " ".join(f"{name} {value:.2f}"
-                    for name, value in figures["cpu_by_group_us_per_cell"].items()
+    return " ".join(f"{name} {value:.2f}" for name, value in figures[key].items()
                     if value >= 0.005)
 
 
@@ -403,11 +404,17 @@ def print_perf(report: dict[str, Any], modes: list[str], out: Any) -> None:
                 lines.append(f"  ours {mode}, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
                              f"{_groups(figures)}; kernel + OpenSSL "
                              f"{figures['floor_us_per_cell']:.2f}")
+            if figures and "loop_kernel_us_per_cell" in figures:
+                lines.append(f"    its loop thread: {figures['loop_cpu_us_per_cell']:.2f} us = "
+                             f"{_groups(figures, 'loop_cpu_by_group_us_per_cell')}")
     for kind, figures in (report.get("c_tor_same_load") or {}).items():
         if "floor_us_per_cell" in figures:
             lines.append(f"  C tor, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
                          f"{_groups(figures)}; kernel + OpenSSL "
                          f"{figures['floor_us_per_cell']:.2f}")
+        if "loop_kernel_us_per_cell" in figures:
+            lines.append(f"    its main thread: {figures['loop_cpu_us_per_cell']:.2f} us = "
+                         f"{_groups(figures, 'loop_cpu_by_group_us_per_cell')}")
     tor = report.get("c_tor")
     if tor is not None and "floor_us_per_cell" in tor:
         for who, figures in (("C tor", tor), ("ours", tor["ours_same_position"])):

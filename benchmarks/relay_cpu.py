@@ -35,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.cpu_profile import Recorder, split_per_cell
+from benchmarks.cpu_profile import Recorder, split_per_cell, thread_split
 from benchmarks.relay_load import DEFAULT_WINDOW, RelayLoad
 from benchmarks.relay_proc import RelayProcess
 from benchmarks.relay_torpeer import TorRelayProcess
@@ -59,7 +59,8 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
     C tor (:class:`benchmarks.relay_torpeer.TorRelayProcess`, TLS only), its relayed cells counted
     at the far ends (``load_cells``). ``perf_data``: also sample the relay with perf over the
     window into that file (:mod:`benchmarks.cpu_profile`), adding ``cpu_by_group_us_per_cell``
-    and ``floor_us_per_cell`` (kernel + OpenSSL). Raises :class:`LoadFailed` or
+    and ``floor_us_per_cell`` (kernel + OpenSSL), and the loop thread's own split,
+    ``loop_cpu_by_group_us_per_cell`` and ``loop_kernel_us_per_cell``. Raises :class:`LoadFailed` or
     :class:`benchmarks.relay_proc.RelayStartError`. Main thread."""
     relay: RelayProcess | TorRelayProcess
     if tor:
@@ -164,7 +165,11 @@ def measure(tls: bool, workdir: Path, *, threads: int = 2, circuits: int = 32, l
         "steady": first["all_open"] and last_edge["all_open"],
     }
     if groups is not None:
+        assert recorder is not None
         result.update(split_per_cell(groups, result["cpu_us_per_cell"]))
+        loop = recorder.thread_groups.get(relay.pid)  # the main thread's tid is the pid
+        if loop is not None:
+            result.update(thread_split(loop, result["loop_cpu_us_per_cell"]))
     if after:
         batches = after["batches"] - before["batches"]
         result.update({

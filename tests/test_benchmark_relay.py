@@ -108,6 +108,16 @@ def test_quick_json_splits_every_cpu_figure_by_library(quick_report: dict[str, A
         assert math.fsum(run["cpu_by_group_us_per_cell"].values()) == pytest.approx(
             run["cpu_us_per_cell"], rel=0.01)
     assert quick_report["tls"]["cpu_by_group_us_per_cell"]["python"] > 0
+    # ours and C tor's under the same load also split their loop (main) thread's CPU
+    loops = [quick_report["tls"], quick_report["tls"]["paced"]]
+    if quick_report["c_tor"] is not None:
+        loops += list(quick_report["c_tor_same_load"].values())
+    for figure in loops:
+        loop = figure["loop_cpu_by_group_us_per_cell"]
+        assert set(loop) == set(GROUPS) and loop["kernel"] == figure["loop_kernel_us_per_cell"]
+    for run in quick_report["tls"]["runs"]["cpu"]:
+        assert math.fsum(run["loop_cpu_by_group_us_per_cell"].values()) == pytest.approx(
+            run["loop_cpu_us_per_cell"], rel=0.01)
     if quick_report["c_tor"] is not None:
         tor = quick_report["c_tor_same_load"]["saturated"]["cpu_by_group_us_per_cell"]
         assert tor["tor"] > 0 and tor["python"] == 0

@@ -17,7 +17,17 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.cpu_profile import GROUPS, Recorder, by_group, classify, parse_report, unavailable
+from benchmarks.cpu_profile import (
+    GROUPS,
+    Recorder,
+    by_group,
+    classify,
+    median_split,
+    parse_report,
+    parse_thread_report,
+    thread_split,
+    unavailable,
+)
 from benchmarks.relay_cpu import measure
 
 REPORT = """\
@@ -63,6 +73,53 @@ def test_report_parsed_and_grouped() -> None:
     assert math.fsum(groups.values()) == pytest.approx(math.fsum(shares.values()))
 
 
+THREAD_REPORT = """\
+# Samples: 5K of event 'cpu-clock:ppp'
+#
+    20.82%    12679:python   libcrypto.so.3
+    15.50%    12677:python   [kernel.kallsyms]
+    13.11%    12677:python   libpython3.11.so.1.0
+    10.07%    12679:python   libc.so.6
+     8.34%    12677:python   _cellkernel.cpython-311-x86_64-linux-gnu.so
+     5.01%    12677:python   libc.so.6
+     3.56%    12679:python   [kernel.kallsyms]
+     0.60%    12677:python   [vdso]
+"""
+
+
+def test_thread_report_parsed_per_thread_and_split() -> None:
+    threads = parse_thread_report(THREAD_REPORT)
+    assert sorted(threads) == [12677, 12679]
+    assert threads[12679] == pytest.approx({"libcrypto.so.3": 0.2082, "libc.so.6": 0.1007,
+                                            "[kernel.kallsyms]": 0.0356})
+    loop = by_group(threads[12677])
+    assert math.fsum(loop.values()) == pytest.approx(0.4256)
+    split = thread_split(loop, 0.8512)  # the thread's own CPU per cell, from /proc
+    by = split["loop_cpu_by_group_us_per_cell"]
+    assert math.fsum(by.values()) == pytest.approx(0.8512)
+    assert split["loop_kernel_us_per_cell"] == pytest.approx((0.1550 + 0.0060) * 2)
+    assert by["python"] == pytest.approx(0.1311 * 2) and by["openssl"] == 0.0
+    assert thread_split(dict.fromkeys(GROUPS, 0.0), 1.0) == {}  # no samples: no split
+
+
+def test_median_split_takes_the_loop_split_when_every_run_has_it() -> None:
+    def run(kernel: float, loop_kernel: float | None) -> dict[str, object]:
+        figures: dict[str, object] = {
+            "floor_us_per_cell": kernel,
+            "cpu_by_group_us_per_cell": dict.fromkeys(GROUPS, 0.0) | {"kernel": kernel}}
+        if loop_kernel is not None:
+            figures.update({"loop_kernel_us_per_cell": loop_kernel,
+                            "loop_cpu_by_group_us_per_cell":
+                                dict.fromkeys(GROUPS, 0.0) | {"kernel": loop_kernel}})
+        return figures
+
+    both = median_split([run(1.0, 0.2), run(3.0, 0.4), run(2.0, 0.9)])
+    assert both["floor_us_per_cell"] == 2.0 and both["loop_kernel_us_per_cell"] == 0.4
+    assert both["loop_cpu_by_group_us_per_cell"]["kernel"] == 0.4
+    partial = median_split([run(1.0, 0.2), run(3.0, None)])
+    assert partial["floor_us_per_cell"] == 2.0 and "loop_kernel_us_per_cell" not in partial
+
+
 _NO_PERF = unavailable()
 needs_perf = pytest.mark.skipif(_NO_PERF is not None, reason=f"perf: {_NO_PERF}")
 
@@ -103,3 +160,7 @@ def test_relay_window_split_adds_up(tmp_path: Path) -> None:
     for name in ("kernel", "openssl", "python"):
         assert groups[name] > 0.0, groups
     assert groups["tor"] == groups["libevent"] == 0.0
+    # the loop thread's own split adds up to its CPU; its socket I/O is in the kernel part
+    loop = result["loop_cpu_by_group_us_per_cell"]
+    assert math.fsum(loop.values()) == pytest.approx(result["loop_cpu_us_per_cell"], rel=0.01)
+    assert 0.0 < result["loop_kernel_us_per_cell"] == loop["kernel"] <= groups["kernel"] * 1.15
