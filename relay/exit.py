@@ -46,7 +46,8 @@ the exit ever reads from the target for it. Stream SENDMEs stay empty and unchec
 Back-pressure toward the client's link: :meth:`pause_reading` / :meth:`resume_reading` stop and
 restart reading from every target of this circuit while the previous hop's write buffer is full.
 
-Threads: loop thread only, like the circuit that owns it.
+Threads: loop thread only, like the circuit that owns it; the module-level functions marked
+"Any thread" are pure.
 """
 
 from __future__ import annotations

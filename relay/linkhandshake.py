@@ -35,7 +35,8 @@ counts: VERSIONS is not counted). A failure raises :class:`HandshakeFailed` with
 the peer (``link_version``, ``peer_versions``, ``peer_certs``, ``peer_cert_bindings``,
 ``peer_netinfo``, ``auth_challenge_seen``, ``peer_identity``) stays here; the link exposes it.
 
-Threads: loop thread only (one handshake belongs to one link).
+Threads: loop thread only (one handshake belongs to one link); :func:`command_name` is pure,
+any thread.
 """
 
 from __future__ import annotations

@@ -14,8 +14,8 @@ the link (protocol violation). :class:`LinkPadding` is one link's padding: a tim
 at the drawn timeout and sends PADDING only when nothing else went out since the last firing,
 so a busy link pays nothing but the timer.
 
-Threads: :func:`decode_padding_negotiate` any thread (pure); :class:`LinkPadding` loop thread
-only.
+Threads: :func:`decode_padding_negotiate` and :class:`PaddingNegotiate` values any thread
+(pure); :class:`LinkPadding` loop thread only.
 """
 
 from __future__ import annotations

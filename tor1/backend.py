@@ -11,7 +11,8 @@ backends give the same bytes and offer the same methods, including the joined-bu
 SENDME-tagged forms (``*_tagged_buf``): for the reference they are the thin adapters below,
 which split the buffer, call the list form and join.
 
-Threads: the factories may be called from any thread; the objects they return are one
+Threads: the factories, :func:`kernel_available`, :func:`kernel_missing_reason` and
+:func:`backend_name` may be called from any thread; the objects the factories return are one
 circuit's state, used by one thread at a time. No global mutable state: whether the kernel
 imported is decided once, at import.
 """

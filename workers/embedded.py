@@ -19,7 +19,8 @@ Buffered results are not counted by the pool's back-pressure (a delivered batch 
 itself, e.g. by awaiting results before submitting more.
 
 Threads: everything here is loop thread only (the thread running the asyncio loop or the trio
-run); the worker threads reach it only through the reply queue.
+run) except :meth:`EmbeddedPool.stats`, which any thread may call (counters, maybe stale); the
+worker threads reach it only through the reply queue.
 """
 
 from __future__ import annotations

@@ -6,6 +6,9 @@ two or three groups". :class:`RunQueues` is that: ``classes`` FIFO deques of cir
 the most urgent. The pool's lock is held by the caller for every method: this class has no lock
 of its own and is used only by :class:`workers.scheduler.Scheduler`, under that lock.
 
+Threads: any thread holding the pool's lock (the loop thread submitting and cancelling, the
+workers taking circuits); every method assumes it and says so ("Pool lock held").
+
 Round-robin inside a class
     A circuit is pushed at the tail and popped from the head; a worker that still finds cells
     pending after its batch pushes the circuit back at the tail. So circuits of one class take

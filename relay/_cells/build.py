@@ -18,7 +18,8 @@ SOURCE = Path(__file__).with_name("cellkernel.c")
 
 
 def extension() -> Extension:
-    """Return the setuptools Extension for ``relay._cells._cellkernel``."""
+    """Return the setuptools Extension for ``relay._cells._cellkernel``. Build time, any thread
+    (pure)."""
     return Extension(
         name="relay._cells._cellkernel",
         # setuptools wants source paths relative to where setup.py runs (the repository root).

@@ -18,7 +18,8 @@ SOURCE = Path(__file__).with_name("ntorkernel.c")
 
 
 def extension() -> Extension:
-    """Return the setuptools Extension for ``relay._ntor._ntorkernel``."""
+    """Return the setuptools Extension for ``relay._ntor._ntorkernel``. Build time, any thread
+    (pure)."""
     return Extension(
         name="relay._ntor._ntorkernel",
         # setuptools wants source paths relative to where setup.py runs (the repository root).

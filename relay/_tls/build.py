@@ -19,7 +19,8 @@ SOURCE = Path(__file__).with_name("tlskernel.c")
 
 
 def extension() -> Extension:
-    """Return the setuptools Extension for ``relay._tls._tlskernel``."""
+    """Return the setuptools Extension for ``relay._tls._tlskernel``. Build time, any thread
+    (pure)."""
     return Extension(
         name="relay._tls._tlskernel",
         # setuptools wants source paths relative to where setup.py runs (the repository root).

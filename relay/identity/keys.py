@@ -43,8 +43,10 @@ time of ``secret_onion_key_ntor`` (set when the file is written).
 
 Threads: :meth:`RelayIdentity.load_or_create` and :meth:`RelayIdentity.rotate` do blocking
 file I/O: call them at start-up and from a timer on the loop thread. A ``RelayIdentity`` is
-mutable (rotation replaces keys), so it belongs to that thread; every other method reads state
-and is pure.
+mutable (rotation replaces keys one attribute at a time), so it belongs to that thread: what
+reads keys that rotate replaces (onion keys, certificates, the TLS context, the descriptor) is
+loop thread only; the identity fingerprint, its digest and the master key never change and may
+be read from any thread.
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ def _new_onion_keys(now: float) -> OnionKeys:
 
 class RelayIdentity:
     """Every key of one relay, loaded from or saved to its data directory (see the module
-    docstring). Owned by the loop thread; read-only methods are pure."""
+    docstring). Owned by the loop thread; only the identity's fingerprint, digest and master key
+    may be read from other threads."""
 
     def __init__(self, data_dir: Path, nickname: str, periods: KeyPeriods,
                  identity_key: rsa.RSAPrivateKey, master: ExpandedEd25519Key,
@@ -301,7 +304,7 @@ class RelayIdentity:
     @property
     def ntor_onion_key(self) -> bytes:
         """The current ntor onion key ``B`` (32 bytes, what descriptors publish).
-        Any thread (pure)."""
+        Loop thread only (reads keys rotate replaces)."""
         return self.onion.ntor.public_key().public_bytes_raw()
 
     def _previous_valid(self, now: float) -> bool:
@@ -311,7 +314,8 @@ class RelayIdentity:
     def ntor_onion_keys(self, now: float) -> tuple[X25519PrivateKey, ...]:
         """The ntor keys a server handshake may use at ``now``: the current key, then the
         previous one during its grace period. Wrap one as
-        ``NtorServerKey(identity.identity_digest, key)``. Any thread (pure)."""
+        ``NtorServerKey(identity.identity_digest, key)``. Loop thread only (reads keys rotate
+        replaces)."""
         keys = [self.onion.ntor]
         if self._previous_valid(now):
             assert self.previous_onion is not None
@@ -320,14 +324,15 @@ class RelayIdentity:
 
     def ntor_key_for(self, public: bytes, now: float) -> X25519PrivateKey | None:
         """The valid ntor key whose public key is ``public`` (the KEYID a CREATE2 names), or
-        None. Any thread (pure)."""
+        None. Loop thread only (reads keys rotate replaces)."""
         for key in self.ntor_onion_keys(now):
             if key.public_key().public_bytes_raw() == public:
                 return key
         return None
 
     def tap_onion_keys(self, now: float) -> tuple[rsa.RSAPrivateKey, ...]:
-        """The TAP onion keys valid at ``now``, current first. Any thread (pure)."""
+        """The TAP onion keys valid at ``now``, current first. Loop thread only (reads keys
+        rotate replaces)."""
         if self._previous_valid(now):
             assert self.previous_onion is not None
             return (self.onion.tap, self.previous_onion.tap)
@@ -335,13 +340,13 @@ class RelayIdentity:
 
     def responder_certs_body(self) -> bytes:
         """The CERTS body to send as a link's responder (types 1, 2, 4, 5, 7) for the current
-        TLS context. Any thread (pure)."""
+        TLS context. Loop thread only (reads keys rotate replaces)."""
         return responder_certs_body(self.tls, self.signing_cert, self.link_cert,
                                     self.rsa_crosscert)
 
     def initiator_certs_body(self) -> bytes:
         """The CERTS body to send as a link's initiator (types 2, 4, 6, 7).
-        Any thread (pure)."""
+        Loop thread only (reads keys rotate replaces)."""
         return initiator_certs_body(self.tls.identity_cert_der, self.signing_cert,
                                     self.auth_cert, self.rsa_crosscert)
 
@@ -349,7 +354,7 @@ class RelayIdentity:
 
     def needs_rotation(self, now: float) -> frozenset[str]:
         """What :meth:`rotate` would replace at ``now`` (``ROTATE_*`` names).
-        Any thread (pure)."""
+        Loop thread only (reads keys rotate replaces)."""
         p = self.periods
         due = set()
         if self.signing_cert.expires_at - now <= p.signing_key_slop:
@@ -414,7 +419,7 @@ class RelayIdentity:
     def server_descriptor(self, info: RouterInfo, now: float, *, with_tap: bool = True) -> str:
         """This relay's signed server descriptor, published at ``now``, with the current
         keys (see :mod:`relay.identity.descriptor`); ``with_tap`` False leaves the TAP onion
-        key out. Any thread (pure)."""
+        key out. Loop thread only (reads keys rotate replaces)."""
         return build_server_descriptor(
             info, identity_key=self.identity_key, signing_key=self.signing_key,
             signing_cert=self.signing_cert, tap_onion_key=self.onion.tap if with_tap else None,
@@ -424,7 +429,7 @@ class RelayIdentity:
     def check_consistency(self, now: float) -> None:
         """Re-check every certificate this identity hands out against its keys at ``now``;
         raises :class:`relay.identity.edcert.CertError` on the first that fails (a guard for
-        tests and start-up). Any thread (pure)."""
+        tests and start-up). Loop thread only (reads keys rotate replaces)."""
         self.signing_cert.check(self.master.public, now=now, what="signing certificate")
         if self.signing_cert.certified_key != self.signing_key.public:
             raise CertError("signing certificate certifies another key")

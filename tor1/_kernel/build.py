@@ -18,7 +18,8 @@ SOURCE = Path(__file__).with_name("tor1kernel.c")
 
 
 def extension() -> Extension:
-    """Return the setuptools Extension for ``tor1._kernel._tor1``."""
+    """Return the setuptools Extension for ``tor1._kernel._tor1``. Build time, any thread
+    (pure)."""
     return Extension(
         name="tor1._kernel._tor1",
         # setuptools wants source paths relative to where setup.py runs (the repository root).
