@@ -115,6 +115,7 @@ from workers.pool import (
     PoolClosedError,
     WorkerPool,
 )
+from workers.tuning import NO_THREAD_CACHE_TUNABLE, env_without_thread_cache
 
 __all__ = ["RelayNode"]
 
@@ -178,7 +179,8 @@ class RelayNode:
         writes of at most ``tls_inline_bytes`` on the loop thread; by default all of it on the
         loop thread (less CPU per cell in all; docs/tuning.md). A process that turns it on should
         run with glibc's per-thread malloc cache off (``workers.tuning.env_without_thread_cache``:
-        records made on workers and freed here otherwise pin the workers' arenas)."""
+        records made on workers and freed here otherwise pin the workers' arenas); a node made
+        without it logs a warning and sets ``thread_cache_warned``."""
         self.reactor = reactor
         self.max_circuits_per_link = max_circuits_per_link
         if inline_cells < 0:
@@ -223,6 +225,13 @@ class RelayNode:
         )
         self._tls_offload = (TlsOffload(self.pool, tls_inline_bytes)
                              if tls_on_pool and not config.plain_links else None)
+        # glibc reads its tunables once, at process start: all a node can do is say so
+        self.thread_cache_warned = (self._tls_offload is not None
+                                    and env_without_thread_cache(os.environ) is not None)
+        if self.thread_cache_warned:
+            log.warning("%s: TLS records on the pool while glibc's per-thread malloc cache is on: "
+                        "the process's memory will creep; start it with GLIBC_TUNABLES=%s "
+                        "(docs/tuning.md)", nickname, NO_THREAD_CACHE_TUNABLE)
         self._onion = OnionHandshakes(self.pool, self._ntor_keys, self._on_onionskin_answered,
                                       lanes=config.threads)
         # One group function for all of this node's kernel circuits: the pool crypts circuits

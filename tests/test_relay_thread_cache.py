@@ -4,19 +4,26 @@
   nothing to do when the environment already sizes the cache;
 * ``python -m examples.relay --tls-on-pool``: the process that says READY (the same process id
   the parent started) runs with the tunable in its environment, and works; without
-  ``--tls-on-pool`` the relay is left as it was started.
+  ``--tls-on-pool`` the relay is left as it was started;
+* a ``RelayNode`` embedded in a process started without the tunable, with TLS records on the
+  pool, says so in a warning (it cannot turn the cache off itself).
 
 Why (a creeping RSS otherwise, measured with ``make soak``): docs/tuning.md.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 import pytest
 
 from benchmarks.relay_proc import RelayProcess
+from reactor import Reactor
+from relay.config import RelayConfig
+from relay.identity.keys import RelayIdentity
+from relay.node import RelayNode
 from workers.tuning import NO_THREAD_CACHE_TUNABLE, env_without_thread_cache
 
 glibc = pytest.mark.skipif(not os.confstr_names.get("CS_GNU_LIBC_VERSION"),
@@ -56,3 +63,30 @@ def test_a_relay_with_tls_on_the_pool_runs_without_the_cache(tmp_path: Path,
     finally:
         final = relay.stop()
     assert final is not None and final["circuits_open"] == 0
+
+
+@glibc
+@pytest.mark.parametrize(("on_pool", "tunables", "warned"), [
+    (True, None, True),
+    (True, NO_THREAD_CACHE_TUNABLE, False),
+    (True, "glibc.malloc.tcache_count=7", False),  # sized on purpose: left to its owner
+    (False, None, False),
+])
+def test_an_embedded_node_warns_when_the_cache_is_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        on_pool: bool, tunables: str | None, warned: bool) -> None:
+    if tunables is None:
+        monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    else:
+        monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    identity = RelayIdentity.load_or_create(tmp_path / "id", "cached")
+    caplog.set_level(logging.WARNING, logger="relay.node")
+    with Reactor() as reactor:
+        node = RelayNode(reactor, identity, RelayConfig(nickname="cached"), tls_on_pool=on_pool)
+        node.close()
+    warnings = [r.getMessage() for r in caplog.records if "per-thread malloc cache" in
+                r.getMessage()]
+    assert node.thread_cache_warned is warned
+    assert len(warnings) == warned
+    if warned:
+        assert NO_THREAD_CACHE_TUNABLE in warnings[0]
