@@ -36,11 +36,22 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
+from tor1 import (
+    CELL_PAYLOAD_LEN,
+    RELAY_DATA_MAX,
+    RELAY_DIGEST_LEN,
+    RELAY_DIGEST_OFFSET,
+    RELAY_HEADER_LEN,
+)
 
 __all__ = [
+    "CELL_HEADER_V3",
+    "CELL_HEADER_V4",
     "MAX_VAR_PAYLOAD_LEN",
     "RELAY_HEADER",
+    "RELAY_PADDING_GAP",
+    "VAR_LENGTH",
+    "VAR_LENGTH_COMMAND_MIN",
     "Cell",
     "CellCommand",
     "CellFormatError",
@@ -67,13 +78,21 @@ __all__ = [
 ]
 
 MAX_VAR_PAYLOAD_LEN = 0xFFFF
-_RELAY_PADDING_GAP = 4
+RELAY_PADDING_GAP = 4
+"""Zero bytes after a relay payload's data, before the random padding (tor-spec 6.1)."""
+VAR_LENGTH_COMMAND_MIN = 128
+"""Commands from this one up are variable-length cells (link protocol 3 and later)."""
 
-_HEADER_V3 = struct.Struct(">HB")
-_HEADER_V4 = struct.Struct(">IB")
-_VAR_LEN = struct.Struct(">H")
-#: ``command, recognized, stream_id, digest, length`` at the start of a relay payload.
-RELAY_HEADER = struct.Struct(">BHH4sH")
+CELL_HEADER_V3 = struct.Struct(">HB")
+"""``circ_id, command`` of a cell on link protocols 1-3 (2-byte circuit ids)."""
+CELL_HEADER_V4 = struct.Struct(">IB")
+"""``circ_id, command`` of a cell on link protocol 4 and later (4-byte circuit ids)."""
+VAR_LENGTH = struct.Struct(">H")
+"""The payload length after a variable-length cell's header."""
+RELAY_HEADER = struct.Struct(f">BHH{RELAY_DIGEST_LEN}sH")
+"""``command, recognized, stream_id, digest, length`` at the start of a relay payload."""
+assert RELAY_HEADER.size == RELAY_HEADER_LEN
+assert struct.calcsize(">BHH") == RELAY_DIGEST_OFFSET
 
 
 class CellCommand(IntEnum):
@@ -190,13 +209,17 @@ def circ_id_len(link_version: int) -> int:
     return 4 if link_version >= 4 else 2
 
 
+def _cell_header(link_version: int) -> struct.Struct:
+    return CELL_HEADER_V4 if link_version >= 4 else CELL_HEADER_V3
+
+
 def is_var_length(command: int, link_version: int) -> bool:
     """Whether ``command`` is framed as a variable-length cell on ``link_version``."""
     if link_version == 1:
         return False
     if link_version == 2:
         return command == CellCommand.VERSIONS
-    return command == CellCommand.VERSIONS or command >= 128
+    return command == CellCommand.VERSIONS or command >= VAR_LENGTH_COMMAND_MIN
 
 
 def _check_circ_id(circ_id: int, link_version: int) -> None:
@@ -238,7 +261,7 @@ class Cell:
             raise CellFormatError(
                 f"command {self.command} is variable-length on link v{link_version}; use VarCell"
             )
-        header = (_HEADER_V4 if link_version >= 4 else _HEADER_V3).pack(self.circ_id, self.command)
+        header = _cell_header(link_version).pack(self.circ_id, self.command)
         return header + self.payload + bytes(CELL_PAYLOAD_LEN - len(self.payload))
 
 
@@ -265,8 +288,8 @@ class VarCell:
             raise CellFormatError(
                 f"command {self.command} is fixed-size on link v{link_version}; use Cell"
             )
-        header = (_HEADER_V4 if link_version >= 4 else _HEADER_V3).pack(self.circ_id, self.command)
-        return header + _VAR_LEN.pack(len(self.payload)) + self.payload
+        header = _cell_header(link_version).pack(self.circ_id, self.command)
+        return header + VAR_LENGTH.pack(len(self.payload)) + self.payload
 
 
 AnyCell = Cell | VarCell
@@ -285,11 +308,12 @@ def parse_cell(
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
     if link_version >= 4:
-        header, header_len = _HEADER_V4, 5
+        header = CELL_HEADER_V4
     elif link_version >= 0:
-        header, header_len = _HEADER_V3, 3
+        header = CELL_HEADER_V3
     else:
         raise LinkVersionError(_bad_link_version(link_version))
+    header_len = header.size
     available = len(buf) - offset
     if available < header_len:
         return None
@@ -300,12 +324,12 @@ def parse_cell(
         if available < header_len + CELL_PAYLOAD_LEN:
             return None
         return Cell(circ_id, command, bytes(buf[start:end])), end
-    if available < header_len + 2:
+    if available < header_len + VAR_LENGTH.size:
         return None
-    (length,) = _VAR_LEN.unpack_from(buf, start)
-    start += 2
+    (length,) = VAR_LENGTH.unpack_from(buf, start)
+    start += VAR_LENGTH.size
     end = start + length
-    if available < header_len + 2 + length:
+    if available < header_len + VAR_LENGTH.size + length:
         return None
     return VarCell(circ_id, command, bytes(buf[start:end])), end
 
@@ -350,7 +374,7 @@ def encode_versions(versions: Iterable[int]) -> bytes:
     for v in listed:
         if not 0 <= v <= 0xFFFF:
             raise FieldRangeError(f"link version must be 0..65535, got {v}")
-    payload = b"".join(_VAR_LEN.pack(v) for v in listed)
+    payload = b"".join(VAR_LENGTH.pack(v) for v in listed)
     return VarCell(0, CellCommand.VERSIONS, payload).encode(0)
 
 
@@ -360,7 +384,7 @@ def parse_versions(payload: bytes) -> list[int]:
         raise VersionsFormatError(
             f"VERSIONS payload must hold 2-byte versions, got {len(payload)} bytes"
         )
-    return [v for (v,) in _VAR_LEN.iter_unpack(payload)]
+    return [v for (v,) in VAR_LENGTH.iter_unpack(payload)]
 
 
 def highest_common_version(ours: Iterable[int], theirs: Iterable[int]) -> int | None:
@@ -387,7 +411,7 @@ class RelayPayload:
     command: int
     recognized: int = 0
     stream_id: int = 0
-    digest: bytes = bytes(4)
+    digest: bytes = bytes(RELAY_DIGEST_LEN)
     length: int | None = None
     data: bytes = field(default=b"")
 
@@ -421,7 +445,7 @@ class RelayPayload:
             self.command, self.recognized, self.stream_id, bytes(self.digest), len(self.data)
         )
         used = RELAY_HEADER_LEN + len(self.data)
-        gap = min(_RELAY_PADDING_GAP, CELL_PAYLOAD_LEN - used)
+        gap = min(RELAY_PADDING_GAP, CELL_PAYLOAD_LEN - used)
         random_len = CELL_PAYLOAD_LEN - used - gap
         rand = (padding or _default_padding)(random_len) if random_len else b""
         if len(rand) != random_len:

@@ -57,8 +57,14 @@ import struct
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any, Generic, Protocol, TypeVar
 
-from relay.cells import RELAY_HEADER, CellCommand, RelayCommand
-from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_HEADER_LEN
+from relay.cells import (
+    CELL_HEADER_V4,
+    RELAY_HEADER,
+    RELAY_PADDING_GAP,
+    CellCommand,
+    RelayCommand,
+)
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX, RELAY_DIGEST_LEN, RELAY_HEADER_LEN
 
 __all__ = [
     "CIRCWINDOW_INCREMENT",
@@ -106,11 +112,11 @@ END_REASON_CONNRESET = 12
 END_REASON_TORPROTOCOL = 13
 END_REASON_NOTDIRECTORY = 14
 
-_FULL_DATA = struct.Struct(f">BHH4sH{RELAY_DATA_MAX}s")
-_ZERO_DIGEST = bytes(4)
-_PAD_GAP = bytes(4)
+_FULL_DATA = struct.Struct(f"{RELAY_HEADER.format}{RELAY_DATA_MAX}s")
+_ZERO_DIGEST = bytes(RELAY_DIGEST_LEN)
+_PAD_GAP = bytes(RELAY_PADDING_GAP)
 _DATA = int(RelayCommand.DATA)
-_CELL_HEADER = struct.Struct(">IB")
+_CELL_HEADER = CELL_HEADER_V4
 _RELAY = CellCommand.RELAY
 _RELAY_EARLY = CellCommand.RELAY_EARLY
 _MAX_RUNS = 64  # streams per data_runs call (the C kernel's MAX_RUNS)
@@ -129,7 +135,7 @@ def pack_relay(command: int, stream_id: int, data: bytes = b"") -> bytes:
         raise ValueError(f"relay data is at most {RELAY_DATA_MAX} bytes, got {size}")
     header = RELAY_HEADER.pack(command, 0, stream_id, _ZERO_DIGEST, size)
     rest = CELL_PAYLOAD_LEN - RELAY_HEADER_LEN - size
-    gap = _PAD_GAP[: min(4, rest)]
+    gap = _PAD_GAP[:rest]
     return header + bytes(data) + gap + os.urandom(rest - len(gap))
 
 

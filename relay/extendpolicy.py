@@ -33,9 +33,7 @@ Threads: any thread (pure); :meth:`ExtendDecision.choose` uses the ``random.Rand
 
 from __future__ import annotations
 
-import ipaddress
 import random
-import struct
 from collections.abc import Collection
 from dataclasses import dataclass
 from enum import Enum
@@ -43,10 +41,14 @@ from enum import Enum
 from relay.addrpolicy import IPAddress, is_internal
 from relay.cells import DestroyReason
 from relay.handshakes import (
+    HTYPE_FAST,
+    HTYPE_NTOR,
+    HTYPE_TAP,
     LSTYPE_ED25519_ID,
     LSTYPE_IPV4,
     LSTYPE_IPV6,
     LSTYPE_LEGACY_ID,
+    NTOR_ONIONSKIN_LEN,
     BodyError,
     Extend2Body,
 )
@@ -59,10 +61,6 @@ __all__ = [
     "check_extend2",
 ]
 
-HTYPE_TAP = 0
-HTYPE_FAST = 1
-HTYPE_NTOR = 2
-NTOR_ONIONSKIN_LEN = 84
 IPV6_CONNECTION_ONE_IN_N = 2
 
 
@@ -170,10 +168,9 @@ def check_extend2(
     ed_id: bytes | None = None
     for spec in body.specifiers:
         if spec.lstype == LSTYPE_IPV4 and ipv4 is None:
-            ipv4 = (ipaddress.IPv4Address(spec.data[:4]), struct.unpack(">H", spec.data[4:])[0])
+            ipv4 = spec.ip_address()
         elif spec.lstype == LSTYPE_IPV6 and ipv6 is None:
-            ipv6 = (ipaddress.IPv6Address(spec.data[:16]),
-                    struct.unpack(">H", spec.data[16:])[0])
+            ipv6 = spec.ip_address()
         elif spec.lstype == LSTYPE_LEGACY_ID:
             if rsa_id is not None:
                 return _protocol("EXTEND2 with two RSA identity link specifiers")

@@ -42,10 +42,16 @@ Threads: loop thread only (one framer belongs to one link); :func:`route`, :func
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 
-from relay.cells import CellCommand, CellFormatError, is_var_length
+from relay.cells import (
+    CELL_HEADER_V4,
+    VAR_LENGTH,
+    VAR_LENGTH_COMMAND_MIN,
+    CellCommand,
+    CellFormatError,
+    is_var_length,
+)
 from tor1 import CELL_PAYLOAD_LEN
 
 __all__ = [
@@ -69,10 +75,12 @@ RouteFn = Callable[[bytes, int, dict], tuple[int, list, "tuple[int, int, bytes] 
 UnroutedFn = Callable[[int, int, bytes], object]
 """``unrouted(circ_id, command, payload)``: a cell for no registered circuit."""
 
-HEADER = struct.Struct(">IB")
-VAR_LENGTH = struct.Struct(">H")
-FIXED_CELL_LEN = 5 + CELL_PAYLOAD_LEN
+HEADER = CELL_HEADER_V4
+"""``circ_id, command``: an open link speaks protocol 4 or later."""
+FIXED_CELL_LEN = HEADER.size + CELL_PAYLOAD_LEN
 """Bytes of one fixed-size cell on the wire (4-byte circuit id)."""
+_VAR_HEADER_LEN = HEADER.size + VAR_LENGTH.size
+_VERSIONS = int(CellCommand.VERSIONS)
 
 
 def fixed_cell(circ_id: int, command: int, payload: bytes = b"") -> bytes:
@@ -108,16 +116,18 @@ def route_py(buf: bytes, offset: int,
     order: list[int] = []
     found: dict[int, tuple[object, list[bytes], list[int]]] = {}
     other = None
-    while offset + 5 <= size:
+    head = HEADER.size
+    while offset + head <= size:
         circ_id, command = unpack(buf, offset)
-        if command == 7 or command >= 128:
-            if offset + 7 > size:
+        if command == _VERSIONS or command >= VAR_LENGTH_COMMAND_MIN:
+            if offset + _VAR_HEADER_LEN > size:
                 break
-            (length,) = VAR_LENGTH.unpack_from(buf, offset + 5)
-            if offset + 7 + length > size:
+            (length,) = VAR_LENGTH.unpack_from(buf, offset + head)
+            start = offset + _VAR_HEADER_LEN
+            if start + length > size:
                 break
-            other = (circ_id, command, bytes(buf[offset + 7 : offset + 7 + length]))
-            offset += 7 + length
+            other = (circ_id, command, bytes(buf[start : start + length]))
+            offset = start + length
             break
         if offset + FIXED_CELL_LEN > size:
             break
@@ -130,12 +140,12 @@ def route_py(buf: bytes, offset: int,
                 group = found[circ_id] = (handler, [], [])
                 order.append(circ_id)
         if group is None or not (command == _RELAY or command == _RELAY_EARLY):
-            other = (circ_id, command, bytes(buf[offset + 5 : offset + FIXED_CELL_LEN]))
+            other = (circ_id, command, bytes(buf[offset + head : offset + FIXED_CELL_LEN]))
             offset += FIXED_CELL_LEN
             break
         if command == _RELAY_EARLY:
             group[2].append(len(group[1]))
-        group[1].append(buf[offset + 5 : offset + FIXED_CELL_LEN])
+        group[1].append(buf[offset + head : offset + FIXED_CELL_LEN])
         offset += FIXED_CELL_LEN
     groups = []
     for circ_id in order:
@@ -209,9 +219,9 @@ class CellFramer:
                     break  # an incomplete cell: wait for more bytes
                 continue
             circ_id, command, payload = other
-            variable = command == 7 or command >= 128
+            variable = command == _VERSIONS or command >= VAR_LENGTH_COMMAND_MIN
             if not self.running:  # a batch handler paused the link: `other` stays pending
-                return offset - (7 + len(payload) if variable else FIXED_CELL_LEN)
+                return offset - (_VAR_HEADER_LEN + len(payload) if variable else FIXED_CELL_LEN)
             if variable and not is_var_length(command, self.version):
                 raise CellFormatError(f"command {command} framed as variable-length")
             self.cells += 1

@@ -49,11 +49,13 @@ from hashlib import sha256
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from tor1.reference import HOP_MATERIAL_LEN, NTOR_PROTOID, kdf_ntor, kdf_tor
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
+from tor1.reference import DIGEST_LEN, HOP_MATERIAL_LEN, NTOR_PROTOID, kdf_ntor, kdf_tor
 
 __all__ = [
     "CREATED_FAST_LEN",
     "CREATE_FAST_LEN",
+    "HTYPE_FAST",
     "HTYPE_NTOR",
     "HTYPE_TAP",
     "LSTYPE_ED25519_ID",
@@ -77,6 +79,7 @@ __all__ = [
     "encode_create2",
     "encode_created2",
     "encode_extended2",
+    "ntor_onion_key_named",
     "ntor_server",
 ]
 
@@ -84,14 +87,16 @@ CREATE_FAST_LEN = 20
 """Bytes of a CREATE_FAST onionskin (the client's X)."""
 CREATED_FAST_LEN = 40
 """Bytes of a CREATED_FAST reply: Y(20) | KH(20)."""
-_DIGEST_LEN = 20
+_DIGEST_LEN = DIGEST_LEN
 
 HTYPE_TAP = 0
 """CREATE2 handshake type of the obsolete TAP handshake (not implemented)."""
+HTYPE_FAST = 1
+"""CREATE2 handshake type of CREATE_FAST's handshake (tor refuses it in CREATE2)."""
 HTYPE_NTOR = 2
 """CREATE2 handshake type of ntor."""
 
-_ID_LEN = 20
+_ID_LEN = DIGEST_LEN  # the relay's RSA identity digest (SHA-1)
 _KEY_LEN = 32
 NTOR_ONIONSKIN_LEN = _ID_LEN + 2 * _KEY_LEN
 """Bytes of an ntor onionskin: ID(20) | B(32) | X(32)."""
@@ -111,11 +116,12 @@ LSTYPE_LEGACY_ID = 2
 """Link specifier: the relay's RSA identity digest (20)."""
 LSTYPE_ED25519_ID = 3
 """Link specifier: the relay's Ed25519 identity key (32)."""
+_PORT = struct.Struct(">H")
 _LSPEC_FIXED_LEN = {LSTYPE_IPV4: 6, LSTYPE_IPV6: 18, LSTYPE_LEGACY_ID: 20, LSTYPE_ED25519_ID: 32}
 
-_RELAY_BODY_MAX = 498
-"""A CREATE2 body must fit a 509-byte cell payload; EXTEND2 a 498-byte relay body."""
-_CELL_BODY_MAX = 509
+# A CREATE2 body must fit a cell payload; EXTEND2 a relay body.
+_RELAY_BODY_MAX = RELAY_DATA_MAX
+_CELL_BODY_MAX = CELL_PAYLOAD_LEN
 
 
 class HandshakeError(Exception):
@@ -281,6 +287,12 @@ class NtorClient:
         return material
 
 
+def ntor_onion_key_named(onionskin: bytes) -> bytes:
+    """The onion key ``B`` an ntor onionskin (``ID | B | X``) names; short input gives fewer
+    bytes. Any thread (pure)."""
+    return bytes(onionskin[_ID_LEN : _ID_LEN + _KEY_LEN])
+
+
 def ntor_server(
     key: NtorServerKey,
     onionskin: bytes,
@@ -296,7 +308,7 @@ def ntor_server(
             f"ntor onionskin must be {NTOR_ONIONSKIN_LEN} bytes, got {len(onionskin)}"
         )
     ident = bytes(onionskin[:_ID_LEN])
-    b = bytes(onionskin[_ID_LEN : _ID_LEN + _KEY_LEN])
+    b = ntor_onion_key_named(onionskin)
     x = bytes(onionskin[_ID_LEN + _KEY_LEN : NTOR_ONIONSKIN_LEN])
     if not hmac.compare_digest(ident, key.identity_digest):
         raise HandshakeError("ntor: onionskin is for another relay identity")
@@ -407,26 +419,31 @@ class LinkSpecifier:
     @classmethod
     def ipv4(cls, host: str, port: int) -> LinkSpecifier:
         """An IPv4 address and port. Any thread."""
-        return cls(LSTYPE_IPV4, ipaddress.IPv4Address(host).packed + struct.pack(">H", port))
+        return cls(LSTYPE_IPV4, ipaddress.IPv4Address(host).packed + _PORT.pack(port))
 
     @classmethod
     def ipv6(cls, host: str, port: int) -> LinkSpecifier:
         """An IPv6 address and port. Any thread."""
-        return cls(LSTYPE_IPV6, ipaddress.IPv6Address(host).packed + struct.pack(">H", port))
+        return cls(LSTYPE_IPV6, ipaddress.IPv6Address(host).packed + _PORT.pack(port))
 
     @classmethod
     def legacy_id(cls, identity_digest: bytes) -> LinkSpecifier:
         """The relay's RSA identity digest (20 bytes). Any thread."""
         return cls(LSTYPE_LEGACY_ID, bytes(identity_digest))
 
+    def ip_address(self) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, int]:
+        """``(address, port)`` of an IPv4 / IPv6 specifier; ``BodyError`` otherwise.
+        Any thread."""
+        if self.lstype == LSTYPE_IPV4:
+            return ipaddress.IPv4Address(self.data[:4]), _PORT.unpack(self.data[4:])[0]
+        if self.lstype == LSTYPE_IPV6:
+            return ipaddress.IPv6Address(self.data[:16]), _PORT.unpack(self.data[16:])[0]
+        raise BodyError(f"link specifier type {self.lstype} is not an address")
+
     def address(self) -> tuple[str, int]:
         """``(host, port)`` of an IPv4 / IPv6 specifier; ``BodyError`` otherwise. Any thread."""
-        if self.lstype == LSTYPE_IPV4:
-            return str(ipaddress.IPv4Address(self.data[:4])), struct.unpack(">H", self.data[4:])[0]
-        if self.lstype == LSTYPE_IPV6:
-            host = str(ipaddress.IPv6Address(self.data[:16]))
-            return host, struct.unpack(">H", self.data[16:])[0]
-        raise BodyError(f"link specifier type {self.lstype} is not an address")
+        address, port = self.ip_address()
+        return str(address), port
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ from relay.dos import DosGuard
 from relay.exit import ExitEdge, Lookups, Sockets, refuse_every_exit
 from relay.exitpolicy import ExitPolicy, ExitPolicyConfig, build_exit_policy
 from relay.extendpolicy import ExtendAction, ExtendConfig, OurRelay, check_extend2
+from relay.framing import FIXED_CELL_LEN
 from relay.handshakes import (
     HTYPE_NTOR,
     BodyError,
@@ -137,8 +138,6 @@ _SILENT = frozenset({int(CellCommand.DESTROY), int(CellCommand.PADDING),
                      int(CellCommand.VPADDING)})
 
 
-_CELL_BYTES = 514
-"""Bytes one queued cell counts for (a fixed cell on link protocol 4+)."""
 _DESCRIBED_KEYS = frozenset({ROTATE_ONION_KEYS, ROTATE_SIGNING_KEY, ROTATE_RSA_CROSSCERT})
 """Rotations that change what the descriptor says (its keys and certificates)."""
 
@@ -716,7 +715,7 @@ class RelayNode:
         queued = circuit.queued_toward_exit + circuit.queued_toward_client
         edge = circuit.edge
         if queued or edge is not None:
-            held = queued * _CELL_BYTES
+            held = queued * FIXED_CELL_LEN  # a queued cell counts as one on link protocol 4+
             oldest = circuit.oldest_queued()
             if edge is not None:  # its streams and buffers, as allocated (O(1))
                 held += edge.buffered_bytes

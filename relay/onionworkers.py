@@ -32,8 +32,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from relay.handshakes import NTOR_ONIONSKIN_LEN, HandshakeError, NtorServerKey, ntor_server
+from relay.handshakes import (
+    HTYPE_NTOR,
+    NTOR_ONIONSKIN_LEN,
+    HandshakeError,
+    NtorServerKey,
+    ntor_onion_key_named,
+    ntor_server,
+)
 from relay.onionqueue import OnionEntry, OnionQueue
+from tor1.reference import HOP_MATERIAL_LEN
 from workers.circuit import Circuit
 from workers.pool import PoolClosedError, WorkerPool
 
@@ -51,7 +59,6 @@ HANDSHAKE_PRIORITY = 0
 """The pool priority class of the handshake lanes: above relay crypto (the pool's default 1)."""
 DEFAULT_BATCH = 8
 """Onionskins per kernel call: one batch is ~1 ms of a worker, what a bystander may wait."""
-HTYPE_NTOR = 2
 
 AnswerFn = Callable[["PendingCreate", "bytes | None", "bytes | None", "str | None"], None]
 """``on_answer(pending, reply, material, error)``: ``reply`` (CREATED2 HDATA) and ``material``
@@ -191,7 +198,7 @@ class OnionHandshakes:
             else:
                 self.answered += 1
                 reply, material = answer
-                self._on_answer(pending, reply, material[:72], None)
+                self._on_answer(pending, reply, material[:HOP_MATERIAL_LEN], None)
         self._feed()
 
     def _on_error(self, lane: Circuit, _: int, exc: BaseException) -> None:
@@ -214,7 +221,7 @@ class OnionHandshakes:
 
 def _python_answer(keys: tuple[NtorServerKey, ...], hdata: bytes) -> Any:
     """The Python handshake with the key the onionskin names (the kernel's fallback)."""
-    wanted = bytes(hdata[20:52]) if len(hdata) >= NTOR_ONIONSKIN_LEN else b""
+    wanted = ntor_onion_key_named(hdata) if len(hdata) >= NTOR_ONIONSKIN_LEN else b""
     for key in keys:
         if key.onion_key_public == wanted:
             try:

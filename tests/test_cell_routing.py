@@ -281,3 +281,15 @@ def test_data_runs_refuses_partial_payloads_and_bad_offsets(size: int, offset: i
     for data_runs in (_cells.data_runs, data_runs_py):
         with pytest.raises(ValueError):
             data_runs(bytes(size), offset)
+
+
+def test_the_c_kernels_use_the_cell_sizes_python_defines() -> None:
+    """The C kernels define their sizes again (C cannot import them): pinned to the one
+    Python definition here."""
+    from relay._cells import _cellkernel
+    from tor1 import CELL_PAYLOAD_LEN, SENDME_TAG_LEN
+    from tor1._kernel import _tor1
+
+    assert _cellkernel.PAYLOAD_LEN == _tor1.CELL_LEN == CELL_PAYLOAD_LEN
+    assert _cellkernel.CELL_LEN == FIXED_CELL_LEN
+    assert _tor1.TAG_LEN == SENDME_TAG_LEN

@@ -21,6 +21,10 @@ CELL_PAYLOAD_LEN = 509
 """Bytes of a fixed-size cell's payload: what relay crypto covers (not circuit id, command)."""
 RELAY_HEADER_LEN = 11
 """Relay header inside the payload: command(1) recognized(2) stream_id(2) digest(4) length(2)."""
+RELAY_DIGEST_OFFSET = 5
+"""Where the relay header's digest field starts in the payload."""
+RELAY_DIGEST_LEN = 4
+"""Bytes of the relay header's digest field (the first bytes of the running digest)."""
 RELAY_DATA_MAX = CELL_PAYLOAD_LEN - RELAY_HEADER_LEN
 """At most 498 bytes of relay data per cell."""
 SENDME_TAG_LEN = 20

@@ -74,7 +74,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from tor1 import CELL_PAYLOAD_LEN
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DIGEST_LEN, RELAY_DIGEST_OFFSET
 from tor1.payloads import check_payload, join_checked, split_joined
 
 __all__ = [
@@ -108,9 +108,9 @@ _KDF_TOR_MAX = 256 * hashlib.sha1().digest_size
 _NTOR_HKDF_MAX = 255 * hashlib.sha256().digest_size
 _AES_BLOCK = 16
 _COUNTER_SPACE = 1 << 128
-_DIGEST_SLICE_START = 5
-_DIGEST_SLICE_END = 9
-_ZERO_DIGEST = bytes(4)
+_DIGEST_SLICE_START = RELAY_DIGEST_OFFSET
+_DIGEST_SLICE_END = RELAY_DIGEST_OFFSET + RELAY_DIGEST_LEN
+_ZERO_DIGEST = bytes(RELAY_DIGEST_LEN)
 _ZERO_IV = bytes(_AES_BLOCK)
 
 
@@ -194,7 +194,9 @@ class HopKeys:
                 f"hop key material must be at least {HOP_MATERIAL_LEN} bytes, got {len(material)}"
             )
         m = bytes(material[:HOP_MATERIAL_LEN])
-        return cls(df=m[0:20], db=m[20:40], kf=m[40:56], kb=m[56:72])
+        keys = 2 * DIGEST_LEN
+        return cls(df=m[:DIGEST_LEN], db=m[DIGEST_LEN:keys], kf=m[keys:keys + KEY_LEN],
+                   kb=m[keys + KEY_LEN:HOP_MATERIAL_LEN])
 
 
 # --------------------------------------------------------------------------- exceptions
@@ -242,7 +244,8 @@ def _recognized(running: hashlib._Hash, plain: bytes) -> tuple[hashlib._Hash, by
     trial.update(_ZERO_DIGEST)
     trial.update(plain[_DIGEST_SLICE_END:])
     digest = trial.digest()
-    if hmac.compare_digest(digest[:4], plain[_DIGEST_SLICE_START:_DIGEST_SLICE_END]):
+    if hmac.compare_digest(digest[:RELAY_DIGEST_LEN],
+                           plain[_DIGEST_SLICE_START:_DIGEST_SLICE_END]):
         return trial, digest
     return None
 
