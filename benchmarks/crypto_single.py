@@ -26,19 +26,21 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from tor1 import CELL_PAYLOAD_LEN
-from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
+from relay.cells import RelayCommand
+from relay.circuits import pack_relay
+from tor1 import RELAY_DATA_MAX
+from tor1.reference import HOP_MATERIAL_LEN, HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 
 HOPS = 3
 
 
 def _circuit_keys(seed: int) -> list[HopKeys]:
-    return [HopKeys.from_material(kdf_tor(bytes([seed, i]), 72)) for i in range(HOPS)]
+    return [HopKeys.from_material(kdf_tor(bytes([seed, i]), HOP_MATERIAL_LEN)) for i in range(HOPS)]
 
 
 def _plain_payloads(count: int) -> list[bytes]:
-    body = os.urandom(CELL_PAYLOAD_LEN)
-    return [bytes([2, 0, 0]) + i.to_bytes(4, "big") + body[7:] for i in range(count)]
+    data = os.urandom(RELAY_DATA_MAX)
+    return [pack_relay(RelayCommand.DATA, i & 0xFFFF, data) for i in range(count)]
 
 
 def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from tor1 import CELL_PAYLOAD_LEN
 from tor1._kernel import OPENSSL_VERSION
 from tor1.fast import FastOriginCrypto, FastRelayCrypto
-from tor1.reference import HopKeys, OriginCrypto, RelayCrypto
+from tor1.reference import HOP_MATERIAL_LEN, HopKeys, OriginCrypto, RelayCrypto
 
 BATCH_SIZES = (32, 128, 512)
 EXIT_STREAM_CELLS = 1 << 14  # pre-encrypted cells for the exit workload (~8 MB)
@@ -61,7 +61,7 @@ class Settings:
 
 def circuit_keys(seed: int, hops: int) -> list[HopKeys]:
     rng = random.Random(seed)
-    return [HopKeys.from_material(rng.randbytes(72)) for _ in range(hops)]
+    return [HopKeys.from_material(rng.randbytes(HOP_MATERIAL_LEN)) for _ in range(hops)]
 
 
 def plain_cells(rng: random.Random, count: int) -> list[bytes]:

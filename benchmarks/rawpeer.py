@@ -18,9 +18,9 @@ also as a fake next relay), ``test_fuzz_relay.Stranger`` adds variable-length ce
 per-circuit bookkeeping, ``test_faults_network.NonReader`` stops reading once its streams are
 connected; ``benchmarks.attacks`` builds its attacks on it.
 
-It is written with plain sockets, ``struct`` and the cell codec (``relay.cells``), not with
-``relay.link`` or ``relay.framing``: the relay is checked against a second implementation of the
-link handshake and of the cell framing.
+It is written with plain sockets, the cell codec (``relay.cells``) and the cell layout of
+``relay.framing``, not with ``relay.link``'s connection: the relay is checked against a second
+implementation of the link handshake and of the cell reader.
 
 Threads: a :class:`RawPeer` and its :class:`CellPump` belong to the thread that uses them (one
 at a time); :func:`fixed_cell` and :func:`var_cell` are any thread (pure).
@@ -40,7 +40,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from relay.cells import CellCommand, encode_versions
+from relay import framing
+from relay.cells import CellCommand, encode_versions, is_var_length
+from relay.framing import FIXED_CELL_LEN, HEADER, VAR_LENGTH, fixed_cell
 from relay.handshakes import CreateFastClient
 from relay.identity.authenticate import build_auth_challenge
 from relay.identity.keys import RelayIdentity
@@ -49,23 +51,14 @@ from tor1 import CELL_PAYLOAD_LEN
 from tor1.reference import HopKeys, OriginCrypto
 
 
-def fixed_cell(circ_id: int, command: int, payload: bytes = b"") -> bytes:
-    """A fixed cell: ``payload`` zero-padded to 509 bytes (a longer one is sent as it is)."""
-    return struct.pack(">IB", circ_id, command) + payload + bytes(CELL_PAYLOAD_LEN - len(payload))
-
-
 def var_cell(command: int, payload: bytes, circ_id: int = 0) -> bytes:
     """A variable-length cell (link protocol 4+)."""
-    return struct.pack(">IBH", circ_id, command, len(payload)) + payload
+    return framing.var_cell(circ_id, command, payload)
 
 
-_HEADER = struct.Struct(">IB")
+_LINK_VERSION = 4  # framing of every cell after VERSIONS (4-byte circuit ids)
+_VERSIONS_HEADER = struct.Struct(">HBH")  # circ_id(2) command length: VERSIONS on any link
 _PADDINGS = frozenset({int(CellCommand.PADDING), int(CellCommand.VPADDING)})
-
-
-def _is_var(command: int) -> bool:
-    """Variable-length on link protocol 4+: VERSIONS and every command from 128 on."""
-    return command >= 128 or command == CellCommand.VERSIONS
 
 
 def split_cells(data: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
@@ -73,18 +66,17 @@ def split_cells(data: bytes) -> tuple[list[tuple[int, int, bytes]], bytes]:
     included) as ``(circ_id, command, payload)``, and the bytes left over. Any thread (pure)."""
     cells: list[tuple[int, int, bytes]] = []
     offset, size = 0, len(data)
-    fixed = _HEADER.size + CELL_PAYLOAD_LEN
-    while size - offset >= _HEADER.size:
-        circ_id, command = _HEADER.unpack_from(data, offset)
-        if _is_var(command):
-            if size - offset < _HEADER.size + 2:
+    while size - offset >= HEADER.size:
+        circ_id, command = HEADER.unpack_from(data, offset)
+        if is_var_length(command, _LINK_VERSION):
+            if size - offset < HEADER.size + VAR_LENGTH.size:
                 break
-            (length,) = struct.unpack_from(">H", data, offset + _HEADER.size)
-            end = offset + _HEADER.size + 2 + length
-            start = offset + _HEADER.size + 2
+            (length,) = VAR_LENGTH.unpack_from(data, offset + HEADER.size)
+            start = offset + HEADER.size + VAR_LENGTH.size
+            end = start + length
         else:
-            end = offset + fixed
-            start = offset + _HEADER.size
+            end = offset + FIXED_CELL_LEN
+            start = offset + HEADER.size
         if end > size:
             break
         cells.append((circ_id, command, data[start:end]))
@@ -133,7 +125,7 @@ class RawPeer:
             context.load_cert_chain(cert, key)
         peer = cls.__new__(cls)
         peer._attach(context.wrap_socket(sock, server_side=True))
-        circ, command, length = struct.unpack(">HBH", peer.read_exact(5))
+        circ, command, length = _VERSIONS_HEADER.unpack(peer.read_exact(_VERSIONS_HEADER.size))
         assert (circ, command) == (0, CellCommand.VERSIONS)
         peer.read_exact(length)
         peer.sock.sendall(encode_versions([4, 5])
@@ -166,7 +158,7 @@ class RawPeer:
         """VERSIONS (4 and 5) both ways, the relay's CERTS/AUTH_CHALLENGE (skipped) and
         NETINFO, ours."""
         self.sock.sendall(encode_versions([4, 5]))
-        circ, command, length = struct.unpack(">HBH", self.read_exact(5))
+        circ, command, length = _VERSIONS_HEADER.unpack(self.read_exact(_VERSIONS_HEADER.size))
         assert (circ, command) == (0, CellCommand.VERSIONS)
         self.read_exact(length)
         self.skip_to_netinfo()
@@ -175,9 +167,10 @@ class RawPeer:
     def skip_to_netinfo(self) -> None:
         """Read handshake cells (variable-length ones skipped) up to and including NETINFO."""
         while True:
-            circ_id, command = struct.unpack(">IB", self.read_exact(5))
-            if command >= 128:  # CERTS, AUTH_CHALLENGE, AUTHENTICATE, VPADDING
-                (length,) = struct.unpack(">H", self.read_exact(2))
+            circ_id, command = HEADER.unpack(self.read_exact(HEADER.size))
+            # CERTS, AUTH_CHALLENGE, AUTHENTICATE, VPADDING
+            if is_var_length(command, _LINK_VERSION):
+                (length,) = VAR_LENGTH.unpack(self.read_exact(VAR_LENGTH.size))
                 self.read_exact(length)
                 continue
             self.read_exact(CELL_PAYLOAD_LEN)
@@ -190,7 +183,7 @@ class RawPeer:
 
     def recv_cell(self) -> tuple[int, int, bytes]:
         """The next fixed cell: ``(circ_id, command, payload)``."""
-        circ_id, command = struct.unpack(">IB", self.read_exact(5))
+        circ_id, command = HEADER.unpack(self.read_exact(HEADER.size))
         return circ_id, command, self.read_exact(CELL_PAYLOAD_LEN)
 
     def next_cell(self) -> tuple[int, int, bytes]:
@@ -198,13 +191,13 @@ class RawPeer:
         payload)``; ``EOFError`` if the connection closes first. A socket timeout leaves the
         cell being read unconsumed, so the call can be repeated."""
         while True:
-            self._fill(_HEADER.size + 2)
-            circ_id, command = _HEADER.unpack_from(self.buf)
-            if _is_var(command):
-                (length,) = struct.unpack_from(">H", self.buf, _HEADER.size)
-                start = _HEADER.size + 2
+            self._fill(HEADER.size + VAR_LENGTH.size)
+            circ_id, command = HEADER.unpack_from(self.buf)
+            if is_var_length(command, _LINK_VERSION):
+                (length,) = VAR_LENGTH.unpack_from(self.buf, HEADER.size)
+                start = HEADER.size + VAR_LENGTH.size
             else:
-                length, start = CELL_PAYLOAD_LEN, _HEADER.size
+                length, start = CELL_PAYLOAD_LEN, HEADER.size
             self._fill(start + length)
             payload = self.buf[start : start + length]
             self.buf = self.buf[start + length :]

@@ -80,6 +80,7 @@ from typing import Any
 
 from benchmarks.cpu_profile import median_split, unavailable
 from benchmarks.relay_cpu import LoadFailed, measure
+from benchmarks.relay_load import DEFAULT_WINDOW
 from benchmarks.relay_proc import RelayStartError
 from benchmarks.relay_rtt import measure_rtt
 from benchmarks.relay_tor import MIB, measure_tor, tor_missing
@@ -174,7 +175,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="worker threads per relay")
     parser.add_argument("--circuits", type=int, default=32)
     parser.add_argument("--links", type=int, default=2)
-    parser.add_argument("--window-cells", type=int, default=500,
+    parser.add_argument("--window-cells", type=int, default=DEFAULT_WINDOW,
                         help="cells in flight per circuit and direction")
     parser.add_argument("--warmup", type=float, help="seconds before the window (default 1)")
     parser.add_argument("--window", type=float, help="seconds measured (default 5)")

@@ -56,7 +56,7 @@ from benchmarks.workload import Workload, build
 from reactor import Reactor
 from tor1 import CELL_PAYLOAD_LEN
 from tor1.fast import FastRelayCrypto
-from tor1.reference import HopKeys
+from tor1.reference import HOP_MATERIAL_LEN, HopKeys
 from workers.circuit import Circuit
 from workers.pool import WorkerPool
 
@@ -73,8 +73,9 @@ def rss_bytes() -> int:
 
 def idle_keys(count: int) -> list[HopKeys]:
     """Random hop keys for idle circuits (their content does not matter)."""
-    material = os.urandom(72 * count)
-    return [HopKeys.from_material(material[i * 72 : (i + 1) * 72]) for i in range(count)]
+    material = os.urandom(HOP_MATERIAL_LEN * count)
+    return [HopKeys.from_material(material[i * HOP_MATERIAL_LEN : (i + 1) * HOP_MATERIAL_LEN])
+            for i in range(count)]
 
 
 def _no_result(circuit: Circuit, direction: int, result: Any) -> None:

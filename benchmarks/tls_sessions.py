@@ -52,9 +52,9 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 
 from relay._tls import OP_DECRYPT, OP_ENCRYPT, SERVER_TLS12_CIPHERS, tls_group
+from relay.framing import FIXED_CELL_LEN
 from relay.tls import TlsClientSession, TlsServerContext, TlsServerSession
 
-CELL = 514
 CHUNK_CELLS = 127  # 127 * 514 = 65,278 bytes: the largest run of whole cells under 64 KiB
 READ_SIZE = 1 << 16
 
@@ -187,7 +187,7 @@ class _StdlibPair(_Pair):
 def _per_cell(pair: _Pair, chunks: int, cells_per_call: int, repeat: int) -> tuple[float, float]:
     """Best (encrypt, decrypt) microseconds per cell over ``chunks`` calls of ``cells_per_call``
     cells; every byte that comes out is checked."""
-    size = cells_per_call * CELL
+    size = cells_per_call * FIXED_CELL_LEN
     plain = (bytes(range(256)) * (size // 256 + 1))[:size]
     enc, dec = [], []
     for _ in range(repeat):
@@ -211,7 +211,7 @@ def _per_cell(pair: _Pair, chunks: int, cells_per_call: int, repeat: int) -> tup
 
 
 def _costs(pair: _Pair, mib: int, repeat: int) -> dict[str, object]:
-    chunks = max(1, (mib << 20) // (CHUNK_CELLS * CELL) // 4)
+    chunks = max(1, (mib << 20) // (CHUNK_CELLS * FIXED_CELL_LEN) // 4)
     big = _per_cell(pair, chunks, CHUNK_CELLS, repeat)
     one = _per_cell(pair, chunks * 8, 1, repeat)
     return {"version": pair.version, "cipher": pair.cipher,
@@ -224,7 +224,7 @@ Work = Callable[[], int]
 
 
 def _pair_work(pair: _Pair) -> Work:
-    plain = bytes(CHUNK_CELLS * CELL)
+    plain = bytes(CHUNK_CELLS * FIXED_CELL_LEN)
 
     def step() -> int:
         return len(pair.receive(pair.send(plain)))
@@ -232,7 +232,7 @@ def _pair_work(pair: _Pair) -> Work:
 
 
 def _group_work(pairs: list[_CPair]) -> Work:
-    plain = bytes(CHUNK_CELLS * CELL)
+    plain = bytes(CHUNK_CELLS * FIXED_CELL_LEN)
     clients = [p.client for p in pairs]
     servers = [p.server for p in pairs]
 

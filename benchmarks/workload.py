@@ -32,9 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from tor1 import CELL_PAYLOAD_LEN
+from relay.cells import RelayCommand
+from relay.circuits import pack_relay
+from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 from tor1.fast import FastOriginCrypto, FastRelayCrypto
-from tor1.reference import HopKeys, OriginCrypto, RelayCrypto, kdf_tor
+from tor1.reference import HOP_MATERIAL_LEN, HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 
 WORKLOADS = ("relay_forward", "origin")
 HOPS = 3
@@ -42,8 +44,6 @@ HOPS = 3
 TARGET_HOP = HOPS - 1
 #: The relay of the relay_forward workload (hop 1: the middle).
 MIDDLE_HOP = 1
-#: Relay command RELAY_DATA; the origin workload's payloads carry it.
-RELAY_DATA = 2
 #: Reference calls are made in batches of this many cells when generating inputs.
 _REFERENCE_BATCH = 64
 
@@ -108,17 +108,17 @@ def circuit_keys(seed: int, circuit: int) -> tuple[HopKeys, ...]:
     """Distinct, reproducible keys for every hop of one circuit."""
     prefix = seed.to_bytes(4, "big") + circuit.to_bytes(4, "big")
     return tuple(
-        HopKeys.from_material(kdf_tor(prefix + bytes([hop]), 72)) for hop in range(HOPS)
+        HopKeys.from_material(kdf_tor(prefix + bytes([hop]), HOP_MATERIAL_LEN))
+        for hop in range(HOPS)
     )
 
 
 def relay_payloads(count: int, stream_id: int) -> list[bytes]:
     """``count`` RELAY_DATA payloads (recognized 0, digest 0, 498 bytes of random data)."""
-    data_len = CELL_PAYLOAD_LEN - 11
-    header_tail = stream_id.to_bytes(2, "big") + bytes(4) + data_len.to_bytes(2, "big")
-    body = os.urandom(count * data_len)
+    body = os.urandom(count * RELAY_DATA_MAX)
     return [
-        bytes([RELAY_DATA, 0, 0]) + header_tail + body[i * data_len : (i + 1) * data_len]
+        pack_relay(RelayCommand.DATA, stream_id,
+                   body[i * RELAY_DATA_MAX : (i + 1) * RELAY_DATA_MAX])
         for i in range(count)
     ]
 

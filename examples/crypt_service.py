@@ -22,7 +22,7 @@ from typing import Any
 
 from tor1 import CELL_PAYLOAD_LEN
 from tor1 import backend as crypto_backend
-from tor1.reference import HopKeys, RelayCrypto, kdf_tor
+from tor1.reference import HOP_MATERIAL_LEN, HopKeys, RelayCrypto, kdf_tor
 
 CELL = CELL_PAYLOAD_LEN
 SEED_LEN = 16
@@ -35,7 +35,7 @@ READ_SIZE = 1 << 16
 
 def circuit_keys(seed: bytes) -> HopKeys:
     """The circuit's relay keys, from its seed. Any thread (pure)."""
-    return HopKeys.from_material(kdf_tor(b"crypt-service:" + seed, 72))
+    return HopKeys.from_material(kdf_tor(b"crypt-service:" + seed, HOP_MATERIAL_LEN))
 
 
 def seed_for(index: int) -> bytes:

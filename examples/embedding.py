@@ -33,12 +33,12 @@ from typing import Any
 import pyuv
 
 from reactor import Reactor, ReplyQueue
+from tor1 import CELL_PAYLOAD_LEN
 from tor1 import backend as crypto_backend
-from tor1.reference import HopKeys, RelayCrypto, kdf_tor
+from tor1.reference import HOP_MATERIAL_LEN, HopKeys, RelayCrypto, kdf_tor
 from workers.circuit import Circuit
 from workers.pool import WorkerPool
 
-CELL = 509
 FORWARD = 0
 CHUNK_CELLS = 32
 
@@ -66,12 +66,12 @@ class EmbeddingDemo:
         # to show the wiring: results travel worker -> ReplyQueue -> pool.deliver (loop thread)
         # -> on_result.
         self.pool = WorkerPool(None, threads=threads, process=crypt, group=group, joined=True,
-                               cell_size=CELL, lanes=1)
+                               cell_size=CELL_PAYLOAD_LEN, lanes=1)
         self.replies = ReplyQueue(self.reactor, self.pool.deliver)
         self.pool.set_replies(self.replies, owned=True)  # pool.close() closes it
         self.pool.start()
         self.cells_per_circuit = cells
-        self.keys = [HopKeys.from_material(kdf_tor(b"embedding-%d" % i, 72))
+        self.keys = [HopKeys.from_material(kdf_tor(b"embedding-%d" % i, HOP_MATERIAL_LEN))
                      for i in range(circuits)]
         self.inputs = [_cells_for(i, cells) for i in range(circuits)]
         self.outputs: list[list[bytes]] = [[] for _ in range(circuits)]
@@ -92,19 +92,20 @@ class EmbeddingDemo:
         """A batch of one circuit came back: keep its cells. Loop thread only."""
         out, _recognized = result
         self.outputs[circuit.context].append(out)
-        self.received += len(out) // CELL
-        if self.received == self.sent and self.offset >= self.cells_per_circuit * CELL:
+        self.received += len(out) // CELL_PAYLOAD_LEN
+        if self.received == self.sent and self.offset >= self.cells_per_circuit * CELL_PAYLOAD_LEN:
             self.finish()
 
     def tick(self, timer: pyuv.Timer) -> None:
         """The application's own 1 ms timer: it also feeds the next chunk of every circuit."""
         self.ticks += 1
-        if self.offset >= self.cells_per_circuit * CELL:
+        if self.offset >= self.cells_per_circuit * CELL_PAYLOAD_LEN:
             return
-        end = min(self.offset + CHUNK_CELLS * CELL * 8, self.cells_per_circuit * CELL)
+        end = min(self.offset + CHUNK_CELLS * CELL_PAYLOAD_LEN * 8,
+                  self.cells_per_circuit * CELL_PAYLOAD_LEN)
         work = [(c, FORWARD, self.inputs[i][self.offset:end])
                 for i, c in enumerate(self.circuits)]
-        self.sent += (end - self.offset) // CELL * len(self.circuits)
+        self.sent += (end - self.offset) // CELL_PAYLOAD_LEN * len(self.circuits)
         self.offset = end
         self.pool.submit_many(work)
 
@@ -141,16 +142,16 @@ class EmbeddingDemo:
         """Compare circuit ``index``'s output with the reference, cell by cell, in order."""
         reference = RelayCrypto(self.keys[index])
         data = self.inputs[index]
-        expected = b"".join(reference.forward(data[o:o + CELL])[1]
-                            for o in range(0, len(data), CELL))
+        expected = b"".join(reference.forward(data[o:o + CELL_PAYLOAD_LEN])[1]
+                            for o in range(0, len(data), CELL_PAYLOAD_LEN))
         return b"".join(self.outputs[index]) == expected
 
 
 def _cells_for(index: int, count: int) -> bytes:
     """Deterministic ciphertext-looking cells for circuit ``index`` (not for this relay)."""
     seed = kdf_tor(b"cells-%d" % index, 5120)
-    repeats = count * CELL // len(seed) + 1
-    return (seed * repeats)[: count * CELL]
+    repeats = count * CELL_PAYLOAD_LEN // len(seed) + 1
+    return (seed * repeats)[: count * CELL_PAYLOAD_LEN]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,7 +38,7 @@ import threading
 
 from reactor import Reactor
 from relay.config import RelayConfig, parse_dir_authority, split_policy
-from relay.connlimit import raise_nofile_limit
+from relay.connlimit import CONN_LIMIT_DEFAULT, raise_nofile_limit
 from relay.dos import DosConfig
 from relay.identity.keys import RelayIdentity
 from relay.node import DEFAULT_INLINE_CELLS, DEFAULT_MAX_CIRCUITS_PER_LINK, RelayNode
@@ -139,8 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bridge", action="store_true", help="BridgeRelay 1")
     parser.add_argument("--max-mem-in-queues", type=_memory_size, default=0, metavar="SIZE",
                         help='MaxMemInQueues, e.g. "64 MB" (default: tor\'s, from the RAM)')
-    parser.add_argument("--conn-limit", type=int, default=1000,
-                        help="ConnLimit: descriptors the relay needs (default 1000)")
+    parser.add_argument("--conn-limit", type=int, default=CONN_LIMIT_DEFAULT,
+                        help=f"ConnLimit: descriptors the relay needs "
+                             f"(default {CONN_LIMIT_DEFAULT})")
     for option, default in (("connection", 1), ("circuit-creation", 1), ("stream-creation", 0)):
         parser.add_argument(f"--dos-{option}-enabled", type=_flag, default=bool(default),
                             metavar="0|1", help=f"DoS{option.title().replace('-', '')}Enabled "

@@ -26,12 +26,15 @@ from collections.abc import Callable
 from typing import Any
 
 from reactor import Reactor
-from relay.circuits import CIRCWINDOW_INCREMENT, CIRCWINDOW_START, IterationFlush
+from relay.circuits import (
+    CIRCWINDOW_INCREMENT,
+    CIRCWINDOW_START,
+    END_REASON_DONE,
+    IterationFlush,
+)
 from relay.origin import ClientStream, OriginCircuit
 
 __all__ = ["BulkDirFetch", "OneLinkOwner", "flow_control_report"]
-
-END_REASON_DONE = 6
 
 
 class OneLinkOwner:

@@ -57,7 +57,13 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 from examples.tor_flowcontrol import BulkDirFetch, OneLinkOwner, flow_control_report
 from reactor import Reactor
 from relay.cells import CellCommand, DestroyReason, RelayCommand
-from relay.circuits import pack_relay, relay_body, wire_cells
+from relay.circuits import (
+    CIRCWINDOW_INCREMENT,
+    END_REASON_DONE,
+    pack_relay,
+    relay_body,
+    wire_cells,
+)
 from relay.directory import RelayDescriptor
 from relay.handshakes import (
     HTYPE_NTOR,
@@ -70,7 +76,7 @@ from relay.link import Link
 from relay.origin import OriginCircuit as ClientCircuit
 from relay.sendme import encode_sendme_v1
 from relay.torpeer import TorPeer, TorStartError, start_tor
-from tor1 import CELL_PAYLOAD_LEN
+from tor1 import CELL_PAYLOAD_LEN, SENDME_TAG_LEN
 from tor1.backend import OriginCryptoLike, backend_name, origin_crypto_for
 from tor1.reference import HopKeys
 from workers.pool import WorkerPool
@@ -79,7 +85,6 @@ log = logging.getLogger("examples.tor_interop")
 
 FORWARD, BACKWARD = 0, 1
 DESCRIPTOR_REQUEST = b"GET /tor/server/authority HTTP/1.0\r\n\r\n"
-END_REASON_DONE = 6
 DIR_FETCHES = 300  # ~1500 DATA cells from tor, 300 from us: SENDMEs due both ways
 PARALLEL_FETCHES = 16
 FORGED_SENDME_WARNINGS = ("SENDME v1 cell digest do not match",
@@ -528,11 +533,11 @@ class Interop:
         """Step 7: a made-up tag, once tor has recorded the tag of its 100th DATA cell."""
         circuit = OriginCircuit(link, self.pool, "forged-SENDME circuit")
         yield circuit.create_fast()
-        while circuit.data_cells_received < 100:
+        while circuit.data_cells_received < CIRCWINDOW_INCREMENT:
             status, _ = http_body((yield fetch_directory(circuit, DESCRIPTOR_REQUEST)))
             if status != 200:
                 raise StepError(f"GET /tor/server/authority answered HTTP {status}")
-        circuit.send_relay(RelayCommand.SENDME, 0, encode_sendme_v1(bytes(20)))
+        circuit.send_relay(RelayCommand.SENDME, 0, encode_sendme_v1(bytes(SENDME_TAG_LEN)))
         reason = yield circuit.destroyed
         if reason != DestroyReason.PROTOCOL:
             raise StepError(f"tor answered a forged SENDME tag with DESTROY reason {reason}")

@@ -60,7 +60,15 @@ from dataclasses import dataclass
 
 import pyuv
 
-from examples.wakeup_channels import CHANNELS, LOOPS, LoopCtx, Post, available_loops, run_loop
+from examples.wakeup_channels import (
+    CHANNELS,
+    LOOPS,
+    Handle,
+    LoopCtx,
+    Post,
+    available_loops,
+    run_loop,
+)
 
 WARMUP = 100  # isolated samples discarded at the start of every round
 #: Our reply queue on each loop kind, and the loop's own per-item wake-up beside it.
@@ -70,8 +78,6 @@ OURS_VS_NATIVE = (
     ("replyqueue_uvloop", "uvloop"),
     ("replyqueue_trio", "trio"),
 )
-
-Handle = Callable[[int], None]
 
 
 def mechanisms(kinds: tuple[str, ...]) -> tuple[str, ...]:

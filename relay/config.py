@@ -44,7 +44,9 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from relay.connlimit import CONN_LIMIT_DEFAULT
 from relay.dos import DosConfig
+from relay.identity.descriptor import DEFAULT_BANDWIDTH
 from relay.relaylimits import CellQueueCaps, compute_max_mem_in_queues
 
 __all__ = ["DirAuthority", "RelayConfig", "parse_dir_authority", "split_policy"]
@@ -138,13 +140,13 @@ class RelayConfig:
     allow_private_extends: bool | None = None  # ExtendAllowPrivateAddresses; None: as testing
     contact: str | None = None
     publish_tap_key: bool | None = None  # None: with it first, switch on a refusal
-    bandwidth_rate: int = 1 << 30  # bytes/s (tor's BandwidthRate default 1 GByte)
-    bandwidth_burst: int = 1 << 30
+    bandwidth_rate: int = DEFAULT_BANDWIDTH  # bytes/s (tor's BandwidthRate)
+    bandwidth_burst: int = DEFAULT_BANDWIDTH
     plain_links: bool = False
     threads: int = 2
     dos: DosConfig = field(default_factory=DosConfig)  # the DoS* options (tor's consensus values)
     max_mem_in_queues: int = 0  # bytes; 0: tor's default from the machine's RAM
-    conn_limit: int = 1000  # tor's ConnLimit: descriptors the relay must be allowed
+    conn_limit: int = CONN_LIMIT_DEFAULT  # tor's ConnLimit: descriptors the relay must be allowed
     cell_queue_caps: CellQueueCaps = field(default_factory=CellQueueCaps)
 
     @property

@@ -30,11 +30,14 @@ import base64
 import binascii
 import json
 import os
-import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from relay.identity.curve_ed import CURVE25519_KEY_LEN
+from relay.identity.descriptor import NICKNAME_RE
+from tor1.reference import DIGEST_LEN
 
 __all__ = [
     "DIRECTORY_VERSION",
@@ -47,7 +50,6 @@ __all__ = [
 DIRECTORY_VERSION = 1
 _IDENTITY_FILE = "identity_key.pem"
 _ONION_FILE = "ntor_onion_key.pem"
-_NICKNAME = re.compile(r"^[A-Za-z0-9]{1,19}$")
 
 
 class DirectoryError(ValueError):
@@ -73,14 +75,16 @@ class RelayDescriptor:
     ntor_onion_key: bytes
 
     def __post_init__(self) -> None:
-        if not _NICKNAME.match(self.nickname):
+        if not NICKNAME_RE.match(self.nickname):
             raise DirectoryError(f"nickname {self.nickname!r}: 1-19 letters or digits")
         if not 0 < self.port < 65536:
             raise DirectoryError(f"relay {self.nickname}: port {self.port} out of range")
-        if len(self.identity_digest) != 20:
-            raise DirectoryError(f"relay {self.nickname}: identity digest must be 20 bytes")
-        if len(self.ntor_onion_key) != 32:
-            raise DirectoryError(f"relay {self.nickname}: ntor onion key must be 32 bytes")
+        if len(self.identity_digest) != DIGEST_LEN:
+            raise DirectoryError(f"relay {self.nickname}: identity digest must be "
+                                 f"{DIGEST_LEN} bytes")
+        if len(self.ntor_onion_key) != CURVE25519_KEY_LEN:
+            raise DirectoryError(f"relay {self.nickname}: ntor onion key must be "
+                                 f"{CURVE25519_KEY_LEN} bytes")
 
     def to_json(self) -> dict[str, Any]:
         """The descriptor as a JSON-ready dict. Any thread."""

@@ -84,6 +84,7 @@ from relay.circuits import (
 from relay.dirstream import DirServerFactory, DirTarget
 from relay.dos import StreamCreationLimiter
 from relay.exitpolicy import ExitVerdict
+from relay.netinfo import ADDR_IPV4, ADDR_IPV6
 from relay.sendme import SendmeTags, encode_sendme_v1, mark_cell, sendme_due
 from tor1 import RELAY_DATA_MAX, RELAY_HEADER_LEN
 
@@ -579,7 +580,8 @@ class ExitEdge:
         answers = []
         for text in found[:_MAX_ANSWERS]:
             packed = ipaddress.ip_address(text).packed
-            answers.append(bytes((4 if len(packed) == 4 else 6, len(packed))) + packed + ttl)
+            answers.append(bytes((ADDR_IPV4 if len(packed) == 4 else ADDR_IPV6, len(packed)))
+                           + packed + ttl)
         if not answers:
             kind = _RESOLVED_NONTRANSIENT if nontransient else _RESOLVED_TRANSIENT
             answers.append(bytes((kind, 0)) + ttl)

@@ -49,6 +49,7 @@ from hashlib import sha256
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from relay.identity.curve_ed import CURVE25519_KEY_LEN
 from tor1 import CELL_PAYLOAD_LEN, RELAY_DATA_MAX
 from tor1.reference import DIGEST_LEN, HOP_MATERIAL_LEN, NTOR_PROTOID, kdf_ntor, kdf_tor
 
@@ -97,7 +98,7 @@ HTYPE_NTOR = 2
 """CREATE2 handshake type of ntor."""
 
 _ID_LEN = DIGEST_LEN  # the relay's RSA identity digest (SHA-1)
-_KEY_LEN = 32
+_KEY_LEN = CURVE25519_KEY_LEN
 NTOR_ONIONSKIN_LEN = _ID_LEN + 2 * _KEY_LEN
 """Bytes of an ntor onionskin: ID(20) | B(32) | X(32)."""
 NTOR_REPLY_LEN = 2 * _KEY_LEN

@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 
 from relay.cells import CellFormatError
 
-__all__ = ["NetInfo", "decode_netinfo", "encode_netinfo"]
+__all__ = ["ADDR_IPV4", "ADDR_IPV6", "NetInfo", "decode_netinfo", "encode_netinfo"]
 
-_ADDR_IPV4 = 4
-_ADDR_IPV6 = 6
+#: Address types of NETINFO and RESOLVED (tor-spec 6.4).
+ADDR_IPV4 = 4
+ADDR_IPV6 = 6
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,9 @@ class NetInfo:
 
 def _encode_address(address: str | None) -> bytes:
     if address is None:
-        return bytes((_ADDR_IPV4, 4)) + bytes(4)
+        return bytes((ADDR_IPV4, 4)) + bytes(4)
     ip = ipaddress.ip_address(address)
-    atype = _ADDR_IPV4 if ip.version == 4 else _ADDR_IPV6
+    atype = ADDR_IPV4 if ip.version == 4 else ADDR_IPV6
     return bytes((atype, len(ip.packed))) + ip.packed
 
 
@@ -67,9 +68,9 @@ def decode_netinfo(payload: bytes) -> NetInfo:
         if end > len(payload):
             raise CellFormatError("NETINFO truncated in an address")
         raw = payload[offset + 2 : end]
-        if (atype, alen) == (_ADDR_IPV4, 4):
+        if (atype, alen) == (ADDR_IPV4, 4):
             return str(ipaddress.IPv4Address(raw)), end
-        if (atype, alen) == (_ADDR_IPV6, 16):
+        if (atype, alen) == (ADDR_IPV6, 16):
             return str(ipaddress.IPv6Address(raw)), end
         return None, end
 

@@ -10,9 +10,6 @@ Threads: pure functions over bytes; any thread.
 from __future__ import annotations
 
 from relay.identity.certscell import (
-    CERT_ED_ID_SIGNING,
-    CERT_ED_SIGNING_AUTH,
-    CERT_ED_SIGNING_LINK,
     CERT_LINK,
     CERT_RSA_AUTH,
     CERT_RSA_ED_CROSS,
@@ -24,9 +21,6 @@ from relay.identity.certscell import (
 )
 
 __all__ = [
-    "CERT_ED_ID_SIGNING",
-    "CERT_ED_SIGNING_AUTH",
-    "CERT_ED_SIGNING_LINK",
     "CERT_LINK",
     "CERT_RSA_AUTH",
     "CERT_RSA_ED_CROSS",

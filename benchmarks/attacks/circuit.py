@@ -20,6 +20,7 @@ from relay.cells import CellCommand, RelayCommand
 from relay.circuits import pack_relay, relay_body
 from relay.handshakes import (
     HTYPE_NTOR,
+    NTOR_ONIONSKIN_LEN,
     CreateFastClient,
     Extend2Body,
     LinkSpecifier,
@@ -130,7 +131,7 @@ class Circuit:
 
     def extend_to_fake(self, port: int, identity: bytes) -> None:
         """Extend to a fake next relay on 127.0.0.1; its hop gets made-up keys."""
-        self.try_extend(specifiers("127.0.0.1", port, identity), os.urandom(84))
+        self.try_extend(specifiers("127.0.0.1", port, identity), os.urandom(NTOR_ONIONSKIN_LEN))
         self.crypto.add_hop(made_up_hop())
 
 

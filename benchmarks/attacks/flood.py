@@ -25,13 +25,13 @@ import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+from benchmarks.attacks.circuit import FIRST_CIRC_ID
 from benchmarks.rawpeer import CellPump, RawPeer, fixed_cell
 from relay.cells import CellCommand
 from relay.handshakes import CreateFastClient
 
 __all__ = ["FloodCounts", "main", "open_circuits", "replay_creates"]
 
-_FIRST_ID = 0x80000001
 _ANSWERS = frozenset({int(CellCommand.CREATED2), int(CellCommand.CREATED_FAST)})
 
 
@@ -77,7 +77,7 @@ def _replay_one(port: int, command: int, body: bytes, window: int, deadline: flo
     peer = _link(port, counts)
     if peer is None:
         return
-    next_id = _FIRST_ID
+    next_id = FIRST_CIRC_ID
 
     def create() -> bytes:
         nonlocal next_id
@@ -145,7 +145,7 @@ def _open_on_one(port: int, per_link: int, deadline: float, counts: FloodCounts,
 
     pump = CellPump(peer, on_cell)
     skin = CreateFastClient().onionskin  # the same X for all: only the count matters here
-    pump.queue(b"".join(fixed_cell(_FIRST_ID + i, CellCommand.CREATE_FAST, skin)
+    pump.queue(b"".join(fixed_cell(FIRST_CIRC_ID + i, CellCommand.CREATE_FAST, skin)
                         for i in range(per_link)))
     counts.sent += per_link
     try:

@@ -29,7 +29,7 @@ from benchmarks.attacks.harness import (
 )
 from benchmarks.attacks.services import FakeNextRelay, NeverAccepting, endless_source
 from benchmarks.rawpeer import CellPump, RawPeer
-from relay.cells import CellCommand, DestroyReason, RelayCommand
+from relay.cells import RELAY_HEADER, CellCommand, DestroyReason, RelayCommand
 from relay.circuits import (
     CIRCWINDOW_INCREMENT,
     CIRCWINDOW_START,
@@ -205,7 +205,9 @@ def _honest_link(port: int) -> tuple[int, str]:
 
 def _with_stream(payload: bytes, stream_id: int) -> bytes:
     """A relay payload with its stream id field set to ``stream_id``. Any thread (pure)."""
-    return payload[:3] + stream_id.to_bytes(2, "big") + payload[5:]
+    command, recognized, _, digest, length = RELAY_HEADER.unpack_from(payload)
+    return (RELAY_HEADER.pack(command, recognized, stream_id, digest, length)
+            + payload[RELAY_HEADER.size :])
 
 
 @dataclass

@@ -23,10 +23,18 @@ from benchmarks.attacks.circuit import (
     specifiers,
 )
 from benchmarks.attacks.harness import DOS_OFF, PRIVATE_EXTENDS, AttackContext, AttackResult
-from benchmarks.attacks.services import FakeNextRelay, closed_port, secret_service, silent_port
+from benchmarks.attacks.services import (
+    FakeNextRelay,
+    closed_port,
+    good_created2,
+    secret_service,
+    silent_port,
+)
 from relay.cells import CellCommand, DestroyReason, RelayCommand
 from relay.circuits import END_REASON_CONNECTREFUSED, END_REASON_EXITPOLICY
-from relay.handshakes import NtorClient, encode_created2
+from relay.handshakes import NTOR_ONIONSKIN_LEN, NtorClient
+from relay.relaylimits import MAX_RELAY_EARLY_CELLS_PER_CIRCUIT
+from tor1 import CELL_PAYLOAD_LEN
 
 __all__ = ["bad_created2", "exit_private", "extend_policy", "relay_early_loop"]
 
@@ -219,9 +227,12 @@ def relay_early_loop(ctx: AttackContext) -> AttackResult:
     figure = {"relay_early_accepted": accepted, "longest_circuit_hops": longest.hops,
               "self_extends_refused": self_refused, "self_extend_dials": self_dials,
               "build_s": round(seconds, 3)}
-    limit = {"relay_early_accepted": 8, "longest_circuit_hops": 9, "self_extends_refused": 2,
+    most_hops = MAX_RELAY_EARLY_CELLS_PER_CIRCUIT + 1  # CREATE_FAST, then one EXTEND2 per cell
+    limit = {"relay_early_accepted": MAX_RELAY_EARLY_CELLS_PER_CIRCUIT,
+             "longest_circuit_hops": most_hops, "self_extends_refused": 2,
              "self_extend_dials": 0}
-    held = (accepted <= 8 and longest.hops <= 9 and self_refused == 2 and self_dials == 0)
+    held = (accepted <= MAX_RELAY_EARLY_CELLS_PER_CIRCUIT and longest.hops <= most_hops
+            and self_refused == 2 and self_dials == 0)
     return AttackResult(held, figure, limit,
                         config="--extend-allow-private-addresses 1 (so that the self rule, not "
                                "the private-address rule, refuses); three relays for the ring; "
@@ -241,7 +252,7 @@ def bad_created2(ctx: AttackContext) -> AttackResult:
     middle = ctx.relay("mid", (*DOS_OFF, *PRIVATE_EXTENDS))
     bad_lengths = (497, 507)
     fake = FakeNextRelay(ctx.identity("next"), created2=lambda index: (
-        encode_created2(bytes(64)) if index == 0 else _bad_created2(bad_lengths[index - 1])))
+        good_created2(index) if index == 0 else _bad_created2(bad_lengths[index - 1])))
     ctx.stack.callback(fake.close)
     peer = open_peer(ctx.stack, middle.port)
     good = one_hop(peer, FIRST_CIRC_ID)
@@ -250,7 +261,8 @@ def bad_created2(ctx: AttackContext) -> AttackResult:
     for index, _ in enumerate(bad_lengths, start=1):
         circuit = one_hop(peer, FIRST_CIRC_ID + index)
         try:
-            circuit.try_extend(specifiers("127.0.0.1", fake.port, fake.rsa_id), os.urandom(84))
+            circuit.try_extend(specifiers("127.0.0.1", fake.port, fake.rsa_id),
+                               os.urandom(NTOR_ONIONSKIN_LEN))
         except Destroyed as exc:
             destroyed.append(exc.reason)
     # The first circuit still carries cells both ways over the same two links.
@@ -259,7 +271,7 @@ def bad_created2(ctx: AttackContext) -> AttackResult:
     while not fake.relay_cells[fake.create_ids[0]] and time.monotonic() < deadline:
         time.sleep(0.01)
     forward = fake.relay_cells[fake.create_ids[0]]
-    fake.send(fake.create_ids[0], CellCommand.RELAY, os.urandom(509))
+    fake.send(fake.create_ids[0], CellCommand.RELAY, os.urandom(CELL_PAYLOAD_LEN))
     backward = 0
     try:
         command, _ = good.next_cell()

@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from benchmarks.rawpeer import RawPeer, fixed_cell, split_cells
 from relay.cells import CellCommand
-from relay.handshakes import encode_created2
+from relay.handshakes import NTOR_REPLY_LEN, encode_created2
 from relay.identity.keys import RelayIdentity
 
 __all__ = [
@@ -162,7 +162,7 @@ def closed_port(host: str = "127.0.0.1") -> int:
 def good_created2(index: int) -> bytes:
     """A well-formed CREATED2 payload (64 bytes of HDATA: the relay does not check them, the
     client would). Any thread (pure)."""
-    return encode_created2(bytes(64))
+    return encode_created2(bytes(NTOR_REPLY_LEN))
 
 
 def _send(peer: RawPeer, data: bytes) -> None:

@@ -49,7 +49,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
-from relay.identity.curve_ed import ExpandedEd25519Key, ed25519_verify
+from relay.identity.curve_ed import ED25519_SIG_LEN, ExpandedEd25519Key, ed25519_verify
 
 __all__ = [
     "AUTHENTICATE_AUTH_LEN",
@@ -74,10 +74,9 @@ AUTH_CHALLENGE_LEN = 32
 EXPORTER_LABEL = b"EXPORTER FOR TOR TLS CLIENT BINDING AUTH0003"
 EXPORTER_LENGTH = 32
 _RAND_LEN = 24
-_SIG_LEN = 64
 _FIXED_LEN = 8 + 8 * 32
 #: AuthLen of a method 3 AUTHENTICATE: the fixed part, RAND and the signature.
-AUTHENTICATE_AUTH_LEN = _FIXED_LEN + _RAND_LEN + _SIG_LEN
+AUTHENTICATE_AUTH_LEN = _FIXED_LEN + _RAND_LEN + ED25519_SIG_LEN
 
 
 class AuthenticateError(ValueError):
@@ -195,7 +194,7 @@ def verify_authenticate(body: bytes, expected: AuthInputs, auth_key: bytes) -> N
     if not hmac.compare_digest(fixed, wanted):
         raise AuthenticateError(f"AUTHENTICATE field {_first_difference(fixed, wanted)} "
                                 "is not as expected")
-    signed, signature = authentication[:-_SIG_LEN], authentication[-_SIG_LEN:]
+    signed, signature = authentication[:-ED25519_SIG_LEN], authentication[-ED25519_SIG_LEN:]
     if not ed25519_verify(auth_key, signature, signed):
         raise AuthenticateError("AUTHENTICATE signature is not valid for the "
                                 "initiator's authentication key")

@@ -59,12 +59,9 @@ from relay.identity.edcert import (
     parse_ed_cert,
     parse_rsa_crosscert,
 )
-from relay.identity.rsaraw import rsa_digest, rsa_digest256
+from relay.identity.rsaraw import RSA_KEY_BITS, rsa_digest, rsa_digest256
 
 __all__ = [
-    "CERT_ED_ID_SIGNING",
-    "CERT_ED_SIGNING_AUTH",
-    "CERT_ED_SIGNING_LINK",
     "CERT_LINK",
     "CERT_RSA_AUTH",
     "CERT_RSA_ED_CROSS",
@@ -82,14 +79,10 @@ __all__ = [
 CERT_LINK = 1
 CERT_RSA_ID = 2
 CERT_RSA_AUTH = 3
-CERT_ED_ID_SIGNING = 4
-CERT_ED_SIGNING_LINK = 5
-CERT_ED_SIGNING_AUTH = 6
 CERT_RSA_ED_CROSS = 7
 
 X509_PAST_SLOP = 2 * 24 * 3600
 X509_FUTURE_SLOP = 30 * 24 * 3600
-_RSA_IDENTITY_BITS = 1024
 
 #: The old name of :func:`relay.identity.rsaraw.rsa_digest`, kept for existing imports.
 rsa_fingerprint = rsa_digest
@@ -186,10 +179,10 @@ class RelayCerts:
     def ed25519_identity(self) -> bytes | None:
         """The Ed25519 identity key named by the type 4 certificate, if present (unchecked).
         Any thread."""
-        raw = self.certs.get(CERT_ED_ID_SIGNING)
+        raw = self.certs.get(CERT_TYPE_ID_SIGNING)
         if raw is None:
             return None
-        return _ed(raw, CERT_ED_ID_SIGNING).signing_key
+        return _ed(raw, CERT_TYPE_ID_SIGNING).signing_key
 
     def _check_identity(self, now: float) -> rsa.RSAPublicKey:
         _x509_check(self.identity_cert, self.identity_cert, now,
@@ -206,16 +199,16 @@ class RelayCerts:
             raise CertsError(f"cert type {CERT_RSA_ED_CROSS}: {exc}") from exc
 
     def _check_id_signing(self, now: float) -> Ed25519Cert:
-        raw = self.certs.get(CERT_ED_ID_SIGNING)
+        raw = self.certs.get(CERT_TYPE_ID_SIGNING)
         if raw is None:
             raise CertsError(f"no Ed25519 identity->signing certificate "
-                             f"(type {CERT_ED_ID_SIGNING})")
+                             f"(type {CERT_TYPE_ID_SIGNING})")
         id_signing = _ed(raw, CERT_TYPE_ID_SIGNING)
         if id_signing.signing_key is None:
-            raise CertsError(f"cert type {CERT_ED_ID_SIGNING} lacks the "
+            raise CertsError(f"cert type {CERT_TYPE_ID_SIGNING} lacks the "
                              "signed-with-ed25519-key extension")
         if id_signing.key_type != KEY_TYPE_ED25519:
-            raise CertsError(f"cert type {CERT_ED_ID_SIGNING} certifies key type "
+            raise CertsError(f"cert type {CERT_TYPE_ID_SIGNING} certifies key type "
                              f"{id_signing.key_type}, not an Ed25519 key")
         _ed_check(id_signing, None, now)
         return id_signing
@@ -243,10 +236,10 @@ class RelayCerts:
             _x509_check(link, self.identity_cert, when, f"link certificate (type {CERT_LINK})",
                         "is not signed by the RSA identity key")
             held.append("rsa-link")
-        if all(t in self.certs for t in (CERT_ED_ID_SIGNING, CERT_ED_SIGNING_LINK,
+        if all(t in self.certs for t in (CERT_TYPE_ID_SIGNING, CERT_TYPE_SIGNING_LINK,
                                          CERT_RSA_ED_CROSS)):
             id_signing = self._check_id_signing(when)
-            signing_link = _ed(self.certs[CERT_ED_SIGNING_LINK], CERT_TYPE_SIGNING_LINK)
+            signing_link = _ed(self.certs[CERT_TYPE_SIGNING_LINK], CERT_TYPE_SIGNING_LINK)
             if signing_link.key_type != KEY_TYPE_SHA256_OF_X509 or not hmac.compare_digest(
                 signing_link.certified_key, sha256(tls_cert_der).digest()
             ):
@@ -267,17 +260,17 @@ class RelayCerts:
         Any thread."""
         when = time.time() if now is None else now
         identity_key = self._check_identity(when)
-        if identity_key.key_size != _RSA_IDENTITY_BITS:
+        if identity_key.key_size != RSA_KEY_BITS:
             raise CertsError(f"RSA identity key is {identity_key.key_size} bits, "
-                             f"not {_RSA_IDENTITY_BITS}")
+                             f"not {RSA_KEY_BITS}")
         id_signing = self._check_id_signing(when)
-        raw_auth = self.certs.get(CERT_ED_SIGNING_AUTH)
+        raw_auth = self.certs.get(CERT_TYPE_SIGNING_AUTH)
         if raw_auth is None:
             raise CertsError(f"no Ed25519 signing->link authentication certificate "
-                             f"(type {CERT_ED_SIGNING_AUTH})")
+                             f"(type {CERT_TYPE_SIGNING_AUTH})")
         signing_auth = _ed(raw_auth, CERT_TYPE_SIGNING_AUTH)
         if signing_auth.key_type != KEY_TYPE_ED25519:
-            raise CertsError(f"cert type {CERT_ED_SIGNING_AUTH} certifies key type "
+            raise CertsError(f"cert type {CERT_TYPE_SIGNING_AUTH} certifies key type "
                              f"{signing_auth.key_type}, not an Ed25519 key")
         _ed_check(signing_auth, id_signing.certified_key, when)
         assert id_signing.signing_key is not None

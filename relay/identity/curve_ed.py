@@ -33,6 +33,10 @@ from nacl import bindings as _sodium
 
 __all__ = [
     "CURVE25519_DERIVE_STRING",
+    "CURVE25519_KEY_LEN",
+    "ED25519_EXPANDED_KEY_LEN",
+    "ED25519_KEY_LEN",
+    "ED25519_SIG_LEN",
     "ExpandedEd25519Key",
     "clamp_curve25519",
     "ed25519_from_curve25519",
@@ -44,18 +48,25 @@ __all__ = [
 #: the nonce half of the Ed25519 key made from a curve25519 secret.
 CURVE25519_DERIVE_STRING = b"Derive high part of ed25519 key from curve25519 key\x00"
 
+#: Bytes of a curve25519 key (secret or public).
+CURVE25519_KEY_LEN = 32
+#: Bytes of an Ed25519 public key or seed.
+ED25519_KEY_LEN = 32
+#: Bytes of an expanded Ed25519 secret key ``a | prefix``.
+ED25519_EXPANDED_KEY_LEN = 64
+#: Bytes of an Ed25519 signature.
+ED25519_SIG_LEN = 64
+
 _P = 2**255 - 19
-_KEY_LEN = 32
-_EXPANDED_LEN = 64
-_SIG_LEN = 64
 
 
 def clamp_curve25519(secret: bytes) -> bytes:
     """``secret`` with RFC 7748's clamping applied (low 3 bits clear, bit 255 clear, bit 254
     set), as tor stores curve25519 secrets. X25519 clamps anyway, so the key is unchanged; the
     Ed25519 key derived from it needs the clamped bytes. Any thread (pure)."""
-    if len(secret) != _KEY_LEN:
-        raise ValueError(f"a curve25519 secret key is {_KEY_LEN} bytes, got {len(secret)}")
+    if len(secret) != CURVE25519_KEY_LEN:
+        raise ValueError(f"a curve25519 secret key is {CURVE25519_KEY_LEN} bytes, "
+                         f"got {len(secret)}")
     clamped = bytearray(secret)
     clamped[0] &= 248
     clamped[31] &= 127
@@ -79,14 +90,14 @@ class ExpandedEd25519Key:
     def __init__(self, expanded: bytes) -> None:
         """Wrap an expanded secret key (64 bytes: clamped scalar, then nonce key).
         Any thread (pure)."""
-        if len(expanded) != _EXPANDED_LEN:
-            raise ValueError(f"an expanded Ed25519 secret key is {_EXPANDED_LEN} bytes, "
+        if len(expanded) != ED25519_EXPANDED_KEY_LEN:
+            raise ValueError(f"an expanded Ed25519 secret key is {ED25519_EXPANDED_KEY_LEN} bytes, "
                              f"got {len(expanded)}")
-        scalar = expanded[:_KEY_LEN]
+        scalar = expanded[:ED25519_KEY_LEN]
         if scalar[31] & 0x80:
             raise ValueError("expanded Ed25519 secret key: bit 255 of the scalar is set")
         self._expanded = bytes(expanded)
-        self._a_reduced = _reduce(scalar + bytes(_KEY_LEN))
+        self._a_reduced = _reduce(scalar + bytes(ED25519_KEY_LEN))
         try:
             self.public = _sodium.crypto_scalarmult_ed25519_base_noclamp(scalar)
         except Exception as exc:  # libsodium refuses a zero scalar (identity point)
@@ -96,19 +107,19 @@ class ExpandedEd25519Key:
     def from_seed(cls, seed: bytes) -> ExpandedEd25519Key:
         """The key RFC 8032 derives from a 32-byte seed (SHA-512, clamp the low half).
         Any thread (pure)."""
-        if len(seed) != _KEY_LEN:
-            raise ValueError(f"an Ed25519 seed is {_KEY_LEN} bytes, got {len(seed)}")
+        if len(seed) != ED25519_KEY_LEN:
+            raise ValueError(f"an Ed25519 seed is {ED25519_KEY_LEN} bytes, got {len(seed)}")
         digest = hashlib.sha512(seed).digest()
-        scalar = bytearray(digest[:_KEY_LEN])
+        scalar = bytearray(digest[:ED25519_KEY_LEN])
         scalar[0] &= 248
         scalar[31] &= 127
         scalar[31] |= 64
-        return cls(bytes(scalar) + digest[_KEY_LEN:])
+        return cls(bytes(scalar) + digest[ED25519_KEY_LEN:])
 
     @classmethod
     def generate(cls) -> ExpandedEd25519Key:
         """A fresh key from 32 bytes of the OS's randomness. Any thread."""
-        return cls.from_seed(os.urandom(_KEY_LEN))
+        return cls.from_seed(os.urandom(ED25519_KEY_LEN))
 
     @property
     def expanded(self) -> bytes:
@@ -119,7 +130,7 @@ class ExpandedEd25519Key:
         """The 64-byte Ed25519 signature ``R | S`` of ``message`` (RFC 8032 5.1.6 from step 2):
         ``r = H(prefix | M) mod L``, ``R = r*B``, ``S = r + H(R | A | M)*a mod L``.
         Any thread (pure)."""
-        r = _reduce(hashlib.sha512(self._expanded[_KEY_LEN:] + message).digest())
+        r = _reduce(hashlib.sha512(self._expanded[ED25519_KEY_LEN:] + message).digest())
         big_r = _sodium.crypto_scalarmult_ed25519_base_noclamp(r)
         k = _reduce(hashlib.sha512(big_r + self.public + message).digest())
         s = _sodium.crypto_core_ed25519_scalar_add(
@@ -146,7 +157,7 @@ def ed25519_from_curve25519(curve_secret: bytes) -> tuple[ExpandedEd25519Key, in
     key. Only for cross-certifying the onion key (never sign what a peer chose with it).
     Any thread (pure)."""
     secret = clamp_curve25519(curve_secret)
-    nonce_key = hashlib.sha512(secret + CURVE25519_DERIVE_STRING).digest()[:_KEY_LEN]
+    nonce_key = hashlib.sha512(secret + CURVE25519_DERIVE_STRING).digest()[:ED25519_KEY_LEN]
     key = ExpandedEd25519Key(secret + nonce_key)
     return key, key.public[31] >> 7
 
@@ -155,13 +166,14 @@ def ed25519_public_from_curve25519(curve_public: bytes, sign_bit: int) -> bytes:
     """The Ed25519 public key whose Montgomery form is ``curve_public`` and whose x coordinate
     has sign ``sign_bit``: ``y = (u - 1) / (u + 1) mod p`` with the sign in bit 255. Like tor,
     bit 255 of ``u`` is ignored and ``u = -1`` maps to ``y = 0``. Any thread (pure)."""
-    if len(curve_public) != _KEY_LEN:
-        raise ValueError(f"a curve25519 public key is {_KEY_LEN} bytes, got {len(curve_public)}")
+    if len(curve_public) != CURVE25519_KEY_LEN:
+        raise ValueError(f"a curve25519 public key is {CURVE25519_KEY_LEN} bytes, "
+                         f"got {len(curve_public)}")
     if sign_bit not in (0, 1):
         raise ValueError(f"sign bit must be 0 or 1, got {sign_bit!r}")
     u = int.from_bytes(curve_public, "little") & ((1 << 255) - 1)
     y = (u - 1) * pow(u + 1, _P - 2, _P) % _P
-    encoded = bytearray(y.to_bytes(_KEY_LEN, "little"))
+    encoded = bytearray(y.to_bytes(ED25519_KEY_LEN, "little"))
     encoded[31] |= sign_bit << 7
     return bytes(encoded)
 
@@ -169,7 +181,7 @@ def ed25519_public_from_curve25519(curve_public: bytes, sign_bit: int) -> bytes:
 def ed25519_verify(public: bytes, signature: bytes, message: bytes) -> bool:
     """Whether ``signature`` is a valid Ed25519 signature of ``message`` by ``public`` (False
     for malformed keys or signatures too). Any thread (pure)."""
-    if len(public) != _KEY_LEN or len(signature) != _SIG_LEN:
+    if len(public) != ED25519_KEY_LEN or len(signature) != ED25519_SIG_LEN:
         return False
     try:
         Ed25519PublicKey.from_public_bytes(public).verify(signature, message)

@@ -35,7 +35,11 @@ from hashlib import sha1, sha256
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import load_der_public_key
 
-from relay.identity.curve_ed import ed25519_public_from_curve25519, ed25519_verify
+from relay.identity.curve_ed import (
+    CURVE25519_KEY_LEN,
+    ed25519_public_from_curve25519,
+    ed25519_verify,
+)
 from relay.identity.descriptor import ED_SIGNATURE_PREFIX
 from relay.identity.edcert import (
     CERT_TYPE_ID_SIGNING,
@@ -44,7 +48,7 @@ from relay.identity.edcert import (
     Ed25519Cert,
     parse_ed_cert,
 )
-from relay.identity.rsaraw import rsa_digest, rsa_recover_raw
+from relay.identity.rsaraw import RSA_KEY_BITS, rsa_digest, rsa_recover_raw
 
 __all__ = ["DescriptorError", "ServerDescriptor", "parse_server_descriptor", "signed_portions"]
 
@@ -57,7 +61,6 @@ _ONCE = ("router", "identity-ed25519", "master-key-ed25519", "platform", "proto"
 _REQUIRED = ("router", "identity-ed25519", "proto", "published", "bandwidth", "signing-key",
              "ntor-onion-key", "ntor-onion-key-crosscert", "router-sig-ed25519",
              "router-signature")
-_RSA_BITS = 1024
 
 
 class DescriptorError(ValueError):
@@ -154,8 +157,8 @@ def _rsa_key(item: _Item) -> rsa.RSAPublicKey:
         key = load_der_public_key(item.object_data)
     except ValueError as exc:
         raise DescriptorError(f"{item.keyword}: not a PKCS#1 RSA public key") from exc
-    if not isinstance(key, rsa.RSAPublicKey) or key.key_size != _RSA_BITS:
-        raise DescriptorError(f"{item.keyword}: not a {_RSA_BITS}-bit RSA key")
+    if not isinstance(key, rsa.RSAPublicKey) or key.key_size != RSA_KEY_BITS:
+        raise DescriptorError(f"{item.keyword}: not a {RSA_KEY_BITS}-bit RSA key")
     return key
 
 
@@ -259,8 +262,8 @@ def parse_server_descriptor(text: str, now: float | None = None) -> ServerDescri
         raise DescriptorError("router-sig-ed25519 does not verify under the signing key")
 
     ntor_key = _unb64("".join(by_kw["ntor-onion-key"].args[:1]), "ntor-onion-key")
-    if len(ntor_key) != 32:
-        raise DescriptorError("ntor-onion-key is not 32 bytes")
+    if len(ntor_key) != CURVE25519_KEY_LEN:
+        raise DescriptorError(f"ntor-onion-key is not {CURVE25519_KEY_LEN} bytes")
     ntor_item = by_kw["ntor-onion-key-crosscert"]
     if ntor_item.args[:1] not in (("0",), ("1",)):
         raise DescriptorError("ntor-onion-key-crosscert needs sign bit 0 or 1")

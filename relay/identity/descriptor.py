@@ -58,7 +58,9 @@ from relay.identity.edcert import CERT_TYPE_NTOR_ONION_ID, Ed25519Cert, make_ed_
 from relay.identity.rsaraw import rsa_digest, rsa_sign_raw
 
 __all__ = [
+    "DEFAULT_BANDWIDTH",
     "ED_SIGNATURE_PREFIX",
+    "NICKNAME_RE",
     "RELAYCRYPT_PROTOCOLS",
     "RouterInfo",
     "b64_multiline",
@@ -72,6 +74,11 @@ __all__ = [
 
 ED_SIGNATURE_PREFIX = b"Tor router descriptor signature v1"
 
+#: A tor nickname: 1-19 ASCII letters or digits.
+NICKNAME_RE = re.compile(r"^[A-Za-z0-9]{1,19}$")
+#: tor's BandwidthRate and BandwidthBurst default, bytes/s (1 GByte).
+DEFAULT_BANDWIDTH = 1 << 30
+
 #: The ``proto`` line of a relaycrypt relay: only what it implements. Link protocols 4-5 with
 #: Ed25519 link authentication (LinkAuth=3); ntor and EXTEND2 (Relay=2; no TAP, no ntor v3);
 #: authenticated SENDMEs (FlowCtrl=1; no congestion control); directory documents served over
@@ -80,7 +87,6 @@ ED_SIGNATURE_PREFIX = b"Tor router descriptor signature v1"
 RELAYCRYPT_PROTOCOLS = ("Cons=1-2 Desc=1-2 DirCache=2 FlowCtrl=1 Link=4-5 LinkAuth=3 "
                         "Microdesc=1-2 Relay=2")
 
-_NICKNAME = re.compile(r"^[A-Za-z0-9]{1,19}$")
 _PORT_SPEC = re.compile(r"^(\*|\d{1,5}(-\d{1,5})?)$")
 _POLICY_KEYWORDS = ("accept", "reject")
 
@@ -153,8 +159,8 @@ class RouterInfo:
     address: str
     or_port: int
     dir_port: int = 0
-    bandwidth_rate: int = 1 << 30
-    bandwidth_burst: int = 1 << 30
+    bandwidth_rate: int = DEFAULT_BANDWIDTH
+    bandwidth_burst: int = DEFAULT_BANDWIDTH
     bandwidth_observed: int = 0
     platform: str = field(default_factory=default_platform)
     protocols: str = RELAYCRYPT_PROTOCOLS
@@ -167,7 +173,7 @@ class RouterInfo:
     bridge_distribution: str | None = None
 
     def __post_init__(self) -> None:
-        if not _NICKNAME.match(self.nickname):
+        if not NICKNAME_RE.match(self.nickname):
             raise ValueError(f"nickname {self.nickname!r}: 1-19 letters or digits")
         if ipaddress.ip_address(self.address).version != 4:
             raise ValueError(f"router address {self.address!r} must be IPv4")

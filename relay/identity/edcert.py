@@ -36,7 +36,12 @@ from hashlib import sha256
 
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from relay.identity.curve_ed import ExpandedEd25519Key, ed25519_verify
+from relay.identity.curve_ed import (
+    ED25519_KEY_LEN,
+    ED25519_SIG_LEN,
+    ExpandedEd25519Key,
+    ed25519_verify,
+)
 from relay.identity.rsaraw import rsa_recover_raw, rsa_sign_raw
 
 __all__ = [
@@ -76,11 +81,10 @@ EXT_FLAG_AFFECTS_VALIDATION = 0x01
 RSA_CROSSCERT_PREFIX = b"Tor TLS RSA/Ed25519 cross-certificate"
 
 _VERSION = 1
-_KEY_LEN = 32
-_SIG_LEN = 64
-_HEADER = struct.Struct(">BBIB32sB")  # version, type, expiration, key type, key, n_extensions
+# version, type, expiration, key type, key, n_extensions
+_HEADER = struct.Struct(f">BBIB{ED25519_KEY_LEN}sB")
 _EXT_HEADER = struct.Struct(">HBB")  # length, type, flags
-_CROSS_HEADER = struct.Struct(">32sIB")  # Ed25519 key, expiration, signature length
+_CROSS_HEADER = struct.Struct(f">{ED25519_KEY_LEN}sIB")  # Ed25519 key, expiration, signature length
 
 
 class CertError(ValueError):
@@ -130,12 +134,12 @@ class Ed25519Cert:
     @property
     def signed_part(self) -> bytes:
         """The bytes the signature covers. Any thread."""
-        return self.encoded[:-_SIG_LEN]
+        return self.encoded[:-ED25519_SIG_LEN]
 
     @property
     def signature(self) -> bytes:
         """The 64-byte Ed25519 signature. Any thread."""
-        return self.encoded[-_SIG_LEN:]
+        return self.encoded[-ED25519_SIG_LEN:]
 
     def is_expired(self, now: float) -> bool:
         """Whether ``now`` is past the expiration (tor's ``now > valid_until``). Any thread."""
@@ -166,8 +170,8 @@ def make_ed_cert(signer: ExpandedEd25519Key, cert_type: int, certified_key: byte
     """Build and sign an Ed25519 certificate valid until ``expires_at`` (seconds; rounded up to
     the hour). ``include_signing_key`` adds the signed-with-ed25519-key extension (flags 0, as
     tor). Any thread (pure)."""
-    if len(certified_key) != _KEY_LEN:
-        raise ValueError(f"certified key must be {_KEY_LEN} bytes, got {len(certified_key)}")
+    if len(certified_key) != ED25519_KEY_LEN:
+        raise ValueError(f"certified key must be {ED25519_KEY_LEN} bytes, got {len(certified_key)}")
     extensions: tuple[CertExtension, ...] = ()
     if include_signing_key:
         extensions = (CertExtension(EXT_SIGNED_WITH_KEY, 0, signer.public),)
@@ -182,13 +186,13 @@ def parse_ed_cert(raw: bytes, what: str = "Ed25519 certificate") -> Ed25519Cert:
     """Decode an Ed25519 certificate (no signature check: see :meth:`Ed25519Cert.check`).
     Raises :class:`CertError` on anything tor's parser refuses. Any thread (pure)."""
     raw = bytes(raw)
-    if len(raw) < _HEADER.size + _SIG_LEN:
+    if len(raw) < _HEADER.size + ED25519_SIG_LEN:
         raise CertError(f"{what}: {len(raw)} bytes is too short")
     version, cert_type, expiration, key_type, certified, n_ext = _HEADER.unpack_from(raw)
     if version != _VERSION:
         raise CertError(f"{what}: version {version}, expected {_VERSION}")
     offset = _HEADER.size
-    end = len(raw) - _SIG_LEN
+    end = len(raw) - ED25519_SIG_LEN
     extensions: list[CertExtension] = []
     signing_key: bytes | None = None
     for _ in range(n_ext):
@@ -201,7 +205,7 @@ def parse_ed_cert(raw: bytes, what: str = "Ed25519 certificate") -> Ed25519Cert:
         data = raw[offset : offset + length]
         offset += length
         if ext_type == EXT_SIGNED_WITH_KEY:
-            if length != _KEY_LEN:
+            if length != ED25519_KEY_LEN:
                 raise CertError(f"{what}: signed-with-key extension of {length} bytes")
             if signing_key is not None:
                 raise CertError(f"{what}: two signed-with-key extensions")
@@ -243,7 +247,7 @@ class RsaCrosscert:
             recovered = rsa_recover_raw(rsa_identity, self.signature)
         except ValueError as exc:
             raise CertError("RSA->Ed25519 cross-certificate: bad RSA signature") from exc
-        digest = sha256(RSA_CROSSCERT_PREFIX + self.encoded[: _KEY_LEN + 4]).digest()
+        digest = sha256(RSA_CROSSCERT_PREFIX + self.encoded[: ED25519_KEY_LEN + 4]).digest()
         if len(recovered) < len(digest) or not hmac.compare_digest(recovered[:32], digest):
             raise CertError("RSA->Ed25519 cross-certificate: signature covers other data")
 
@@ -252,8 +256,8 @@ def make_rsa_crosscert(ed25519_identity: bytes, rsa_identity: rsa.RSAPrivateKey,
                        expires_at: float) -> bytes:
     """The encoded cross-certificate by which ``rsa_identity`` vouches for
     ``ed25519_identity`` until ``expires_at`` (rounded up to the hour). Any thread (pure)."""
-    if len(ed25519_identity) != _KEY_LEN:
-        raise ValueError(f"Ed25519 identity must be {_KEY_LEN} bytes")
+    if len(ed25519_identity) != ED25519_KEY_LEN:
+        raise ValueError(f"Ed25519 identity must be {ED25519_KEY_LEN} bytes")
     signed = ed25519_identity + struct.pack(">I", expiration_hours(expires_at))
     signature = rsa_sign_raw(rsa_identity, sha256(RSA_CROSSCERT_PREFIX + signed).digest())
     if len(signature) > 255:

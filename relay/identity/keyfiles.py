@@ -36,6 +36,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from relay.identity.curve_ed import CURVE25519_KEY_LEN
+
 __all__ = [
     "CURVE25519_TYPE",
     "ED_CERT_TYPE",
@@ -153,10 +155,10 @@ def write_curve25519(path: str | os.PathLike[str], secret: bytes, tag: str = "on
 def read_curve25519(path: str | os.PathLike[str], tag: str = "onion") -> bytes:
     """Read a curve25519 key pair file and return the 32-byte secret; the tag must be ``tag``
     and the stored public key must match the secret. Start-up (any thread)."""
-    got_tag, data = read_tagged(path, CURVE25519_TYPE, 64)
+    got_tag, data = read_tagged(path, CURVE25519_TYPE, 2 * CURVE25519_KEY_LEN)
     if got_tag != tag:
         raise KeyFileError(f"{path}: tag {got_tag!r}, expected {tag!r}")
-    secret, public = data[:32], data[32:]
+    secret, public = data[:CURVE25519_KEY_LEN], data[CURVE25519_KEY_LEN:]
     if _x25519_public(secret) != public:
         raise KeyFileError(f"{path}: stored public key does not match the secret key")
     return secret

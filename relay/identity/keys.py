@@ -61,7 +61,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from relay.identity import keyfiles
-from relay.identity.curve_ed import ExpandedEd25519Key, clamp_curve25519
+from relay.identity.curve_ed import (
+    CURVE25519_KEY_LEN,
+    ED25519_EXPANDED_KEY_LEN,
+    ED25519_KEY_LEN,
+    ExpandedEd25519Key,
+    clamp_curve25519,
+)
 from relay.identity.descriptor import RouterInfo, build_server_descriptor
 from relay.identity.edcert import (
     CERT_TYPE_ID_SIGNING,
@@ -89,7 +95,7 @@ from relay.identity.periods import (
     ROTATE_TLS,
     KeyPeriods,
 )
-from relay.identity.rsaraw import rsa_digest, rsa_digest256
+from relay.identity.rsaraw import RSA_KEY_BITS, rsa_digest, rsa_digest256
 
 __all__ = [
     "ROTATE_AUTH_KEY",
@@ -104,7 +110,6 @@ __all__ = [
     "RelayIdentity",
 ]
 
-_IDENTITY_BITS = 1024
 _MASTER_TAG = "type0"
 _SIGNING_TAG = f"type{CERT_TYPE_ID_SIGNING}"
 
@@ -126,8 +131,8 @@ class OnionKeys:
 
 
 def _new_onion_keys(now: float) -> OnionKeys:
-    return OnionKeys(rsa.generate_private_key(65537, _IDENTITY_BITS),
-                     clamp_curve25519(os.urandom(32)), now)
+    return OnionKeys(rsa.generate_private_key(65537, RSA_KEY_BITS),
+                     clamp_curve25519(os.urandom(CURVE25519_KEY_LEN)), now)
 
 
 class RelayIdentity:
@@ -182,11 +187,11 @@ class RelayIdentity:
     def _load_rsa(path: Path) -> rsa.RSAPrivateKey:
         if path.exists():
             key = keyfiles.read_rsa_private(path)
-            if key.key_size != _IDENTITY_BITS:
+            if key.key_size != RSA_KEY_BITS:
                 raise keyfiles.KeyFileError(f"{path}: {key.key_size}-bit key, tor's are "
-                                            f"{_IDENTITY_BITS}-bit")
+                                            f"{RSA_KEY_BITS}-bit")
             return key
-        key = rsa.generate_private_key(65537, _IDENTITY_BITS)
+        key = rsa.generate_private_key(65537, RSA_KEY_BITS)
         keyfiles.write_rsa_private(path, key)
         return key
 
@@ -204,12 +209,14 @@ class RelayIdentity:
             keyfiles.write_tagged(public_path, keyfiles.ED_PUBLIC_TYPE, _MASTER_TAG,
                                   master.public)
             return master
-        tag, expanded = keyfiles.read_tagged(secret_path, keyfiles.ED_SECRET_TYPE, 64)
+        tag, expanded = keyfiles.read_tagged(secret_path, keyfiles.ED_SECRET_TYPE,
+                                             ED25519_EXPANDED_KEY_LEN)
         if tag != _MASTER_TAG:
             raise keyfiles.KeyFileError(f"{secret_path}: tag {tag!r}, expected {_MASTER_TAG!r}")
         master = ExpandedEd25519Key(expanded)
         if public_path.exists():
-            _tag, public = keyfiles.read_tagged(public_path, keyfiles.ED_PUBLIC_TYPE, 32)
+            _tag, public = keyfiles.read_tagged(public_path, keyfiles.ED_PUBLIC_TYPE,
+                                                ED25519_KEY_LEN)
             if public != master.public:
                 raise keyfiles.KeyFileError(f"{public_path} does not match {secret_path}")
         else:
@@ -225,7 +232,7 @@ class RelayIdentity:
             ntor = keyfiles.read_curve25519(ntor_path)
             set_at = min(ntor_path.stat().st_mtime, now)
         else:
-            ntor = clamp_curve25519(os.urandom(32))
+            ntor = clamp_curve25519(os.urandom(CURVE25519_KEY_LEN))
             keyfiles.write_curve25519(ntor_path, ntor)
             os.utime(ntor_path, (now, now))
             set_at = now
@@ -240,7 +247,8 @@ class RelayIdentity:
         secret_path = self.keys_dir / "ed25519_signing_secret_key"
         cert_path = self.keys_dir / "ed25519_signing_cert"
         try:
-            tag, expanded = keyfiles.read_tagged(secret_path, keyfiles.ED_SECRET_TYPE, 64)
+            tag, expanded = keyfiles.read_tagged(secret_path, keyfiles.ED_SECRET_TYPE,
+                                                 ED25519_EXPANDED_KEY_LEN)
             key = ExpandedEd25519Key(expanded)
             cert_tag, raw = keyfiles.read_tagged(
                 cert_path, keyfiles.ED_CERT_TYPE, cert_path.stat().st_size - 32)

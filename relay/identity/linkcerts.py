@@ -42,15 +42,17 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import NameOID
 
 from relay.identity.certscell import (
-    CERT_ED_ID_SIGNING,
-    CERT_ED_SIGNING_AUTH,
-    CERT_ED_SIGNING_LINK,
     CERT_LINK,
     CERT_RSA_ED_CROSS,
     CERT_RSA_ID,
     encode_certs_body,
 )
-from relay.identity.edcert import Ed25519Cert
+from relay.identity.edcert import (
+    CERT_TYPE_ID_SIGNING,
+    CERT_TYPE_SIGNING_AUTH,
+    CERT_TYPE_SIGNING_LINK,
+    Ed25519Cert,
+)
 from relay.identity.periods import DAY
 
 __all__ = [
@@ -177,8 +179,8 @@ def responder_certs_body(tls: TlsLinkCerts, signing_cert: Ed25519Cert,
     return encode_certs_body([
         (CERT_LINK, tls.link_cert_der),
         (CERT_RSA_ID, tls.identity_cert_der),
-        (CERT_ED_ID_SIGNING, signing_cert.encoded),
-        (CERT_ED_SIGNING_LINK, link_cert.encoded),
+        (CERT_TYPE_ID_SIGNING, signing_cert.encoded),
+        (CERT_TYPE_SIGNING_LINK, link_cert.encoded),
         (CERT_RSA_ED_CROSS, rsa_crosscert),
     ])
 
@@ -190,7 +192,7 @@ def initiator_certs_body(identity_cert_der: bytes, signing_cert: Ed25519Cert,
     Any thread (pure)."""
     return encode_certs_body([
         (CERT_RSA_ID, identity_cert_der),
-        (CERT_ED_ID_SIGNING, signing_cert.encoded),
-        (CERT_ED_SIGNING_AUTH, auth_cert.encoded),
+        (CERT_TYPE_ID_SIGNING, signing_cert.encoded),
+        (CERT_TYPE_SIGNING_AUTH, auth_cert.encoded),
         (CERT_RSA_ED_CROSS, rsa_crosscert),
     ])

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 __all__ = [
     "PKCS1_OVERHEAD",
+    "RSA_KEY_BITS",
     "rsa_der",
     "rsa_digest",
     "rsa_digest256",
@@ -33,6 +34,9 @@ __all__ = [
 
 #: Bytes of PKCS#1 v1.5 type-1 padding around the data at least (``00 01``, 8 x ``FF``, ``00``).
 PKCS1_OVERHEAD = 11
+
+#: tor's RSA key size (``PK_BYTES * 8``): the identity key and the TAP onion key.
+RSA_KEY_BITS = 1024
 
 
 def rsa_der(public_key: rsa.RSAPublicKey) -> bytes:
