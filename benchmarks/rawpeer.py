@@ -41,7 +41,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 
 from relay import framing
-from relay.cells import CellCommand, encode_versions, is_var_length
+from relay.cells import CELL_HEADER_V3, CellCommand, encode_versions, is_var_length
 from relay.framing import FIXED_CELL_LEN, HEADER, VAR_LENGTH, fixed_cell
 from relay.handshakes import CreateFastClient
 from relay.identity.authenticate import build_auth_challenge
@@ -57,7 +57,8 @@ def var_cell(command: int, payload: bytes, circ_id: int = 0) -> bytes:
 
 
 _LINK_VERSION = 4  # framing of every cell after VERSIONS (4-byte circuit ids)
-_VERSIONS_HEADER = struct.Struct(">HBH")  # circ_id(2) command length: VERSIONS on any link
+_VERSIONS_HEADER = struct.Struct(CELL_HEADER_V3.format + VAR_LENGTH.format.lstrip(">"))
+"""VERSIONS on any link: a 2-byte circuit id, the command, the length."""
 _PADDINGS = frozenset({int(CellCommand.PADDING), int(CellCommand.VPADDING)})
 
 
