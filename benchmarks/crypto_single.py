@@ -26,8 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from relay.cells import RelayCommand
-from relay.circuits import pack_relay
+from relay.cells import RelayCommand, RelayPayload
 from tor1 import RELAY_DATA_MAX
 from tor1.reference import HOP_MATERIAL_LEN, HopKeys, OriginCrypto, RelayCrypto, kdf_tor
 
@@ -40,7 +39,8 @@ def _circuit_keys(seed: int) -> list[HopKeys]:
 
 def _plain_payloads(count: int) -> list[bytes]:
     data = os.urandom(RELAY_DATA_MAX)
-    return [pack_relay(RelayCommand.DATA, i & 0xFFFF, data) for i in range(count)]
+    return [RelayPayload(RelayCommand.DATA, stream_id=i & 0xFFFF, data=data).pack()
+            for i in range(count)]
 
 
 def _batches(items: Sequence[bytes], size: int) -> list[list[bytes]]:

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from relay.identity.descriptor import NICKNAME_RE
 from tornet import torrc
 from tornet.control import ControlConnection, ControlError
 from tornet.cpu import CpuSample
@@ -71,6 +70,9 @@ POSITIONS = ("bridge", "guard", "middle", "exit")
 """The positions an external relay can take on a 3-hop circuit."""
 _ROOT = Path(__file__).resolve().parent.parent
 _ECHO_READY = re.compile(r"^READY (\{.*\})\s*$")
+# tor's nickname rule (dir-spec), written here again on purpose: tornet runs relays as programs
+# and imports nothing of relaycrypt (relay.identity.descriptor.NICKNAME_RE is the relay's own)
+_NICKNAME = re.compile(r"^[A-Za-z0-9]{1,19}$")
 _CONSENSUS_PUBLISHED = "Published microdesc consensus"
 """The authority's notice-log line when it made a consensus (clients use the microdesc one)."""
 
@@ -172,7 +174,7 @@ class TorNet:
         stopped, the rest of the network stays up, and NetworkFailed says why. Owner thread."""
         if exit and bridge:
             raise ValueError("a bridge is the first hop: it cannot be the exit here")
-        if not NICKNAME_RE.match(name):
+        if not _NICKNAME.match(name):
             raise ValueError(f"a relay name is a tor nickname ([A-Za-z0-9]{{1,19}}): {name!r}")
         if any(relay.name == name for relay in self.externals) or name in self._tor_names():
             raise ValueError(f"a relay is already called {name!r}")
