@@ -44,7 +44,7 @@ GROUPS = ("kernel", "openssl", "python", "extensions", "libc", "tor", "libevent"
 """The groups, in the order reports list them."""
 
 _LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S.*?)\s*$")
-_THREAD_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\d+):\S*\s+(\S.*?)\s*$")
+_THREAD_LINE = re.compile(r"^\s*([0-9.]+)%\s*\|\s*(\d+):[^|]*\|\s*(\S.*?)\s*$")
 
 
 def classify(dso: str) -> str:
@@ -83,9 +83,9 @@ def parse_report(text: str) -> dict[str, float]:
 
 
 def parse_thread_report(text: str) -> dict[int, dict[str, float]]:
-    """``perf report --sort pid,dso --stdio`` text (perf's ``pid`` is the thread): each
-    thread's shares of the samples by shared object, as fractions of ALL the samples. Any
-    thread (pure)."""
+    """``perf report --sort pid,dso --stdio -t '|'`` text (perf's ``pid`` is the thread, its
+    name may hold spaces, hence the separator): each thread's shares of the samples by shared
+    object, as fractions of ALL the samples. Any thread (pure)."""
     threads: dict[int, dict[str, float]] = {}
     for line in text.splitlines():
         match = _THREAD_LINE.match(line)
@@ -196,7 +196,7 @@ class Recorder:
             _, err = perf.communicate()
         report = subprocess.run(
             ["perf", "report", "-i", str(self.output), "--no-children", "--sort", "pid,dso",
-             "--stdio", "-q"], capture_output=True, text=True, timeout=timeout)
+             "--stdio", "-q", "-t", "|"], capture_output=True, text=True, timeout=timeout)
         threads = parse_thread_report(report.stdout)
         self.thread_groups = {tid: by_group(shares) for tid, shares in threads.items()}
         shares = {}

@@ -76,14 +76,14 @@ def test_report_parsed_and_grouped() -> None:
 THREAD_REPORT = """\
 # Samples: 5K of event 'cpu-clock:ppp'
 #
-    20.82%    12679:python   libcrypto.so.3
-    15.50%    12677:python   [kernel.kallsyms]
-    13.11%    12677:python   libpython3.11.so.1.0
-    10.07%    12679:python   libc.so.6
-     8.34%    12677:python   _cellkernel.cpython-311-x86_64-linux-gnu.so
-     5.01%    12677:python   libc.so.6
-     3.56%    12679:python   [kernel.kallsyms]
-     0.60%    12677:python   [vdso]
+    20.82% |  12679:python |libcrypto.so.3
+    15.50% |  12677:python |[kernel.kallsyms]
+    13.11% |  12677:python |libpython3.11.so.1.0
+    10.07% |  12679:python |libc.so.6
+     8.34% |  12677:python |_cellkernel.cpython-311-x86_64-linux-gnu.so
+     5.01% |  12677:python |libc.so.6
+     3.56% |  12679:relay worker 1 |[kernel.kallsyms]
+     0.60% |  12677:python |[vdso]
 """
 
 
