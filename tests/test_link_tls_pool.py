@@ -5,12 +5,15 @@ against an initiator doing its TLS on the loop thread. What is checked: cells bo
 complete and in order, and the pool really did the records; a peer that writes and hangs up at
 once has every cell handled before the link reports the close (the socket's end arrives while
 records are still on the pool); a link closed right after writing still sends every cell, then
-close_notify; the link's write watermarks count what is being encrypted.
+close_notify; the link's write watermarks count what is being encrypted; a link paused while
+the socket ends with records still on the pool (both workers held in a job until then, small
+batches so the records come back in several deliveries) keeps every cell for its resume.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,8 +149,19 @@ def test_encrypting_bytes_count_toward_the_write_watermarks(
     support_loop.run_until_met(reactor, lambda: events == ["high", "low"], 10.0)
 
 
+@pytest.fixture
+def small_batch_pool(reactor: Reactor) -> Iterator[WorkerPool]:
+    """A pool that takes at most 64 cells' worth of records per batch: the decrypts of a
+    burst come back in several deliveries."""
+    pool = WorkerPool.attach(reactor, threads=2, lanes=2, batch_cells=64)
+    yield pool
+    pool.close(drain=False, timeout=10.0)
+
+
 def test_cells_held_behind_a_pause_when_the_peer_hangs_up_are_handled_on_resume(
-        reactor: Reactor, pool: WorkerPool, server_credentials: ServerCredentials) -> None:
+        reactor: Reactor, small_batch_pool: WorkerPool,
+        server_credentials: ServerCredentials) -> None:
+    pool = small_batch_pool
     pair = Pair(reactor, pool, server_credentials)
     server = pair.server
     assert server is not None
@@ -163,16 +177,32 @@ def test_cells_held_behind_a_pause_when_the_peer_hangs_up_are_handled_on_resume(
         deliver(plain)
 
     pipe.on_plain = pause_while_more_is_on_the_pool
-    up = payloads(CELLS)
+    # Both workers held in a job until the socket has ended, so the decrypts are still on the
+    # pool then, whatever the timing (fewer cells than the pipe's read limit: reading goes on)
+    release = threading.Event()
+    holding = threading.Semaphore(0)
+
+    def hold(state: Any, lane: int, batch: Any) -> Any:
+        holding.release()
+        release.wait(20.0)
+        return batch
+
+    for _ in range(2):
+        pool.submit(pool.open_circuit(None, process=hold, on_result=lambda *_: None), 0, [b""])
+    assert holding.acquire(timeout=10.0) and holding.acquire(timeout=10.0)
+    cells = 1000
+    up = payloads(cells)
     for payload in up:
         pair.client.send_cell(pair.circ_id, CellCommand.RELAY, payload)
     pair.client.close("done")
-    support_loop.run_until_met(
-        reactor, lambda: server.stream.closed and not pipe.decrypting, 20.0)
-    if len(pair.at_server) > CELLS:  # every read came before the socket's end: no pause
-        pytest.skip("the socket's end came after the last decrypt: nothing to pause behind")
+    try:
+        support_loop.run_until_met(reactor, lambda: server.stream.closed, 20.0)
+        assert pipe.decrypting  # the socket ended with records still on the pool
+    finally:
+        release.set()
+    support_loop.run_until_met(reactor, lambda: not pipe.decrypting, 20.0)
     assert "server" not in pair.closes  # the cells behind the pause are not dropped
-    assert len(pair.at_server) < CELLS  # some are still behind the pause
+    assert len(pair.at_server) < cells  # some are still behind the pause
     server.resume_reading()
     support_loop.run_until_met(reactor, lambda: "server" in pair.closes, 20.0)
     assert pair.at_server[:-1] == [(CellCommand.RELAY, p) for p in up]
