@@ -307,12 +307,9 @@ def parse_cell(
     """
     if offset < 0:
         raise ValueError(f"offset must be >= 0, got {offset}")
-    if link_version >= 4:
-        header = CELL_HEADER_V4
-    elif link_version >= 0:
-        header = CELL_HEADER_V3
-    else:
+    if link_version < 0:
         raise LinkVersionError(_bad_link_version(link_version))
+    header = _cell_header(link_version)
     header_len = header.size
     available = len(buf) - offset
     if available < header_len:

@@ -524,11 +524,12 @@ class OrCircuit:
             count, self._fwd_cells = self._fwd_cells, 0
             self._fwd_submitted += count
             self._fwd_flight.append((now, count))
-            entries.append((self.pool_circuit, FORWARD, _joined(pieces), count))
+            # (a join of one piece is that piece: a read's group is not copied)
+            entries.append((self.pool_circuit, FORWARD, b"".join(pieces), count))
         if self._bwd:
             pieces, self._bwd = self._bwd, []
             count, self._bwd_cells = self._bwd_cells, 0
-            self._queue_kb(BACKWARD, _joined(pieces), count)
+            self._queue_kb(BACKWARD, b"".join(pieces), count)
         if self._kb_ready:
             for entry in self._kb_ready:
                 self._kb_flight.append((now, entry[3]))
@@ -578,12 +579,9 @@ class OrCircuit:
             self._fwd_submitted += count
             try:
                 if self._early or self.next is None or self.state is not _OPEN:
-                    result = self._forward_crypt(_joined(pieces))
+                    result = self._forward_crypt(b"".join(pieces))
                 else:  # bytes when nothing is for this relay: wire cells for the next hop
-                    # (_joined written out here and below: this is the data path's hot spot)
-                    result = crypt_frame(self._forward_crypt,
-                                         pieces[0] if len(pieces) == 1 else b"".join(pieces),
-                                         self.next_id)
+                    result = crypt_frame(self._forward_crypt, b"".join(pieces), self.next_id)
             except Exception as exc:
                 self._crypt_failed_here(FORWARD, exc)
                 return
@@ -603,9 +601,7 @@ class OrCircuit:
             # _kb_lane is left alone: these cells are crypted and sent now, and cells the
             # forward half made this relay originate may be waiting in _kb_ready under it
             try:
-                wire = crypt_frame(self._backward_crypt,
-                                   pieces[0] if len(pieces) == 1 else b"".join(pieces),
-                                   self.prev_id)
+                wire = crypt_frame(self._backward_crypt, b"".join(pieces), self.prev_id)
             except Exception as exc:
                 self._crypt_failed_here(BACKWARD, exc)
                 return
@@ -929,11 +925,6 @@ class OrCircuit:
         if self.edge is not None:
             self.edge.close()
         self.host.circuit_closed(self, why)
-
-
-def _joined(pieces: list[bytes]) -> bytes:
-    """One buffer of a flush's pieces (usually one piece: a read's group, not copied)."""
-    return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
 
 def _pop_flight(flight: deque[tuple[float, int]], cells: int) -> None:

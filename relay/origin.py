@@ -340,7 +340,7 @@ class OriginCircuit:
         if self.crypto is None:
             self.close("RELAY cell before the circuit was created")
             return
-        joined = cells[0] if len(cells) == 1 else b"".join(cells)
+        joined = b"".join(cells)  # one piece: that piece, not a copy
         try:
             plain, hops, tags = self.crypto.decrypt_tagged_buf(joined)
         except UnrecognizedCell:
