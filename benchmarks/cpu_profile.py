@@ -37,13 +37,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["GROUPS", "Recorder", "by_group", "classify", "median_split", "parse_report",
-           "parse_thread_report", "split_per_cell", "thread_split", "unavailable"]
+__all__ = ["GROUPS", "Recorder", "by_group", "classify", "median_split", "parse_thread_report",
+           "process_shares", "split_per_cell", "thread_split", "unavailable"]
 
 GROUPS = ("kernel", "openssl", "python", "extensions", "libc", "tor", "libevent", "other")
 """The groups, in the order reports list them."""
 
-_LINE = re.compile(r"^\s*([0-9.]+)%\s+(\S.*?)\s*$")
 _THREAD_LINE = re.compile(r"^\s*([0-9.]+)%\s*\|\s*(\d+):[^|]*\|\s*(\S.*?)\s*$")
 
 
@@ -68,20 +67,6 @@ def classify(dso: str) -> str:
     return "other"
 
 
-def parse_report(text: str) -> dict[str, float]:
-    """``perf report --sort dso --stdio`` text: each shared object's share of the samples, as
-    a fraction. Any thread (pure)."""
-    shares: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        match = _LINE.match(line)
-        if match:
-            dso = match.group(2)
-            shares[dso] = shares.get(dso, 0.0) + float(match.group(1)) / 100.0
-    return shares
-
-
 def parse_thread_report(text: str) -> dict[int, dict[str, float]]:
     """``perf report --sort pid,dso --stdio -t '|'`` text (perf's ``pid`` is the thread, its
     name may hold spaces, hence the separator): each thread's shares of the samples by shared
@@ -94,6 +79,16 @@ def parse_thread_report(text: str) -> dict[int, dict[str, float]]:
             dso = match.group(3)
             shares[dso] = shares.get(dso, 0.0) + float(match.group(1)) / 100.0
     return threads
+
+
+def process_shares(threads: dict[int, dict[str, float]]) -> dict[str, float]:
+    """The whole process's share of the samples by shared object: its threads'
+    (:func:`parse_thread_report`) added up. Any thread (pure)."""
+    shares: dict[str, float] = {}
+    for thread in threads.values():
+        for dso, share in thread.items():
+            shares[dso] = shares.get(dso, 0.0) + share
+    return shares
 
 
 def by_group(shares: dict[str, float]) -> dict[str, float]:
@@ -199,10 +194,7 @@ class Recorder:
              "--stdio", "-q", "-t", "|"], capture_output=True, text=True, timeout=timeout)
         threads = parse_thread_report(report.stdout)
         self.thread_groups = {tid: by_group(shares) for tid, shares in threads.items()}
-        shares = {}
-        for thread in threads.values():
-            for dso, share in thread.items():
-                shares[dso] = shares.get(dso, 0.0) + share
+        shares = process_shares(threads)
         if not shares:
             raise RuntimeError(f"perf recorded no samples of pid {self.pid}: "
                                f"{(err or '').strip()[:200]} {report.stderr.strip()[:200]}")

@@ -395,33 +395,33 @@ def _groups(figures: dict[str, Any], key: str = "cpu_by_group_us_per_cell") -> s
                     if value >= 0.005)
 
 
+def _perf_lines(label: str, figures: dict[str, Any] | None,
+                thread: str = "its loop thread") -> list[str]:
+    """One figure's split by library and floor, and its loop (main) thread's split, when
+    ``--perf`` measured them. Any thread (pure)."""
+    lines = []
+    if figures and "floor_us_per_cell" in figures:
+        lines.append(f"  {label}: {figures['cpu_us_per_cell']:.2f} us = {_groups(figures)}; "
+                     f"kernel + OpenSSL {figures['floor_us_per_cell']:.2f}")
+    if figures and "loop_kernel_us_per_cell" in figures:
+        lines.append(f"    {thread}: {figures['loop_cpu_us_per_cell']:.2f} us = "
+                     f"{_groups(figures, 'loop_cpu_by_group_us_per_cell')}")
+    return lines
+
+
 def print_perf(report: dict[str, Any], modes: list[str], out: Any) -> None:
     """With ``--perf``: where each CPU figure goes, by library, and the floor (kernel +
     OpenSSL) beside C tor's under the same load. Main thread."""
     lines = []
     for mode in modes:
         for kind, figures in (("saturated", report[mode]), ("paced", report[mode].get("paced"))):
-            if figures and "floor_us_per_cell" in figures:
-                lines.append(f"  ours {mode}, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
-                             f"{_groups(figures)}; kernel + OpenSSL "
-                             f"{figures['floor_us_per_cell']:.2f}")
-            if figures and "loop_kernel_us_per_cell" in figures:
-                lines.append(f"    its loop thread: {figures['loop_cpu_us_per_cell']:.2f} us = "
-                             f"{_groups(figures, 'loop_cpu_by_group_us_per_cell')}")
+            lines += _perf_lines(f"ours {mode}, {kind}", figures)
     for kind, figures in (report.get("c_tor_same_load") or {}).items():
-        if "floor_us_per_cell" in figures:
-            lines.append(f"  C tor, {kind}: {figures['cpu_us_per_cell']:.2f} us = "
-                         f"{_groups(figures)}; kernel + OpenSSL "
-                         f"{figures['floor_us_per_cell']:.2f}")
-        if "loop_kernel_us_per_cell" in figures:
-            lines.append(f"    its main thread: {figures['loop_cpu_us_per_cell']:.2f} us = "
-                         f"{_groups(figures, 'loop_cpu_by_group_us_per_cell')}")
+        lines += _perf_lines(f"C tor, {kind}", figures, thread="its main thread")
     tor = report.get("c_tor")
-    if tor is not None and "floor_us_per_cell" in tor:
+    if tor is not None:
         for who, figures in (("C tor", tor), ("ours", tor["ours_same_position"])):
-            lines.append(f"  {who}, tornet middle: {figures['cpu_us_per_cell']:.2f} us = "
-                         f"{_groups(figures)}; kernel + OpenSSL "
-                         f"{figures['floor_us_per_cell']:.2f}")
+            lines += _perf_lines(f"{who}, tornet middle", figures)
     if lines:
         print("where the CPU per relayed cell goes (perf, medians; us per cell):", file=out)
         for line in lines:

@@ -23,8 +23,8 @@ from benchmarks.cpu_profile import (
     by_group,
     classify,
     median_split,
-    parse_report,
     parse_thread_report,
+    process_shares,
     thread_split,
     unavailable,
 )
@@ -35,15 +35,17 @@ REPORT = """\
 #
 # Samples: 23K of event 'cpu-clock:ppp'
 #
-    51.36%  libpython3.11.so.1.0
-    20.23%  [kernel.kallsyms]
-    13.08%  libcrypto.so.3
-     8.54%  libc.so.6
-     1.87%  _cellkernel.cpython-311-x86_64-linux-gnu.so
-     1.69%  libssl.so.3
-     1.08%  _cpyuv.cpython-311-x86_64-linux-gnu.so
-     0.38%  [vdso]
-     0.10%  [unknown]
+    51.36% |  4242:python |libpython3.11.so.1.0
+    15.23% |  4242:python |[kernel.kallsyms]
+    10.00% |  4243:python |libcrypto.so.3
+     8.54% |  4242:python |libc.so.6
+     5.00% |  4243:python |[kernel.kallsyms]
+     3.08% |  4242:python |libcrypto.so.3
+     1.87% |  4242:python |_cellkernel.cpython-311-x86_64-linux-gnu.so
+     1.69% |  4243:python |libssl.so.3
+     1.08% |  4242:python |_cpyuv.cpython-311-x86_64-linux-gnu.so
+     0.38% |  4242:python |[vdso]
+     0.10% |  4243:python |[unknown]
 """
 
 
@@ -59,7 +61,7 @@ def test_classify(dso: str, group: str) -> None:
 
 
 def test_report_parsed_and_grouped() -> None:
-    shares = parse_report(REPORT)
+    shares = process_shares(parse_thread_report(REPORT))  # two threads' shares added up
     assert len(shares) == 9  # the header lines are not objects
     assert shares["libcrypto.so.3"] == pytest.approx(0.1308)
     groups = by_group(shares)
